@@ -1,0 +1,1027 @@
+//! Control frames spoken on the Unix socket.
+//!
+//! A frame is `u32le body_len ‖ body`, and a body is `u8 kind ‖ u32le request_id ‖ payload`.
+//! Requests go client → daemon, responses daemon → client with the same `request_id`. The
+//! first request on a connection must be [`Request::Hello`]; the daemon answers
+//! [`Response::Welcome`] and passes the ring's memfd with `SCM_RIGHTS`, and
+//! [`Response::NamespaceOpened`] likewise carries the arena memfd. Bulk data never travels
+//! here: it moves through the shared-memory arena, announced on the ring.
+//!
+//! Every list is bounded ([`MAX_KEYS`], [`MAX_LIST`]) and every frame is bounded by
+//! [`MAX_FRAME_BYTES`]; decoding never allocates more than the frame's own size.
+
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::key::{BlockKey, KEY_LEN};
+use crate::namespace::{NamespaceDesc, NamespaceId};
+use crate::Tier;
+
+/// Largest frame body either side accepts (daemon config may lower it).
+pub const MAX_FRAME_BYTES: usize = 4 << 20;
+/// Most keys in one lookup/pin/unpin/delete/evict request.
+pub const MAX_KEYS: usize = 65_536;
+/// Most entries in one listing response.
+pub const MAX_LIST: usize = 10_000;
+/// Longest free-text field (names, messages).
+pub const MAX_TEXT: usize = 4096;
+/// Size of the frame length prefix.
+pub const LEN_PREFIX: usize = 4;
+
+/// Request kinds (wire tags).
+mod tag {
+    pub const HELLO: u8 = 1;
+    pub const OPEN_NS: u8 = 2;
+    pub const LOOKUP: u8 = 3;
+    pub const PIN: u8 = 4;
+    pub const UNPIN: u8 = 5;
+    pub const DELETE: u8 = 6;
+    pub const STATS: u8 = 7;
+    pub const LIST: u8 = 8;
+    pub const INSPECT: u8 = 9;
+    pub const EVICT: u8 = 10;
+
+    pub const WELCOME: u8 = 64;
+    pub const NS_OPENED: u8 = 65;
+    pub const LOOKUP_RESULT: u8 = 66;
+    pub const COUNT: u8 = 67;
+    pub const STATS_REPORT: u8 = 68;
+    pub const BLOCKS: u8 = 69;
+    pub const ERROR: u8 = 127;
+}
+
+/// A client → daemon control request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// First frame of every connection.
+    Hello {
+        /// [`crate::PROTOCOL_VERSION`] of the client.
+        protocol_version: u16,
+        /// Free-text client name for `kvd-ctl status`.
+        client_name: String,
+        /// Wants admin operations (granted only to admin peers).
+        admin: bool,
+    },
+    /// Opens (creating if needed) a namespace; the reply carries its arena.
+    OpenNamespace(NamespaceDesc),
+    /// Longest prefix of `keys` present in the cache.
+    Lookup {
+        /// Namespace.
+        ns: NamespaceId,
+        /// Chain of keys, first block first.
+        keys: Vec<BlockKey>,
+    },
+    /// Pins blocks so eviction skips them.
+    Pin {
+        /// Namespace.
+        ns: NamespaceId,
+        /// Keys to pin.
+        keys: Vec<BlockKey>,
+    },
+    /// Drops one pin from each block.
+    Unpin {
+        /// Namespace.
+        ns: NamespaceId,
+        /// Keys to unpin.
+        keys: Vec<BlockKey>,
+    },
+    /// Removes blocks (freed once their readers finish).
+    Delete {
+        /// Namespace.
+        ns: NamespaceId,
+        /// Keys to delete.
+        keys: Vec<BlockKey>,
+    },
+    /// Daemon-wide statistics.
+    Stats,
+    /// Lists resident blocks, ordered by (namespace, key), after a cursor (admin).
+    List {
+        /// Only this namespace.
+        ns: Option<NamespaceId>,
+        /// Start strictly after this position.
+        after: Option<(NamespaceId, BlockKey)>,
+        /// Most entries to return (≤ [`MAX_LIST`]).
+        limit: u32,
+    },
+    /// Every resident copy of a key, in any namespace (admin).
+    Inspect {
+        /// Key to look for.
+        key: BlockKey,
+    },
+    /// Evicts unpinned blocks (admin): the given keys, or every evictable block when empty.
+    Evict {
+        /// Only this namespace.
+        ns: Option<NamespaceId>,
+        /// Keys; empty means all evictable blocks.
+        keys: Vec<BlockKey>,
+    },
+}
+
+/// Per-tier block counts of a lookup's prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TierCounts(pub [u32; 4]);
+
+impl TierCounts {
+    /// Count for one tier.
+    pub fn get(&self, t: Tier) -> u32 {
+        self.0[t as usize]
+    }
+    /// Adds one block in tier `t`.
+    pub fn add(&mut self, t: Tier) {
+        self.0[t as usize] = self.0[t as usize].saturating_add(1);
+    }
+}
+
+/// Statistics of one tier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierStats {
+    /// Which tier.
+    pub tier: Tier,
+    /// Configured capacity in bytes.
+    pub capacity_bytes: u64,
+    /// Bytes held by blocks and reservations.
+    pub used_bytes: u64,
+    /// Committed blocks.
+    pub blocks: u64,
+    /// Reads served.
+    pub hits: u64,
+    /// Reads that found nothing.
+    pub misses: u64,
+    /// Blocks evicted.
+    pub evictions: u64,
+}
+
+/// Statistics of one namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceStats {
+    /// Namespace id.
+    pub ns: NamespaceId,
+    /// Its descriptor.
+    pub desc: NamespaceDesc,
+    /// Arena size in bytes.
+    pub arena_bytes: u64,
+    /// Bytes held by blocks and reservations.
+    pub used_bytes: u64,
+    /// Committed blocks.
+    pub blocks: u64,
+    /// Blocks with at least one pin.
+    pub pinned: u64,
+    /// Read leases outstanding.
+    pub leases: u64,
+    /// Slots reserved and not yet committed.
+    pub reserved: u64,
+    /// Reads served.
+    pub hits: u64,
+    /// Reads that found nothing.
+    pub misses: u64,
+    /// Blocks evicted.
+    pub evictions: u64,
+    /// Puts refused for lack of space.
+    pub full_rejections: u64,
+}
+
+/// One connected client as seen by the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientInfo {
+    /// Connection id.
+    pub id: u64,
+    /// Name given in `Hello`.
+    pub name: String,
+    /// Peer process id.
+    pub pid: u32,
+    /// Peer user id.
+    pub uid: u32,
+    /// Admin connection.
+    pub admin: bool,
+    /// Ring operations completed.
+    pub ops: u64,
+}
+
+/// Daemon-wide statistics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatsReport {
+    /// Daemon version string.
+    pub daemon_version: String,
+    /// Milliseconds since start.
+    pub uptime_ms: u64,
+    /// Tiers, fastest first.
+    pub tiers: Vec<TierStats>,
+    /// Open namespaces.
+    pub namespaces: Vec<NamespaceStats>,
+    /// Connected clients.
+    pub clients: Vec<ClientInfo>,
+}
+
+/// One resident block, as listed or inspected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockInfo {
+    /// Namespace.
+    pub ns: NamespaceId,
+    /// Key.
+    pub key: BlockKey,
+    /// Tier holding it.
+    pub tier: Tier,
+    /// Length in bytes.
+    pub len: u64,
+    /// xxh3-64 of the content.
+    pub checksum: u64,
+    /// Pins held.
+    pub pins: u32,
+    /// Read leases held.
+    pub readers: u32,
+    /// Reads served.
+    pub hits: u64,
+    /// Milliseconds since committed.
+    pub age_ms: u64,
+    /// Milliseconds since last read or write.
+    pub idle_ms: u64,
+}
+
+/// Error codes of [`Response::Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The request was malformed or not allowed in this state.
+    BadRequest = 1,
+    /// The peer may not do this (uid/gid not allowed, or not admin).
+    Unauthorized = 2,
+    /// Protocol versions differ.
+    VersionMismatch = 3,
+    /// The namespace is not open on this connection or does not exist.
+    UnknownNamespace = 4,
+    /// No arena is free for another namespace.
+    NamespaceLimit = 5,
+    /// The block is larger than `dram.max_block_bytes`.
+    TooLarge = 6,
+    /// No space even after evicting everything evictable.
+    CacheFull = 7,
+    /// No such block.
+    NotFound = 8,
+    /// The daemon is shutting down.
+    ShuttingDown = 9,
+    /// A bug or an OS failure inside the daemon.
+    Internal = 10,
+}
+
+impl ErrorCode {
+    fn from_u16(v: u16) -> Option<Self> {
+        use ErrorCode::*;
+        Some(match v {
+            1 => BadRequest,
+            2 => Unauthorized,
+            3 => VersionMismatch,
+            4 => UnknownNamespace,
+            5 => NamespaceLimit,
+            6 => TooLarge,
+            7 => CacheFull,
+            8 => NotFound,
+            9 => ShuttingDown,
+            10 => Internal,
+            _ => return None,
+        })
+    }
+}
+
+/// A daemon → client control response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    /// Handshake accepted; the ring memfd rides along.
+    Welcome {
+        /// Daemon's protocol version.
+        protocol_version: u16,
+        /// Daemon version string.
+        daemon_version: String,
+        /// Connection id.
+        client_id: u64,
+        /// Submission/completion ring entries.
+        ring_entries: u32,
+        /// Size of the ring mapping in bytes.
+        ring_bytes: u64,
+        /// Largest block accepted.
+        max_block_bytes: u64,
+        /// Read leases expire after this long.
+        lease_timeout_ms: u32,
+    },
+    /// Namespace open; the arena memfd rides along.
+    NamespaceOpened {
+        /// Namespace id.
+        ns: NamespaceId,
+        /// Handle to put in ring descriptors.
+        handle: u32,
+        /// Size of the arena mapping in bytes.
+        arena_bytes: u64,
+    },
+    /// Result of a lookup.
+    LookupResult {
+        /// Number of leading keys present.
+        prefix_len: u32,
+        /// Where the prefix's blocks are.
+        tiers: TierCounts,
+    },
+    /// Number of blocks affected by pin/unpin/delete/evict.
+    Count(u32),
+    /// Daemon statistics.
+    Stats(Box<StatsReport>),
+    /// Listing page.
+    Blocks {
+        /// Entries.
+        blocks: Vec<BlockInfo>,
+        /// More entries follow after the last one.
+        more: bool,
+    },
+    /// Request failed.
+    Error {
+        /// Machine-readable code.
+        code: ErrorCode,
+        /// Human-readable explanation.
+        message: String,
+    },
+}
+
+fn put_ns(w: &mut Writer, ns: &NamespaceId) {
+    w.raw(&ns.0);
+}
+
+fn get_ns(r: &mut Reader<'_>) -> Result<NamespaceId, DecodeError> {
+    let b = r.take("namespace id", 16)?;
+    let mut id = [0u8; 16];
+    id.copy_from_slice(b);
+    Ok(NamespaceId(id))
+}
+
+fn put_keys(w: &mut Writer, keys: &[BlockKey]) {
+    let keys = &keys[..keys.len().min(MAX_KEYS)];
+    w.count(keys.len());
+    for k in keys {
+        w.key(k);
+    }
+}
+
+fn get_keys(r: &mut Reader<'_>) -> Result<Vec<BlockKey>, DecodeError> {
+    let n = r.count("keys", MAX_KEYS, KEY_LEN)?;
+    (0..n).map(|_| r.key("key")).collect()
+}
+
+fn get_tier(r: &mut Reader<'_>) -> Result<Tier, DecodeError> {
+    let t = r.u8("tier")?;
+    Tier::from_u8(t).ok_or(DecodeError::UnknownTag {
+        what: "tier",
+        tag: u32::from(t),
+    })
+}
+
+fn opt<T>(
+    r: &mut Reader<'_>,
+    what: &'static str,
+    f: impl FnOnce(&mut Reader<'_>) -> Result<T, DecodeError>,
+) -> Result<Option<T>, DecodeError> {
+    if r.bool(what)? {
+        f(r).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// Starts a frame: reserves the length prefix and writes kind and request id.
+fn begin(kind: u8, request_id: u32) -> Writer {
+    let mut w = Writer::from_vec(Vec::with_capacity(64));
+    w.u32(0);
+    w.u8(kind);
+    w.u32(request_id);
+    w
+}
+
+/// Patches the length prefix.
+fn end(mut w: Writer) -> Vec<u8> {
+    let body = u32::try_from(w.len() - LEN_PREFIX).unwrap_or(u32::MAX);
+    w.as_mut_slice()[..LEN_PREFIX].copy_from_slice(&body.to_le_bytes());
+    w.into_vec()
+}
+
+/// Reads a frame's length prefix, refusing bodies larger than `max`.
+pub fn body_len(prefix: [u8; LEN_PREFIX], max: usize) -> Result<usize, DecodeError> {
+    let n = usize::try_from(u32::from_le_bytes(prefix)).unwrap_or(usize::MAX);
+    if n > max {
+        return Err(DecodeError::TooLong {
+            what: "frame",
+            len: n,
+            max,
+        });
+    }
+    if n < 5 {
+        return Err(DecodeError::Truncated {
+            what: "frame header",
+            need: 5,
+            have: n,
+        });
+    }
+    Ok(n)
+}
+
+impl Request {
+    /// Encodes a complete frame (length prefix included).
+    pub fn encode(&self, request_id: u32) -> Vec<u8> {
+        let mut w;
+        match self {
+            Request::Hello {
+                protocol_version,
+                client_name,
+                admin,
+            } => {
+                w = begin(tag::HELLO, request_id);
+                w.u16(*protocol_version);
+                w.str(client_name);
+                w.u8(u8::from(*admin));
+            }
+            Request::OpenNamespace(d) => {
+                w = begin(tag::OPEN_NS, request_id);
+                d.encode(&mut w);
+            }
+            Request::Lookup { ns, keys }
+            | Request::Pin { ns, keys }
+            | Request::Unpin { ns, keys }
+            | Request::Delete { ns, keys } => {
+                let t = match self {
+                    Request::Lookup { .. } => tag::LOOKUP,
+                    Request::Pin { .. } => tag::PIN,
+                    Request::Unpin { .. } => tag::UNPIN,
+                    _ => tag::DELETE,
+                };
+                w = begin(t, request_id);
+                put_ns(&mut w, ns);
+                put_keys(&mut w, keys);
+            }
+            Request::Stats => w = begin(tag::STATS, request_id),
+            Request::List { ns, after, limit } => {
+                w = begin(tag::LIST, request_id);
+                w.u8(u8::from(ns.is_some()));
+                if let Some(ns) = ns {
+                    put_ns(&mut w, ns);
+                }
+                w.u8(u8::from(after.is_some()));
+                if let Some((ns, k)) = after {
+                    put_ns(&mut w, ns);
+                    w.key(k);
+                }
+                w.u32(*limit);
+            }
+            Request::Inspect { key } => {
+                w = begin(tag::INSPECT, request_id);
+                w.key(key);
+            }
+            Request::Evict { ns, keys } => {
+                w = begin(tag::EVICT, request_id);
+                w.u8(u8::from(ns.is_some()));
+                if let Some(ns) = ns {
+                    put_ns(&mut w, ns);
+                }
+                put_keys(&mut w, keys);
+            }
+        }
+        end(w)
+    }
+
+    /// Decodes a frame body (without the length prefix) into `(request_id, request)`.
+    pub fn decode(body: &[u8]) -> Result<(u32, Request), DecodeError> {
+        let mut r = Reader::new(body);
+        let kind = r.u8("frame kind")?;
+        let id = r.u32("request id")?;
+        let req = match kind {
+            tag::HELLO => Request::Hello {
+                protocol_version: r.u16("protocol_version")?,
+                client_name: r.str("client_name", MAX_TEXT)?,
+                admin: r.bool("admin")?,
+            },
+            tag::OPEN_NS => Request::OpenNamespace(NamespaceDesc::decode(&mut r)?),
+            tag::LOOKUP | tag::PIN | tag::UNPIN | tag::DELETE => {
+                let ns = get_ns(&mut r)?;
+                let keys = get_keys(&mut r)?;
+                match kind {
+                    tag::LOOKUP => Request::Lookup { ns, keys },
+                    tag::PIN => Request::Pin { ns, keys },
+                    tag::UNPIN => Request::Unpin { ns, keys },
+                    _ => Request::Delete { ns, keys },
+                }
+            }
+            tag::STATS => Request::Stats,
+            tag::LIST => Request::List {
+                ns: opt(&mut r, "list ns flag", get_ns)?,
+                after: opt(&mut r, "list cursor flag", |r| Ok((get_ns(r)?, r.key("cursor")?)))?,
+                limit: r.u32("limit")?,
+            },
+            tag::INSPECT => Request::Inspect {
+                key: r.key("key")?,
+            },
+            tag::EVICT => Request::Evict {
+                ns: opt(&mut r, "evict ns flag", get_ns)?,
+                keys: get_keys(&mut r)?,
+            },
+            other => {
+                return Err(DecodeError::UnknownTag {
+                    what: "request kind",
+                    tag: u32::from(other),
+                })
+            }
+        };
+        r.finish()?;
+        Ok((id, req))
+    }
+}
+
+fn put_desc_stats(w: &mut Writer, s: &NamespaceStats) {
+    put_ns(w, &s.ns);
+    s.desc.encode(w);
+    for v in [
+        s.arena_bytes,
+        s.used_bytes,
+        s.blocks,
+        s.pinned,
+        s.leases,
+        s.reserved,
+        s.hits,
+        s.misses,
+        s.evictions,
+        s.full_rejections,
+    ] {
+        w.u64(v);
+    }
+}
+
+fn get_desc_stats(r: &mut Reader<'_>) -> Result<NamespaceStats, DecodeError> {
+    Ok(NamespaceStats {
+        ns: get_ns(r)?,
+        desc: NamespaceDesc::decode(r)?,
+        arena_bytes: r.u64("arena_bytes")?,
+        used_bytes: r.u64("used_bytes")?,
+        blocks: r.u64("blocks")?,
+        pinned: r.u64("pinned")?,
+        leases: r.u64("leases")?,
+        reserved: r.u64("reserved")?,
+        hits: r.u64("hits")?,
+        misses: r.u64("misses")?,
+        evictions: r.u64("evictions")?,
+        full_rejections: r.u64("full_rejections")?,
+    })
+}
+
+/// Most tiers, namespaces or clients in one stats report.
+const MAX_STATS_ITEMS: usize = 4096;
+
+impl Response {
+    /// Encodes a complete frame (length prefix included).
+    pub fn encode(&self, request_id: u32) -> Vec<u8> {
+        let mut w;
+        match self {
+            Response::Welcome {
+                protocol_version,
+                daemon_version,
+                client_id,
+                ring_entries,
+                ring_bytes,
+                max_block_bytes,
+                lease_timeout_ms,
+            } => {
+                w = begin(tag::WELCOME, request_id);
+                w.u16(*protocol_version);
+                w.str(daemon_version);
+                w.u64(*client_id);
+                w.u32(*ring_entries);
+                w.u64(*ring_bytes);
+                w.u64(*max_block_bytes);
+                w.u32(*lease_timeout_ms);
+            }
+            Response::NamespaceOpened {
+                ns,
+                handle,
+                arena_bytes,
+            } => {
+                w = begin(tag::NS_OPENED, request_id);
+                put_ns(&mut w, ns);
+                w.u32(*handle);
+                w.u64(*arena_bytes);
+            }
+            Response::LookupResult { prefix_len, tiers } => {
+                w = begin(tag::LOOKUP_RESULT, request_id);
+                w.u32(*prefix_len);
+                for c in tiers.0 {
+                    w.u32(c);
+                }
+            }
+            Response::Count(n) => {
+                w = begin(tag::COUNT, request_id);
+                w.u32(*n);
+            }
+            Response::Stats(s) => {
+                w = begin(tag::STATS_REPORT, request_id);
+                w.str(&s.daemon_version);
+                w.u64(s.uptime_ms);
+                let tiers = &s.tiers[..s.tiers.len().min(MAX_STATS_ITEMS)];
+                w.count(tiers.len());
+                for t in tiers {
+                    w.u8(t.tier as u8);
+                    for v in [
+                        t.capacity_bytes,
+                        t.used_bytes,
+                        t.blocks,
+                        t.hits,
+                        t.misses,
+                        t.evictions,
+                    ] {
+                        w.u64(v);
+                    }
+                }
+                let nss = &s.namespaces[..s.namespaces.len().min(MAX_STATS_ITEMS)];
+                w.count(nss.len());
+                for n in nss {
+                    put_desc_stats(&mut w, n);
+                }
+                let clients = &s.clients[..s.clients.len().min(MAX_STATS_ITEMS)];
+                w.count(clients.len());
+                for c in clients {
+                    w.u64(c.id);
+                    w.str(&c.name);
+                    w.u32(c.pid);
+                    w.u32(c.uid);
+                    w.u8(u8::from(c.admin));
+                    w.u64(c.ops);
+                }
+            }
+            Response::Blocks { blocks, more } => {
+                w = begin(tag::BLOCKS, request_id);
+                let blocks = &blocks[..blocks.len().min(MAX_LIST)];
+                w.count(blocks.len());
+                for b in blocks {
+                    put_ns(&mut w, &b.ns);
+                    w.key(&b.key);
+                    w.u8(b.tier as u8);
+                    w.u64(b.len);
+                    w.u64(b.checksum);
+                    w.u32(b.pins);
+                    w.u32(b.readers);
+                    w.u64(b.hits);
+                    w.u64(b.age_ms);
+                    w.u64(b.idle_ms);
+                }
+                w.u8(u8::from(*more));
+            }
+            Response::Error { code, message } => {
+                w = begin(tag::ERROR, request_id);
+                w.u16(*code as u16);
+                w.str(message);
+            }
+        }
+        end(w)
+    }
+
+    /// Decodes a frame body (without the length prefix) into `(request_id, response)`.
+    pub fn decode(body: &[u8]) -> Result<(u32, Response), DecodeError> {
+        let mut r = Reader::new(body);
+        let kind = r.u8("frame kind")?;
+        let id = r.u32("request id")?;
+        let resp = match kind {
+            tag::WELCOME => Response::Welcome {
+                protocol_version: r.u16("protocol_version")?,
+                daemon_version: r.str("daemon_version", MAX_TEXT)?,
+                client_id: r.u64("client_id")?,
+                ring_entries: r.u32("ring_entries")?,
+                ring_bytes: r.u64("ring_bytes")?,
+                max_block_bytes: r.u64("max_block_bytes")?,
+                lease_timeout_ms: r.u32("lease_timeout_ms")?,
+            },
+            tag::NS_OPENED => Response::NamespaceOpened {
+                ns: get_ns(&mut r)?,
+                handle: r.u32("handle")?,
+                arena_bytes: r.u64("arena_bytes")?,
+            },
+            tag::LOOKUP_RESULT => {
+                let prefix_len = r.u32("prefix_len")?;
+                let mut tiers = TierCounts::default();
+                for c in tiers.0.iter_mut() {
+                    *c = r.u32("tier count")?;
+                }
+                Response::LookupResult { prefix_len, tiers }
+            }
+            tag::COUNT => Response::Count(r.u32("count")?),
+            tag::STATS_REPORT => {
+                let daemon_version = r.str("daemon_version", MAX_TEXT)?;
+                let uptime_ms = r.u64("uptime_ms")?;
+                let n = r.count("tiers", MAX_STATS_ITEMS, 49)?;
+                let mut tiers = Vec::with_capacity(n);
+                for _ in 0..n {
+                    tiers.push(TierStats {
+                        tier: get_tier(&mut r)?,
+                        capacity_bytes: r.u64("capacity_bytes")?,
+                        used_bytes: r.u64("used_bytes")?,
+                        blocks: r.u64("blocks")?,
+                        hits: r.u64("hits")?,
+                        misses: r.u64("misses")?,
+                        evictions: r.u64("evictions")?,
+                    });
+                }
+                let n = r.count("namespaces", MAX_STATS_ITEMS, 16 + 24 + 80)?;
+                let mut namespaces = Vec::with_capacity(n);
+                for _ in 0..n {
+                    namespaces.push(get_desc_stats(&mut r)?);
+                }
+                let n = r.count("clients", MAX_STATS_ITEMS, 27)?;
+                let mut clients = Vec::with_capacity(n);
+                for _ in 0..n {
+                    clients.push(ClientInfo {
+                        id: r.u64("client id")?,
+                        name: r.str("client name", MAX_TEXT)?,
+                        pid: r.u32("pid")?,
+                        uid: r.u32("uid")?,
+                        admin: r.bool("admin")?,
+                        ops: r.u64("ops")?,
+                    });
+                }
+                Response::Stats(Box::new(StatsReport {
+                    daemon_version,
+                    uptime_ms,
+                    tiers,
+                    namespaces,
+                    clients,
+                }))
+            }
+            tag::BLOCKS => {
+                let n = r.count("blocks", MAX_LIST, 16 + KEY_LEN + 49)?;
+                let mut blocks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    blocks.push(BlockInfo {
+                        ns: get_ns(&mut r)?,
+                        key: r.key("key")?,
+                        tier: get_tier(&mut r)?,
+                        len: r.u64("len")?,
+                        checksum: r.u64("checksum")?,
+                        pins: r.u32("pins")?,
+                        readers: r.u32("readers")?,
+                        hits: r.u64("hits")?,
+                        age_ms: r.u64("age_ms")?,
+                        idle_ms: r.u64("idle_ms")?,
+                    });
+                }
+                Response::Blocks {
+                    blocks,
+                    more: r.bool("more")?,
+                }
+            }
+            tag::ERROR => {
+                let c = r.u16("error code")?;
+                Response::Error {
+                    code: ErrorCode::from_u16(c).ok_or(DecodeError::UnknownTag {
+                        what: "error code",
+                        tag: u32::from(c),
+                    })?,
+                    message: r.str("error message", MAX_TEXT)?,
+                }
+            }
+            other => {
+                return Err(DecodeError::UnknownTag {
+                    what: "response kind",
+                    tag: u32::from(other),
+                })
+            }
+        };
+        r.finish()?;
+        Ok((id, resp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn strip(frame: &[u8]) -> &[u8] {
+        let n = body_len(frame[..4].try_into().unwrap(), MAX_FRAME_BYTES).unwrap();
+        assert_eq!(n, frame.len() - 4);
+        &frame[4..]
+    }
+
+    fn arb_key() -> impl Strategy<Value = BlockKey> {
+        any::<[u8; 32]>().prop_map(BlockKey)
+    }
+    fn arb_ns() -> impl Strategy<Value = NamespaceId> {
+        any::<[u8; 16]>().prop_map(NamespaceId)
+    }
+    fn arb_text() -> impl Strategy<Value = String> {
+        ".{0,40}"
+    }
+    fn arb_desc() -> impl Strategy<Value = NamespaceDesc> {
+        (
+            arb_text(),
+            arb_text(),
+            arb_text(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+            arb_text(),
+            arb_text(),
+            any::<u16>(),
+        )
+            .prop_map(|(m, d, l, b, r, s, lo, t, v)| NamespaceDesc {
+                model: m,
+                dtype: d,
+                layout: l,
+                block_tokens: b,
+                tp_rank: r,
+                tp_size: s,
+                lora: lo,
+                tenant: t,
+                format_version: v,
+            })
+    }
+    fn arb_keys() -> impl Strategy<Value = Vec<BlockKey>> {
+        prop::collection::vec(arb_key(), 0..40)
+    }
+    fn arb_tier() -> impl Strategy<Value = Tier> {
+        (0u8..4).prop_map(|t| Tier::from_u8(t).unwrap())
+    }
+
+    fn arb_request() -> impl Strategy<Value = Request> {
+        prop_oneof![
+            (any::<u16>(), arb_text(), any::<bool>()).prop_map(|(v, n, a)| Request::Hello {
+                protocol_version: v,
+                client_name: n,
+                admin: a
+            }),
+            arb_desc().prop_map(Request::OpenNamespace),
+            (arb_ns(), arb_keys()).prop_map(|(ns, keys)| Request::Lookup { ns, keys }),
+            (arb_ns(), arb_keys()).prop_map(|(ns, keys)| Request::Pin { ns, keys }),
+            (arb_ns(), arb_keys()).prop_map(|(ns, keys)| Request::Unpin { ns, keys }),
+            (arb_ns(), arb_keys()).prop_map(|(ns, keys)| Request::Delete { ns, keys }),
+            Just(Request::Stats),
+            (
+                prop::option::of(arb_ns()),
+                prop::option::of((arb_ns(), arb_key())),
+                any::<u32>()
+            )
+                .prop_map(|(ns, after, limit)| Request::List { ns, after, limit }),
+            arb_key().prop_map(|key| Request::Inspect { key }),
+            (prop::option::of(arb_ns()), arb_keys())
+                .prop_map(|(ns, keys)| Request::Evict { ns, keys }),
+        ]
+    }
+
+    fn arb_response() -> impl Strategy<Value = Response> {
+        let tier_stats = (arb_tier(), any::<[u64; 6]>()).prop_map(|(tier, v)| TierStats {
+            tier,
+            capacity_bytes: v[0],
+            used_bytes: v[1],
+            blocks: v[2],
+            hits: v[3],
+            misses: v[4],
+            evictions: v[5],
+        });
+        let ns_stats = (arb_ns(), arb_desc(), any::<[u64; 10]>()).prop_map(|(ns, desc, v)| {
+            NamespaceStats {
+                ns,
+                desc,
+                arena_bytes: v[0],
+                used_bytes: v[1],
+                blocks: v[2],
+                pinned: v[3],
+                leases: v[4],
+                reserved: v[5],
+                hits: v[6],
+                misses: v[7],
+                evictions: v[8],
+                full_rejections: v[9],
+            }
+        });
+        let client = (any::<u64>(), arb_text(), any::<u32>(), any::<u32>(), any::<bool>())
+            .prop_map(|(id, name, pid, uid, admin)| ClientInfo {
+                id,
+                name,
+                pid,
+                uid,
+                admin,
+                ops: id ^ 7,
+            });
+        let block = (arb_ns(), arb_key(), arb_tier(), any::<[u64; 6]>(), any::<[u32; 2]>())
+            .prop_map(|(ns, key, tier, v, p)| BlockInfo {
+                ns,
+                key,
+                tier,
+                len: v[0],
+                checksum: v[1],
+                pins: p[0],
+                readers: p[1],
+                hits: v[2],
+                age_ms: v[3],
+                idle_ms: v[4],
+            });
+        prop_oneof![
+            (any::<u16>(), arb_text(), any::<u64>(), any::<u32>(), any::<u64>()).prop_map(
+                |(v, s, id, e, b)| Response::Welcome {
+                    protocol_version: v,
+                    daemon_version: s,
+                    client_id: id,
+                    ring_entries: e,
+                    ring_bytes: b,
+                    max_block_bytes: b / 3,
+                    lease_timeout_ms: e / 2,
+                }
+            ),
+            (arb_ns(), any::<u32>(), any::<u64>()).prop_map(|(ns, handle, arena_bytes)| {
+                Response::NamespaceOpened {
+                    ns,
+                    handle,
+                    arena_bytes,
+                }
+            }),
+            (any::<u32>(), any::<[u32; 4]>()).prop_map(|(p, t)| Response::LookupResult {
+                prefix_len: p,
+                tiers: TierCounts(t)
+            }),
+            any::<u32>().prop_map(Response::Count),
+            (
+                arb_text(),
+                any::<u64>(),
+                prop::collection::vec(tier_stats, 0..4),
+                prop::collection::vec(ns_stats, 0..3),
+                prop::collection::vec(client, 0..3)
+            )
+                .prop_map(|(v, up, tiers, namespaces, clients)| Response::Stats(Box::new(
+                    StatsReport {
+                        daemon_version: v,
+                        uptime_ms: up,
+                        tiers,
+                        namespaces,
+                        clients
+                    }
+                ))),
+            (prop::collection::vec(block, 0..5), any::<bool>())
+                .prop_map(|(blocks, more)| Response::Blocks { blocks, more }),
+            (1u16..=10, arb_text()).prop_map(|(c, message)| Response::Error {
+                code: ErrorCode::from_u16(c).unwrap(),
+                message
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn request_round_trips(req in arb_request(), id in any::<u32>()) {
+            let frame = req.encode(id);
+            prop_assert_eq!(Request::decode(strip(&frame)).unwrap(), (id, req));
+        }
+
+        #[test]
+        fn response_round_trips(resp in arb_response(), id in any::<u32>()) {
+            let frame = resp.encode(id);
+            prop_assert_eq!(Response::decode(strip(&frame)).unwrap(), (id, resp));
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Request::decode(&bytes);
+            let _ = Response::decode(&bytes);
+        }
+
+        #[test]
+        fn every_truncation_is_an_error(req in arb_request(), resp in arb_response()) {
+            let f = req.encode(1);
+            let body = &f[4..];
+            for cut in 0..body.len() {
+                prop_assert!(Request::decode(&body[..cut]).is_err());
+            }
+            let f = resp.encode(1);
+            let body = &f[4..];
+            for cut in 0..body.len() {
+                prop_assert!(Response::decode(&body[..cut]).is_err());
+            }
+        }
+
+        #[test]
+        fn mutated_frames_never_panic(req in arb_request(), pos in any::<usize>(), val in any::<u8>()) {
+            let mut f = req.encode(9);
+            let i = 4 + pos % (f.len() - 4);
+            f[i] = val;
+            let _ = Request::decode(&f[4..]);
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_and_oversize_are_rejected() {
+        let mut f = Request::Stats.encode(3);
+        f.push(0);
+        assert_eq!(Request::decode(&f[4..]), Err(DecodeError::Trailing(1)));
+        assert!(matches!(
+            body_len(u32::MAX.to_le_bytes(), MAX_FRAME_BYTES),
+            Err(DecodeError::TooLong { .. })
+        ));
+        assert!(body_len(1u32.to_le_bytes(), MAX_FRAME_BYTES).is_err());
+    }
+
+    #[test]
+    fn forged_key_count_is_refused_without_allocating() {
+        let mut w = Writer::new();
+        w.u8(tag::LOOKUP);
+        w.u32(1);
+        w.raw(&[0; 16]);
+        w.u32(u32::MAX);
+        assert!(matches!(
+            Request::decode(&w.into_vec()),
+            Err(DecodeError::TooLong { .. })
+        ));
+    }
+}
