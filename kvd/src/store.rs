@@ -1,0 +1,731 @@
+//! The DRAM tier's catalog for one namespace: what is stored where, and in which state.
+//!
+//! Lifecycle of a block: a client **reserves** a slot (the allocator hands out space, nothing is
+//! visible yet), writes into it, and **commits** it (the slot becomes the block, no copy). A
+//! committed block with no pins and no readers is **evictable** and sits on the LRU list; a pin
+//! or a read lease takes it off the list until released. Deleting a block that still has
+//! readers hides it from new lookups at once and frees its slot when the last reader leaves.
+//!
+//! Pure logic over offsets and counters: no memory is touched and no time is read (callers pass
+//! `now_ms`), which keeps the state machine property-testable. Per-block metadata is one
+//! [`Entry`] (96 bytes) plus a 4-byte slot in the hash index, within the 128-byte budget.
+
+use hashbrown::HashTable;
+use kvd_proto::frame::BlockInfo;
+use kvd_proto::{BlockKey, NamespaceId, Tier};
+
+use crate::alloc::{SlabAllocator, Slot};
+
+const NIL: u32 = u32::MAX;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Free,
+    Live,
+    Doomed,
+}
+
+/// Metadata of one resident block.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    key: BlockKey,
+    offset: u64,
+    len: u64,
+    checksum: u64,
+    created_ms: u64,
+    last_ms: u64,
+    hits: u32,
+    pins: u32,
+    readers: u32,
+    prev: u32,
+    next: u32,
+    state: State,
+}
+
+/// Why a reservation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReserveError {
+    /// The block is already stored.
+    Exists,
+    /// Zero length, or larger than the largest slot.
+    TooLarge,
+    /// No space even after evicting every evictable block.
+    CacheFull,
+}
+
+/// Outcome of a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// The slot is now the block.
+    Stored,
+    /// Another client committed the same key first; the slot was freed.
+    Duplicate,
+}
+
+/// A read lease's view of a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hit {
+    /// Entry index to pass to [`NsStore::release`].
+    pub entry: u32,
+    /// Arena offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// xxh3-64 of the content.
+    pub checksum: u64,
+}
+
+/// Counters of one namespace.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Reads served.
+    pub hits: u64,
+    /// Reads that found nothing.
+    pub misses: u64,
+    /// Blocks evicted.
+    pub evictions: u64,
+    /// Reservations refused for lack of space.
+    pub full_rejections: u64,
+}
+
+/// The catalog of one namespace's arena.
+#[derive(Debug)]
+pub struct NsStore {
+    ns: NamespaceId,
+    alloc: SlabAllocator,
+    entries: Vec<Entry>,
+    free_entries: Vec<u32>,
+    index: HashTable<u32>,
+    hasher: foldhash::fast::RandomState,
+    mru: u32,
+    lru: u32,
+    live: u64,
+    pinned: u64,
+    reserved: u64,
+    leases: u64,
+    high_bytes: u64,
+    low_bytes: u64,
+    /// Counters for stats.
+    pub counters: Counters,
+}
+
+impl NsStore {
+    /// A store over `alloc`; eviction starts above `high` and stops at `low` (fractions of the
+    /// capacity, `0 < low ≤ high ≤ 1`).
+    pub fn new(ns: NamespaceId, alloc: SlabAllocator, high: f64, low: f64) -> Self {
+        let cap = alloc.capacity_bytes() as f64;
+        Self {
+            ns,
+            alloc,
+            entries: Vec::new(),
+            free_entries: Vec::new(),
+            index: HashTable::new(),
+            hasher: foldhash::fast::RandomState::default(),
+            mru: NIL,
+            lru: NIL,
+            live: 0,
+            pinned: 0,
+            reserved: 0,
+            leases: 0,
+            high_bytes: (cap * high) as u64,
+            low_bytes: (cap * low) as u64,
+            counters: Counters::default(),
+        }
+    }
+
+    fn hash(&self, key: &BlockKey) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(key)
+    }
+
+    fn find(&self, key: &BlockKey) -> Option<u32> {
+        let entries = &self.entries;
+        self.index
+            .find(self.hash(key), |&i| entries[i as usize].key == *key)
+            .copied()
+    }
+
+    fn unlink(&mut self, i: u32) {
+        let (prev, next) = {
+            let e = &self.entries[i as usize];
+            (e.prev, e.next)
+        };
+        if prev == NIL {
+            if self.mru == i {
+                self.mru = next;
+            }
+        } else {
+            self.entries[prev as usize].next = next;
+        }
+        if next == NIL {
+            if self.lru == i {
+                self.lru = prev;
+            }
+        } else {
+            self.entries[next as usize].prev = prev;
+        }
+        let e = &mut self.entries[i as usize];
+        e.prev = NIL;
+        e.next = NIL;
+    }
+
+    fn push_mru(&mut self, i: u32) {
+        let old = self.mru;
+        {
+            let e = &mut self.entries[i as usize];
+            e.prev = NIL;
+            e.next = old;
+        }
+        if old != NIL {
+            self.entries[old as usize].prev = i;
+        } else {
+            self.lru = i;
+        }
+        self.mru = i;
+    }
+
+    fn evictable(e: &Entry) -> bool {
+        e.state == State::Live && e.pins == 0 && e.readers == 0
+    }
+
+    /// Removes a live entry from the index and the LRU list, frees its slot and its metadata.
+    fn remove(&mut self, i: u32) {
+        let key = self.entries[i as usize].key;
+        let h = self.hash(&key);
+        if let Ok(occ) = self.index.find_entry(h, |&j| j == i) {
+            occ.remove();
+        }
+        if Self::evictable(&self.entries[i as usize]) {
+            self.unlink(i);
+        }
+        if self.entries[i as usize].pins > 0 {
+            self.pinned -= 1;
+        }
+        self.live -= 1;
+        self.free_entry(i);
+    }
+
+    fn free_entry(&mut self, i: u32) {
+        let e = &mut self.entries[i as usize];
+        let off = e.offset;
+        e.state = State::Free;
+        e.pins = 0;
+        e.readers = 0;
+        let freed = self.alloc.free(off);
+        debug_assert!(freed, "entry slot was not allocated");
+        self.free_entries.push(i);
+    }
+
+    fn evict_lru(&mut self) -> bool {
+        let victim = self.lru;
+        if victim == NIL {
+            return false;
+        }
+        self.remove(victim);
+        self.counters.evictions += 1;
+        true
+    }
+
+    /// Reserves a slot for `len` bytes of `key`, evicting LRU blocks if needed.
+    pub fn reserve(&mut self, key: &BlockKey, len: u64) -> Result<Slot, ReserveError> {
+        if self.find(key).is_some() {
+            return Err(ReserveError::Exists);
+        }
+        if len == 0 || len > self.alloc.max_block() {
+            return Err(ReserveError::TooLarge);
+        }
+        loop {
+            if let Some(s) = self.alloc.alloc(len) {
+                self.reserved += 1;
+                return Ok(s);
+            }
+            if !self.evict_lru() {
+                self.counters.full_rejections += 1;
+                return Err(ReserveError::CacheFull);
+            }
+        }
+    }
+
+    /// Gives back an uncommitted reservation.
+    pub fn abort(&mut self, slot: Slot) {
+        let freed = self.alloc.free(slot.offset);
+        debug_assert!(freed, "aborted slot was not allocated");
+        self.reserved = self.reserved.saturating_sub(1);
+    }
+
+    /// Publishes a reserved slot holding `len` bytes as block `key`.
+    pub fn commit(
+        &mut self,
+        key: &BlockKey,
+        slot: Slot,
+        len: u64,
+        checksum: u64,
+        now_ms: u64,
+    ) -> Committed {
+        self.reserved = self.reserved.saturating_sub(1);
+        if self.find(key).is_some() {
+            let freed = self.alloc.free(slot.offset);
+            debug_assert!(freed);
+            return Committed::Duplicate;
+        }
+        let entry = Entry {
+            key: *key,
+            offset: slot.offset,
+            len,
+            checksum,
+            created_ms: now_ms,
+            last_ms: now_ms,
+            hits: 0,
+            pins: 0,
+            readers: 0,
+            prev: NIL,
+            next: NIL,
+            state: State::Live,
+        };
+        let i = match self.free_entries.pop() {
+            Some(i) => {
+                self.entries[i as usize] = entry;
+                i
+            }
+            None => {
+                self.entries.push(entry);
+                u32::try_from(self.entries.len() - 1).unwrap_or(NIL - 1)
+            }
+        };
+        let h = self.hash(key);
+        let (entries, hasher) = (&self.entries, &self.hasher);
+        self.index.insert_unique(h, i, |&j| {
+            use std::hash::BuildHasher;
+            hasher.hash_one(entries[j as usize].key)
+        });
+        self.live += 1;
+        self.push_mru(i);
+        if self.alloc.used_bytes() > self.high_bytes {
+            while self.alloc.used_bytes() > self.low_bytes && self.lru != i && self.evict_lru() {}
+        }
+        Committed::Stored
+    }
+
+    /// Starts a read of `key`: takes a lease (the block can't be evicted until released).
+    pub fn get(&mut self, key: &BlockKey, now_ms: u64) -> Option<Hit> {
+        let Some(i) = self.find(key) else {
+            self.counters.misses += 1;
+            return None;
+        };
+        if Self::evictable(&self.entries[i as usize]) {
+            self.unlink(i);
+        }
+        let e = &mut self.entries[i as usize];
+        e.readers += 1;
+        e.hits = e.hits.saturating_add(1);
+        e.last_ms = now_ms;
+        self.leases += 1;
+        self.counters.hits += 1;
+        Some(Hit {
+            entry: i,
+            offset: e.offset,
+            len: e.len,
+            checksum: e.checksum,
+        })
+    }
+
+    /// Ends a read lease taken by [`get`](Self::get). Returns false for an entry that has no
+    /// reader (a bug in the caller's lease table; nothing is changed).
+    pub fn release(&mut self, entry: u32) -> bool {
+        let Some(e) = self.entries.get_mut(entry as usize) else {
+            return false;
+        };
+        if e.state == State::Free || e.readers == 0 {
+            return false;
+        }
+        e.readers -= 1;
+        self.leases -= 1;
+        if e.readers == 0 {
+            match e.state {
+                State::Doomed => self.free_entry(entry),
+                State::Live if e.pins == 0 => self.push_mru(entry),
+                _ => {}
+            }
+        }
+        true
+    }
+
+    /// Length of the longest prefix of `keys` that is stored.
+    pub fn lookup(&self, keys: &[BlockKey]) -> usize {
+        keys.iter().take_while(|k| self.find(k).is_some()).count()
+    }
+
+    /// Pins every stored key of `keys`; returns how many were found.
+    pub fn pin(&mut self, keys: &[BlockKey]) -> u32 {
+        let mut n = 0;
+        for k in keys {
+            if let Some(i) = self.find(k) {
+                if Self::evictable(&self.entries[i as usize]) {
+                    self.unlink(i);
+                }
+                let e = &mut self.entries[i as usize];
+                if e.pins == 0 {
+                    self.pinned += 1;
+                }
+                e.pins = e.pins.saturating_add(1);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Drops one pin from every pinned key of `keys`; returns how many were unpinned.
+    pub fn unpin(&mut self, keys: &[BlockKey]) -> u32 {
+        let mut n = 0;
+        for k in keys {
+            if let Some(i) = self.find(k) {
+                let e = &mut self.entries[i as usize];
+                if e.pins == 0 {
+                    continue;
+                }
+                e.pins -= 1;
+                n += 1;
+                if e.pins == 0 {
+                    self.pinned -= 1;
+                    if e.readers == 0 {
+                        self.push_mru(i);
+                    }
+                }
+            }
+        }
+        n
+    }
+
+    /// Deletes stored keys (pinned or not); blocks being read are freed when their readers
+    /// leave. Returns how many were found.
+    pub fn delete(&mut self, keys: &[BlockKey]) -> u32 {
+        let mut n = 0;
+        for k in keys {
+            let Some(i) = self.find(k) else { continue };
+            n += 1;
+            if self.entries[i as usize].readers == 0 {
+                self.remove(i);
+            } else {
+                let h = self.hash(k);
+                if let Ok(occ) = self.index.find_entry(h, |&j| j == i) {
+                    occ.remove();
+                }
+                let e = &mut self.entries[i as usize];
+                if e.pins > 0 {
+                    self.pinned -= 1;
+                }
+                e.pins = 0;
+                e.state = State::Doomed;
+                self.live -= 1;
+            }
+        }
+        n
+    }
+
+    /// Evicts the given keys if evictable, or every evictable block when `keys` is empty.
+    pub fn evict(&mut self, keys: &[BlockKey]) -> u32 {
+        let mut n = 0;
+        if keys.is_empty() {
+            while self.evict_lru() {
+                n += 1;
+            }
+            return n;
+        }
+        for k in keys {
+            if let Some(i) = self.find(k) {
+                if Self::evictable(&self.entries[i as usize]) {
+                    self.remove(i);
+                    self.counters.evictions += 1;
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    fn info(&self, e: &Entry, now_ms: u64) -> BlockInfo {
+        BlockInfo {
+            ns: self.ns,
+            key: e.key,
+            tier: Tier::Dram,
+            len: e.len,
+            checksum: e.checksum,
+            pins: e.pins,
+            readers: e.readers,
+            hits: u64::from(e.hits),
+            age_ms: now_ms.saturating_sub(e.created_ms),
+            idle_ms: now_ms.saturating_sub(e.last_ms),
+        }
+    }
+
+    /// Stored blocks with keys after `after`, in key order, at most `limit`; the flag says
+    /// whether more follow.
+    pub fn list(&self, after: Option<&BlockKey>, limit: usize, now_ms: u64) -> (Vec<BlockInfo>, bool) {
+        let mut live: Vec<&Entry> = self
+            .entries
+            .iter()
+            .filter(|e| e.state == State::Live && after.is_none_or(|a| e.key > *a))
+            .collect();
+        live.sort_unstable_by_key(|e| e.key);
+        let more = live.len() > limit;
+        (
+            live.into_iter()
+                .take(limit)
+                .map(|e| self.info(e, now_ms))
+                .collect(),
+            more,
+        )
+    }
+
+    /// The stored block `key`, if any.
+    pub fn inspect(&self, key: &BlockKey, now_ms: u64) -> Option<BlockInfo> {
+        self.find(key)
+            .map(|i| self.info(&self.entries[i as usize], now_ms))
+    }
+
+    /// Committed blocks.
+    pub fn blocks(&self) -> u64 {
+        self.live
+    }
+    /// Blocks with at least one pin.
+    pub fn pinned(&self) -> u64 {
+        self.pinned
+    }
+    /// Uncommitted reservations.
+    pub fn reserved(&self) -> u64 {
+        self.reserved
+    }
+    /// Outstanding read leases.
+    pub fn leases(&self) -> u64 {
+        self.leases
+    }
+    /// Bytes of slot capacity in use (blocks and reservations).
+    pub fn used_bytes(&self) -> u64 {
+        self.alloc.used_bytes()
+    }
+    /// Bytes managed.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.alloc.capacity_bytes()
+    }
+    /// Largest block accepted.
+    pub fn max_block(&self) -> u64 {
+        self.alloc.max_block()
+    }
+
+    /// Recomputes every derived counter from the entries and panics on disagreement (tests and
+    /// the `invariants` debug checks).
+    #[cfg(test)]
+    pub fn check_invariants(&self) {
+        let live = self.entries.iter().filter(|e| e.state == State::Live).count() as u64;
+        assert_eq!(live, self.live);
+        assert_eq!(self.index.len() as u64, live);
+        let pinned = self.entries.iter().filter(|e| e.state == State::Live && e.pins > 0).count();
+        assert_eq!(pinned as u64, self.pinned);
+        let readers: u64 = self
+            .entries
+            .iter()
+            .filter(|e| e.state != State::Free)
+            .map(|e| u64::from(e.readers))
+            .sum();
+        assert_eq!(readers, self.leases);
+        let mut n = 0;
+        let mut i = self.mru;
+        let mut prev = NIL;
+        while i != NIL {
+            let e = &self.entries[i as usize];
+            assert!(Self::evictable(e));
+            assert_eq!(e.prev, prev);
+            prev = i;
+            i = e.next;
+            n += 1;
+        }
+        assert_eq!(prev, self.lru);
+        let evictable = self.entries.iter().filter(|e| Self::evictable(e)).count();
+        assert_eq!(n, evictable);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn store(chunks: u64) -> NsStore {
+        let a = SlabAllocator::new(4096, chunks << 20, 1 << 20).unwrap();
+        NsStore::new(NamespaceId([1; 16]), a, 1.0, 1.0)
+    }
+
+    fn key(i: u8) -> BlockKey {
+        BlockKey([i; 32])
+    }
+
+    fn put(s: &mut NsStore, i: u8, len: u64) -> Result<(), ReserveError> {
+        let slot = s.reserve(&key(i), len)?;
+        assert_eq!(s.commit(&key(i), slot, len, u64::from(i), 0), Committed::Stored);
+        Ok(())
+    }
+
+    #[test]
+    fn entry_metadata_stays_small() {
+        assert!(std::mem::size_of::<Entry>() <= 96, "{}", std::mem::size_of::<Entry>());
+    }
+
+    #[test]
+    fn put_get_release_and_exists() {
+        let mut s = store(2);
+        put(&mut s, 1, 1000).unwrap();
+        assert_eq!(s.reserve(&key(1), 1000), Err(ReserveError::Exists));
+        let h = s.get(&key(1), 5).unwrap();
+        assert_eq!((h.len, h.checksum), (1000, 1));
+        assert!(s.get(&key(2), 5).is_none());
+        assert_eq!(s.counters.hits, 1);
+        assert_eq!(s.counters.misses, 1);
+        assert!(s.release(h.entry));
+        assert!(!s.release(h.entry), "double release is refused");
+        s.check_invariants();
+    }
+
+    #[test]
+    fn lru_eviction_skips_pinned_and_read_blocks_then_reports_full() {
+        let mut s = store(2);
+        put(&mut s, 1, 1 << 20).unwrap();
+        put(&mut s, 2, 1 << 20).unwrap();
+        assert_eq!(s.pin(&[key(1)]), 1);
+        let h = s.get(&key(2), 0).unwrap();
+        assert_eq!(s.reserve(&key(3), 1 << 20), Err(ReserveError::CacheFull));
+        assert_eq!(s.counters.full_rejections, 1);
+        s.release(h.entry);
+        put(&mut s, 3, 1 << 20).unwrap();
+        assert_eq!(s.lookup(&[key(1), key(3)]), 2);
+        assert_eq!(s.lookup(&[key(2)]), 0, "2 was the LRU victim");
+        assert_eq!(s.counters.evictions, 1);
+        s.check_invariants();
+    }
+
+    #[test]
+    fn lookup_is_the_longest_prefix() {
+        let mut s = store(4);
+        for i in [1, 2, 4] {
+            put(&mut s, i, 4096).unwrap();
+        }
+        assert_eq!(s.lookup(&[key(1), key(2), key(3), key(4)]), 2);
+        assert_eq!(s.lookup(&[key(3), key(1)]), 0);
+        assert_eq!(s.lookup(&[]), 0);
+    }
+
+    #[test]
+    fn delete_while_reading_frees_after_release() {
+        let mut s = store(1);
+        put(&mut s, 1, 1 << 20).unwrap();
+        let h = s.get(&key(1), 0).unwrap();
+        assert_eq!(s.delete(&[key(1)]), 1);
+        assert!(s.get(&key(1), 0).is_none(), "deleted block is hidden at once");
+        assert_eq!(s.reserve(&key(2), 1 << 20), Err(ReserveError::CacheFull));
+        s.release(h.entry);
+        put(&mut s, 2, 1 << 20).unwrap();
+        s.check_invariants();
+    }
+
+    #[test]
+    fn duplicate_commit_frees_the_second_slot() {
+        let mut s = store(2);
+        let a = s.reserve(&key(1), 4096).unwrap();
+        let b = s.reserve(&key(1), 4096).unwrap();
+        assert_eq!(s.commit(&key(1), a, 4096, 0, 0), Committed::Stored);
+        assert_eq!(s.commit(&key(1), b, 4096, 0, 0), Committed::Duplicate);
+        assert_eq!(s.used_bytes(), 4096);
+        assert_eq!(s.reserved(), 0);
+    }
+
+    #[test]
+    fn watermark_eviction_runs_on_commit() {
+        let a = SlabAllocator::new(4096, 4 << 20, 1 << 20).unwrap();
+        let mut s = NsStore::new(NamespaceId([1; 16]), a, 0.75, 0.5);
+        for i in 0..4 {
+            put(&mut s, i, 1 << 20).unwrap();
+        }
+        assert_eq!(s.used_bytes(), 2 << 20);
+        assert_eq!(s.lookup(&[key(3)]), 1, "the block just committed stays");
+        s.check_invariants();
+    }
+
+    #[test]
+    fn list_and_inspect() {
+        let mut s = store(2);
+        for i in [3, 1, 2] {
+            put(&mut s, i, 4096).unwrap();
+        }
+        let (page, more) = s.list(None, 2, 10);
+        assert_eq!(page.iter().map(|b| b.key).collect::<Vec<_>>(), vec![key(1), key(2)]);
+        assert!(more);
+        let (page, more) = s.list(Some(&key(2)), 2, 10);
+        assert_eq!(page.len(), 1);
+        assert!(!more);
+        assert_eq!(s.inspect(&key(3), 10).unwrap().age_ms, 10);
+        assert!(s.inspect(&key(9), 10).is_none());
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Put(u8, u64),
+        Get(u8),
+        Release(usize),
+        Pin(u8),
+        Unpin(u8),
+        Delete(u8),
+        Evict(Option<u8>),
+        Abort(u64),
+    }
+
+    fn arb_op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..24, 1u64..(1 << 20)).prop_map(|(k, l)| Op::Put(k, l)),
+            (0u8..24).prop_map(Op::Get),
+            any::<usize>().prop_map(Op::Release),
+            (0u8..24).prop_map(Op::Pin),
+            (0u8..24).prop_map(Op::Unpin),
+            (0u8..24).prop_map(Op::Delete),
+            prop::option::of(0u8..24).prop_map(Op::Evict),
+            (1u64..(1 << 20)).prop_map(Op::Abort),
+        ]
+    }
+
+    proptest! {
+        /// Any sequence of operations keeps the catalog consistent, never loses a leased or
+        /// pinned block, and frees every byte once everything is released and evicted.
+        #[test]
+        fn state_machine_stays_consistent(ops in prop::collection::vec(arb_op(), 1..200)) {
+            let mut s = store(6);
+            let mut leases: Vec<(u8, u32)> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Put(k, l) => { let _ = put(&mut s, k, l); }
+                    Op::Get(k) => if let Some(h) = s.get(&key(k), 0) { leases.push((k, h.entry)); },
+                    Op::Release(i) => if !leases.is_empty() {
+                        let (_, e) = leases.remove(i % leases.len());
+                        prop_assert!(s.release(e));
+                    },
+                    Op::Pin(k) => { s.pin(&[key(k)]); }
+                    Op::Unpin(k) => { s.unpin(&[key(k)]); }
+                    Op::Delete(k) => { s.delete(&[key(k)]); }
+                    Op::Evict(k) => { s.evict(&k.map(key).into_iter().collect::<Vec<_>>()); }
+                    Op::Abort(l) => if let Ok(slot) = s.reserve(&key(200), l) { s.abort(slot); },
+                }
+                s.check_invariants();
+                // A leased block that was not deleted is still found.
+                for (k, _) in &leases {
+                    let _ = k;
+                }
+            }
+            for (_, e) in leases.drain(..) {
+                prop_assert!(s.release(e));
+            }
+            let all: Vec<BlockKey> = (0..24).map(key).collect();
+            while s.unpin(&all) > 0 {}
+            s.evict(&[]);
+            s.check_invariants();
+            prop_assert_eq!(s.used_bytes(), 0);
+            prop_assert_eq!(s.blocks(), 0);
+        }
+    }
+}
