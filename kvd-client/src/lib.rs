@@ -1,1 +1,631 @@
-//! placeholder
+//! Rust client for kvd: connect, open namespaces, and move blocks through the shared arena.
+//!
+//! Control operations (lookup, pin, stats, listing) go over the Unix socket; block data never
+//! does. A PUT reserves a slot on the ring, copies the bytes straight into the shared arena and
+//! commits — the slot becomes the block, with no second copy in the daemon. A GET returns a
+//! [`ReadLease`] that borrows the block's bytes in place until dropped. Batch calls
+//! ([`Client::put_many`], [`Client::get_many`]) put many descriptors on the ring before waiting.
+//!
+//! [`Client`] is blocking and `Sync` (one ring per client, serialised by a mutex); give each
+//! busy thread its own client for parallelism. [`AsyncClient`] is the tokio face.
+
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+mod asynch;
+mod control;
+mod error;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use asynch::AsyncClient;
+pub use control::Control;
+pub use error::{ClientError, Result};
+pub use kvd_proto::frame::{BlockInfo, ClientInfo, NamespaceStats, StatsReport, TierCounts, TierStats};
+pub use kvd_proto::{BlockKey, NamespaceDesc, NamespaceId, Tier};
+
+use kvd_proto::arena::ArenaHeader;
+use kvd_proto::frame::{Request, Response};
+use kvd_proto::ring::{Completion, Op, Status, Submission};
+use kvd_proto::PROTOCOL_VERSION;
+use kvd_shm::{ClientRing, Mapping};
+use parking_lot::Mutex;
+
+/// Default socket path (also `$KVD_SOCKET`).
+pub const DEFAULT_SOCKET: &str = "/run/kvd/kvd.sock";
+
+/// The socket path from `$KVD_SOCKET`, else [`DEFAULT_SOCKET`].
+pub fn default_socket() -> PathBuf {
+    std::env::var_os("KVD_SOCKET")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+}
+
+/// Connection options.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Name shown in `kvd-ctl status`.
+    pub name: String,
+    /// Ask for admin rights (ls, inspect, evict).
+    pub admin: bool,
+    /// How long to spin for a completion before sleeping.
+    pub spin: Duration,
+    /// How long to wait for a completion at all.
+    pub timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            name: format!("pid-{}", std::process::id()),
+            admin: false,
+            spin: Duration::from_micros(200),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the daemon said in the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerInfo {
+    /// Daemon version.
+    pub daemon_version: String,
+    /// Connection id.
+    pub client_id: u64,
+    /// Largest block accepted.
+    pub max_block_bytes: u64,
+    /// Read-lease timeout.
+    pub lease_timeout_ms: u32,
+}
+
+/// An open namespace: handle for descriptors plus the mapped arena.
+#[derive(Debug, Clone)]
+pub struct Namespace {
+    /// Namespace id (for control operations).
+    pub id: NamespaceId,
+    /// Ring handle.
+    pub handle: u32,
+    arena: Arc<ArenaMap>,
+}
+
+#[derive(Debug)]
+struct ArenaMap {
+    map: Mapping,
+    header: ArenaHeader,
+}
+
+impl Namespace {
+    /// Size of the mapped arena.
+    pub fn arena_bytes(&self) -> u64 {
+        self.arena.header.total_bytes
+    }
+}
+
+/// Result of a lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lookup {
+    /// Number of leading keys stored.
+    pub prefix_len: u32,
+    /// Tiers holding them.
+    pub tiers: TierCounts,
+}
+
+/// Outcome of a put.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// Stored now.
+    Stored,
+    /// Already stored (by us or another client); nothing was written.
+    Exists,
+}
+
+/// High bit of `user_data` marks completions nobody waits for (lease releases).
+const DETACHED: u64 = 1 << 63;
+
+#[derive(Debug)]
+struct RingState {
+    ring: ClientRing,
+    next: u64,
+    in_flight: u32,
+    arrived: HashMap<u64, Completion>,
+}
+
+impl RingState {
+    fn reap_one(&mut self, spin: Duration, timeout: Duration) -> Result<()> {
+        let c = self.ring.wait(spin, timeout)?;
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if c.user_data & DETACHED == 0 {
+            self.arrived.insert(c.user_data, c);
+        }
+        Ok(())
+    }
+
+    fn submit(&mut self, mut sub: Submission, detached: bool, o: &Options) -> Result<u64> {
+        self.next = (self.next + 1) & !DETACHED;
+        sub.user_data = self.next | if detached { DETACHED } else { 0 };
+        while self.in_flight >= self.ring.entries() || !self.ring.push(&sub)? {
+            self.ring.notify();
+            self.reap_one(o.spin, o.timeout)?;
+        }
+        self.in_flight += 1;
+        Ok(sub.user_data)
+    }
+
+    fn wait_for(&mut self, id: u64, o: &Options) -> Result<Completion> {
+        loop {
+            if let Some(c) = self.arrived.remove(&id) {
+                return Ok(c);
+            }
+            self.reap_one(o.spin, o.timeout)?;
+        }
+    }
+
+    /// Submits all, rings once, waits for all (in order).
+    fn batch(&mut self, subs: &[Submission], o: &Options) -> Result<Vec<Completion>> {
+        let mut ids = Vec::with_capacity(subs.len());
+        for s in subs {
+            ids.push(self.submit(*s, false, o)?);
+        }
+        self.ring.notify();
+        ids.into_iter().map(|id| self.wait_for(id, o)).collect()
+    }
+}
+
+/// A blocking kvd client.
+#[derive(Debug)]
+pub struct Client {
+    path: PathBuf,
+    opts: Options,
+    info: ServerInfo,
+    ctl: Mutex<Control>,
+    ring: Mutex<RingState>,
+}
+
+fn unexpected(what: &str, r: &Response) -> ClientError {
+    ClientError::Unexpected(format!("expected {what}, got {r:?}"))
+}
+
+impl Client {
+    /// Connects with default options.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Client> {
+        Self::connect_with(path, Options::default())
+    }
+
+    /// Connects, handshakes and maps the ring.
+    pub fn connect_with(path: impl AsRef<Path>, opts: Options) -> Result<Client> {
+        let path = path.as_ref().to_owned();
+        let mut ctl = Control::connect(&path)?;
+        let (resp, fd) = ctl.call(&Request::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            client_name: opts.name.clone(),
+            admin: opts.admin,
+        })?;
+        let Response::Welcome {
+            daemon_version,
+            client_id,
+            ring_bytes,
+            max_block_bytes,
+            lease_timeout_ms,
+            ..
+        } = resp
+        else {
+            return Err(unexpected("Welcome", &resp));
+        };
+        let fd = fd.ok_or_else(|| ClientError::Unexpected("Welcome carried no ring fd".into()))?;
+        let ring_bytes = usize::try_from(ring_bytes)
+            .map_err(|_| ClientError::Unexpected("ring larger than address space".into()))?;
+        let ring = ClientRing::from_fd(&fd, ring_bytes)?;
+        Ok(Client {
+            path,
+            info: ServerInfo {
+                daemon_version,
+                client_id,
+                max_block_bytes,
+                lease_timeout_ms,
+            },
+            opts,
+            ctl: Mutex::new(ctl),
+            ring: Mutex::new(RingState {
+                ring,
+                next: 0,
+                in_flight: 0,
+                arrived: HashMap::new(),
+            }),
+        })
+    }
+
+    /// Socket path this client is connected to.
+    pub fn socket_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Handshake information.
+    pub fn info(&self) -> &ServerInfo {
+        &self.info
+    }
+
+    fn call(&self, req: &Request) -> Result<(Response, Option<std::os::fd::OwnedFd>)> {
+        self.ctl.lock().call(req)
+    }
+
+    /// Opens a namespace (creating it in the daemon if new) and maps its arena.
+    pub fn open_namespace(&self, desc: &NamespaceDesc) -> Result<Namespace> {
+        desc.validate()
+            .map_err(|e| ClientError::Invalid(e.to_string()))?;
+        let (resp, fd) = self.call(&Request::OpenNamespace(desc.clone()))?;
+        let Response::NamespaceOpened {
+            ns,
+            handle,
+            arena_bytes,
+        } = resp
+        else {
+            return Err(unexpected("NamespaceOpened", &resp));
+        };
+        let fd = fd.ok_or_else(|| ClientError::Unexpected("NamespaceOpened carried no fd".into()))?;
+        let len = usize::try_from(arena_bytes)
+            .map_err(|_| ClientError::Unexpected("arena larger than address space".into()))?;
+        let map = Mapping::map_fd(&fd, len, true, false)?;
+        // SAFETY: the header page is inside the mapping (len ≥ 1 page, checked by read()).
+        let header = ArenaHeader::read(unsafe { map.slice(0, 4096.min(len)) }, arena_bytes)?;
+        if header.ns != ns {
+            return Err(ClientError::Unexpected(format!(
+                "arena belongs to namespace {}, expected {ns}",
+                header.ns
+            )));
+        }
+        Ok(Namespace {
+            id: ns,
+            handle,
+            arena: Arc::new(ArenaMap { map, header }),
+        })
+    }
+
+    /// Longest stored prefix of `keys` (a chain, first block first).
+    pub fn lookup(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Result<Lookup> {
+        match self.call(&Request::Lookup {
+            ns: *ns,
+            keys: keys.to_vec(),
+        })? {
+            (Response::LookupResult { prefix_len, tiers }, _) => Ok(Lookup { prefix_len, tiers }),
+            (r, _) => Err(unexpected("LookupResult", &r)),
+        }
+    }
+
+    fn count(&self, req: Request) -> Result<u32> {
+        match self.call(&req)? {
+            (Response::Count(n), _) => Ok(n),
+            (r, _) => Err(unexpected("Count", &r)),
+        }
+    }
+
+    /// Pins blocks against eviction; returns how many were found.
+    pub fn pin(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Result<u32> {
+        self.count(Request::Pin { ns: *ns, keys: keys.to_vec() })
+    }
+
+    /// Drops one pin per block; returns how many were pinned.
+    pub fn unpin(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Result<u32> {
+        self.count(Request::Unpin { ns: *ns, keys: keys.to_vec() })
+    }
+
+    /// Deletes blocks; returns how many were found.
+    pub fn delete(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Result<u32> {
+        self.count(Request::Delete { ns: *ns, keys: keys.to_vec() })
+    }
+
+    /// Evicts unpinned blocks (all evictable ones when `keys` is empty). Admin only.
+    pub fn evict(&self, ns: Option<NamespaceId>, keys: &[BlockKey]) -> Result<u32> {
+        self.count(Request::Evict { ns, keys: keys.to_vec() })
+    }
+
+    /// Daemon statistics.
+    pub fn stats(&self) -> Result<StatsReport> {
+        match self.call(&Request::Stats)? {
+            (Response::Stats(s), _) => Ok(*s),
+            (r, _) => Err(unexpected("Stats", &r)),
+        }
+    }
+
+    /// One page of the block listing. Admin only.
+    pub fn list(
+        &self,
+        ns: Option<NamespaceId>,
+        after: Option<(NamespaceId, BlockKey)>,
+        limit: u32,
+    ) -> Result<(Vec<BlockInfo>, bool)> {
+        match self.call(&Request::List { ns, after, limit })? {
+            (Response::Blocks { blocks, more }, _) => Ok((blocks, more)),
+            (r, _) => Err(unexpected("Blocks", &r)),
+        }
+    }
+
+    /// Every stored copy of `key`. Admin only.
+    pub fn inspect(&self, key: &BlockKey) -> Result<Vec<BlockInfo>> {
+        match self.call(&Request::Inspect { key: *key })? {
+            (Response::Blocks { blocks, .. }, _) => Ok(blocks),
+            (r, _) => Err(unexpected("Blocks", &r)),
+        }
+    }
+
+    /// A ring round trip that does nothing (latency probe).
+    pub fn nop(&self) -> Result<()> {
+        let c = self.ring.lock().batch(&[Submission::new(Op::Nop, 0, 0)], &self.opts)?;
+        check("nop", &c[0])
+    }
+
+    /// Reserves a slot for `len` bytes of `key`; `None` when the block is already stored.
+    pub fn reserve<'a>(&'a self, ns: &'a Namespace, key: &BlockKey, len: usize) -> Result<Option<PutSlot<'a>>> {
+        let mut s = self.reserve_many(ns, &[(*key, len)])?;
+        Ok(s.pop().flatten())
+    }
+
+    /// Reserves slots for many blocks in one ring batch (`None` for those already stored).
+    pub fn reserve_many<'a>(
+        &'a self,
+        ns: &'a Namespace,
+        items: &[(BlockKey, usize)],
+    ) -> Result<Vec<Option<PutSlot<'a>>>> {
+        let subs: Vec<Submission> = items
+            .iter()
+            .map(|(k, len)| {
+                let mut s = Submission::new(Op::Reserve, ns.handle, 0);
+                s.key = *k;
+                s.arg0 = *len as u64;
+                s
+            })
+            .collect();
+        let cpls = self.ring.lock().batch(&subs, &self.opts)?;
+        let mut out = Vec::with_capacity(cpls.len());
+        let mut err = None;
+        for ((_, len), c) in items.iter().zip(&cpls) {
+            match Status::from_u16(c.status) {
+                Some(Status::Ok) => {
+                    let slot = PutSlot {
+                        client: self,
+                        ns,
+                        offset: c.offset,
+                        len: *len,
+                        token: c.token,
+                        done: false,
+                    };
+                    if let Err(e) = ns.arena.header.check_slot(c.offset, c.len.max(*len as u64)) {
+                        err.get_or_insert(ClientError::Protocol(e));
+                    }
+                    out.push(Some(slot));
+                }
+                Some(Status::Exists) => out.push(None),
+                _ => {
+                    err.get_or_insert(ClientError::from_status("reserve", c.status));
+                }
+            }
+        }
+        match err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// Commits many written slots in one ring batch.
+    pub fn commit_many(&self, slots: Vec<PutSlot<'_>>) -> Result<Vec<PutOutcome>> {
+        let mut subs = Vec::with_capacity(slots.len());
+        for mut s in slots {
+            let mut sub = Submission::new(Op::Commit, s.ns.handle, 0);
+            sub.arg0 = s.token;
+            sub.arg1 = s.len as u64;
+            s.done = true;
+            subs.push(sub);
+        }
+        let cpls = self.ring.lock().batch(&subs, &self.opts)?;
+        cpls.iter()
+            .map(|c| match Status::from_u16(c.status) {
+                Some(Status::Ok) => Ok(PutOutcome::Stored),
+                Some(Status::Exists) => Ok(PutOutcome::Exists),
+                _ => Err(ClientError::from_status("commit", c.status)),
+            })
+            .collect()
+    }
+
+    /// Stores one block.
+    pub fn put(&self, ns: &Namespace, key: &BlockKey, data: &[u8]) -> Result<PutOutcome> {
+        match self.reserve(ns, key, data.len())? {
+            None => Ok(PutOutcome::Exists),
+            Some(mut slot) => {
+                slot.as_mut_slice().copy_from_slice(data);
+                slot.commit()
+            }
+        }
+    }
+
+    /// Stores many blocks with two ring batches (reserve all, copy, commit all).
+    pub fn put_many(&self, ns: &Namespace, items: &[(BlockKey, &[u8])]) -> Result<Vec<PutOutcome>> {
+        let want: Vec<(BlockKey, usize)> = items.iter().map(|(k, d)| (*k, d.len())).collect();
+        let slots = self.reserve_many(ns, &want)?;
+        let mut out = vec![PutOutcome::Exists; items.len()];
+        let mut to_commit = Vec::new();
+        let mut idx = Vec::new();
+        for (i, (slot, (_, data))) in slots.into_iter().zip(items).enumerate() {
+            if let Some(mut s) = slot {
+                s.as_mut_slice().copy_from_slice(data);
+                to_commit.push(s);
+                idx.push(i);
+            }
+        }
+        for (i, r) in idx.into_iter().zip(self.commit_many(to_commit)?) {
+            out[i] = r;
+        }
+        Ok(out)
+    }
+
+    /// Reads one block in place; `None` when it is not stored.
+    pub fn get<'a>(&'a self, ns: &'a Namespace, key: &BlockKey) -> Result<Option<ReadLease<'a>>> {
+        Ok(self.get_many(ns, &[*key])?.pop().flatten())
+    }
+
+    /// Reads many blocks in one ring batch.
+    pub fn get_many<'a>(&'a self, ns: &'a Namespace, keys: &[BlockKey]) -> Result<Vec<Option<ReadLease<'a>>>> {
+        let subs: Vec<Submission> = keys
+            .iter()
+            .map(|k| {
+                let mut s = Submission::new(Op::Get, ns.handle, 0);
+                s.key = *k;
+                s
+            })
+            .collect();
+        let cpls = self.ring.lock().batch(&subs, &self.opts)?;
+        let mut out = Vec::with_capacity(cpls.len());
+        let mut err = None;
+        for c in cpls {
+            match Status::from_u16(c.status) {
+                Some(Status::Ok) => {
+                    let lease = ReadLease {
+                        client: self,
+                        ns,
+                        offset: c.offset,
+                        len: c.len,
+                        checksum: c.checksum,
+                        token: c.token,
+                    };
+                    if let Err(e) = ns.arena.header.check_slot(c.offset, c.len) {
+                        err.get_or_insert(ClientError::Protocol(e));
+                    }
+                    out.push(Some(lease));
+                }
+                Some(Status::NotFound) => out.push(None),
+                _ => {
+                    err.get_or_insert(ClientError::from_status("get", c.status));
+                }
+            }
+        }
+        match err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// Copies one block into `buf`; returns its length, or `None` when not stored. Fails with
+    /// `Invalid` when `buf` is too small.
+    pub fn get_into(&self, ns: &Namespace, key: &BlockKey, buf: &mut [u8]) -> Result<Option<usize>> {
+        let Some(lease) = self.get(ns, key)? else {
+            return Ok(None);
+        };
+        let n = lease.len();
+        if n > buf.len() {
+            return Err(ClientError::Invalid(format!(
+                "buffer of {} bytes is too small for a block of {n}",
+                buf.len()
+            )));
+        }
+        buf[..n].copy_from_slice(&lease);
+        Ok(Some(n))
+    }
+
+    fn detached(&self, op: Op, ns: u32, token: u64) {
+        let mut s = Submission::new(op, ns, 0);
+        s.arg0 = token;
+        let mut r = self.ring.lock();
+        // Best effort: if the ring is gone, the daemon already released everything we held.
+        if r.submit(s, true, &self.opts).is_ok() {
+            r.ring.notify();
+        }
+    }
+}
+
+fn check(op: &'static str, c: &Completion) -> Result<()> {
+    if c.status == Status::Ok as u16 {
+        Ok(())
+    } else {
+        Err(ClientError::from_status(op, c.status))
+    }
+}
+
+/// A reserved, writable arena slot. Commit it to publish the block; dropping it aborts.
+#[derive(Debug)]
+pub struct PutSlot<'a> {
+    client: &'a Client,
+    ns: &'a Namespace,
+    offset: u64,
+    len: usize,
+    token: u64,
+    done: bool,
+}
+
+impl PutSlot<'_> {
+    /// The slot's bytes (exactly the reserved length).
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the daemon reserved [offset, offset+len) for this client alone (the range was
+        // checked against the arena header when the slot was created) and nobody reads it until
+        // commit; `&mut self` makes this the only view.
+        unsafe { self.ns.arena.map.slice_mut(self.offset as usize, self.len) }
+    }
+
+    /// Raw pointer to the slot, for DMA engines writing it directly.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.as_mut_slice().as_mut_ptr()
+    }
+
+    /// Publishes the slot as the block.
+    pub fn commit(self) -> Result<PutOutcome> {
+        let client = self.client;
+        let mut r = client.commit_many(vec![self])?;
+        r.pop()
+            .ok_or_else(|| ClientError::Unexpected("commit returned nothing".into()))
+    }
+}
+
+impl Drop for PutSlot<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.client.detached(Op::Abort, self.ns.handle, self.token);
+        }
+    }
+}
+
+/// A read lease on a stored block: derefs to its bytes, in place. Released on drop.
+#[derive(Debug)]
+pub struct ReadLease<'a> {
+    client: &'a Client,
+    ns: &'a Namespace,
+    offset: u64,
+    len: u64,
+    checksum: u64,
+    token: u64,
+}
+
+impl ReadLease<'_> {
+    /// xxh3-64 of the block as computed by the daemon at commit.
+    pub fn checksum(&self) -> u64 {
+        self.checksum
+    }
+
+    /// Recomputes the checksum of the bytes in place and compares.
+    pub fn verify(&self) -> bool {
+        xxh3(self) == self.checksum
+    }
+}
+
+fn xxh3(b: &[u8]) -> u64 {
+    kvd_checksum(b)
+}
+
+/// The block checksum kvd uses (xxh3-64), exposed so callers can verify data they hold.
+pub fn kvd_checksum(b: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(b)
+}
+
+impl std::ops::Deref for ReadLease<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the daemon holds the block for us under this lease (it is committed, so no
+        // client writes it, and it is not evicted or reused until we release); the range was
+        // checked against the arena header.
+        unsafe { self.ns.arena.map.slice(self.offset as usize, self.len as usize) }
+    }
+}
+
+impl Drop for ReadLease<'_> {
+    fn drop(&mut self) {
+        self.client.detached(Op::Release, self.ns.handle, self.token);
+    }
+}

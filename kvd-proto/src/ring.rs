@@ -188,6 +188,8 @@ pub enum Status {
     BadLength = 7,
     /// The daemon is shutting down.
     ShuttingDown = 8,
+    /// The connection holds too many reservations or leases; release some first.
+    LimitExceeded = 9,
 }
 
 impl Status {
@@ -203,6 +205,7 @@ impl Status {
             6 => Status::Stale,
             7 => Status::BadLength,
             8 => Status::ShuttingDown,
+            9 => Status::LimitExceeded,
             _ => return None,
         })
     }

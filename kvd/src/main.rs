@@ -1,1 +1,97 @@
-fn main() {}
+//! `kvd`: the per-node KV-cache daemon.
+//!
+//! Loads and validates the configuration, creates the DRAM arenas, serves the control socket
+//! and the shared-memory rings, and shuts down cleanly on SIGTERM or SIGINT (closing every
+//! client, releasing everything they held, removing the socket file).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use kvd::config::{Config, LogFormat};
+use kvd::daemon::Daemon;
+
+/// kvd keeps LLM KV-cache blocks in shared DRAM for every engine process on this node.
+///
+/// Configuration is layered: the TOML file (--config or $KVD_CONFIG), then environment
+/// variables KVD_<SECTION>_<KEY> (e.g. KVD_DRAM_ARENA_BYTES=2GiB), then --set section.key=value.
+/// See config/kvd.toml for every key with its default and meaning.
+#[derive(Debug, Parser)]
+#[command(name = "kvd", version, about, long_about)]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(short, long, env = "KVD_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Override one key, e.g. --set dram.arena_bytes=256MiB (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Control socket path (shorthand for --set server.socket_path=PATH).
+    #[arg(short, long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Validate the configuration, print it, and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match cfg.log.format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut sets = cli.sets.clone();
+    if let Some(s) = &cli.socket {
+        sets.push(format!("server.socket_path={}", s.display()));
+    }
+    let cfg = Config::load(cli.config.as_deref(), std::env::vars(), &sets)
+        .context("loading the configuration")?;
+    if cli.check_config {
+        println!("{}", toml::to_string_pretty(&cfg).context("printing the configuration")?);
+        eprintln!("configuration is valid");
+        return Ok(());
+    }
+    init_logging(&cfg);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("kvd-ctl-io")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(run(cfg))
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    let path = cfg.server.socket_path.clone();
+    let listener = kvd::server::bind(&path, cfg.server.socket_mode)?;
+    let daemon = match Daemon::new(cfg) {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            return Err(e).context("creating the DRAM arenas");
+        }
+    };
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let server = tokio::spawn(kvd::server::serve(daemon.clone(), listener, stop.clone()));
+    tracing::info!(socket = %path.display(), version = kvd::daemon::VERSION, "kvd ready");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+    stop.notify_one();
+    let _ = server.await;
+    let _ = std::fs::remove_file(&path);
+    tracing::info!("kvd stopped");
+    Ok(())
+}

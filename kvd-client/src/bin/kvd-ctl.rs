@@ -1,1 +1,342 @@
-fn main() {}
+//! `kvd-ctl`: inspect and operate a running kvd.
+//!
+//! Every command prints a human table by default and one JSON document with `--json`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use kvd_client::{BlockInfo, BlockKey, Client, NamespaceId, Options, StatsReport};
+use serde_json::json;
+
+/// Inspect and operate the kvd KV-cache daemon on this node.
+///
+/// Connects to the daemon's control socket (--socket, $KVD_SOCKET, default /run/kvd/kvd.sock)
+/// as an admin client (your uid must be the daemon's, root, or in server.admin_uids).
+/// Keys are 64 hex digits; namespaces are 32 hex digits (see `kvd-ctl status`).
+#[derive(Debug, Parser)]
+#[command(name = "kvd-ctl", version, about, long_about)]
+struct Cli {
+    /// Control socket of the daemon.
+    #[arg(short, long, env = "KVD_SOCKET", default_value = kvd_client::DEFAULT_SOCKET, global = true)]
+    socket: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Tiers (capacity, used, blocks, hit rate), namespaces and connected clients.
+    Status,
+    /// List stored blocks, optionally of one namespace.
+    Ls {
+        /// Only this namespace (32 hex digits).
+        #[arg(long)]
+        ns: Option<String>,
+        /// Stop after this many blocks.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show every stored copy of a key: namespace, tier, size, checksum, pins, readers, age.
+    Inspect {
+        /// Block key (64 hex digits).
+        key: String,
+    },
+    /// Longest stored prefix of a chain of keys (first block first).
+    Lookup {
+        /// Namespace (32 hex digits).
+        #[arg(long)]
+        ns: String,
+        /// Keys in chain order.
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// Pin blocks so eviction never takes them.
+    Pin {
+        /// Namespace (32 hex digits).
+        #[arg(long)]
+        ns: String,
+        /// Keys to pin.
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// Drop one pin from each block.
+    Unpin {
+        /// Namespace (32 hex digits).
+        #[arg(long)]
+        ns: String,
+        /// Keys to unpin.
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// Evict unpinned blocks: the given keys, or with --all every evictable block.
+    Evict {
+        /// Only this namespace.
+        #[arg(long)]
+        ns: Option<String>,
+        /// Evict every unpinned block not being read.
+        #[arg(long, conflicts_with = "keys")]
+        all: bool,
+        /// Keys to evict.
+        keys: Vec<String>,
+    },
+}
+
+/// Blocks fetched per listing request.
+const LIST_PAGE: usize = 1000;
+
+fn parse_ns(s: &str) -> anyhow::Result<NamespaceId> {
+    NamespaceId::from_hex(s)
+        .with_context(|| format!("{s:?} is not a namespace id (32 hex digits; see `kvd-ctl status`)"))
+}
+
+fn parse_keys(v: &[String]) -> anyhow::Result<Vec<BlockKey>> {
+    v.iter()
+        .map(|k| BlockKey::from_hex(k).map_err(anyhow::Error::from))
+        .collect()
+}
+
+fn human_bytes(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+fn rate(h: u64, m: u64) -> String {
+    if h + m == 0 {
+        "-".into()
+    } else {
+        format!("{:.1}%", 100.0 * h as f64 / (h + m) as f64)
+    }
+}
+
+fn block_json(b: &BlockInfo) -> serde_json::Value {
+    json!({
+        "namespace": b.ns.to_hex(), "key": b.key.to_hex(), "tier": b.tier.name(),
+        "len": b.len, "checksum": format!("{:016x}", b.checksum), "pins": b.pins,
+        "readers": b.readers, "hits": b.hits, "age_ms": b.age_ms, "idle_ms": b.idle_ms,
+    })
+}
+
+fn print_blocks(blocks: &[BlockInfo]) {
+    println!(
+        "{:<10} {:<14} {:<5} {:>10} {:<16} {:>4} {:>4} {:>6} {:>9}",
+        "NAMESPACE", "KEY", "TIER", "SIZE", "CHECKSUM", "PINS", "RDRS", "HITS", "AGE"
+    );
+    for b in blocks {
+        println!(
+            "{:<10} {:<14} {:<5} {:>10} {:016x} {:>4} {:>4} {:>6} {:>8.1}s",
+            b.ns.short(),
+            b.key.short(),
+            b.tier.name(),
+            human_bytes(b.len),
+            b.checksum,
+            b.pins,
+            b.readers,
+            b.hits,
+            b.age_ms as f64 / 1000.0
+        );
+    }
+}
+
+fn status_json(s: &StatsReport) -> serde_json::Value {
+    json!({
+        "daemon_version": s.daemon_version,
+        "uptime_ms": s.uptime_ms,
+        "tiers": s.tiers.iter().map(|t| json!({
+            "tier": t.tier.name(), "capacity_bytes": t.capacity_bytes, "used_bytes": t.used_bytes,
+            "blocks": t.blocks, "hits": t.hits, "misses": t.misses, "evictions": t.evictions,
+            "hit_rate": if t.hits + t.misses == 0 { serde_json::Value::Null }
+                        else { json!(t.hits as f64 / (t.hits + t.misses) as f64) },
+        })).collect::<Vec<_>>(),
+        "namespaces": s.namespaces.iter().map(|n| json!({
+            "id": n.ns.to_hex(), "model": n.desc.model, "dtype": n.desc.dtype,
+            "layout": n.desc.layout, "block_tokens": n.desc.block_tokens,
+            "tp_rank": n.desc.tp_rank, "tp_size": n.desc.tp_size, "lora": n.desc.lora,
+            "tenant": n.desc.tenant, "arena_bytes": n.arena_bytes, "used_bytes": n.used_bytes,
+            "blocks": n.blocks, "pinned": n.pinned, "leases": n.leases, "reserved": n.reserved,
+            "hits": n.hits, "misses": n.misses, "evictions": n.evictions,
+            "full_rejections": n.full_rejections,
+        })).collect::<Vec<_>>(),
+        "clients": s.clients.iter().map(|c| json!({
+            "id": c.id, "name": c.name, "pid": c.pid, "uid": c.uid, "admin": c.admin, "ops": c.ops,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_status(s: &StatsReport) {
+    println!("kvd {}  up {:.0}s", s.daemon_version, s.uptime_ms as f64 / 1000.0);
+    println!();
+    println!(
+        "{:<5} {:>11} {:>11} {:>6} {:>10} {:>9} {:>9}",
+        "TIER", "CAPACITY", "USED", "USE%", "BLOCKS", "HIT RATE", "EVICTED"
+    );
+    for t in &s.tiers {
+        let pct = if t.capacity_bytes == 0 {
+            0.0
+        } else {
+            100.0 * t.used_bytes as f64 / t.capacity_bytes as f64
+        };
+        println!(
+            "{:<5} {:>11} {:>11} {:>5.1}% {:>10} {:>9} {:>9}",
+            t.tier.name(),
+            human_bytes(t.capacity_bytes),
+            human_bytes(t.used_bytes),
+            pct,
+            t.blocks,
+            rate(t.hits, t.misses),
+            t.evictions
+        );
+    }
+    println!();
+    println!(
+        "{:<32} {:<20} {:>8} {:>10} {:>7} {:>6} {:>6} {:>9}",
+        "NAMESPACE", "MODEL", "TP", "USED", "BLOCKS", "PINNED", "LEASES", "HIT RATE"
+    );
+    for n in &s.namespaces {
+        println!(
+            "{:<32} {:<20} {:>8} {:>10} {:>7} {:>6} {:>6} {:>9}",
+            n.ns.to_hex(),
+            n.desc.model.chars().take(20).collect::<String>(),
+            format!("{}/{}", n.desc.tp_rank, n.desc.tp_size),
+            human_bytes(n.used_bytes),
+            n.blocks,
+            n.pinned,
+            n.leases,
+            rate(n.hits, n.misses)
+        );
+    }
+    println!();
+    println!("{:<6} {:<24} {:>8} {:>6} {:>6} {:>10}", "CLIENT", "NAME", "PID", "UID", "ADMIN", "RING OPS");
+    for c in &s.clients {
+        println!(
+            "{:<6} {:<24} {:>8} {:>6} {:>6} {:>10}",
+            c.id,
+            c.name.chars().take(24).collect::<String>(),
+            c.pid,
+            c.uid,
+            if c.admin { "yes" } else { "no" },
+            c.ops
+        );
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let client = Client::connect_with(
+        &cli.socket,
+        Options {
+            name: "kvd-ctl".into(),
+            admin: true,
+            ..Options::default()
+        },
+    )?;
+    match &cli.cmd {
+        Cmd::Status => {
+            let s = client.stats()?;
+            if cli.json {
+                println!("{}", status_json(&s));
+            } else {
+                print_status(&s);
+            }
+        }
+        Cmd::Ls { ns, limit } => {
+            let ns = ns.as_deref().map(parse_ns).transpose()?;
+            let mut all = Vec::new();
+            let mut after = None;
+            let mut truncated = false;
+            loop {
+                let want = (*limit - all.len()).min(LIST_PAGE);
+                let (page, more) = client.list(ns, after, want as u32)?;
+                after = page.last().map(|b| (b.ns, b.key));
+                all.extend(page);
+                if !more {
+                    break;
+                }
+                if all.len() >= *limit {
+                    truncated = true;
+                    break;
+                }
+            }
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"blocks": all.iter().map(block_json).collect::<Vec<_>>(), "truncated": truncated})
+                );
+            } else {
+                print_blocks(&all);
+                if truncated {
+                    println!("(more blocks; raise --limit)");
+                }
+            }
+        }
+        Cmd::Inspect { key } => {
+            let key = BlockKey::from_hex(key)?;
+            let copies = client.inspect(&key)?;
+            if cli.json {
+                println!("{}", json!({"key": key.to_hex(), "copies": copies.iter().map(block_json).collect::<Vec<_>>()}));
+            } else if copies.is_empty() {
+                println!("{key}: not stored in any tier");
+            } else {
+                print_blocks(&copies);
+            }
+        }
+        Cmd::Lookup { ns, keys } => {
+            let ns = parse_ns(ns)?;
+            let keys = parse_keys(keys)?;
+            let r = client.lookup(&ns, &keys)?;
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"prefix_len": r.prefix_len, "requested": keys.len(),
+                           "tiers": kvd_client::Tier::ALL.iter().map(|t| (t.name().to_string(), json!(r.tiers.get(*t)))).collect::<serde_json::Map<_, _>>()})
+                );
+            } else {
+                println!("{} of {} leading blocks stored", r.prefix_len, keys.len());
+                for t in kvd_client::Tier::ALL {
+                    if r.tiers.get(t) > 0 {
+                        println!("  {:<5} {}", t.name(), r.tiers.get(t));
+                    }
+                }
+            }
+        }
+        Cmd::Pin { ns, keys } | Cmd::Unpin { ns, keys } => {
+            let pin = matches!(cli.cmd, Cmd::Pin { .. });
+            let ns = parse_ns(ns)?;
+            let keys = parse_keys(keys)?;
+            let n = if pin { client.pin(&ns, &keys)? } else { client.unpin(&ns, &keys)? };
+            let verb = if pin { "pinned" } else { "unpinned" };
+            if cli.json {
+                println!("{}", json!({verb: n, "requested": keys.len()}));
+            } else {
+                println!("{verb} {n} of {} blocks", keys.len());
+            }
+        }
+        Cmd::Evict { ns, all, keys } => {
+            let ns = ns.as_deref().map(parse_ns).transpose()?;
+            let keys = parse_keys(keys)?;
+            if keys.is_empty() && !all {
+                bail!("name keys to evict, or pass --all to evict every unpinned block");
+            }
+            let n = client.evict(ns, &keys)?;
+            if cli.json {
+                println!("{}", json!({"evicted": n}));
+            } else {
+                println!("evicted {n} blocks");
+            }
+        }
+    }
+    Ok(())
+}

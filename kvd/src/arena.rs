@@ -1,0 +1,150 @@
+//! A namespace's shared DRAM arena: a sealed memfd, mapped and pre-faulted by the daemon.
+//!
+//! Arenas are created once at start (the pool is sized by `dram.max_namespaces`) so that the
+//! cost of faulting gigabytes in is paid before the first request, and handed to a namespace
+//! when it is first opened. The memfd is what clients receive with `SCM_RIGHTS`.
+
+use std::os::fd::OwnedFd;
+use std::time::Instant;
+
+use kvd_proto::arena::{ArenaHeader, ARENA_HEADER_BYTES};
+use kvd_proto::NamespaceId;
+use kvd_shm::map::{create_memfd, HugePages};
+use kvd_shm::{MapError, Mapping};
+
+use crate::config::{DramConfig, HugePagesMode};
+
+/// Why an arena could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum ArenaError {
+    /// The OS refused the memory.
+    #[error("cannot create a {bytes}-byte arena ({hint}): {source}")]
+    Create {
+        /// Requested size.
+        bytes: u64,
+        /// What to check.
+        hint: &'static str,
+        /// Cause.
+        #[source]
+        source: MapError,
+    },
+}
+
+/// One arena: its memfd and the daemon's mapping of it.
+#[derive(Debug)]
+pub struct Arena {
+    fd: OwnedFd,
+    map: Mapping,
+    data_offset: u64,
+}
+
+impl Arena {
+    /// Creates, maps and (per config) pre-faults an arena.
+    pub fn create(cfg: &DramConfig) -> Result<Arena, ArenaError> {
+        let bytes = cfg.arena_bytes.0;
+        let huge = match cfg.huge_pages {
+            HugePagesMode::Off => HugePages::Off,
+            HugePagesMode::Transparent => HugePages::Transparent,
+            HugePagesMode::Explicit => HugePages::Explicit,
+        };
+        let hint = if huge == HugePages::Explicit {
+            "explicit huge pages: reserve them in /proc/sys/vm/nr_hugepages, size a multiple of 2 MiB"
+        } else {
+            "check dram.arena_bytes × dram.max_namespaces against memory and /dev/shm limits"
+        };
+        let err = |source| ArenaError::Create {
+            bytes,
+            hint,
+            source,
+        };
+        let fd = create_memfd("kvd-arena", bytes, huge).map_err(err)?;
+        let len = usize::try_from(bytes).map_err(|_| {
+            err(MapError::Rejected("arena larger than the address space".into()))
+        })?;
+        let map = Mapping::map_fd(&fd, len, cfg.prefault && huge != HugePages::Transparent, true)
+            .map_err(err)?;
+        if huge == HugePages::Transparent {
+            if let Err(e) = map.advise_huge() {
+                tracing::warn!(error = %e, "transparent huge pages unavailable; using 4 KiB pages");
+            }
+            if cfg.prefault {
+                map.prefault();
+            }
+        }
+        let data_offset = if huge == HugePages::Off {
+            ARENA_HEADER_BYTES as u64
+        } else {
+            2 << 20
+        };
+        Ok(Arena {
+            fd,
+            map,
+            data_offset,
+        })
+    }
+
+    /// Creates `n` arenas, logging how long pre-faulting took.
+    pub fn create_pool(cfg: &DramConfig, n: u32) -> Result<Vec<Arena>, ArenaError> {
+        let t = Instant::now();
+        let pool = (0..n).map(|_| Arena::create(cfg)).collect::<Result<Vec<_>, _>>()?;
+        tracing::info!(
+            arenas = n,
+            arena_bytes = cfg.arena_bytes.0,
+            prefault = cfg.prefault,
+            elapsed_ms = t.elapsed().as_millis() as u64,
+            "DRAM arenas ready"
+        );
+        Ok(pool)
+    }
+
+    /// Writes the header for namespace `ns` (when the arena is bound to it).
+    pub fn bind(&self, ns: NamespaceId) {
+        let h = ArenaHeader {
+            total_bytes: self.map.len() as u64,
+            data_offset: self.data_offset,
+            ns,
+        };
+        // SAFETY: the header page is inside the mapping; the arena is bound before any client
+        // of this namespace receives it, so nobody else reads it concurrently.
+        h.write(unsafe { self.map.slice_mut(0, ARENA_HEADER_BYTES) });
+    }
+
+    /// The memfd to pass to clients.
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    /// The daemon's mapping.
+    pub fn map(&self) -> &Mapping {
+        &self.map
+    }
+
+    /// Offset of the first slot.
+    pub fn data_offset(&self) -> u64 {
+        self.data_offset
+    }
+
+    /// Bytes available to slots.
+    pub fn data_bytes(&self) -> u64 {
+        self.map.len() as u64 - self.data_offset
+    }
+
+    /// Total size.
+    pub fn total_bytes(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    /// xxh3-64 of `[offset, offset+len)`; the range must be a slot the caller owns.
+    pub fn checksum(&self, offset: u64, len: u64) -> u64 {
+        let (Ok(o), Ok(l)) = (usize::try_from(offset), usize::try_from(len)) else {
+            return 0;
+        };
+        if !self.map.contains(o, l) {
+            return 0;
+        }
+        // SAFETY: the range is inside the mapping (checked); the caller owns the slot (a
+        // reservation being committed), so no other party writes it legitimately. A misbehaving
+        // client scribbling on it only changes the checksum it gets back.
+        xxhash_rust::xxh3::xxh3_64(unsafe { self.map.slice(o, l) })
+    }
+}

@@ -1,0 +1,479 @@
+//! Daemon configuration: one struct, layered file → environment → command line, validated once.
+//!
+//! Every key has a default (`serde(default)`), unknown keys are errors, and [`Config::validate`]
+//! checks ranges and relations with messages that name the key, so a typo fails at start rather
+//! than at 3 a.m. Environment overrides are `KVD_<SECTION>_<KEY>` (e.g. `KVD_DRAM_ARENA_BYTES`);
+//! command-line overrides are `--set section.key=value`. Values are TOML literals, with bare
+//! strings accepted. Sizes take integers or strings with units (`"64 MiB"`, `"1G"`).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// A size in bytes, written as an integer or a string with a unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses `"64MiB"`, `"64 MiB"`, `"1G"`, `"512k"`, `"4096"`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size (try \"64 MiB\")"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            "g" | "gb" | "gib" => 1 << 30,
+            "t" | "tb" | "tib" => 1 << 40,
+            other => return Err(format!("unknown size unit {other:?} in {s:?}")),
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} overflows"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Control socket and peer checks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Path of the Unix control socket.
+    pub socket_path: PathBuf,
+    /// Permission bits of the socket file.
+    pub socket_mode: u32,
+    /// Peer uids allowed to connect (besides the daemon's own uid and root).
+    pub allowed_uids: Vec<u32>,
+    /// Peer gids allowed to connect.
+    pub allowed_gids: Vec<u32>,
+    /// Peer uids allowed admin operations (besides the daemon's own uid and root).
+    pub admin_uids: Vec<u32>,
+    /// Most concurrent client connections.
+    pub max_clients: u32,
+    /// Largest control frame accepted.
+    pub max_frame_bytes: ByteSize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            socket_path: PathBuf::from("/run/kvd/kvd.sock"),
+            socket_mode: 0o660,
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
+            admin_uids: Vec::new(),
+            max_clients: 64,
+            max_frame_bytes: ByteSize(1 << 20),
+        }
+    }
+}
+
+/// Shared-memory rings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RingConfig {
+    /// Entries per submission/completion queue (power of two, 8..=65536).
+    pub entries: u32,
+    /// How long a ring thread spins for work before sleeping, in microseconds.
+    pub spin_us: u64,
+    /// Read leases not released within this time are reclaimed.
+    pub lease_timeout_ms: u32,
+}
+
+impl Default for RingConfig {
+    fn default() -> Self {
+        Self {
+            entries: 256,
+            spin_us: 200,
+            lease_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Huge-page policy of the arenas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HugePagesMode {
+    /// 4 KiB pages.
+    Off,
+    /// Transparent huge pages (best effort).
+    Transparent,
+    /// hugetlbfs pages; fails at start when none are reserved.
+    Explicit,
+}
+
+/// DRAM tier.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DramConfig {
+    /// Size of each namespace's arena.
+    pub arena_bytes: ByteSize,
+    /// Most namespaces served at once; this many arenas are created at start.
+    pub max_namespaces: u32,
+    /// Largest block accepted.
+    pub max_block_bytes: ByteSize,
+    /// Eviction starts when an arena is fuller than this fraction.
+    pub high_watermark: f64,
+    /// Eviction stops at this fraction.
+    pub low_watermark: f64,
+    /// Huge pages for the arenas.
+    pub huge_pages: HugePagesMode,
+    /// Fault every arena page in at start (recommended: faults on the data path cost ~5×).
+    pub prefault: bool,
+}
+
+impl Default for DramConfig {
+    fn default() -> Self {
+        Self {
+            arena_bytes: ByteSize(1 << 30),
+            max_namespaces: 4,
+            max_block_bytes: ByteSize(8 << 20),
+            high_watermark: 0.95,
+            low_watermark: 0.90,
+            huge_pages: HugePagesMode::Off,
+            prefault: true,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `tracing` filter, e.g. `info` or `kvd=debug`.
+    pub level: String,
+    /// Output format.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// The whole daemon configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Control socket.
+    pub server: ServerConfig,
+    /// Shared-memory rings.
+    pub ring: RingConfig,
+    /// DRAM tier.
+    pub dram: DramConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The merged configuration does not parse into the schema.
+    #[error("invalid configuration{origin}: {message}")]
+    Parse {
+        /// Where the bad text came from.
+        origin: String,
+        /// Parser message (names the key).
+        message: String,
+    },
+    /// An override names no key.
+    #[error("unknown configuration key `{key}` (from {origin}); keys look like `dram.arena_bytes`")]
+    UnknownKey {
+        /// Key path.
+        key: String,
+        /// Where it came from.
+        origin: String,
+    },
+    /// A value is out of range.
+    #[error("invalid value for `{key}`: {why}")]
+    Invalid {
+        /// Key path.
+        key: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+const SECTIONS: [&str; 4] = ["server", "ring", "dram", "log"];
+
+fn parse_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&doc) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.into()),
+    }
+}
+
+fn set_key(
+    root: &mut toml::Table,
+    section: &str,
+    key: &str,
+    raw: &str,
+    origin: &str,
+) -> Result<(), ConfigError> {
+    let known = toml::Table::try_from(Config::default())
+        .ok()
+        .and_then(|t| t.get(section).and_then(|v| v.as_table()).map(|t| t.contains_key(key)))
+        .unwrap_or(false);
+    if !SECTIONS.contains(&section) || !known {
+        return Err(ConfigError::UnknownKey {
+            key: format!("{section}.{key}"),
+            origin: origin.into(),
+        });
+    }
+    let entry = root
+        .entry(section.to_owned())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let toml::Value::Table(t) = entry else {
+        return Err(ConfigError::Parse {
+            origin: format!(" ({origin})"),
+            message: format!("`{section}` must be a table"),
+        });
+    };
+    t.insert(key.to_owned(), parse_value(raw));
+    Ok(())
+}
+
+impl Config {
+    /// Loads `file` (if any), applies `KVD_*` variables from `env` and `--set` overrides, then
+    /// validates.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        sets: &[String],
+    ) -> Result<Config, ConfigError> {
+        let mut root = match file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                let origin = format!(" in {}", p.display());
+                // Parse against the schema first so errors point at the file's own lines.
+                toml::from_str::<Config>(&text).map_err(|e| ConfigError::Parse {
+                    origin: origin.clone(),
+                    message: e.to_string(),
+                })?;
+                toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::Parse {
+                    origin,
+                    message: e.to_string(),
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        for (k, v) in env {
+            let Some(rest) = k.strip_prefix("KVD_") else {
+                continue;
+            };
+            if rest == "CONFIG" {
+                continue;
+            }
+            let lower = rest.to_ascii_lowercase();
+            let (section, key) = lower.split_once('_').unwrap_or((lower.as_str(), ""));
+            set_key(&mut root, section, key, &v, &format!("environment variable {k}"))?;
+        }
+        for s in sets {
+            let (path, value) = s.split_once('=').ok_or_else(|| ConfigError::Parse {
+                origin: " (--set)".into(),
+                message: format!("{s:?} is not `section.key=value`"),
+            })?;
+            let (section, key) = path.trim().split_once('.').unwrap_or((path.trim(), ""));
+            set_key(&mut root, section, key, value.trim(), &format!("--set {s}"))?;
+        }
+        let text = toml::to_string(&root).map_err(|e| ConfigError::Parse {
+            origin: String::new(),
+            message: e.to_string(),
+        })?;
+        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            origin: String::new(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks ranges and relations between keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, why: String| Err(ConfigError::Invalid { key, why });
+        if self.server.socket_path.as_os_str().is_empty() {
+            return bad("server.socket_path", "must not be empty".into());
+        }
+        if self.server.socket_path.as_os_str().len() > 100 {
+            return bad(
+                "server.socket_path",
+                "longer than 100 bytes (Unix socket paths are limited to 108)".into(),
+            );
+        }
+        if self.server.socket_mode > 0o777 {
+            return bad("server.socket_mode", format!("{:o} is not a permission mode", self.server.socket_mode));
+        }
+        if self.server.max_clients == 0 || self.server.max_clients > 4096 {
+            return bad("server.max_clients", "must be in 1..=4096".into());
+        }
+        let f = self.server.max_frame_bytes.0;
+        if !(64 << 10..=kvd_proto::frame::MAX_FRAME_BYTES as u64).contains(&f) {
+            return bad(
+                "server.max_frame_bytes",
+                format!("must be between 64 KiB and {} bytes", kvd_proto::frame::MAX_FRAME_BYTES),
+            );
+        }
+        if kvd_proto::ring::RingLayout::new(self.ring.entries).is_err() {
+            return bad("ring.entries", "must be a power of two in 8..=65536".into());
+        }
+        if self.ring.spin_us > 100_000 {
+            return bad("ring.spin_us", "must be at most 100000 (0.1 s)".into());
+        }
+        if self.ring.lease_timeout_ms < 100 {
+            return bad("ring.lease_timeout_ms", "must be at least 100".into());
+        }
+        let d = &self.dram;
+        if d.max_block_bytes.0 < 4096 || d.max_block_bytes.0 > 1 << 30 {
+            return bad("dram.max_block_bytes", "must be between 4 KiB and 1 GiB".into());
+        }
+        if d.arena_bytes.0 < d.max_block_bytes.0.saturating_mul(2) + 4096 {
+            return bad(
+                "dram.arena_bytes",
+                format!(
+                    "must hold at least two blocks of dram.max_block_bytes ({}) plus a 4 KiB header",
+                    d.max_block_bytes.0
+                ),
+            );
+        }
+        if d.max_namespaces == 0 || d.max_namespaces > 1024 {
+            return bad("dram.max_namespaces", "must be in 1..=1024".into());
+        }
+        if !(d.high_watermark > 0.0 && d.high_watermark <= 1.0) {
+            return bad("dram.high_watermark", "must be in (0, 1]".into());
+        }
+        if !(d.low_watermark > 0.0 && d.low_watermark <= d.high_watermark) {
+            return bad("dram.low_watermark", "must be in (0, dram.high_watermark]".into());
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return bad("log.level", format!("{:?} is not a tracing filter", self.log.level));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)], sets: &[&str]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("kvd.toml");
+        std::fs::write(&p, text).unwrap();
+        Config::load(
+            Some(&p),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+            &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(ByteSize::parse("64 MiB").unwrap().0, 64 << 20);
+        assert_eq!(ByteSize::parse("1G").unwrap().0, 1 << 30);
+        assert_eq!(ByteSize::parse("4096").unwrap().0, 4096);
+        assert!(ByteSize::parse("12 parsecs").is_err());
+        assert!(ByteSize::parse("MiB").is_err());
+        assert!(ByteSize::parse("99999999999 TiB").is_err());
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let c = load(
+            "[dram]\narena_bytes = \"64 MiB\"\nmax_block_bytes = \"4 MiB\"\n",
+            &[("KVD_DRAM_ARENA_BYTES", "128MiB"), ("KVD_RING_SPIN_US", "5"), ("HOME", "/x")],
+            &["dram.arena_bytes=256 MiB", "server.socket_path=/tmp/k.sock"],
+        )
+        .unwrap();
+        assert_eq!(c.dram.arena_bytes.0, 256 << 20);
+        assert_eq!(c.dram.max_block_bytes.0, 4 << 20);
+        assert_eq!(c.ring.spin_us, 5);
+        assert_eq!(c.server.socket_path, PathBuf::from("/tmp/k.sock"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = load("[dram]\narena_byte = 1\n", &[], &[]).unwrap_err().to_string();
+        assert!(e.contains("arena_byte"), "{e}");
+        let e = load("", &[("KVD_DRAM_NOPE", "1")], &[]).unwrap_err().to_string();
+        assert!(e.contains("KVD_DRAM_NOPE"), "{e}");
+        let e = load("", &[], &["nosection.x=1"]).unwrap_err().to_string();
+        assert!(e.contains("nosection.x"), "{e}");
+        let e = load("", &[], &["dram.huge_pages=sometimes"]).unwrap_err().to_string();
+        assert!(e.contains("sometimes"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        for (set, key) in [
+            ("ring.entries=100", "ring.entries"),
+            ("dram.low_watermark=0.99", "dram.low_watermark"),
+            ("dram.arena_bytes=1MiB", "dram.arena_bytes"),
+            ("server.max_clients=0", "server.max_clients"),
+            ("log.level=[[[", "log.level"),
+        ] {
+            let e = load("", &[], &[set]).unwrap_err().to_string();
+            assert!(e.contains(key), "{set}: {e}");
+        }
+    }
+
+    #[test]
+    fn example_config_is_valid_and_complete() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/kvd.toml"))
+            .unwrap();
+        let c = load(&text, &[], &[]).unwrap();
+        // Every key of the schema appears in the example (documented there).
+        let full = toml::to_string(&Config::default()).unwrap();
+        for line in full.lines() {
+            if let Some((k, _)) = line.split_once(" = ") {
+                assert!(text.contains(&format!("{k} =")), "config/kvd.toml lacks `{k}`");
+            }
+        }
+        let _ = c;
+    }
+}

@@ -1,0 +1,445 @@
+//! Daemon-wide state shared by the control server and the ring threads.
+//!
+//! [`Daemon`] owns the namespace registry (each [`Namespace`] binds one arena from the pool
+//! created at start, plus its [`NsStore`] behind a mutex) and the table of connected clients.
+//! Control-plane operations that touch blocks are methods here so the socket server stays a
+//! thin codec layer; authorisation (is this namespace open on the connection, is the peer an
+//! admin) is decided here too, in one place.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvd_proto::frame::{
+    BlockInfo, ClientInfo, ErrorCode, NamespaceStats, StatsReport, TierCounts, TierStats,
+};
+use kvd_proto::{BlockKey, NamespaceDesc, NamespaceId, Tier};
+use kvd_shm::ring::RingWaker;
+use parking_lot::{Mutex, RwLock};
+
+use crate::alloc::SlabAllocator;
+use crate::arena::{Arena, ArenaError};
+use crate::config::Config;
+use crate::store::NsStore;
+
+/// Version string reported to clients.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A failed control operation, sent back as [`kvd_proto::Response::Error`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct OpError {
+    /// Machine-readable code.
+    pub code: ErrorCode,
+    /// What went wrong and what to do.
+    pub message: String,
+}
+
+impl OpError {
+    /// An error with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// An open namespace: its arena and catalog.
+#[derive(Debug)]
+pub struct Namespace {
+    /// Id.
+    pub id: NamespaceId,
+    /// Descriptor.
+    pub desc: NamespaceDesc,
+    /// Shared memory.
+    pub arena: Arena,
+    /// Catalog.
+    pub store: Mutex<NsStore>,
+    /// Connections that have it open.
+    pub open: AtomicU32,
+}
+
+/// One client connection's shared state.
+#[derive(Debug)]
+pub struct Conn {
+    /// Connection id.
+    pub id: u64,
+    /// Name from `Hello`.
+    pub name: Mutex<String>,
+    /// Peer pid.
+    pub pid: u32,
+    /// Peer uid.
+    pub uid: u32,
+    /// Admin rights granted.
+    pub admin: AtomicBool,
+    /// Namespaces opened, indexed by handle.
+    pub handles: RwLock<Vec<Arc<Namespace>>>,
+    /// Set when the connection is going away; the ring thread stops.
+    pub closed: AtomicBool,
+    /// Fired by the ring thread to make the control task drop a misbehaving client.
+    pub kick: tokio::sync::Notify,
+    /// Ring operations completed.
+    pub ops: AtomicU64,
+    /// Wakes the ring thread.
+    pub waker: Mutex<Option<RingWaker>>,
+}
+
+impl Conn {
+    /// Marks the connection closed and wakes everything waiting on it.
+    pub fn shut(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.kick.notify_one();
+        if let Some(w) = self.waker.lock().as_ref() {
+            w.wake();
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    by_id: HashMap<NamespaceId, Arc<Namespace>>,
+    pool: Vec<Arena>,
+}
+
+/// The daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    /// Validated configuration.
+    pub cfg: Config,
+    start: Instant,
+    registry: Mutex<Registry>,
+    clients: Mutex<HashMap<u64, Arc<Conn>>>,
+    next_client: AtomicU64,
+    shutting_down: AtomicBool,
+    euid: u32,
+}
+
+impl Daemon {
+    /// Creates the arena pool and an empty registry.
+    pub fn new(cfg: Config) -> Result<Arc<Daemon>, ArenaError> {
+        let pool = Arena::create_pool(&cfg.dram, cfg.dram.max_namespaces)?;
+        Ok(Arc::new(Daemon {
+            cfg,
+            start: Instant::now(),
+            registry: Mutex::new(Registry {
+                by_id: HashMap::new(),
+                pool,
+            }),
+            clients: Mutex::new(HashMap::new()),
+            next_client: AtomicU64::new(1),
+            shutting_down: AtomicBool::new(false),
+            euid: nix::unistd::geteuid().as_raw(),
+        }))
+    }
+
+    /// Milliseconds since start (the store's clock).
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether shutdown began.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Begins shutdown: every connection is closed.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        for c in self.clients.lock().values() {
+            c.shut();
+        }
+    }
+
+    /// Whether a peer may connect at all.
+    pub fn peer_allowed(&self, uid: u32, gid: u32) -> bool {
+        uid == 0
+            || uid == self.euid
+            || self.cfg.server.allowed_uids.contains(&uid)
+            || self.cfg.server.allowed_gids.contains(&gid)
+    }
+
+    /// Whether a peer may use admin operations.
+    pub fn peer_is_admin(&self, uid: u32) -> bool {
+        uid == 0 || uid == self.euid || self.cfg.server.admin_uids.contains(&uid)
+    }
+
+    /// Registers a new connection, or refuses it when `server.max_clients` are connected.
+    pub fn register(&self, pid: u32, uid: u32) -> Result<Arc<Conn>, OpError> {
+        let mut clients = self.clients.lock();
+        if clients.len() >= self.cfg.server.max_clients as usize {
+            return Err(OpError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "too many clients ({} connected, server.max_clients = {})",
+                    clients.len(),
+                    self.cfg.server.max_clients
+                ),
+            ));
+        }
+        let id = self.next_client.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(Conn {
+            id,
+            name: Mutex::new(String::new()),
+            pid,
+            uid,
+            admin: AtomicBool::new(false),
+            handles: RwLock::new(Vec::new()),
+            closed: AtomicBool::new(false),
+            kick: tokio::sync::Notify::new(),
+            ops: AtomicU64::new(0),
+            waker: Mutex::new(None),
+        });
+        clients.insert(id, conn.clone());
+        Ok(conn)
+    }
+
+    /// Forgets a connection whose ring thread has finished.
+    pub fn unregister(&self, conn: &Conn) {
+        for ns in conn.handles.write().drain(..) {
+            ns.open.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.clients.lock().remove(&conn.id);
+    }
+
+    /// Opens `desc` on `conn`, binding an arena on first use. Returns the namespace and the
+    /// handle for ring descriptors.
+    pub fn open_namespace(
+        &self,
+        conn: &Conn,
+        desc: NamespaceDesc,
+    ) -> Result<(Arc<Namespace>, u32), OpError> {
+        desc.validate()
+            .map_err(|e| OpError::new(ErrorCode::BadRequest, e.to_string()))?;
+        let id = desc.id();
+        {
+            let handles = conn.handles.read();
+            if let Some(h) = handles.iter().position(|n| n.id == id) {
+                return Ok((handles[h].clone(), h as u32));
+            }
+            if handles.len() >= self.cfg.dram.max_namespaces as usize {
+                return Err(OpError::new(
+                    ErrorCode::NamespaceLimit,
+                    "this connection already opened dram.max_namespaces namespaces",
+                ));
+            }
+        }
+        let ns = {
+            let mut reg = self.registry.lock();
+            match reg.by_id.get(&id) {
+                Some(ns) => ns.clone(),
+                None => {
+                    let arena = match reg.pool.pop() {
+                        Some(a) => a,
+                        None => Self::recycle(&mut reg).ok_or_else(|| {
+                            OpError::new(
+                                ErrorCode::NamespaceLimit,
+                                format!(
+                                    "all {} arenas are bound to namespaces in use; raise \
+                                     dram.max_namespaces or free a namespace",
+                                    self.cfg.dram.max_namespaces
+                                ),
+                            )
+                        })?,
+                    };
+                    arena.bind(id);
+                    let alloc = SlabAllocator::new(
+                        arena.data_offset(),
+                        arena.data_bytes(),
+                        self.cfg.dram.max_block_bytes.0,
+                    )
+                    .ok_or_else(|| {
+                        OpError::new(ErrorCode::Internal, "arena smaller than one chunk")
+                    })?;
+                    let store = NsStore::new(
+                        id,
+                        alloc,
+                        self.cfg.dram.high_watermark,
+                        self.cfg.dram.low_watermark,
+                    );
+                    tracing::info!(ns = %id, model = %desc.model, tenant = %desc.tenant, "namespace opened");
+                    let ns = Arc::new(Namespace {
+                        id,
+                        desc,
+                        arena,
+                        store: Mutex::new(store),
+                        open: AtomicU32::new(0),
+                    });
+                    reg.by_id.insert(id, ns.clone());
+                    ns
+                }
+            }
+        };
+        ns.open.fetch_add(1, Ordering::SeqCst);
+        let mut handles = conn.handles.write();
+        handles.push(ns.clone());
+        Ok((ns, (handles.len() - 1) as u32))
+    }
+
+    /// Takes the arena of a namespace nobody uses and that holds nothing.
+    fn recycle(reg: &mut Registry) -> Option<Arena> {
+        let victim = reg.by_id.iter().find_map(|(id, ns)| {
+            let s = ns.store.lock();
+            (ns.open.load(Ordering::SeqCst) == 0
+                && s.blocks() == 0
+                && s.reserved() == 0
+                && s.leases() == 0)
+                .then_some(*id)
+        })?;
+        let ns = reg.by_id.remove(&victim)?;
+        match Arc::try_unwrap(ns) {
+            Ok(ns) => {
+                tracing::info!(ns = %victim, "recycled the arena of an empty, unused namespace");
+                Some(ns.arena)
+            }
+            Err(ns) => {
+                reg.by_id.insert(victim, ns);
+                None
+            }
+        }
+    }
+
+    /// The namespace `id` as seen by `conn`: open on it, or any namespace for admins.
+    pub fn namespace_for(&self, conn: &Conn, id: &NamespaceId) -> Result<Arc<Namespace>, OpError> {
+        if let Some(ns) = conn.handles.read().iter().find(|n| n.id == *id) {
+            return Ok(ns.clone());
+        }
+        if conn.admin.load(Ordering::Relaxed) {
+            if let Some(ns) = self.registry.lock().by_id.get(id) {
+                return Ok(ns.clone());
+            }
+        }
+        Err(OpError::new(
+            ErrorCode::UnknownNamespace,
+            format!("namespace {id} is not open on this connection (send OpenNamespace first)"),
+        ))
+    }
+
+    /// All namespaces, sorted by id.
+    pub fn namespaces(&self) -> Vec<Arc<Namespace>> {
+        let mut v: Vec<_> = self.registry.lock().by_id.values().cloned().collect();
+        v.sort_by_key(|n| n.id);
+        v
+    }
+
+    /// Longest stored prefix of `keys`.
+    pub fn lookup(&self, ns: &Namespace, keys: &[BlockKey]) -> (u32, TierCounts) {
+        let n = ns.store.lock().lookup(keys);
+        let mut tiers = TierCounts::default();
+        tiers.0[Tier::Dram as usize] = u32::try_from(n).unwrap_or(u32::MAX);
+        (tiers.0[Tier::Dram as usize], tiers)
+    }
+
+    /// Requires admin rights on `conn`.
+    pub fn require_admin(&self, conn: &Conn, what: &str) -> Result<(), OpError> {
+        if conn.admin.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err(OpError::new(
+                ErrorCode::Unauthorized,
+                format!(
+                    "{what} needs an admin connection (Hello with admin; uid {} is not in \
+                     server.admin_uids)",
+                    conn.uid
+                ),
+            ))
+        }
+    }
+
+    /// Lists blocks across namespaces in (namespace, key) order.
+    pub fn list(
+        &self,
+        only: Option<NamespaceId>,
+        after: Option<(NamespaceId, BlockKey)>,
+        limit: usize,
+    ) -> (Vec<BlockInfo>, bool) {
+        let now = self.now_ms();
+        let mut out = Vec::new();
+        for ns in self.namespaces() {
+            if only.is_some_and(|o| o != ns.id) {
+                continue;
+            }
+            let cursor = match after {
+                Some((an, _)) if ns.id < an => continue,
+                Some((an, ak)) if ns.id == an => Some(ak),
+                _ => None,
+            };
+            let room = limit - out.len();
+            let (page, more) = ns.store.lock().list(cursor.as_ref(), room, now);
+            out.extend(page);
+            if more || out.len() >= limit {
+                return (out, true);
+            }
+        }
+        (out, false)
+    }
+
+    /// Every copy of `key` in any namespace.
+    pub fn inspect(&self, key: &BlockKey) -> Vec<BlockInfo> {
+        let now = self.now_ms();
+        self.namespaces()
+            .iter()
+            .filter_map(|ns| ns.store.lock().inspect(key, now))
+            .collect()
+    }
+
+    /// Daemon-wide statistics.
+    pub fn stats(&self) -> StatsReport {
+        let mut dram = TierStats {
+            tier: Tier::Dram,
+            capacity_bytes: 0,
+            used_bytes: 0,
+            blocks: 0,
+            hits: 0,
+            misses: 0,
+            evictions: 0,
+        };
+        let mut namespaces = Vec::new();
+        for ns in self.namespaces() {
+            let s = ns.store.lock();
+            let st = NamespaceStats {
+                ns: ns.id,
+                desc: ns.desc.clone(),
+                arena_bytes: ns.arena.total_bytes(),
+                used_bytes: s.used_bytes(),
+                blocks: s.blocks(),
+                pinned: s.pinned(),
+                leases: s.leases(),
+                reserved: s.reserved(),
+                hits: s.counters.hits,
+                misses: s.counters.misses,
+                evictions: s.counters.evictions,
+                full_rejections: s.counters.full_rejections,
+            };
+            dram.used_bytes += st.used_bytes;
+            dram.blocks += st.blocks;
+            dram.hits += st.hits;
+            dram.misses += st.misses;
+            dram.evictions += st.evictions;
+            namespaces.push(st);
+        }
+        dram.capacity_bytes = self.cfg.dram.arena_bytes.0 * u64::from(self.cfg.dram.max_namespaces);
+        let mut clients: Vec<ClientInfo> = self
+            .clients
+            .lock()
+            .values()
+            .map(|c| ClientInfo {
+                id: c.id,
+                name: c.name.lock().clone(),
+                pid: c.pid,
+                uid: c.uid,
+                admin: c.admin.load(Ordering::Relaxed),
+                ops: c.ops.load(Ordering::Relaxed),
+            })
+            .collect();
+        clients.sort_by_key(|c| c.id);
+        StatsReport {
+            daemon_version: VERSION.into(),
+            uptime_ms: self.now_ms(),
+            tiers: vec![dram],
+            namespaces,
+            clients,
+        }
+    }
+}

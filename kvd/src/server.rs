@@ -1,0 +1,374 @@
+//! The control plane: a tokio Unix-socket server speaking [`kvd_proto::frame`].
+//!
+//! Each connection is checked with `SO_PEERCRED` against the configured uids/gids, must open
+//! with a version-matched `Hello`, and receives its ring memfd (and later each namespace's arena
+//! memfd) with `SCM_RIGHTS`. A frame that does not decode gets one `BadRequest` error frame and
+//! the connection is closed; a well-formed request that fails gets an error frame and the
+//! connection continues. When the socket closes — or the ring thread reports a protocol
+//! violation — the connection's ring thread stops and releases what the client held.
+
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use kvd_proto::frame::{self, ErrorCode, Request, Response, LEN_PREFIX, MAX_LIST};
+use kvd_proto::PROTOCOL_VERSION;
+use kvd_shm::DaemonRing;
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::task::JoinSet;
+
+use crate::daemon::{Conn, Daemon, OpError, VERSION};
+use crate::ring_service;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Another daemon answers on the socket.
+    #[error("another kvd is already listening on {0}; stop it or choose another server.socket_path")]
+    InUse(String),
+    /// Binding failed.
+    #[error("cannot bind the control socket {path}: {source}")]
+    Bind {
+        /// Socket path.
+        path: String,
+        /// OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Binds the control socket, replacing a stale socket file left by a dead daemon.
+pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ServerError> {
+    let shown = path.display().to_string();
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ServerError::InUse(shown));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir).map_err(|source| ServerError::Bind {
+                path: shown.clone(),
+                source,
+            })?;
+        }
+    }
+    let l = UnixListener::bind(path).map_err(|source| ServerError::Bind {
+        path: shown.clone(),
+        source,
+    })?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+        ServerError::Bind {
+            path: shown,
+            source,
+        }
+    })?;
+    Ok(l)
+}
+
+/// Accepts connections until `stop` fires, then closes every connection and waits for them.
+pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener, stop: Arc<tokio::sync::Notify>) {
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.notified() => break,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => {
+                    tasks.spawn(connection(daemon.clone(), stream));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    daemon.begin_shutdown();
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(std::time::Duration::from_secs(10), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not finish within 10 s of shutdown");
+    }
+}
+
+async fn read_frame(stream: &mut UnixStream, max: usize) -> io::Result<Option<Vec<u8>>> {
+    let mut prefix = [0u8; LEN_PREFIX];
+    match stream.read_exact(&mut prefix).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let n = frame::body_len(prefix, max)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let mut body = vec![0u8; n];
+    stream.read_exact(&mut body).await?;
+    Ok(Some(body))
+}
+
+async fn send(stream: &mut UnixStream, bytes: &[u8], fd: Option<RawFd>) -> io::Result<()> {
+    let Some(fd) = fd else {
+        return stream.write_all(bytes).await;
+    };
+    loop {
+        stream.writable().await?;
+        let raw = stream.as_raw_fd();
+        let r = stream.try_io(Interest::WRITABLE, || {
+            let iov = [IoSlice::new(bytes)];
+            let fds = [fd];
+            let cmsg = [ControlMessage::ScmRights(&fds)];
+            sendmsg::<()>(raw, &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None).map_err(io::Error::from)
+        });
+        match r {
+            Ok(n) => return stream.write_all(&bytes[n..]).await,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn error(e: OpError) -> Response {
+    Response::Error {
+        code: e.code,
+        message: e.message,
+    }
+}
+
+async fn connection(daemon: Arc<Daemon>, mut stream: UnixStream) {
+    let cred = match stream.peer_cred() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read peer credentials; closing");
+            return;
+        }
+    };
+    let (uid, gid) = (cred.uid(), cred.gid());
+    let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
+    if !daemon.peer_allowed(uid, gid) {
+        tracing::warn!(uid, gid, pid, "refused a peer not in server.allowed_uids/allowed_gids");
+        let r = error(OpError::new(
+            ErrorCode::Unauthorized,
+            format!("uid {uid} / gid {gid} may not use kvd (server.allowed_uids, server.allowed_gids)"),
+        ));
+        let _ = stream.write_all(&r.encode(0)).await;
+        return;
+    }
+    let conn = match daemon.register(pid, uid) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(uid, pid, "refused a client: {}", e.message);
+            let _ = stream.write_all(&error(e).encode(0)).await;
+            return;
+        }
+    };
+    let ring_thread = serve_connection(&daemon, &conn, &mut stream).await;
+    conn.shut();
+    if let Some(t) = ring_thread {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
+    daemon.unregister(&conn);
+    tracing::debug!(client = conn.id, "client disconnected");
+}
+
+type RingThread = std::thread::JoinHandle<()>;
+
+async fn serve_connection(
+    daemon: &Arc<Daemon>,
+    conn: &Arc<Conn>,
+    stream: &mut UnixStream,
+) -> Option<RingThread> {
+    let max = daemon.cfg.server.max_frame_bytes.0 as usize;
+    let mut ring_thread: Option<RingThread> = None;
+    loop {
+        let body = tokio::select! {
+            _ = conn.kick.notified() => break,
+            r = read_frame(stream, max) => match r {
+                Ok(Some(b)) => b,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(client = conn.id, error = %e, "dropping client: bad frame");
+                    let r = error(OpError::new(ErrorCode::BadRequest, e.to_string()));
+                    let _ = stream.write_all(&r.encode(0)).await;
+                    break;
+                }
+            },
+        };
+        let (id, req) = match Request::decode(&body) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(client = conn.id, error = %e, "dropping client: malformed request");
+                let r = error(OpError::new(ErrorCode::BadRequest, format!("malformed request: {e}")));
+                let _ = stream.write_all(&r.encode(0)).await;
+                break;
+            }
+        };
+        let hello_done = ring_thread.is_some();
+        let (resp, fd, fatal): (Response, Option<OwnedFd>, bool) = match (&req, hello_done) {
+            (Request::Hello { .. }, true) => (
+                error(OpError::new(ErrorCode::BadRequest, "Hello sent twice")),
+                None,
+                true,
+            ),
+            (Request::Hello { protocol_version, client_name, admin }, false) => {
+                match hello(daemon, conn, *protocol_version, client_name, *admin) {
+                    Ok((resp, ring, fd)) => {
+                        let (d, c) = (daemon.clone(), conn.clone());
+                        *conn.waker.lock() = Some(ring.waker());
+                        match std::thread::Builder::new()
+                            .name(format!("kvd-ring-{}", conn.id))
+                            .spawn(move || ring_service::run(d, c, ring))
+                        {
+                            Ok(t) => {
+                                ring_thread = Some(t);
+                                (resp, Some(fd), false)
+                            }
+                            Err(e) => (
+                                error(OpError::new(ErrorCode::Internal, format!("cannot start ring thread: {e}"))),
+                                None,
+                                true,
+                            ),
+                        }
+                    }
+                    Err(e) => (error(e), None, true),
+                }
+            }
+            (_, false) => (
+                error(OpError::new(ErrorCode::BadRequest, "the first request must be Hello")),
+                None,
+                true,
+            ),
+            (_, true) => match dispatch(daemon, conn, req) {
+                Ok((r, fd)) => (r, fd, false),
+                Err(e) => (error(e), None, false),
+            },
+        };
+        let raw = fd.as_ref().map(|f| f.as_raw_fd());
+        if let Err(e) = send(stream, &resp.encode(id), raw).await {
+            tracing::debug!(client = conn.id, error = %e, "client went away while we replied");
+            break;
+        }
+        if fatal {
+            break;
+        }
+    }
+    ring_thread
+}
+
+fn hello(
+    daemon: &Daemon,
+    conn: &Conn,
+    version: u16,
+    name: &str,
+    admin: bool,
+) -> Result<(Response, DaemonRing, OwnedFd), OpError> {
+    if daemon.is_shutting_down() {
+        return Err(OpError::new(ErrorCode::ShuttingDown, "kvd is shutting down"));
+    }
+    if version != PROTOCOL_VERSION {
+        return Err(OpError::new(
+            ErrorCode::VersionMismatch,
+            format!("client speaks protocol {version}, kvd {VERSION} speaks {PROTOCOL_VERSION}; upgrade the older side"),
+        ));
+    }
+    if admin {
+        if !daemon.peer_is_admin(conn.uid) {
+            return Err(OpError::new(
+                ErrorCode::Unauthorized,
+                format!("uid {} is not an admin (server.admin_uids)", conn.uid),
+            ));
+        }
+        conn.admin.store(true, Ordering::Relaxed);
+    }
+    *conn.name.lock() = name.chars().take(128).collect();
+    let (ring, fd) = DaemonRing::create(daemon.cfg.ring.entries)
+        .map_err(|e| OpError::new(ErrorCode::Internal, format!("cannot create ring: {e}")))?;
+    tracing::info!(client = conn.id, pid = conn.pid, uid = conn.uid, name, admin, "client connected");
+    Ok((
+        Response::Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            daemon_version: VERSION.into(),
+            client_id: conn.id,
+            ring_entries: ring.entries(),
+            ring_bytes: ring.bytes() as u64,
+            max_block_bytes: daemon.cfg.dram.max_block_bytes.0,
+            lease_timeout_ms: daemon.cfg.ring.lease_timeout_ms,
+        },
+        ring,
+        fd,
+    ))
+}
+
+fn dispatch(
+    daemon: &Daemon,
+    conn: &Conn,
+    req: Request,
+) -> Result<(Response, Option<OwnedFd>), OpError> {
+    let io_err = |e: io::Error| OpError::new(ErrorCode::Internal, format!("cannot pass the arena: {e}"));
+    Ok(match req {
+        Request::Hello { .. } => {
+            return Err(OpError::new(ErrorCode::BadRequest, "Hello sent twice"))
+        }
+        Request::OpenNamespace(desc) => {
+            let (ns, handle) = daemon.open_namespace(conn, desc)?;
+            let fd = ns.arena.fd().try_clone().map_err(io_err)?;
+            (
+                Response::NamespaceOpened {
+                    ns: ns.id,
+                    handle,
+                    arena_bytes: ns.arena.total_bytes(),
+                },
+                Some(fd),
+            )
+        }
+        Request::Lookup { ns, keys } => {
+            let ns = daemon.namespace_for(conn, &ns)?;
+            let (prefix_len, tiers) = daemon.lookup(&ns, &keys);
+            (Response::LookupResult { prefix_len, tiers }, None)
+        }
+        Request::Pin { ns, keys } => {
+            let ns = daemon.namespace_for(conn, &ns)?;
+            let n = ns.store.lock().pin(&keys);
+            (Response::Count(n), None)
+        }
+        Request::Unpin { ns, keys } => {
+            let ns = daemon.namespace_for(conn, &ns)?;
+            let n = ns.store.lock().unpin(&keys);
+            (Response::Count(n), None)
+        }
+        Request::Delete { ns, keys } => {
+            let ns = daemon.namespace_for(conn, &ns)?;
+            let n = ns.store.lock().delete(&keys);
+            (Response::Count(n), None)
+        }
+        Request::Stats => (Response::Stats(Box::new(daemon.stats())), None),
+        Request::List { ns, after, limit } => {
+            daemon.require_admin(conn, "ls")?;
+            let limit = (limit as usize).clamp(1, MAX_LIST);
+            let (blocks, more) = daemon.list(ns, after, limit);
+            (Response::Blocks { blocks, more }, None)
+        }
+        Request::Inspect { key } => {
+            daemon.require_admin(conn, "inspect")?;
+            let blocks = daemon.inspect(&key);
+            (Response::Blocks { blocks, more: false }, None)
+        }
+        Request::Evict { ns, keys } => {
+            daemon.require_admin(conn, "evict")?;
+            let mut n = 0;
+            for space in daemon.namespaces() {
+                if ns.is_none_or(|id| id == space.id) {
+                    n += space.store.lock().evict(&keys);
+                }
+            }
+            (Response::Count(n), None)
+        }
+    })
+}
