@@ -91,7 +91,8 @@ impl ClientError {
     pub(crate) fn from_status(op: &'static str, status: u16) -> Self {
         let why = match Status::from_u16(status) {
             Some(Status::CacheFull) => {
-                "cache full: every block is pinned or being read; unpin or raise dram.arena_bytes".into()
+                "cache full: every block is pinned or being read; unpin or raise dram.arena_bytes"
+                    .into()
             }
             Some(Status::TooLarge) => "block is empty or larger than dram.max_block_bytes".into(),
             Some(Status::BadNamespace) => "namespace handle not open on this connection".into(),

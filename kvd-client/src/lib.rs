@@ -23,12 +23,14 @@ use std::time::Duration;
 pub use asynch::AsyncClient;
 pub use control::Control;
 pub use error::{ClientError, Result};
-pub use kvd_proto::frame::{BlockInfo, ClientInfo, NamespaceStats, StatsReport, TierCounts, TierStats};
+pub use kvd_proto::frame::{
+    BlockInfo, ClientInfo, NamespaceStats, StatsReport, TierCounts, TierStats,
+};
 pub use kvd_proto::{BlockKey, NamespaceDesc, NamespaceId, Tier};
 
 use kvd_proto::arena::ArenaHeader;
 use kvd_proto::frame::{Request, Response};
-use kvd_proto::ring::{Completion, Op, Status, Submission};
+use kvd_proto::ring::{Completion, Op, Status, Submission, COMPLETION_CHECKSUM_VALID};
 use kvd_proto::PROTOCOL_VERSION;
 use kvd_shm::{ClientRing, Mapping};
 use parking_lot::Mutex;
@@ -263,7 +265,8 @@ impl Client {
         else {
             return Err(unexpected("NamespaceOpened", &resp));
         };
-        let fd = fd.ok_or_else(|| ClientError::Unexpected("NamespaceOpened carried no fd".into()))?;
+        let fd =
+            fd.ok_or_else(|| ClientError::Unexpected("NamespaceOpened carried no fd".into()))?;
         let len = usize::try_from(arena_bytes)
             .map_err(|_| ClientError::Unexpected("arena larger than address space".into()))?;
         let map = Mapping::map_fd(&fd, len, true, false)?;
@@ -302,22 +305,34 @@ impl Client {
 
     /// Pins blocks against eviction; returns how many were found.
     pub fn pin(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Result<u32> {
-        self.count(Request::Pin { ns: *ns, keys: keys.to_vec() })
+        self.count(Request::Pin {
+            ns: *ns,
+            keys: keys.to_vec(),
+        })
     }
 
     /// Drops one pin per block; returns how many were pinned.
     pub fn unpin(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Result<u32> {
-        self.count(Request::Unpin { ns: *ns, keys: keys.to_vec() })
+        self.count(Request::Unpin {
+            ns: *ns,
+            keys: keys.to_vec(),
+        })
     }
 
     /// Deletes blocks; returns how many were found.
     pub fn delete(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Result<u32> {
-        self.count(Request::Delete { ns: *ns, keys: keys.to_vec() })
+        self.count(Request::Delete {
+            ns: *ns,
+            keys: keys.to_vec(),
+        })
     }
 
     /// Evicts unpinned blocks (all evictable ones when `keys` is empty). Admin only.
     pub fn evict(&self, ns: Option<NamespaceId>, keys: &[BlockKey]) -> Result<u32> {
-        self.count(Request::Evict { ns, keys: keys.to_vec() })
+        self.count(Request::Evict {
+            ns,
+            keys: keys.to_vec(),
+        })
     }
 
     /// Daemon statistics.
@@ -349,14 +364,30 @@ impl Client {
         }
     }
 
+    /// Waits until every earlier ring operation of this client has been applied by the daemon
+    /// — including the releases and aborts sent when leases and slots are dropped, which do
+    /// not wait. Call it before a control operation that must see those releases (an evict,
+    /// a stats check).
+    pub fn flush(&self) -> Result<()> {
+        self.nop()
+    }
+
     /// A ring round trip that does nothing (latency probe).
     pub fn nop(&self) -> Result<()> {
-        let c = self.ring.lock().batch(&[Submission::new(Op::Nop, 0, 0)], &self.opts)?;
+        let c = self
+            .ring
+            .lock()
+            .batch(&[Submission::new(Op::Nop, 0, 0)], &self.opts)?;
         check("nop", &c[0])
     }
 
     /// Reserves a slot for `len` bytes of `key`; `None` when the block is already stored.
-    pub fn reserve<'a>(&'a self, ns: &'a Namespace, key: &BlockKey, len: usize) -> Result<Option<PutSlot<'a>>> {
+    pub fn reserve<'a>(
+        &'a self,
+        ns: &'a Namespace,
+        key: &BlockKey,
+        len: usize,
+    ) -> Result<Option<PutSlot<'a>>> {
         let mut s = self.reserve_many(ns, &[(*key, len)])?;
         Ok(s.pop().flatten())
     }
@@ -464,7 +495,11 @@ impl Client {
     }
 
     /// Reads many blocks in one ring batch.
-    pub fn get_many<'a>(&'a self, ns: &'a Namespace, keys: &[BlockKey]) -> Result<Vec<Option<ReadLease<'a>>>> {
+    pub fn get_many<'a>(
+        &'a self,
+        ns: &'a Namespace,
+        keys: &[BlockKey],
+    ) -> Result<Vec<Option<ReadLease<'a>>>> {
         let subs: Vec<Submission> = keys
             .iter()
             .map(|k| {
@@ -484,7 +519,7 @@ impl Client {
                         ns,
                         offset: c.offset,
                         len: c.len,
-                        checksum: c.checksum,
+                        checksum: (c.flags & COMPLETION_CHECKSUM_VALID != 0).then_some(c.checksum),
                         token: c.token,
                     };
                     if let Err(e) = ns.arena.header.check_slot(c.offset, c.len) {
@@ -506,7 +541,12 @@ impl Client {
 
     /// Copies one block into `buf`; returns its length, or `None` when not stored. Fails with
     /// `Invalid` when `buf` is too small.
-    pub fn get_into(&self, ns: &Namespace, key: &BlockKey, buf: &mut [u8]) -> Result<Option<usize>> {
+    pub fn get_into(
+        &self,
+        ns: &Namespace,
+        key: &BlockKey,
+        buf: &mut [u8],
+    ) -> Result<Option<usize>> {
         let Some(lease) = self.get(ns, key)? else {
             return Ok(None);
         };
@@ -589,24 +629,22 @@ pub struct ReadLease<'a> {
     ns: &'a Namespace,
     offset: u64,
     len: u64,
-    checksum: u64,
+    checksum: Option<u64>,
     token: u64,
 }
 
 impl ReadLease<'_> {
-    /// xxh3-64 of the block as computed by the daemon at commit.
-    pub fn checksum(&self) -> u64 {
+    /// xxh3-64 of the block as sealed by the daemon; `None` when the daemon has not yet
+    /// checksummed it (it does so off the request path, shortly after commit).
+    pub fn checksum(&self) -> Option<u64> {
         self.checksum
     }
 
-    /// Recomputes the checksum of the bytes in place and compares.
-    pub fn verify(&self) -> bool {
-        xxh3(self) == self.checksum
+    /// Recomputes the checksum of the bytes in place and compares: `Some(true)` when they
+    /// match, `Some(false)` on corruption, `None` when no checksum was sealed yet.
+    pub fn verify(&self) -> Option<bool> {
+        self.checksum.map(|c| kvd_checksum(self) == c)
     }
-}
-
-fn xxh3(b: &[u8]) -> u64 {
-    kvd_checksum(b)
 }
 
 /// The block checksum kvd uses (xxh3-64), exposed so callers can verify data they hold.
@@ -620,12 +658,18 @@ impl std::ops::Deref for ReadLease<'_> {
         // SAFETY: the daemon holds the block for us under this lease (it is committed, so no
         // client writes it, and it is not evicted or reused until we release); the range was
         // checked against the arena header.
-        unsafe { self.ns.arena.map.slice(self.offset as usize, self.len as usize) }
+        unsafe {
+            self.ns
+                .arena
+                .map
+                .slice(self.offset as usize, self.len as usize)
+        }
     }
 }
 
 impl Drop for ReadLease<'_> {
     fn drop(&mut self) {
-        self.client.detached(Op::Release, self.ns.handle, self.token);
+        self.client
+            .detached(Op::Release, self.ns.handle, self.token);
     }
 }

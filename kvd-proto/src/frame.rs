@@ -504,12 +504,12 @@ impl Request {
             tag::STATS => Request::Stats,
             tag::LIST => Request::List {
                 ns: opt(&mut r, "list ns flag", get_ns)?,
-                after: opt(&mut r, "list cursor flag", |r| Ok((get_ns(r)?, r.key("cursor")?)))?,
+                after: opt(&mut r, "list cursor flag", |r| {
+                    Ok((get_ns(r)?, r.key("cursor")?))
+                })?,
                 limit: r.u32("limit")?,
             },
-            tag::INSPECT => Request::Inspect {
-                key: r.key("key")?,
-            },
+            tag::INSPECT => Request::Inspect { key: r.key("key")? },
             tag::EVICT => Request::Evict {
                 ns: opt(&mut r, "evict ns flag", get_ns)?,
                 keys: get_keys(&mut r)?,
@@ -871,8 +871,8 @@ mod tests {
             misses: v[4],
             evictions: v[5],
         });
-        let ns_stats = (arb_ns(), arb_desc(), any::<[u64; 10]>()).prop_map(|(ns, desc, v)| {
-            NamespaceStats {
+        let ns_stats =
+            (arb_ns(), arb_desc(), any::<[u64; 10]>()).prop_map(|(ns, desc, v)| NamespaceStats {
                 ns,
                 desc,
                 arena_bytes: v[0],
@@ -885,9 +885,14 @@ mod tests {
                 misses: v[7],
                 evictions: v[8],
                 full_rejections: v[9],
-            }
-        });
-        let client = (any::<u64>(), arb_text(), any::<u32>(), any::<u32>(), any::<bool>())
+            });
+        let client = (
+            any::<u64>(),
+            arb_text(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<bool>(),
+        )
             .prop_map(|(id, name, pid, uid, admin)| ClientInfo {
                 id,
                 name,
@@ -896,7 +901,13 @@ mod tests {
                 admin,
                 ops: id ^ 7,
             });
-        let block = (arb_ns(), arb_key(), arb_tier(), any::<[u64; 6]>(), any::<[u32; 2]>())
+        let block = (
+            arb_ns(),
+            arb_key(),
+            arb_tier(),
+            any::<[u64; 6]>(),
+            any::<[u32; 2]>(),
+        )
             .prop_map(|(ns, key, tier, v, p)| BlockInfo {
                 ns,
                 key,
@@ -910,8 +921,14 @@ mod tests {
                 idle_ms: v[4],
             });
         prop_oneof![
-            (any::<u16>(), arb_text(), any::<u64>(), any::<u32>(), any::<u64>()).prop_map(
-                |(v, s, id, e, b)| Response::Welcome {
+            (
+                any::<u16>(),
+                arb_text(),
+                any::<u64>(),
+                any::<u32>(),
+                any::<u64>()
+            )
+                .prop_map(|(v, s, id, e, b)| Response::Welcome {
                     protocol_version: v,
                     daemon_version: s,
                     client_id: id,
@@ -919,8 +936,7 @@ mod tests {
                     ring_bytes: b,
                     max_block_bytes: b / 3,
                     lease_timeout_ms: e / 2,
-                }
-            ),
+                }),
             (arb_ns(), any::<u32>(), any::<u64>()).prop_map(|(ns, handle, arena_bytes)| {
                 Response::NamespaceOpened {
                     ns,
@@ -940,15 +956,15 @@ mod tests {
                 prop::collection::vec(ns_stats, 0..3),
                 prop::collection::vec(client, 0..3)
             )
-                .prop_map(|(v, up, tiers, namespaces, clients)| Response::Stats(Box::new(
-                    StatsReport {
+                .prop_map(|(v, up, tiers, namespaces, clients)| Response::Stats(
+                    Box::new(StatsReport {
                         daemon_version: v,
                         uptime_ms: up,
                         tiers,
                         namespaces,
                         clients
-                    }
-                ))),
+                    })
+                )),
             (prop::collection::vec(block, 0..5), any::<bool>())
                 .prop_map(|(blocks, more)| Response::Blocks { blocks, more }),
             (1u16..=10, arb_text()).prop_map(|(c, message)| Response::Error {

@@ -203,7 +203,8 @@ mod tests {
     fn every_field_changes_the_id() {
         let base = desc();
         let id = base.id();
-        let variants: Vec<Box<dyn Fn(&mut NamespaceDesc)>> = vec![
+        type Edit = Box<dyn Fn(&mut NamespaceDesc)>;
+        let variants: Vec<Edit> = vec![
             Box::new(|d| d.model.push('x')),
             Box::new(|d| d.dtype = "float16".into()),
             Box::new(|d| d.layout = "NHD".into()),

@@ -71,9 +71,7 @@ impl RingLayout {
         if !entries.is_power_of_two() || !(MIN_ENTRIES..=MAX_ENTRIES).contains(&entries) {
             return Err(DecodeError::Invalid {
                 what: "ring entries",
-                why: format!(
-                    "{entries} is not a power of two in {MIN_ENTRIES}..={MAX_ENTRIES}"
-                ),
+                why: format!("{entries} is not a power of two in {MIN_ENTRIES}..={MAX_ENTRIES}"),
             });
         }
         let q = entries as usize * ENTRY_BYTES;
@@ -125,7 +123,10 @@ impl RingLayout {
         if layout.total_bytes > mapped_bytes {
             return Err(DecodeError::Invalid {
                 what: "ring size",
-                why: format!("needs {} bytes, mapping has {mapped_bytes}", layout.total_bytes),
+                why: format!(
+                    "needs {} bytes, mapping has {mapped_bytes}",
+                    layout.total_bytes
+                ),
             });
         }
         Ok(layout)
@@ -288,10 +289,14 @@ impl Submission {
     }
 }
 
+/// Completion flag: the checksum field is valid. Blocks are checksummed by the daemon shortly
+/// after commit, off the request path; a GET that races that sees the flag clear.
+pub const COMPLETION_CHECKSUM_VALID: u8 = 1;
+
 /// A completion entry (64 bytes on the wire).
 ///
-/// `user_data u64 | status u16 | op u8 | reserved [5] | offset u64 | len u64 | token u64 |
-/// checksum u64 | reserved [16]`
+/// `user_data u64 | status u16 | op u8 | flags u8 | reserved [4] | offset u64 | len u64 |
+/// token u64 | checksum u64 | reserved [16]`
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Completion {
     /// From the submission.
@@ -300,6 +305,8 @@ pub struct Completion {
     pub status: u16,
     /// Opcode of the submission.
     pub op: u8,
+    /// [`COMPLETION_CHECKSUM_VALID`] when `checksum` holds the block's checksum (Get).
+    pub flags: u8,
     /// Arena offset of the slot (Reserve, Get).
     pub offset: u64,
     /// Slot capacity (Reserve) or block length (Get).
@@ -317,6 +324,7 @@ impl Completion {
             user_data: sub.user_data,
             status: status as u16,
             op: sub.op as u8,
+            flags: 0,
             offset: 0,
             len: 0,
             token: 0,
@@ -330,6 +338,7 @@ impl Completion {
         b[0..8].copy_from_slice(&self.user_data.to_le_bytes());
         b[8..10].copy_from_slice(&self.status.to_le_bytes());
         b[10] = self.op;
+        b[11] = self.flags;
         b[16..24].copy_from_slice(&self.offset.to_le_bytes());
         b[24..32].copy_from_slice(&self.len.to_le_bytes());
         b[32..40].copy_from_slice(&self.token.to_le_bytes());
@@ -349,6 +358,7 @@ impl Completion {
             user_data: u64_at(0),
             status: u16::from_le_bytes([b[8], b[9]]),
             op: b[10],
+            flags: b[11],
             offset: u64_at(16),
             len: u64_at(24),
             token: u64_at(32),
@@ -384,7 +394,7 @@ mod tests {
         for w in offs.windows(2) {
             assert!(w[1] - w[0] >= 128);
         }
-        assert!(off::CLOSED + 4 <= HEADER_BYTES);
+        const { assert!(off::CLOSED + 4 <= HEADER_BYTES) };
     }
 
     #[test]
@@ -421,8 +431,8 @@ mod tests {
         #[test]
         fn completion_round_trip(ud in any::<u64>(), st in any::<u16>(), op in any::<u8>(),
                                  v in any::<[u64; 4]>()) {
-            let c = Completion { user_data: ud, status: st, op, offset: v[0], len: v[1],
-                                 token: v[2], checksum: v[3] };
+            let c = Completion { user_data: ud, status: st, op, flags: op ^ 1, offset: v[0],
+                                 len: v[1], token: v[2], checksum: v[3] };
             prop_assert_eq!(Completion::decode(&c.encode()), c);
         }
 

@@ -13,5 +13,5 @@ pub mod futex;
 pub mod map;
 pub mod ring;
 
-pub use map::{Mapping, MapError};
+pub use map::{MapError, Mapping};
 pub use ring::{ClientRing, DaemonRing, RingError};

@@ -146,7 +146,22 @@ impl Mapping {
             return Err(MapError::last("mmap"));
         }
         let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| MapError::last("mmap"))?;
-        Ok(Self { ptr, len })
+        let m = Self { ptr, len };
+        if populate {
+            m.populate_write();
+        }
+        Ok(m)
+    }
+
+    /// Maps every page writable now without changing its content (`MADV_POPULATE_WRITE`,
+    /// Linux ≥ 5.14). `MAP_POPULATE` alone maps shared pages for reading, so the first write to
+    /// each page would still fault — on the data path. Best effort on older kernels.
+    fn populate_write(&self) {
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        // SAFETY: the range is exactly this live mapping; the advice only faults pages in.
+        unsafe {
+            libc::madvise(self.ptr.as_ptr().cast(), self.len, MADV_POPULATE_WRITE);
+        }
     }
 
     /// Asks for transparent huge pages on this mapping (best effort).
@@ -200,7 +215,9 @@ impl Mapping {
         assert!(self.contains(off, src.len()), "copy_in outside mapping");
         // SAFETY: the range is inside the live mapping (asserted) and cannot overlap `src`,
         // which is ordinary process memory the caller borrowed.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off), src.len()) }
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off), src.len())
+        }
     }
 
     /// Copies from the mapping at `off` into `dst`. Panics only on a range outside the mapping.
@@ -208,7 +225,9 @@ impl Mapping {
         assert!(self.contains(off, dst.len()), "copy_out outside mapping");
         // SAFETY: the range is inside the live mapping (asserted); `dst` is exclusively borrowed
         // ordinary memory, so the ranges do not overlap.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len()) }
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len())
+        }
     }
 
     /// A shared view of `[off, off+len)`.
@@ -268,8 +287,14 @@ mod tests {
     fn sealed_region_cannot_be_resized_and_wrong_size_is_rejected() {
         let fd = create_memfd("kvd-test", 8192, HugePages::Off).unwrap();
         let f = File::from(fd.try_clone().unwrap());
-        assert!(f.set_len(4096).is_err(), "shrink must be refused by the seal");
-        assert!(f.set_len(1 << 20).is_err(), "grow must be refused by the seal");
+        assert!(
+            f.set_len(4096).is_err(),
+            "shrink must be refused by the seal"
+        );
+        assert!(
+            f.set_len(1 << 20).is_err(),
+            "grow must be refused by the seal"
+        );
         assert!(matches!(
             Mapping::map_fd(&fd, 4096, false, false),
             Err(MapError::Rejected(_))

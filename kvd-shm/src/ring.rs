@@ -67,14 +67,18 @@ impl RingShared {
     }
 
     fn read_entry(&self, queue_offset: usize, index: u32) -> [u8; ENTRY_BYTES] {
-        let p = self.entry_ptr(queue_offset, index).cast::<[u8; ENTRY_BYTES]>();
+        let p = self
+            .entry_ptr(queue_offset, index)
+            .cast::<[u8; ENTRY_BYTES]>();
         // SAFETY: the entry is inside the mapping; a volatile copy snapshots it so that later
         // validation looks at bytes the peer can no longer change.
         unsafe { p.read_volatile() }
     }
 
     fn write_entry(&self, queue_offset: usize, index: u32, bytes: &[u8; ENTRY_BYTES]) {
-        let p = self.entry_ptr(queue_offset, index).cast::<[u8; ENTRY_BYTES]>();
+        let p = self
+            .entry_ptr(queue_offset, index)
+            .cast::<[u8; ENTRY_BYTES]>();
         // SAFETY: the entry is inside the mapping and owned by the producer until it publishes
         // the tail past it.
         unsafe { p.write_volatile(*bytes) }

@@ -199,7 +199,9 @@ mod tests {
         let c = class_sizes(4 << 20);
         assert_eq!(c[0], 4096);
         assert!(c.iter().all(|s| s % 4096 == 0));
-        assert!(c.windows(2).all(|w| w[1] > w[0] && w[1] * 4 <= w[0] * 5 + 4096 * 4));
+        assert!(c
+            .windows(2)
+            .all(|w| w[1] > w[0] && w[1] * 4 <= w[0] * 5 + 4096 * 4));
         assert_eq!(*c.last().unwrap(), 4 << 20);
         let c = class_sizes(3_000_000);
         assert!(*c.last().unwrap() >= 3_000_000);

@@ -59,10 +59,17 @@ impl Arena {
         };
         let fd = create_memfd("kvd-arena", bytes, huge).map_err(err)?;
         let len = usize::try_from(bytes).map_err(|_| {
-            err(MapError::Rejected("arena larger than the address space".into()))
+            err(MapError::Rejected(
+                "arena larger than the address space".into(),
+            ))
         })?;
-        let map = Mapping::map_fd(&fd, len, cfg.prefault && huge != HugePages::Transparent, true)
-            .map_err(err)?;
+        let map = Mapping::map_fd(
+            &fd,
+            len,
+            cfg.prefault && huge != HugePages::Transparent,
+            true,
+        )
+        .map_err(err)?;
         if huge == HugePages::Transparent {
             if let Err(e) = map.advise_huge() {
                 tracing::warn!(error = %e, "transparent huge pages unavailable; using 4 KiB pages");
@@ -86,7 +93,9 @@ impl Arena {
     /// Creates `n` arenas, logging how long pre-faulting took.
     pub fn create_pool(cfg: &DramConfig, n: u32) -> Result<Vec<Arena>, ArenaError> {
         let t = Instant::now();
-        let pool = (0..n).map(|_| Arena::create(cfg)).collect::<Result<Vec<_>, _>>()?;
+        let pool = (0..n)
+            .map(|_| Arena::create(cfg))
+            .collect::<Result<Vec<_>, _>>()?;
         tracing::info!(
             arenas = n,
             arena_bytes = cfg.arena_bytes.0,
@@ -134,17 +143,20 @@ impl Arena {
         self.map.len() as u64
     }
 
-    /// xxh3-64 of `[offset, offset+len)`; the range must be a slot the caller owns.
-    pub fn checksum(&self, offset: u64, len: u64) -> u64 {
+    /// Feeds `[offset, offset+len)` into `hasher`; false (and nothing hashed) when the range
+    /// is outside the arena. The range must be a block the caller holds (committed, so no
+    /// client writes it, and held, so it is not freed and reused meanwhile).
+    pub fn hash_range(&self, hasher: &mut xxhash_rust::xxh3::Xxh3, offset: u64, len: u64) -> bool {
         let (Ok(o), Ok(l)) = (usize::try_from(offset), usize::try_from(len)) else {
-            return 0;
+            return false;
         };
         if !self.map.contains(o, l) {
-            return 0;
+            return false;
         }
-        // SAFETY: the range is inside the mapping (checked); the caller owns the slot (a
-        // reservation being committed), so no other party writes it legitimately. A misbehaving
-        // client scribbling on it only changes the checksum it gets back.
-        xxhash_rust::xxh3::xxh3_64(unsafe { self.map.slice(o, l) })
+        // SAFETY: the range is inside the mapping (checked) and the caller holds the block, so
+        // the daemon does not hand the slot to anyone else while it is read. A misbehaving
+        // client scribbling on its own committed block only changes the checksum recorded.
+        hasher.update(unsafe { self.map.slice(o, l) });
+        true
     }
 }

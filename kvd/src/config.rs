@@ -219,7 +219,9 @@ pub enum ConfigError {
         message: String,
     },
     /// An override names no key.
-    #[error("unknown configuration key `{key}` (from {origin}); keys look like `dram.arena_bytes`")]
+    #[error(
+        "unknown configuration key `{key}` (from {origin}); keys look like `dram.arena_bytes`"
+    )]
     UnknownKey {
         /// Key path.
         key: String,
@@ -241,7 +243,9 @@ const SECTIONS: [&str; 4] = ["server", "ring", "dram", "log"];
 fn parse_value(raw: &str) -> toml::Value {
     let doc = format!("v = {raw}");
     match toml::from_str::<toml::Table>(&doc) {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.into()),
     }
 }
@@ -255,7 +259,11 @@ fn set_key(
 ) -> Result<(), ConfigError> {
     let known = toml::Table::try_from(Config::default())
         .ok()
-        .and_then(|t| t.get(section).and_then(|v| v.as_table()).map(|t| t.contains_key(key)))
+        .and_then(|t| {
+            t.get(section)
+                .and_then(|v| v.as_table())
+                .map(|t| t.contains_key(key))
+        })
         .unwrap_or(false);
     if !SECTIONS.contains(&section) || !known {
         return Err(ConfigError::UnknownKey {
@@ -312,7 +320,13 @@ impl Config {
             }
             let lower = rest.to_ascii_lowercase();
             let (section, key) = lower.split_once('_').unwrap_or((lower.as_str(), ""));
-            set_key(&mut root, section, key, &v, &format!("environment variable {k}"))?;
+            set_key(
+                &mut root,
+                section,
+                key,
+                &v,
+                &format!("environment variable {k}"),
+            )?;
         }
         for s in sets {
             let (path, value) = s.split_once('=').ok_or_else(|| ConfigError::Parse {
@@ -347,7 +361,10 @@ impl Config {
             );
         }
         if self.server.socket_mode > 0o777 {
-            return bad("server.socket_mode", format!("{:o} is not a permission mode", self.server.socket_mode));
+            return bad(
+                "server.socket_mode",
+                format!("{:o} is not a permission mode", self.server.socket_mode),
+            );
         }
         if self.server.max_clients == 0 || self.server.max_clients > 4096 {
             return bad("server.max_clients", "must be in 1..=4096".into());
@@ -356,7 +373,10 @@ impl Config {
         if !(64 << 10..=kvd_proto::frame::MAX_FRAME_BYTES as u64).contains(&f) {
             return bad(
                 "server.max_frame_bytes",
-                format!("must be between 64 KiB and {} bytes", kvd_proto::frame::MAX_FRAME_BYTES),
+                format!(
+                    "must be between 64 KiB and {} bytes",
+                    kvd_proto::frame::MAX_FRAME_BYTES
+                ),
             );
         }
         if kvd_proto::ring::RingLayout::new(self.ring.entries).is_err() {
@@ -370,7 +390,10 @@ impl Config {
         }
         let d = &self.dram;
         if d.max_block_bytes.0 < 4096 || d.max_block_bytes.0 > 1 << 30 {
-            return bad("dram.max_block_bytes", "must be between 4 KiB and 1 GiB".into());
+            return bad(
+                "dram.max_block_bytes",
+                "must be between 4 KiB and 1 GiB".into(),
+            );
         }
         if d.arena_bytes.0 < d.max_block_bytes.0.saturating_mul(2) + 4096 {
             return bad(
@@ -388,10 +411,16 @@ impl Config {
             return bad("dram.high_watermark", "must be in (0, 1]".into());
         }
         if !(d.low_watermark > 0.0 && d.low_watermark <= d.high_watermark) {
-            return bad("dram.low_watermark", "must be in (0, dram.high_watermark]".into());
+            return bad(
+                "dram.low_watermark",
+                "must be in (0, dram.high_watermark]".into(),
+            );
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return bad("log.level", format!("{:?} is not a tracing filter", self.log.level));
+            return bad(
+                "log.level",
+                format!("{:?} is not a tracing filter", self.log.level),
+            );
         }
         Ok(())
     }
@@ -426,7 +455,11 @@ mod tests {
     fn layers_apply_in_order() {
         let c = load(
             "[dram]\narena_bytes = \"64 MiB\"\nmax_block_bytes = \"4 MiB\"\n",
-            &[("KVD_DRAM_ARENA_BYTES", "128MiB"), ("KVD_RING_SPIN_US", "5"), ("HOME", "/x")],
+            &[
+                ("KVD_DRAM_ARENA_BYTES", "128MiB"),
+                ("KVD_RING_SPIN_US", "5"),
+                ("HOME", "/x"),
+            ],
             &["dram.arena_bytes=256 MiB", "server.socket_path=/tmp/k.sock"],
         )
         .unwrap();
@@ -438,13 +471,19 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named() {
-        let e = load("[dram]\narena_byte = 1\n", &[], &[]).unwrap_err().to_string();
+        let e = load("[dram]\narena_byte = 1\n", &[], &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("arena_byte"), "{e}");
-        let e = load("", &[("KVD_DRAM_NOPE", "1")], &[]).unwrap_err().to_string();
+        let e = load("", &[("KVD_DRAM_NOPE", "1")], &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("KVD_DRAM_NOPE"), "{e}");
         let e = load("", &[], &["nosection.x=1"]).unwrap_err().to_string();
         assert!(e.contains("nosection.x"), "{e}");
-        let e = load("", &[], &["dram.huge_pages=sometimes"]).unwrap_err().to_string();
+        let e = load("", &[], &["dram.huge_pages=sometimes"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sometimes"), "{e}");
     }
 
@@ -464,14 +503,18 @@ mod tests {
 
     #[test]
     fn example_config_is_valid_and_complete() {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/kvd.toml"))
-            .unwrap();
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/kvd.toml"))
+                .unwrap();
         let c = load(&text, &[], &[]).unwrap();
         // Every key of the schema appears in the example (documented there).
         let full = toml::to_string(&Config::default()).unwrap();
         for line in full.lines() {
             if let Some((k, _)) = line.split_once(" = ") {
-                assert!(text.contains(&format!("{k} =")), "config/kvd.toml lacks `{k}`");
+                assert!(
+                    text.contains(&format!("{k} =")),
+                    "config/kvd.toml lacks `{k}`"
+                );
             }
         }
         let _ = c;

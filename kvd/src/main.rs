@@ -56,7 +56,10 @@ fn main() -> anyhow::Result<()> {
     let cfg = Config::load(cli.config.as_deref(), std::env::vars(), &sets)
         .context("loading the configuration")?;
     if cli.check_config {
-        println!("{}", toml::to_string_pretty(&cfg).context("printing the configuration")?);
+        println!(
+            "{}",
+            toml::to_string_pretty(&cfg).context("printing the configuration")?
+        );
         eprintln!("configuration is valid");
         return Ok(());
     }
@@ -71,6 +74,11 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
+    // Handlers first: once the socket accepts, a SIGTERM must mean a clean shutdown.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing the SIGINT handler")?;
     let path = cfg.server.socket_path.clone();
     let listener = kvd::server::bind(&path, cfg.server.socket_mode)?;
     let daemon = match Daemon::new(cfg) {
@@ -83,11 +91,9 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let stop = Arc::new(tokio::sync::Notify::new());
     let server = tokio::spawn(kvd::server::serve(daemon.clone(), listener, stop.clone()));
     tracing::info!(socket = %path.display(), version = kvd::daemon::VERSION, "kvd ready");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
     stop.notify_one();
     let _ = server.await;

@@ -6,6 +6,12 @@
 //! and read leases, so when the connection ends — cleanly, by a crash of the client, or because
 //! the client broke the ring protocol — everything the client held is given back here.
 //!
+//! Checksums are sealed off the request path: a commit completes at once, and the thread hashes
+//! the new block (xxh3-64) in 16 KiB steps once its ring has been idle for 5 µs, yielding to any new
+//! descriptor between steps. A sealing block is held like a read lease so it cannot be evicted
+//! mid-hash. If more than [`MAX_UNSEALED`] blocks wait, commits seal synchronously instead
+//! (backpressure), so the backlog stays bounded.
+//!
 //! Tokens for reservations and leases come from one per-connection counter. A token below the
 //! counter but no longer held is `Stale` (e.g. a lease that timed out); a token never issued
 //! can only come from a corrupted or hostile client, which is dropped.
@@ -15,9 +21,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvd_proto::ring::{Completion, Op, Status, Submission};
+use std::collections::VecDeque;
+
+use kvd_proto::ring::{Completion, Op, Status, Submission, COMPLETION_CHECKSUM_VALID};
 use kvd_proto::BlockKey;
 use kvd_shm::DaemonRing;
+use xxhash_rust::xxh3::Xxh3;
 
 use crate::alloc::Slot;
 use crate::daemon::{Conn, Daemon, Namespace};
@@ -25,6 +34,63 @@ use crate::store::{Committed, ReserveError};
 
 /// Most reservations plus leases one connection may hold.
 pub const MAX_HELD_PER_CONN: usize = 65_536;
+/// Most committed blocks per connection waiting for their checksum.
+pub const MAX_UNSEALED: usize = 1024;
+/// Bytes hashed per idle step.
+const SEAL_STEP: u64 = 16 << 10;
+/// Idle time before sealing starts, so that a client's next request (typically right after a
+/// commit) is served before the hashing begins.
+const SEAL_AFTER_IDLE: Duration = Duration::from_micros(5);
+
+/// A block being checksummed.
+struct SealJob {
+    ns: Arc<Namespace>,
+    entry: u32,
+    offset: u64,
+    len: u64,
+    done: u64,
+    hasher: Xxh3,
+}
+
+impl SealJob {
+    /// Holds `entry` for hashing; `None` if it is gone or already sealed.
+    fn start(ns: Arc<Namespace>, entry: u32) -> Option<SealJob> {
+        let (offset, len) = ns.store.lock().hold(entry)?;
+        Some(SealJob {
+            ns,
+            entry,
+            offset,
+            len,
+            done: 0,
+            hasher: Xxh3::new(),
+        })
+    }
+
+    /// Hashes up to `step` more bytes; true when finished (and sealed).
+    fn step(&mut self, step: u64) -> bool {
+        let n = step.min(self.len - self.done);
+        let ok = self
+            .ns
+            .arena
+            .hash_range(&mut self.hasher, self.offset + self.done, n);
+        self.done += n;
+        if !ok {
+            // Cannot happen for slots from our allocator; release without sealing.
+            self.ns.store.lock().release(self.entry);
+            return true;
+        }
+        if self.done == self.len {
+            let sum = self.hasher.digest();
+            self.ns.store.lock().seal(self.entry, sum);
+            return true;
+        }
+        false
+    }
+
+    fn finish(mut self) {
+        while !self.step(u64::MAX) {}
+    }
+}
 
 struct Reservation {
     ns: Arc<Namespace>,
@@ -48,6 +114,8 @@ struct Session {
     leases: HashMap<u64, Lease>,
     next_token: u64,
     lease_timeout: Duration,
+    unsealed: VecDeque<(Arc<Namespace>, u32)>,
+    sealing: Option<SealJob>,
 }
 
 impl Session {
@@ -65,7 +133,9 @@ impl Session {
         if token != 0 && token < self.next_token {
             Ok(Status::Stale)
         } else {
-            Err(Violation(format!("{op} of token {token} that was never issued")))
+            Err(Violation(format!(
+                "{op} of token {token} that was never issued"
+            )))
         }
     }
 
@@ -122,12 +192,17 @@ impl Session {
                     self.reservations.insert(sub.arg0, r);
                     return Ok(c);
                 }
-                let sum = r.ns.arena.checksum(r.slot.offset, len);
                 let now = self.daemon.now_ms();
-                let out = r.ns.store.lock().commit(&r.key, r.slot, len, sum, now);
-                c.checksum = sum;
-                if out == Committed::Duplicate {
-                    c.status = Status::Exists as u16;
+                let out = r.ns.store.lock().commit(&r.key, r.slot, len, now);
+                match out {
+                    Committed::Duplicate => c.status = Status::Exists as u16,
+                    Committed::Stored(entry) => {
+                        if self.unsealed.len() < MAX_UNSEALED {
+                            self.unsealed.push_back((r.ns, entry));
+                        } else if let Some(job) = SealJob::start(r.ns, entry) {
+                            job.finish();
+                        }
+                    }
                 }
             }
             Op::Abort => match self.reservations.remove(&sub.arg0) {
@@ -149,7 +224,10 @@ impl Session {
                         let token = self.token();
                         c.offset = h.offset;
                         c.len = h.len;
-                        c.checksum = h.checksum;
+                        if h.sealed {
+                            c.checksum = h.checksum;
+                            c.flags = COMPLETION_CHECKSUM_VALID;
+                        }
                         c.token = token;
                         self.leases.insert(
                             token,
@@ -187,12 +265,46 @@ impl Session {
         for t in expired {
             if let Some(l) = self.leases.remove(&t) {
                 l.ns.store.lock().release(l.entry);
-                tracing::warn!(client = self.conn.id, token = t, "read lease timed out and was reclaimed");
+                tracing::warn!(
+                    client = self.conn.id,
+                    token = t,
+                    "read lease timed out and was reclaimed"
+                );
+            }
+        }
+    }
+
+    /// One idle step of checksum sealing; false when there is nothing to seal.
+    fn seal_step(&mut self) -> bool {
+        if self.sealing.is_none() {
+            while let Some((ns, entry)) = self.unsealed.pop_front() {
+                if let Some(job) = SealJob::start(ns, entry) {
+                    self.sealing = Some(job);
+                    break;
+                }
+            }
+        }
+        match self.sealing.as_mut() {
+            None => false,
+            Some(job) => {
+                if job.step(SEAL_STEP) {
+                    self.sealing = None;
+                }
+                true
             }
         }
     }
 
     fn release_everything(&mut self) {
+        // Seal what this client committed so its blocks do not stay without a checksum.
+        if let Some(job) = self.sealing.take() {
+            job.finish();
+        }
+        for (ns, entry) in std::mem::take(&mut self.unsealed) {
+            if let Some(job) = SealJob::start(ns, entry) {
+                job.finish();
+            }
+        }
         let (r, l) = (self.reservations.len(), self.leases.len());
         for (_, r) in self.reservations.drain() {
             r.ns.store.lock().abort(r.slot);
@@ -221,6 +333,8 @@ pub fn run(daemon: Arc<Daemon>, conn: Arc<Conn>, mut ring: DaemonRing) {
         reservations: HashMap::new(),
         leases: HashMap::new(),
         next_token: 1,
+        unsealed: VecDeque::new(),
+        sealing: None,
     };
     let mut last_work = Instant::now();
     let mut since_expiry = 0u32;
@@ -267,6 +381,9 @@ pub fn run(daemon: Arc<Daemon>, conn: Arc<Conn>, mut ring: DaemonRing) {
             }
             Ok(None) => {
                 ring.notify();
+                if last_work.elapsed() >= SEAL_AFTER_IDLE && s.seal_step() {
+                    continue;
+                }
                 if last_work.elapsed() < spin {
                     std::hint::spin_loop();
                     continue;

@@ -28,7 +28,9 @@ use crate::ring_service;
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// Another daemon answers on the socket.
-    #[error("another kvd is already listening on {0}; stop it or choose another server.socket_path")]
+    #[error(
+        "another kvd is already listening on {0}; stop it or choose another server.socket_path"
+    )]
     InUse(String),
     /// Binding failed.
     #[error("cannot bind the control socket {path}: {source}")]
@@ -107,8 +109,8 @@ async fn read_frame(stream: &mut UnixStream, max: usize) -> io::Result<Option<Ve
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
     }
-    let n = frame::body_len(prefix, max)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let n =
+        frame::body_len(prefix, max).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let mut body = vec![0u8; n];
     stream.read_exact(&mut body).await?;
     Ok(Some(body))
@@ -153,10 +155,17 @@ async fn connection(daemon: Arc<Daemon>, mut stream: UnixStream) {
     let (uid, gid) = (cred.uid(), cred.gid());
     let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
     if !daemon.peer_allowed(uid, gid) {
-        tracing::warn!(uid, gid, pid, "refused a peer not in server.allowed_uids/allowed_gids");
+        tracing::warn!(
+            uid,
+            gid,
+            pid,
+            "refused a peer not in server.allowed_uids/allowed_gids"
+        );
         let r = error(OpError::new(
             ErrorCode::Unauthorized,
-            format!("uid {uid} / gid {gid} may not use kvd (server.allowed_uids, server.allowed_gids)"),
+            format!(
+                "uid {uid} / gid {gid} may not use kvd (server.allowed_uids, server.allowed_gids)"
+            ),
         ));
         let _ = stream.write_all(&r.encode(0)).await;
         return;
@@ -205,7 +214,10 @@ async fn serve_connection(
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(client = conn.id, error = %e, "dropping client: malformed request");
-                let r = error(OpError::new(ErrorCode::BadRequest, format!("malformed request: {e}")));
+                let r = error(OpError::new(
+                    ErrorCode::BadRequest,
+                    format!("malformed request: {e}"),
+                ));
                 let _ = stream.write_all(&r.encode(0)).await;
                 break;
             }
@@ -217,31 +229,42 @@ async fn serve_connection(
                 None,
                 true,
             ),
-            (Request::Hello { protocol_version, client_name, admin }, false) => {
-                match hello(daemon, conn, *protocol_version, client_name, *admin) {
-                    Ok((resp, ring, fd)) => {
-                        let (d, c) = (daemon.clone(), conn.clone());
-                        *conn.waker.lock() = Some(ring.waker());
-                        match std::thread::Builder::new()
-                            .name(format!("kvd-ring-{}", conn.id))
-                            .spawn(move || ring_service::run(d, c, ring))
-                        {
-                            Ok(t) => {
-                                ring_thread = Some(t);
-                                (resp, Some(fd), false)
-                            }
-                            Err(e) => (
-                                error(OpError::new(ErrorCode::Internal, format!("cannot start ring thread: {e}"))),
-                                None,
-                                true,
-                            ),
+            (
+                Request::Hello {
+                    protocol_version,
+                    client_name,
+                    admin,
+                },
+                false,
+            ) => match hello(daemon, conn, *protocol_version, client_name, *admin) {
+                Ok((resp, ring, fd)) => {
+                    let (d, c) = (daemon.clone(), conn.clone());
+                    *conn.waker.lock() = Some(ring.waker());
+                    match std::thread::Builder::new()
+                        .name(format!("kvd-ring-{}", conn.id))
+                        .spawn(move || ring_service::run(d, c, ring))
+                    {
+                        Ok(t) => {
+                            ring_thread = Some(t);
+                            (resp, Some(fd), false)
                         }
+                        Err(e) => (
+                            error(OpError::new(
+                                ErrorCode::Internal,
+                                format!("cannot start ring thread: {e}"),
+                            )),
+                            None,
+                            true,
+                        ),
                     }
-                    Err(e) => (error(e), None, true),
                 }
-            }
+                Err(e) => (error(e), None, true),
+            },
             (_, false) => (
-                error(OpError::new(ErrorCode::BadRequest, "the first request must be Hello")),
+                error(OpError::new(
+                    ErrorCode::BadRequest,
+                    "the first request must be Hello",
+                )),
                 None,
                 true,
             ),
@@ -270,7 +293,10 @@ fn hello(
     admin: bool,
 ) -> Result<(Response, DaemonRing, OwnedFd), OpError> {
     if daemon.is_shutting_down() {
-        return Err(OpError::new(ErrorCode::ShuttingDown, "kvd is shutting down"));
+        return Err(OpError::new(
+            ErrorCode::ShuttingDown,
+            "kvd is shutting down",
+        ));
     }
     if version != PROTOCOL_VERSION {
         return Err(OpError::new(
@@ -290,7 +316,14 @@ fn hello(
     *conn.name.lock() = name.chars().take(128).collect();
     let (ring, fd) = DaemonRing::create(daemon.cfg.ring.entries)
         .map_err(|e| OpError::new(ErrorCode::Internal, format!("cannot create ring: {e}")))?;
-    tracing::info!(client = conn.id, pid = conn.pid, uid = conn.uid, name, admin, "client connected");
+    tracing::info!(
+        client = conn.id,
+        pid = conn.pid,
+        uid = conn.uid,
+        name,
+        admin,
+        "client connected"
+    );
     Ok((
         Response::Welcome {
             protocol_version: PROTOCOL_VERSION,
@@ -311,7 +344,8 @@ fn dispatch(
     conn: &Conn,
     req: Request,
 ) -> Result<(Response, Option<OwnedFd>), OpError> {
-    let io_err = |e: io::Error| OpError::new(ErrorCode::Internal, format!("cannot pass the arena: {e}"));
+    let io_err =
+        |e: io::Error| OpError::new(ErrorCode::Internal, format!("cannot pass the arena: {e}"));
     Ok(match req {
         Request::Hello { .. } => {
             return Err(OpError::new(ErrorCode::BadRequest, "Hello sent twice"))
@@ -358,7 +392,13 @@ fn dispatch(
         Request::Inspect { key } => {
             daemon.require_admin(conn, "inspect")?;
             let blocks = daemon.inspect(&key);
-            (Response::Blocks { blocks, more: false }, None)
+            (
+                Response::Blocks {
+                    blocks,
+                    more: false,
+                },
+                None,
+            )
         }
         Request::Evict { ns, keys } => {
             daemon.require_admin(conn, "evict")?;

@@ -40,6 +40,7 @@ pub struct Entry {
     prev: u32,
     next: u32,
     state: State,
+    sealed: bool,
 }
 
 /// Why a reservation failed.
@@ -56,8 +57,8 @@ pub enum ReserveError {
 /// Outcome of a commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Committed {
-    /// The slot is now the block.
-    Stored,
+    /// The slot is now the block, at this entry (its checksum is still to be sealed).
+    Stored(u32),
     /// Another client committed the same key first; the slot was freed.
     Duplicate,
 }
@@ -71,8 +72,10 @@ pub struct Hit {
     pub offset: u64,
     /// Length in bytes.
     pub len: u64,
-    /// xxh3-64 of the content.
+    /// xxh3-64 of the content, when `sealed`.
     pub checksum: u64,
+    /// Whether the checksum has been computed.
+    pub sealed: bool,
 }
 
 /// Counters of one namespace.
@@ -253,15 +256,9 @@ impl NsStore {
         self.reserved = self.reserved.saturating_sub(1);
     }
 
-    /// Publishes a reserved slot holding `len` bytes as block `key`.
-    pub fn commit(
-        &mut self,
-        key: &BlockKey,
-        slot: Slot,
-        len: u64,
-        checksum: u64,
-        now_ms: u64,
-    ) -> Committed {
+    /// Publishes a reserved slot holding `len` bytes as block `key`. Its checksum is sealed
+    /// later with [`hold`](Self::hold) / [`seal`](Self::seal).
+    pub fn commit(&mut self, key: &BlockKey, slot: Slot, len: u64, now_ms: u64) -> Committed {
         self.reserved = self.reserved.saturating_sub(1);
         if self.find(key).is_some() {
             let freed = self.alloc.free(slot.offset);
@@ -272,7 +269,7 @@ impl NsStore {
             key: *key,
             offset: slot.offset,
             len,
-            checksum,
+            checksum: 0,
             created_ms: now_ms,
             last_ms: now_ms,
             hits: 0,
@@ -281,6 +278,7 @@ impl NsStore {
             prev: NIL,
             next: NIL,
             state: State::Live,
+            sealed: false,
         };
         let i = match self.free_entries.pop() {
             Some(i) => {
@@ -303,7 +301,34 @@ impl NsStore {
         if self.alloc.used_bytes() > self.high_bytes {
             while self.alloc.used_bytes() > self.low_bytes && self.lru != i && self.evict_lru() {}
         }
-        Committed::Stored
+        Committed::Stored(i)
+    }
+
+    /// Holds a live, unsealed entry for checksumming (like a read lease, without counting a
+    /// hit); returns its offset and length. Release with [`seal`](Self::seal).
+    pub fn hold(&mut self, entry: u32) -> Option<(u64, u64)> {
+        let e = self.entries.get(entry as usize)?;
+        if e.state != State::Live || e.sealed {
+            return None;
+        }
+        if Self::evictable(e) {
+            self.unlink(entry);
+        }
+        let e = &mut self.entries[entry as usize];
+        e.readers += 1;
+        self.leases += 1;
+        Some((e.offset, e.len))
+    }
+
+    /// Records the checksum of an entry taken with [`hold`](Self::hold) and releases it.
+    pub fn seal(&mut self, entry: u32, checksum: u64) {
+        if let Some(e) = self.entries.get_mut(entry as usize) {
+            if e.state == State::Live {
+                e.checksum = checksum;
+                e.sealed = true;
+            }
+        }
+        self.release(entry);
     }
 
     /// Starts a read of `key`: takes a lease (the block can't be evicted until released).
@@ -326,6 +351,7 @@ impl NsStore {
             offset: e.offset,
             len: e.len,
             checksum: e.checksum,
+            sealed: e.sealed,
         })
     }
 
@@ -460,7 +486,12 @@ impl NsStore {
 
     /// Stored blocks with keys after `after`, in key order, at most `limit`; the flag says
     /// whether more follow.
-    pub fn list(&self, after: Option<&BlockKey>, limit: usize, now_ms: u64) -> (Vec<BlockInfo>, bool) {
+    pub fn list(
+        &self,
+        after: Option<&BlockKey>,
+        limit: usize,
+        now_ms: u64,
+    ) -> (Vec<BlockInfo>, bool) {
         let mut live: Vec<&Entry> = self
             .entries
             .iter()
@@ -516,10 +547,18 @@ impl NsStore {
     /// the `invariants` debug checks).
     #[cfg(test)]
     pub fn check_invariants(&self) {
-        let live = self.entries.iter().filter(|e| e.state == State::Live).count() as u64;
+        let live = self
+            .entries
+            .iter()
+            .filter(|e| e.state == State::Live)
+            .count() as u64;
         assert_eq!(live, self.live);
         assert_eq!(self.index.len() as u64, live);
-        let pinned = self.entries.iter().filter(|e| e.state == State::Live && e.pins > 0).count();
+        let pinned = self
+            .entries
+            .iter()
+            .filter(|e| e.state == State::Live && e.pins > 0)
+            .count();
         assert_eq!(pinned as u64, self.pinned);
         let readers: u64 = self
             .entries
@@ -561,13 +600,22 @@ mod tests {
 
     fn put(s: &mut NsStore, i: u8, len: u64) -> Result<(), ReserveError> {
         let slot = s.reserve(&key(i), len)?;
-        assert_eq!(s.commit(&key(i), slot, len, u64::from(i), 0), Committed::Stored);
+        let Committed::Stored(e) = s.commit(&key(i), slot, len, 0) else {
+            panic!("duplicate")
+        };
+        assert_eq!(s.hold(e), Some((slot.offset, len)));
+        s.seal(e, u64::from(i));
+        assert_eq!(s.hold(e), None, "sealed entries are not held again");
         Ok(())
     }
 
     #[test]
     fn entry_metadata_stays_small() {
-        assert!(std::mem::size_of::<Entry>() <= 96, "{}", std::mem::size_of::<Entry>());
+        assert!(
+            std::mem::size_of::<Entry>() <= 96,
+            "{}",
+            std::mem::size_of::<Entry>()
+        );
     }
 
     #[test]
@@ -576,7 +624,7 @@ mod tests {
         put(&mut s, 1, 1000).unwrap();
         assert_eq!(s.reserve(&key(1), 1000), Err(ReserveError::Exists));
         let h = s.get(&key(1), 5).unwrap();
-        assert_eq!((h.len, h.checksum), (1000, 1));
+        assert_eq!((h.len, h.checksum, h.sealed), (1000, 1, true));
         assert!(s.get(&key(2), 5).is_none());
         assert_eq!(s.counters.hits, 1);
         assert_eq!(s.counters.misses, 1);
@@ -619,7 +667,10 @@ mod tests {
         put(&mut s, 1, 1 << 20).unwrap();
         let h = s.get(&key(1), 0).unwrap();
         assert_eq!(s.delete(&[key(1)]), 1);
-        assert!(s.get(&key(1), 0).is_none(), "deleted block is hidden at once");
+        assert!(
+            s.get(&key(1), 0).is_none(),
+            "deleted block is hidden at once"
+        );
         assert_eq!(s.reserve(&key(2), 1 << 20), Err(ReserveError::CacheFull));
         s.release(h.entry);
         put(&mut s, 2, 1 << 20).unwrap();
@@ -631,8 +682,11 @@ mod tests {
         let mut s = store(2);
         let a = s.reserve(&key(1), 4096).unwrap();
         let b = s.reserve(&key(1), 4096).unwrap();
-        assert_eq!(s.commit(&key(1), a, 4096, 0, 0), Committed::Stored);
-        assert_eq!(s.commit(&key(1), b, 4096, 0, 0), Committed::Duplicate);
+        assert!(matches!(
+            s.commit(&key(1), a, 4096, 0),
+            Committed::Stored(_)
+        ));
+        assert_eq!(s.commit(&key(1), b, 4096, 0), Committed::Duplicate);
         assert_eq!(s.used_bytes(), 4096);
         assert_eq!(s.reserved(), 0);
     }
@@ -656,7 +710,10 @@ mod tests {
             put(&mut s, i, 4096).unwrap();
         }
         let (page, more) = s.list(None, 2, 10);
-        assert_eq!(page.iter().map(|b| b.key).collect::<Vec<_>>(), vec![key(1), key(2)]);
+        assert_eq!(
+            page.iter().map(|b| b.key).collect::<Vec<_>>(),
+            vec![key(1), key(2)]
+        );
         assert!(more);
         let (page, more) = s.list(Some(&key(2)), 2, 10);
         assert_eq!(page.len(), 1);

@@ -54,7 +54,12 @@ impl Daemon {
         let mut cmd = Command::new(bin("kvd"));
         cmd.arg("--socket")
             .arg(&socket)
-            .args(["--set", "dram.arena_bytes=64MiB", "--set", "dram.max_block_bytes=4MiB"])
+            .args([
+                "--set",
+                "dram.arena_bytes=64MiB",
+                "--set",
+                "dram.max_block_bytes=4MiB",
+            ])
             .args(["--set", "dram.max_namespaces=2", "--set", "ring.spin_us=50"])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -89,7 +94,10 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("kvd did not become ready: {:?}", self.log.lock().expect("log"));
+        panic!(
+            "kvd did not become ready: {:?}",
+            self.log.lock().expect("log")
+        );
     }
 
     /// An admin client.
@@ -107,7 +115,11 @@ impl Daemon {
 
     /// Whether the log contains `needle`.
     pub fn log_contains(&self, needle: &str) -> bool {
-        self.log.lock().expect("log").iter().any(|l| l.contains(needle))
+        self.log
+            .lock()
+            .expect("log")
+            .iter()
+            .any(|l| l.contains(needle))
     }
 
     /// Sends SIGTERM and waits for exit (at most `timeout`); returns the exit status.

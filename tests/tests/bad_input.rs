@@ -45,7 +45,10 @@ fn still_serves(d: &Daemon) {
     let c = d.admin();
     let ns = c.open_namespace(&test_namespace("healthy")).expect("open");
     c.put(&ns, &BlockKey([3; 32]), b"still here").expect("put");
-    assert_eq!(&c.get(&ns, &BlockKey([3; 32])).expect("get").expect("hit")[..], b"still here");
+    assert_eq!(
+        &c.get(&ns, &BlockKey([3; 32])).expect("get").expect("hit")[..],
+        b"still here"
+    );
 }
 
 #[test]
@@ -53,9 +56,9 @@ fn garbage_frames_get_an_error_and_a_disconnect() {
     let d = Daemon::start(&[]);
     let bystander = d.admin();
     let cases: Vec<Vec<u8>> = vec![
-        vec![0xFF; 64],                                // absurd length prefix
+        vec![0xFF; 64],                                                // absurd length prefix
         [5u32.to_le_bytes().to_vec(), vec![200, 0, 0, 0, 0]].concat(), // unknown kind
-        [2u32.to_le_bytes().to_vec(), vec![1, 2]].concat(), // shorter than a header
+        [2u32.to_le_bytes().to_vec(), vec![1, 2]].concat(),            // shorter than a header
         [(2u32 << 20).to_le_bytes().to_vec()].concat(), // over server.max_frame_bytes
     ];
     for bytes in cases {
@@ -65,7 +68,10 @@ fn garbage_frames_get_an_error_and_a_disconnect() {
             Ok(Response::Error { code, .. }) => assert_eq!(code, ErrorCode::BadRequest),
             other => panic!("{bytes:?}: {other:?}"),
         }
-        assert!(ctl.recv_response().is_err(), "connection closed after garbage");
+        assert!(
+            ctl.recv_response().is_err(),
+            "connection closed after garbage"
+        );
     }
     // The first request must be Hello; a wrong protocol version is refused by name.
     let mut ctl = Control::connect(&d.socket).expect("connect");
@@ -90,7 +96,8 @@ fn ring_corruption_drops_only_that_client() {
     let d = Daemon::start(&[]);
     let good = d.admin();
     let gns = good.open_namespace(&test_namespace("good")).expect("open");
-    good.put(&gns, &BlockKey([1; 32]), b"good data").expect("put");
+    good.put(&gns, &BlockKey([1; 32]), b"good data")
+        .expect("put");
 
     // A token that was never issued: protocol violation, connection dropped.
     let (mut ctl, mut ring, h) = raw(&d);
@@ -98,7 +105,10 @@ fn ring_corruption_drops_only_that_client() {
     s.arg0 = 999_999;
     s.arg1 = 10;
     assert!(matches!(submit(&mut ring, s), Err(RingError::Closed)));
-    assert!(ctl.call(&Request::Stats).is_err(), "control socket closed too");
+    assert!(
+        ctl.call(&Request::Stats).is_err(),
+        "control socket closed too"
+    );
 
     // A submission tail far ahead of the head: corrupt ring, dropped.
     let (_ctl, mut ring, h) = raw(&d);
@@ -121,7 +131,13 @@ fn ring_corruption_drops_only_that_client() {
     assert!(d.log_contains("dropping client"));
 
     // The good client never noticed.
-    assert_eq!(&good.get(&gns, &BlockKey([1; 32])).expect("get").expect("hit")[..], b"good data");
+    assert_eq!(
+        &good
+            .get(&gns, &BlockKey([1; 32]))
+            .expect("get")
+            .expect("hit")[..],
+        b"good data"
+    );
     still_serves(&d);
 }
 
@@ -132,11 +148,17 @@ fn typed_statuses_for_bad_but_well_formed_descriptors() {
     // A namespace handle this connection never opened.
     let mut s = Submission::new(Op::Get, h + 5, 1);
     s.key = BlockKey([1; 32]);
-    assert_eq!(submit(&mut ring, s).expect("cpl").status, Status::BadNamespace as u16);
+    assert_eq!(
+        submit(&mut ring, s).expect("cpl").status,
+        Status::BadNamespace as u16
+    );
     // Too large.
     let mut s = Submission::new(Op::Reserve, h, 2);
     s.arg0 = 1 << 40;
-    assert_eq!(submit(&mut ring, s).expect("cpl").status, Status::TooLarge as u16);
+    assert_eq!(
+        submit(&mut ring, s).expect("cpl").status,
+        Status::TooLarge as u16
+    );
     // Reserve, then commit with a bad length, then a valid commit, then a stale re-commit.
     let mut s = Submission::new(Op::Reserve, h, 3);
     s.key = BlockKey([2; 32]);
@@ -146,12 +168,24 @@ fn typed_statuses_for_bad_but_well_formed_descriptors() {
     let mut commit = Submission::new(Op::Commit, h, 4);
     commit.arg0 = c.token;
     commit.arg1 = 1 << 20;
-    assert_eq!(submit(&mut ring, commit).expect("cpl").status, Status::BadLength as u16);
+    assert_eq!(
+        submit(&mut ring, commit).expect("cpl").status,
+        Status::BadLength as u16
+    );
     commit.arg1 = 4096;
-    assert_eq!(submit(&mut ring, commit).expect("cpl").status, Status::Ok as u16);
-    assert_eq!(submit(&mut ring, commit).expect("cpl").status, Status::Stale as u16);
+    assert_eq!(
+        submit(&mut ring, commit).expect("cpl").status,
+        Status::Ok as u16
+    );
+    assert_eq!(
+        submit(&mut ring, commit).expect("cpl").status,
+        Status::Stale as u16
+    );
     // The block exists now: a second reserve says so.
-    assert_eq!(submit(&mut ring, s).expect("cpl").status, Status::Exists as u16);
+    assert_eq!(
+        submit(&mut ring, s).expect("cpl").status,
+        Status::Exists as u16
+    );
     still_serves(&d);
 }
 

@@ -22,7 +22,16 @@ fn two_client_processes_concurrently() {
         Command::new(bin("kvd-test-client"))
             .arg("--socket")
             .arg(&d.socket)
-            .args(["--mode", "churn", "--seed", seed, "--blocks", "96", "--iterations", "6"])
+            .args([
+                "--mode",
+                "churn",
+                "--seed",
+                seed,
+                "--blocks",
+                "96",
+                "--iterations",
+                "6",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -38,13 +47,16 @@ fn two_client_processes_concurrently() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let v: serde_json::Value =
-            serde_json::from_slice(&out.stdout).expect("client prints JSON");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("client prints JSON");
         assert!(v["verified"].as_u64().unwrap_or(0) > 0, "{v}");
     }
     let s = d.admin().stats().expect("stats");
     let ns = &s.namespaces[0];
-    assert_eq!((ns.leases, ns.reserved), (0, 0), "clients left nothing behind: {ns:?}");
+    assert_eq!(
+        (ns.leases, ns.reserved),
+        (0, 0),
+        "clients left nothing behind: {ns:?}"
+    );
     assert!(ns.blocks > 0 && ns.hits > 0);
 }
 
@@ -60,7 +72,14 @@ fn killed_clients_release_everything() {
         let mut child = Command::new(bin("kvd-test-client"))
             .arg("--socket")
             .arg(&d.socket)
-            .args(["--mode", mode, "--seed", &format!("{}", 100 + i % 7), "--blocks", "32"])
+            .args([
+                "--mode",
+                mode,
+                "--seed",
+                &format!("{}", 100 + i % 7),
+                "--blocks",
+                "32",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -74,7 +93,10 @@ fn killed_clients_release_everything() {
         assert_eq!(line.trim(), "ready", "iteration {i}");
         let s = admin.stats().expect("stats");
         let held: u64 = s.namespaces.iter().map(|n| n.leases + n.reserved).sum();
-        assert!(held > 0, "iteration {i}: the client holds nothing before the kill");
+        assert!(
+            held > 0,
+            "iteration {i}: the client holds nothing before the kill"
+        );
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
@@ -112,8 +134,15 @@ fn put_get_lookup_pin_delete_through_the_api() {
     let keys: Vec<BlockKey> = (0..8).map(key).collect();
     let data: Vec<Vec<u8>> = (0..8).map(|i| pattern(9, i, 40_000 + i as usize)).collect();
     let items: Vec<(BlockKey, &[u8])> = keys.iter().zip(&data).map(|(k, d)| (*k, &d[..])).collect();
-    assert!(c.put_many(&ns, &items[..5]).expect("put").iter().all(|o| *o == PutOutcome::Stored));
-    assert_eq!(c.put(&ns, &keys[0], &data[0]).expect("put"), PutOutcome::Exists);
+    assert!(c
+        .put_many(&ns, &items[..5])
+        .expect("put")
+        .iter()
+        .all(|o| *o == PutOutcome::Stored));
+    assert_eq!(
+        c.put(&ns, &keys[0], &data[0]).expect("put"),
+        PutOutcome::Exists
+    );
     let l = c.lookup(&ns.id, &keys).expect("lookup");
     assert_eq!(l.prefix_len, 5);
     assert_eq!(l.tiers.get(kvd_client::Tier::Dram), 5);
@@ -122,17 +151,40 @@ fn put_get_lookup_pin_delete_through_the_api() {
         match g {
             Some(lease) => {
                 assert_eq!(&lease[..], &data[i][..]);
-                assert!(lease.verify());
+                assert_ne!(lease.verify(), Some(false));
             }
             None => assert!(i >= 5),
         }
     }
     drop(got);
     let mut buf = vec![0u8; 64 << 10];
-    assert_eq!(c.get_into(&ns, &keys[2], &mut buf).expect("get_into"), Some(data[2].len()));
+    assert_eq!(
+        c.get_into(&ns, &keys[2], &mut buf).expect("get_into"),
+        Some(data[2].len())
+    );
     assert_eq!(&buf[..data[2].len()], &data[2][..]);
+    // Checksums are sealed off the request path, shortly after commit; a block being sealed is
+    // held like a read, so wait for all of them before testing eviction.
+    for k in &keys[..5] {
+        let t = Instant::now();
+        let lease = loop {
+            let l = c.get(&ns, k).expect("get").expect("hit");
+            if l.checksum().is_some() {
+                break l;
+            }
+            assert!(t.elapsed() < Duration::from_secs(5), "block never sealed");
+            drop(l);
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(lease.verify(), Some(true));
+    }
+    c.flush().expect("releases applied");
     assert_eq!(c.pin(&ns.id, &keys[..2]).expect("pin"), 2);
-    assert_eq!(c.evict(Some(ns.id), &[]).expect("evict"), 3, "pinned blocks survive evict");
+    assert_eq!(
+        c.evict(Some(ns.id), &[]).expect("evict"),
+        3,
+        "pinned blocks survive evict"
+    );
     assert_eq!(c.lookup(&ns.id, &keys).expect("lookup").prefix_len, 2);
     let info = c.inspect(&keys[0]).expect("inspect");
     assert_eq!(info.len(), 1);
@@ -169,21 +221,33 @@ fn limits_give_typed_errors() {
     // Once unpinned, eviction makes room again.
     let all: Vec<_> = (100..100 + i).map(key).collect();
     c.unpin(&ns.id, &all).expect("unpin");
-    c.put(&ns, &key(1), &pattern(1, 1, 1 << 20)).expect("put after unpin");
+    c.put(&ns, &key(1), &pattern(1, 1, 1 << 20))
+        .expect("put after unpin");
     // Another namespace's id is refused for a non-admin client that did not open it.
     let plain = kvd_client::Client::connect(&d.socket).expect("connect");
     let e = plain.lookup(&ns.id, &[key(1)]).unwrap_err();
     assert!(
-        matches!(e, ClientError::Server { code: kvd_proto::ErrorCode::UnknownNamespace, .. }),
+        matches!(
+            e,
+            ClientError::Server {
+                code: kvd_proto::ErrorCode::UnknownNamespace,
+                ..
+            }
+        ),
         "{e}"
     );
     // Non-admins may not list.
     assert!(matches!(
         plain.list(None, None, 10),
-        Err(ClientError::Server { code: kvd_proto::ErrorCode::Unauthorized, .. })
+        Err(ClientError::Server {
+            code: kvd_proto::ErrorCode::Unauthorized,
+            ..
+        })
     ));
     // More namespaces than arenas: a clear error.
-    plain.open_namespace(&test_namespace("second")).expect("second ns");
+    plain
+        .open_namespace(&test_namespace("second"))
+        .expect("second ns");
     let e = plain.open_namespace(&test_namespace("third")).unwrap_err();
     assert!(e.to_string().contains("max_namespaces"), "{e}");
 }
@@ -192,7 +256,10 @@ fn limits_give_typed_errors() {
 fn not_running_error_names_the_socket() {
     let e = kvd_client::Client::connect("/nonexistent/kvd.sock").unwrap_err();
     let msg = e.to_string();
-    assert!(msg.contains("/nonexistent/kvd.sock") && msg.contains("start it"), "{msg}");
+    assert!(
+        msg.contains("/nonexistent/kvd.sock") && msg.contains("start it"),
+        "{msg}"
+    );
     assert!(e.is_retryable());
 }
 
@@ -203,7 +270,9 @@ fn sigterm_shuts_down_cleanly_and_removes_the_socket() {
     let ns = c.open_namespace(&test_namespace("term")).expect("open");
     c.put(&ns, &key(1), &[1u8; 5000]).expect("put");
     let lease = c.get(&ns, &key(1)).expect("get").expect("hit");
-    let status = d.terminate(Duration::from_secs(15)).expect("kvd exits after SIGTERM");
+    let status = d
+        .terminate(Duration::from_secs(15))
+        .expect("kvd exits after SIGTERM");
     assert!(status.success(), "{status:?}");
     assert!(!d.socket.exists(), "socket file removed");
     drop(lease);
@@ -241,7 +310,11 @@ fn kvd_ctl_commands_in_json_and_tables() {
             .args(args)
             .output()
             .expect("run kvd-ctl");
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).expect("utf8")
     };
     let json = |args: &[&str]| -> serde_json::Value {

@@ -89,8 +89,9 @@ enum Cmd {
 const LIST_PAGE: usize = 1000;
 
 fn parse_ns(s: &str) -> anyhow::Result<NamespaceId> {
-    NamespaceId::from_hex(s)
-        .with_context(|| format!("{s:?} is not a namespace id (32 hex digits; see `kvd-ctl status`)"))
+    NamespaceId::from_hex(s).with_context(|| {
+        format!("{s:?} is not a namespace id (32 hex digits; see `kvd-ctl status`)")
+    })
 }
 
 fn parse_keys(v: &[String]) -> anyhow::Result<Vec<BlockKey>> {
@@ -177,7 +178,11 @@ fn status_json(s: &StatsReport) -> serde_json::Value {
 }
 
 fn print_status(s: &StatsReport) {
-    println!("kvd {}  up {:.0}s", s.daemon_version, s.uptime_ms as f64 / 1000.0);
+    println!(
+        "kvd {}  up {:.0}s",
+        s.daemon_version,
+        s.uptime_ms as f64 / 1000.0
+    );
     println!();
     println!(
         "{:<5} {:>11} {:>11} {:>6} {:>10} {:>9} {:>9}",
@@ -219,7 +224,10 @@ fn print_status(s: &StatsReport) {
         );
     }
     println!();
-    println!("{:<6} {:<24} {:>8} {:>6} {:>6} {:>10}", "CLIENT", "NAME", "PID", "UID", "ADMIN", "RING OPS");
+    println!(
+        "{:<6} {:<24} {:>8} {:>6} {:>6} {:>10}",
+        "CLIENT", "NAME", "PID", "UID", "ADMIN", "RING OPS"
+    );
     for c in &s.clients {
         println!(
             "{:<6} {:<24} {:>8} {:>6} {:>6} {:>10}",
@@ -286,7 +294,10 @@ fn main() -> anyhow::Result<()> {
             let key = BlockKey::from_hex(key)?;
             let copies = client.inspect(&key)?;
             if cli.json {
-                println!("{}", json!({"key": key.to_hex(), "copies": copies.iter().map(block_json).collect::<Vec<_>>()}));
+                println!(
+                    "{}",
+                    json!({"key": key.to_hex(), "copies": copies.iter().map(block_json).collect::<Vec<_>>()})
+                );
             } else if copies.is_empty() {
                 println!("{key}: not stored in any tier");
             } else {
@@ -316,7 +327,11 @@ fn main() -> anyhow::Result<()> {
             let pin = matches!(cli.cmd, Cmd::Pin { .. });
             let ns = parse_ns(ns)?;
             let keys = parse_keys(keys)?;
-            let n = if pin { client.pin(&ns, &keys)? } else { client.unpin(&ns, &keys)? };
+            let n = if pin {
+                client.pin(&ns, &keys)?
+            } else {
+                client.unpin(&ns, &keys)?
+            };
             let verb = if pin { "pinned" } else { "unpinned" };
             if cli.json {
                 println!("{}", json!({verb: n, "requested": keys.len()}));

@@ -76,7 +76,7 @@ fn main() -> anyhow::Result<()> {
                         if *l != want[..] {
                             bail!("iteration {it} block {i}: bytes differ from what was written");
                         }
-                        if !l.verify() {
+                        if l.verify() == Some(false) {
                             bail!("iteration {it} block {i}: checksum mismatch");
                         }
                         verified += 1;
@@ -92,7 +92,9 @@ fn main() -> anyhow::Result<()> {
         Mode::HoldPut => {
             let mut held = Vec::new();
             for i in 0..a.blocks {
-                if let Some(mut s) = client.reserve(&ns, &key(a.seed, 1_000_000 + i), a.block_bytes)? {
+                if let Some(mut s) =
+                    client.reserve(&ns, &key(a.seed, 1_000_000 + i), a.block_bytes)?
+                {
                     s.as_mut_slice().fill(0xAB);
                     held.push(s);
                 }
