@@ -93,7 +93,7 @@ fn garbage_frames_get_an_error_and_a_disconnect() {
 
 #[test]
 fn ring_corruption_drops_only_that_client() {
-    let d = Daemon::start(&[]);
+    let d = Daemon::start(&["dram.max_namespaces=3"]);
     let good = d.admin();
     let gns = good.open_namespace(&test_namespace("good")).expect("open");
     good.put(&gns, &BlockKey([1; 32]), b"good data")
