@@ -2,7 +2,8 @@
 //!
 //! Every key has a default (`serde(default)`), unknown keys are errors, and [`Config::validate`]
 //! checks ranges and relations with messages that name the key, so a typo fails at start rather
-//! than at 3 a.m. Environment overrides are `KVD_<SECTION>_<KEY>` (e.g. `KVD_DRAM_ARENA_BYTES`);
+//! than at 3 a.m. Environment overrides are `KVD_<SECTION>_<KEY>` (e.g. `KVD_DRAM_ARENA_BYTES`;
+//! other `KVD_*` variables such as `KVD_SOCKET` are left to the tools that read them);
 //! command-line overrides are `--set section.key=value`. Values are TOML literals, with bare
 //! strings accepted. Sizes take integers or strings with units (`"64 MiB"`, `"1G"`).
 
@@ -315,11 +316,13 @@ impl Config {
             let Some(rest) = k.strip_prefix("KVD_") else {
                 continue;
             };
-            if rest == "CONFIG" {
-                continue;
-            }
             let lower = rest.to_ascii_lowercase();
             let (section, key) = lower.split_once('_').unwrap_or((lower.as_str(), ""));
+            // Only KVD_<SECTION>_<KEY> are configuration; other KVD_* variables (KVD_CONFIG,
+            // KVD_SOCKET for kvd-ctl, ...) belong to other tools.
+            if !SECTIONS.contains(&section) {
+                continue;
+            }
             set_key(
                 &mut root,
                 section,

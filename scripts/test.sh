@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Runs kvd's whole test suite: format, lints, unit/property/integration tests against the real
+# daemon binary, a kvd-bench smoke run (correctness only, no timing assertions), and a compile
+# check of the fuzz targets. Works on a fresh machine with the Rust toolchain installed.
+# `.ci/run` calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Build outputs live outside the checkout so later runs (and CI on the same machine) are
+# incremental; override with CARGO_TARGET_DIR.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kvd/target}"
+export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-$(nproc)}"
+mkdir -p "$CARGO_TARGET_DIR"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+command -v cargo >/dev/null || {
+  echo "cargo not found: install Rust (rustup) first; rust-toolchain.toml pins the version" >&2
+  exit 1
+}
+
+step "rustfmt"
+cargo fmt --all --check
+
+step "clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "build binaries (the integration tests start the real kvd)"
+cargo build --workspace --bins
+
+step "tests (unit, property, integration)"
+KVD_BIN_DIR="$CARGO_TARGET_DIR/debug" cargo test --workspace 2>&1 | tee "$CARGO_TARGET_DIR/test.log"
+
+step "kvd-bench smoke run (every byte verified; figures are not judged here)"
+out=$("$CARGO_TARGET_DIR/debug/kvd-bench" dram --spawn --total 8MiB --rounds 1 --lookups 50 --json)
+echo "$out"
+python3 - "$out" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in sys.argv[1].splitlines() if l.strip()]
+need = {"tier", "op", "size_bytes", "gbps", "p50_us", "p99_us", "memcpy_gbps", "ratio"}
+ops = {r["op"] for r in rows}
+assert {"put", "get", "lookup", "nop"} <= ops, ops
+for r in rows:
+    assert need <= r.keys(), r
+    assert r["tier"] == "dram", r
+    if r["op"] in ("put", "get"):
+        assert r["gbps"] > 0 and r["memcpy_gbps"] > 0 and r["ratio"] > 0, r
+print(f"kvd-bench smoke: {len(rows)} records, all fields present")
+PY
+
+step "fuzz targets compile"
+cargo check --manifest-path fuzz/Cargo.toml
+
+counts=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } } END { printf "%d passed, %d failed", p, f }' "$CARGO_TARGET_DIR/test.log")
+echo
+echo "all checks passed"
+echo "$counts"
