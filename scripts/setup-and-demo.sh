@@ -47,8 +47,10 @@ echo "==> demo workload: kvd-bench dram from a separate process (every byte veri
 "$bin/kvd-bench" dram --socket "$sock" --total 128MiB --rounds 2
 
 echo "==> storing a few blocks that stay, then kvd-ctl status"
-"$bin/kvd-bench" dram --socket "$sock" --total 4MiB --rounds 1 --sizes 1MiB --lookups 10 >/dev/null
+"$bin/kvd-bench" dram --socket "$sock" --total 8MiB --rounds 1 --sizes 1MiB --lookups 10 --keep-blocks >/dev/null
 "$bin/kvd-ctl" --socket "$sock" status
+echo
+"$bin/kvd-ctl" --socket "$sock" ls --limit 5
 
 if [ "$keep" = 1 ]; then
   echo

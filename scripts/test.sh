@@ -50,6 +50,16 @@ PY
 
 step "fuzz targets compile"
 cargo check --manifest-path fuzz/Cargo.toml
+fuzz_secs="${KVD_FUZZ_SECONDS:-15}"
+if [ "$fuzz_secs" -gt 0 ] && cargo fuzz --version >/dev/null 2>&1; then
+  for t in frame_decode descriptor_decode; do
+    step "fuzz $t for ${fuzz_secs}s"
+    (cd fuzz && RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR="$CARGO_TARGET_DIR/fuzz" \
+      cargo fuzz run "$t" -- -max_total_time="$fuzz_secs" 2>&1 | tail -n 2)
+  done
+else
+  echo "(cargo-fuzz not installed: fuzzing skipped; see fuzz/README.md)"
+fi
 
 counts=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } } END { printf "%d passed, %d failed", p, f }' "$CARGO_TARGET_DIR/test.log")
 echo

@@ -51,6 +51,9 @@ struct DramArgs {
     /// Print one JSON object per line.
     #[arg(long)]
     json: bool,
+    /// Leave the last round's blocks stored (for demos and `kvd-ctl ls`).
+    #[arg(long)]
+    keep_blocks: bool,
 }
 
 fn parse_size(s: &str) -> anyhow::Result<usize> {
@@ -157,8 +160,9 @@ fn spawn_daemon(arena: usize, max_block: usize) -> anyhow::Result<(Spawned, Path
 
 fn key(size: usize, i: usize) -> BlockKey {
     let mut k = [0u8; 32];
-    k[..8].copy_from_slice(&(size as u64).to_le_bytes());
-    k[8..16].copy_from_slice(&(i as u64).to_le_bytes());
+    // Index first, so `kvd-ctl ls` short keys tell the blocks apart.
+    k[..8].copy_from_slice(&(i as u64).to_be_bytes());
+    k[8..16].copy_from_slice(&(size as u64).to_le_bytes());
     BlockKey(k)
 }
 
@@ -243,7 +247,7 @@ fn dram(a: DramArgs) -> anyhow::Result<()> {
         let keys: Vec<BlockKey> = (0..n).map(|i| key(size, i)).collect();
         let (mut best_put, mut best_get, mut best_cpy) = (0f64, 0f64, 0f64);
         let (mut put_lat, mut get_lat) = (Vec::new(), Vec::new());
-        for _ in 0..a.rounds {
+        for round in 0..a.rounds {
             // memcpy reference: same sources, distinct pre-faulted destinations.
             let t = Instant::now();
             for (s, d) in src.iter().zip(dst.iter_mut()) {
@@ -279,6 +283,9 @@ fn dram(a: DramArgs) -> anyhow::Result<()> {
                 if s != d {
                     bail!("size {size} block {i}: bytes read back differ from bytes written");
                 }
+            }
+            if a.keep_blocks && round + 1 == a.rounds {
+                break;
             }
             client.delete(&ns.id, &keys)?;
             // Change the sources so the next round cannot be served by a stale cache line.
