@@ -421,7 +421,13 @@ impl Client {
                         token: c.token,
                         done: false,
                     };
-                    if let Err(e) = ns.arena.header.check_slot(c.offset, c.len.max(*len as u64)) {
+                    // Never write past the slot: a slot smaller than asked for is refused.
+                    if c.len < *len as u64 {
+                        err.get_or_insert(ClientError::Unexpected(format!(
+                            "kvd granted a {}-byte slot for a {len}-byte block",
+                            c.len
+                        )));
+                    } else if let Err(e) = ns.arena.header.check_slot(c.offset, c.len) {
                         err.get_or_insert(ClientError::Protocol(e));
                     }
                     out.push(Some(slot));

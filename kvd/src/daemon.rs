@@ -232,16 +232,7 @@ impl Daemon {
                 None => {
                     let arena = match reg.pool.pop() {
                         Some(a) => a,
-                        None => Self::recycle(&mut reg).ok_or_else(|| {
-                            OpError::new(
-                                ErrorCode::NamespaceLimit,
-                                format!(
-                                    "all {} arenas are bound to namespaces in use; raise \
-                                     dram.max_namespaces or free a namespace",
-                                    self.cfg.dram.max_namespaces
-                                ),
-                            )
-                        })?,
+                        None => self.recycle(&mut reg)?,
                     };
                     arena.bind(id);
                     let alloc = SlabAllocator::new(
@@ -277,25 +268,44 @@ impl Daemon {
         Ok((ns, (handles.len() - 1) as u32))
     }
 
-    /// Takes the arena of a namespace nobody uses and that holds nothing.
-    fn recycle(reg: &mut Registry) -> Option<Arena> {
-        let victim = reg.by_id.iter().find_map(|(id, ns)| {
-            let s = ns.store.lock();
-            (ns.open.load(Ordering::SeqCst) == 0
-                && s.blocks() == 0
-                && s.reserved() == 0
-                && s.leases() == 0)
-                .then_some(*id)
-        })?;
-        let ns = reg.by_id.remove(&victim)?;
+    /// Retires a namespace nobody uses and that holds nothing, and returns a *fresh* arena in
+    /// its place. The old memfd is dropped rather than reused: a client that once mapped it
+    /// (and may still, after disconnecting) must never see another namespace's blocks.
+    fn recycle(&self, reg: &mut Registry) -> Result<Arena, OpError> {
+        let full = || {
+            OpError::new(
+                ErrorCode::NamespaceLimit,
+                format!(
+                    "all {} arenas are bound to namespaces in use; raise dram.max_namespaces or \
+                     free a namespace",
+                    self.cfg.dram.max_namespaces
+                ),
+            )
+        };
+        let victim = reg
+            .by_id
+            .iter()
+            .find_map(|(id, ns)| {
+                let s = ns.store.lock();
+                (ns.open.load(Ordering::SeqCst) == 0
+                    && s.blocks() == 0
+                    && s.reserved() == 0
+                    && s.leases() == 0)
+                    .then_some(*id)
+            })
+            .ok_or_else(full)?;
+        let ns = reg.by_id.remove(&victim).ok_or_else(full)?;
         match Arc::try_unwrap(ns) {
-            Ok(ns) => {
-                tracing::info!(ns = %victim, "recycled the arena of an empty, unused namespace");
-                Some(ns.arena)
+            Ok(old) => {
+                drop(old);
+                let arena = Arena::create(&self.cfg.dram)
+                    .map_err(|e| OpError::new(ErrorCode::Internal, e.to_string()))?;
+                tracing::info!(ns = %victim, "retired an empty, unused namespace for a new one");
+                Ok(arena)
             }
             Err(ns) => {
                 reg.by_id.insert(victim, ns);
-                None
+                Err(full())
             }
         }
     }
@@ -441,5 +451,48 @@ impl Daemon {
             namespaces,
             clients,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    fn small() -> Config {
+        let mut c = Config::default();
+        c.dram.arena_bytes = crate::config::ByteSize(16 << 20);
+        c.dram.max_block_bytes = crate::config::ByteSize(1 << 20);
+        c.dram.max_namespaces = 1;
+        c
+    }
+
+    fn inode(fd: &std::os::fd::OwnedFd) -> u64 {
+        std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn a_retired_namespace_never_hands_its_memory_to_another() {
+        let d = Daemon::new(small()).unwrap();
+        let a = d.register(1, 0).unwrap();
+        let (ns_a, _) = d
+            .open_namespace(&a, NamespaceDesc::new("a", "bf16", "L", 16))
+            .unwrap();
+        let old = ns_a.arena.fd().try_clone().unwrap();
+        drop(ns_a);
+        let b = d.register(2, 0).unwrap();
+        // Namespace a is still open on connection a: no arena for b.
+        let e = d
+            .open_namespace(&b, NamespaceDesc::new("b", "bf16", "L", 16))
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::NamespaceLimit);
+        d.unregister(&a);
+        let (ns_b, _) = d
+            .open_namespace(&b, NamespaceDesc::new("b", "bf16", "L", 16))
+            .unwrap();
+        assert_ne!(inode(&old), inode(ns_b.arena.fd()), "b got a fresh memfd");
+        assert_ne!(inode(&old), 0);
     }
 }

@@ -139,8 +139,14 @@ impl Session {
         }
     }
 
-    fn held(&self) -> usize {
-        self.reservations.len() + self.leases.len()
+    /// The namespace for a descriptor that will take a reservation or a lease, if the handle
+    /// is open on this connection and the connection may hold one more.
+    fn admit(&self, handle: u32) -> Result<Arc<Namespace>, Status> {
+        let ns = self.namespace(handle).ok_or(Status::BadNamespace)?;
+        if self.reservations.len() + self.leases.len() >= MAX_HELD_PER_CONN {
+            return Err(Status::LimitExceeded);
+        }
+        Ok(ns)
     }
 
     fn handle(&mut self, sub: &Submission) -> Result<Completion, Violation> {
@@ -152,14 +158,13 @@ impl Session {
         match sub.op {
             Op::Nop => {}
             Op::Reserve => {
-                let Some(ns) = self.namespace(sub.ns) else {
-                    c.status = Status::BadNamespace as u16;
-                    return Ok(c);
+                let ns = match self.admit(sub.ns) {
+                    Ok(ns) => ns,
+                    Err(st) => {
+                        c.status = st as u16;
+                        return Ok(c);
+                    }
                 };
-                if self.held() >= MAX_HELD_PER_CONN {
-                    c.status = Status::LimitExceeded as u16;
-                    return Ok(c);
-                }
                 let r = ns.store.lock().reserve(&sub.key, sub.arg0);
                 match r {
                     Ok(slot) => {
@@ -210,14 +215,13 @@ impl Session {
                 None => c.status = self.unknown_token("abort", sub.arg0)? as u16,
             },
             Op::Get => {
-                let Some(ns) = self.namespace(sub.ns) else {
-                    c.status = Status::BadNamespace as u16;
-                    return Ok(c);
+                let ns = match self.admit(sub.ns) {
+                    Ok(ns) => ns,
+                    Err(st) => {
+                        c.status = st as u16;
+                        return Ok(c);
+                    }
                 };
-                if self.held() >= MAX_HELD_PER_CONN {
-                    c.status = Status::LimitExceeded as u16;
-                    return Ok(c);
-                }
                 let hit = ns.store.lock().get(&sub.key, self.daemon.now_ms());
                 match hit {
                     Some(h) => {

@@ -203,6 +203,21 @@ fn emit(json: bool, r: &Record) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A record with latencies only (no throughput or memcpy reference), from sorted samples.
+fn latency_record(op: &'static str, size_bytes: u64, sorted_ns: &[u64]) -> Record {
+    Record {
+        tier: "dram",
+        op,
+        size_bytes,
+        gbps: None,
+        p50_us: percentile_us(sorted_ns, 50.0),
+        p99_us: percentile_us(sorted_ns, 99.0),
+        memcpy_gbps: None,
+        ratio: None,
+        ops: sorted_ns.len() as u64,
+    }
+}
+
 fn dram(a: DramArgs) -> anyhow::Result<()> {
     let sizes = a
         .sizes
@@ -320,20 +335,7 @@ fn dram(a: DramArgs) -> anyhow::Result<()> {
         lat.push(t0.elapsed().as_nanos() as u64);
     }
     lat.sort_unstable();
-    emit(
-        a.json,
-        &Record {
-            tier: "dram",
-            op: "nop",
-            size_bytes: 0,
-            gbps: None,
-            p50_us: percentile_us(&lat, 50.0),
-            p99_us: percentile_us(&lat, 99.0),
-            memcpy_gbps: None,
-            ratio: None,
-            ops: lat.len() as u64,
-        },
-    )?;
+    emit(a.json, &latency_record("nop", 0, &lat))?;
     // Batch lookup of a 1024-key chain that is fully stored.
     let chain: Vec<BlockKey> = (0..1024).map(|i| key(4096, i)).collect();
     let small = vec![0x42u8; 4096];
@@ -350,20 +352,7 @@ fn dram(a: DramArgs) -> anyhow::Result<()> {
     }
     lat.sort_unstable();
     client.delete(&ns.id, &chain)?;
-    emit(
-        a.json,
-        &Record {
-            tier: "dram",
-            op: "lookup",
-            size_bytes: 1024 * 32,
-            gbps: None,
-            p50_us: percentile_us(&lat, 50.0),
-            p99_us: percentile_us(&lat, 99.0),
-            memcpy_gbps: None,
-            ratio: None,
-            ops: lat.len() as u64,
-        },
-    )?;
+    emit(a.json, &latency_record("lookup", 1024 * 32, &lat))?;
     Ok(())
 }
 
