@@ -57,8 +57,10 @@ if [ "$fuzz_secs" -gt 0 ] && cargo fuzz --version >/dev/null 2>&1; then
     (cd fuzz && RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR="$CARGO_TARGET_DIR/fuzz" \
       cargo fuzz run "$t" -- -max_total_time="$fuzz_secs" 2>&1 | tail -n 2)
   done
-else
+elif [ "$fuzz_secs" -gt 0 ]; then
   echo "(cargo-fuzz not installed: fuzzing skipped; see fuzz/README.md)"
+else
+  echo "(KVD_FUZZ_SECONDS=0: fuzzing skipped)"
 fi
 
 counts=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } } END { printf "%d passed, %d failed", p, f }' "$CARGO_TARGET_DIR/test.log")
