@@ -38,13 +38,6 @@ use parking_lot::Mutex;
 /// Default socket path (also `$KVD_SOCKET`).
 pub const DEFAULT_SOCKET: &str = "/run/kvd/kvd.sock";
 
-/// The socket path from `$KVD_SOCKET`, else [`DEFAULT_SOCKET`].
-pub fn default_socket() -> PathBuf {
-    std::env::var_os("KVD_SOCKET")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
-}
-
 /// Connection options.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -408,40 +401,31 @@ impl Client {
             })
             .collect();
         let cpls = self.ring.lock().batch(&subs, &self.opts)?;
-        let mut out = Vec::with_capacity(cpls.len());
-        let mut err = None;
-        for ((_, len), c) in items.iter().zip(&cpls) {
-            match Status::from_u16(c.status) {
-                Some(Status::Ok) => {
-                    let slot = PutSlot {
-                        client: self,
-                        ns,
-                        offset: c.offset,
-                        len: *len,
-                        token: c.token,
-                        done: false,
-                    };
-                    // Never write past the slot: a slot smaller than asked for is refused.
-                    if c.len < *len as u64 {
-                        err.get_or_insert(ClientError::Unexpected(format!(
-                            "kvd granted a {}-byte slot for a {len}-byte block",
-                            c.len
-                        )));
-                    } else if let Err(e) = ns.arena.header.check_slot(c.offset, c.len) {
-                        err.get_or_insert(ClientError::Protocol(e));
-                    }
-                    out.push(Some(slot));
-                }
-                Some(Status::Exists) => out.push(None),
-                _ => {
-                    err.get_or_insert(ClientError::from_status("reserve", c.status));
-                }
-            }
-        }
-        match err {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
+        per_item("reserve", &cpls, Status::Exists, |i, c| {
+            let len = items[i].1;
+            let slot = PutSlot {
+                client: self,
+                ns,
+                offset: c.offset,
+                len,
+                token: c.token,
+                done: false,
+            };
+            // Never write past the slot: a slot smaller than asked for is refused.
+            let bad = if c.len < len as u64 {
+                Some(ClientError::Unexpected(format!(
+                    "kvd granted a {}-byte slot for a {len}-byte block",
+                    c.len
+                )))
+            } else {
+                ns.arena
+                    .header
+                    .check_slot(c.offset, c.len)
+                    .err()
+                    .map(ClientError::Protocol)
+            };
+            (slot, bad)
+        })
     }
 
     /// Commits many written slots in one ring batch.
@@ -515,34 +499,23 @@ impl Client {
             })
             .collect();
         let cpls = self.ring.lock().batch(&subs, &self.opts)?;
-        let mut out = Vec::with_capacity(cpls.len());
-        let mut err = None;
-        for c in cpls {
-            match Status::from_u16(c.status) {
-                Some(Status::Ok) => {
-                    let lease = ReadLease {
-                        client: self,
-                        ns,
-                        offset: c.offset,
-                        len: c.len,
-                        checksum: (c.flags & COMPLETION_CHECKSUM_VALID != 0).then_some(c.checksum),
-                        token: c.token,
-                    };
-                    if let Err(e) = ns.arena.header.check_slot(c.offset, c.len) {
-                        err.get_or_insert(ClientError::Protocol(e));
-                    }
-                    out.push(Some(lease));
-                }
-                Some(Status::NotFound) => out.push(None),
-                _ => {
-                    err.get_or_insert(ClientError::from_status("get", c.status));
-                }
-            }
-        }
-        match err {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
+        per_item("get", &cpls, Status::NotFound, |_, c| {
+            let lease = ReadLease {
+                client: self,
+                ns,
+                offset: c.offset,
+                len: c.len,
+                checksum: (c.flags & COMPLETION_CHECKSUM_VALID != 0).then_some(c.checksum),
+                token: c.token,
+            };
+            let bad = ns
+                .arena
+                .header
+                .check_slot(c.offset, c.len)
+                .err()
+                .map(ClientError::Protocol);
+            (lease, bad)
+        })
     }
 
     /// Copies one block into `buf`; returns its length, or `None` when not stored. Fails with
@@ -575,6 +548,39 @@ impl Client {
         if r.submit(s, true, &self.opts).is_ok() {
             r.ring.notify();
         }
+    }
+}
+
+/// One result per completion of a batch: `Some` for `Ok`, `None` for the `absent` status, and
+/// the first error otherwise. `build` makes the guard for an `Ok` completion plus any problem
+/// with it; guards are built even then, so that on error dropping them gives back what the
+/// daemon granted (slots aborted, leases released).
+fn per_item<T>(
+    op: &'static str,
+    cpls: &[Completion],
+    absent: Status,
+    mut build: impl FnMut(usize, &Completion) -> (T, Option<ClientError>),
+) -> Result<Vec<Option<T>>> {
+    let mut out = Vec::with_capacity(cpls.len());
+    let mut err = None;
+    for (i, c) in cpls.iter().enumerate() {
+        match Status::from_u16(c.status) {
+            Some(Status::Ok) => {
+                let (guard, bad) = build(i, c);
+                if let Some(e) = bad {
+                    err.get_or_insert(e);
+                }
+                out.push(Some(guard));
+            }
+            Some(s) if s == absent => out.push(None),
+            _ => {
+                err.get_or_insert(ClientError::from_status(op, c.status));
+            }
+        }
+    }
+    match err {
+        Some(e) => Err(e),
+        None => Ok(out),
     }
 }
 

@@ -126,10 +126,6 @@ impl Mapping {
                 )));
             }
         }
-        let mut flags = libc::MAP_SHARED;
-        if populate {
-            flags |= libc::MAP_POPULATE;
-        }
         // SAFETY: a fresh mapping chosen by the kernel (addr NULL) over a valid fd; the result
         // is checked before use.
         let p = unsafe {
@@ -137,7 +133,7 @@ impl Mapping {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                flags,
+                libc::MAP_SHARED,
                 fd.as_raw_fd(),
                 0,
             )
@@ -148,19 +144,28 @@ impl Mapping {
         let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| MapError::last("mmap"))?;
         let m = Self { ptr, len };
         if populate {
-            m.populate_write();
+            m.populate();
         }
         Ok(m)
     }
 
-    /// Maps every page writable now without changing its content (`MADV_POPULATE_WRITE`,
-    /// Linux ≥ 5.14). `MAP_POPULATE` alone maps shared pages for reading, so the first write to
-    /// each page would still fault — on the data path. Best effort on older kernels.
-    fn populate_write(&self) {
+    /// Faults every page in now, writable, without changing content: `MADV_POPULATE_WRITE`
+    /// (Linux ≥ 5.14). `MAP_POPULATE` would map shared pages for reading only, leaving a write
+    /// fault per page on the data path. On older kernels, falls back to reading one byte per
+    /// page (allocates the pages; first writes still take a minor fault). Never writes, so it
+    /// is safe on a region other processes are using.
+    pub fn populate(&self) {
         const MADV_POPULATE_WRITE: libc::c_int = 23;
         // SAFETY: the range is exactly this live mapping; the advice only faults pages in.
-        unsafe {
-            libc::madvise(self.ptr.as_ptr().cast(), self.len, MADV_POPULATE_WRITE);
+        let r = unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.len, MADV_POPULATE_WRITE) };
+        if r == 0 {
+            return;
+        }
+        let mut off = 0;
+        while off < self.len {
+            // SAFETY: `off < len`, inside the live mapping; a volatile read faults the page in.
+            unsafe { self.ptr.as_ptr().add(off).read_volatile() };
+            off += 4096;
         }
     }
 
@@ -172,21 +177,6 @@ impl Mapping {
             return Err(MapError::last("madvise(MADV_HUGEPAGE)"));
         }
         Ok(())
-    }
-
-    /// Touches every page so that none faults later (for mappings created without populate).
-    pub fn prefault(&self) {
-        let page = 4096;
-        let mut off = 0;
-        while off < self.len {
-            // SAFETY: `off < len`, inside the live mapping; a volatile write of the value just
-            // read keeps the content and forces the page to be allocated now.
-            unsafe {
-                let p = self.ptr.as_ptr().add(off);
-                p.write_volatile(p.read_volatile());
-            }
-            off += page;
-        }
     }
 
     /// Start of the mapping.
@@ -277,7 +267,7 @@ mod tests {
         let mut out = [0u8; 5];
         b.copy_out(100, &mut out);
         assert_eq!(&out, b"hello");
-        b.prefault();
+        b.populate();
         assert!(a.contains(0, 1 << 16));
         assert!(!a.contains(1, 1 << 16));
         assert!(!a.contains(usize::MAX, 2));

@@ -318,11 +318,6 @@ impl DaemonRing {
             .map_err(|e| RingError::Corrupt(e.to_string()))
     }
 
-    /// Whether a submission is waiting.
-    pub fn has_work(&self) -> bool {
-        self.shared.word(off::SQ_TAIL).load(Ordering::Acquire) != self.sq_head
-    }
-
     /// Posts a completion; `Ok(false)` when the client has not reaped enough (queue full).
     pub fn post(&mut self, c: &Completion) -> Result<bool, RingError> {
         let head = self.shared.word(off::CQ_HEAD).load(Ordering::Acquire);

@@ -63,20 +63,15 @@ impl Arena {
                 "arena larger than the address space".into(),
             ))
         })?;
-        let map = Mapping::map_fd(
-            &fd,
-            len,
-            cfg.prefault && huge != HugePages::Transparent,
-            true,
-        )
-        .map_err(err)?;
+        let map = Mapping::map_fd(&fd, len, false, true).map_err(err)?;
         if huge == HugePages::Transparent {
             if let Err(e) = map.advise_huge() {
                 tracing::warn!(error = %e, "transparent huge pages unavailable; using 4 KiB pages");
             }
-            if cfg.prefault {
-                map.prefault();
-            }
+        }
+        // After the huge-page advice, so the pages are faulted in at the size asked for.
+        if cfg.prefault {
+            map.populate();
         }
         let data_offset = if huge == HugePages::Off {
             ARENA_HEADER_BYTES as u64
