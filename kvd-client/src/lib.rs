@@ -14,8 +14,10 @@
 mod asynch;
 mod control;
 mod error;
+pub mod json;
 
 use std::collections::HashMap;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -656,6 +658,25 @@ impl ReadLease<'_> {
     /// match, `Some(false)` on corruption, `None` when no checksum was sealed yet.
     pub fn verify(&self) -> Option<bool> {
         self.checksum.map(|c| kvd_checksum(self) == c)
+    }
+
+    /// Test hook: flips one byte of the stored block in place (the namespace's arena is writable
+    /// by its clients, as the trust model says), so tests can prove that readers detect or
+    /// use corrupted bytes. Returns false when `offset` is outside the block. Not for production.
+    #[doc(hidden)]
+    pub fn testing_flip_byte(&self, offset: usize) -> bool {
+        if offset as u64 >= self.len {
+            return false;
+        }
+        let base = self.deref().as_ptr();
+        // SAFETY: `offset` is inside the leased block (checked above), which lies inside the
+        // shared read-write arena mapping; a volatile write of one byte races at worst with
+        // readers of this block, which is the corruption the test wants them to see.
+        unsafe {
+            let p = base.add(offset).cast_mut();
+            std::ptr::write_volatile(p, !std::ptr::read_volatile(p));
+        }
+        true
     }
 }
 

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use kvd_client::json::{block_json, status_json};
 use kvd_client::{BlockInfo, BlockKey, Client, NamespaceId, Options, StatsReport};
 use serde_json::json;
 
@@ -123,14 +124,6 @@ fn rate(h: u64, m: u64) -> String {
     }
 }
 
-fn block_json(b: &BlockInfo) -> serde_json::Value {
-    json!({
-        "namespace": b.ns.to_hex(), "key": b.key.to_hex(), "tier": b.tier.name(),
-        "len": b.len, "checksum": format!("{:016x}", b.checksum), "pins": b.pins,
-        "readers": b.readers, "hits": b.hits, "age_ms": b.age_ms, "idle_ms": b.idle_ms,
-    })
-}
-
 fn print_blocks(blocks: &[BlockInfo]) {
     println!(
         "{:<10} {:<14} {:<5} {:>10} {:<16} {:>4} {:>4} {:>6} {:>9}",
@@ -150,31 +143,6 @@ fn print_blocks(blocks: &[BlockInfo]) {
             b.age_ms as f64 / 1000.0
         );
     }
-}
-
-fn status_json(s: &StatsReport) -> serde_json::Value {
-    json!({
-        "daemon_version": s.daemon_version,
-        "uptime_ms": s.uptime_ms,
-        "tiers": s.tiers.iter().map(|t| json!({
-            "tier": t.tier.name(), "capacity_bytes": t.capacity_bytes, "used_bytes": t.used_bytes,
-            "blocks": t.blocks, "hits": t.hits, "misses": t.misses, "evictions": t.evictions,
-            "hit_rate": if t.hits + t.misses == 0 { serde_json::Value::Null }
-                        else { json!(t.hits as f64 / (t.hits + t.misses) as f64) },
-        })).collect::<Vec<_>>(),
-        "namespaces": s.namespaces.iter().map(|n| json!({
-            "id": n.ns.to_hex(), "model": n.desc.model, "dtype": n.desc.dtype,
-            "layout": n.desc.layout, "block_tokens": n.desc.block_tokens,
-            "tp_rank": n.desc.tp_rank, "tp_size": n.desc.tp_size, "lora": n.desc.lora,
-            "tenant": n.desc.tenant, "arena_bytes": n.arena_bytes, "used_bytes": n.used_bytes,
-            "blocks": n.blocks, "pinned": n.pinned, "leases": n.leases, "reserved": n.reserved,
-            "hits": n.hits, "misses": n.misses, "evictions": n.evictions,
-            "full_rejections": n.full_rejections,
-        })).collect::<Vec<_>>(),
-        "clients": s.clients.iter().map(|c| json!({
-            "id": c.id, "name": c.name, "pid": c.pid, "uid": c.uid, "admin": c.admin, "ops": c.ops,
-        })).collect::<Vec<_>>(),
-    })
 }
 
 fn print_status(s: &StatsReport) {

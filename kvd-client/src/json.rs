@@ -1,0 +1,41 @@
+//! JSON views of daemon reports, shared by `kvd-ctl --json` and the Python binding so both
+//! speak the same field names.
+
+use serde_json::{json, Value};
+
+use crate::{BlockInfo, StatsReport};
+
+/// One block as listed or inspected.
+pub fn block_json(b: &BlockInfo) -> Value {
+    json!({
+        "namespace": b.ns.to_hex(), "key": b.key.to_hex(), "tier": b.tier.name(),
+        "len": b.len, "checksum": format!("{:016x}", b.checksum), "pins": b.pins,
+        "readers": b.readers, "hits": b.hits, "age_ms": b.age_ms, "idle_ms": b.idle_ms,
+    })
+}
+
+/// The daemon's statistics report.
+pub fn status_json(s: &StatsReport) -> Value {
+    json!({
+        "daemon_version": s.daemon_version,
+        "uptime_ms": s.uptime_ms,
+        "tiers": s.tiers.iter().map(|t| json!({
+            "tier": t.tier.name(), "capacity_bytes": t.capacity_bytes, "used_bytes": t.used_bytes,
+            "blocks": t.blocks, "hits": t.hits, "misses": t.misses, "evictions": t.evictions,
+            "hit_rate": if t.hits + t.misses == 0 { Value::Null }
+                        else { json!(t.hits as f64 / (t.hits + t.misses) as f64) },
+        })).collect::<Vec<_>>(),
+        "namespaces": s.namespaces.iter().map(|n| json!({
+            "id": n.ns.to_hex(), "model": n.desc.model, "dtype": n.desc.dtype,
+            "layout": n.desc.layout, "block_tokens": n.desc.block_tokens,
+            "tp_rank": n.desc.tp_rank, "tp_size": n.desc.tp_size, "lora": n.desc.lora,
+            "tenant": n.desc.tenant, "arena_bytes": n.arena_bytes, "used_bytes": n.used_bytes,
+            "blocks": n.blocks, "pinned": n.pinned, "leases": n.leases, "reserved": n.reserved,
+            "hits": n.hits, "misses": n.misses, "evictions": n.evictions,
+            "full_rejections": n.full_rejections,
+        })).collect::<Vec<_>>(),
+        "clients": s.clients.iter().map(|c| json!({
+            "id": c.id, "name": c.name, "pid": c.pid, "uid": c.uid, "admin": c.admin, "ops": c.ops,
+        })).collect::<Vec<_>>(),
+    })
+}

@@ -1,0 +1,619 @@
+"""``KvdConnector``: vLLM's KV connector (v1 API) backed by kvd.
+
+Enable it with::
+
+    --kv-transfer-config '{"kv_connector": "KvdConnector",
+                           "kv_connector_module_path": "kvd.connector",
+                           "kv_role": "kv_both",
+                           "kv_load_failure_policy": "recompute",
+                           "kv_connector_extra_config": {"socket": "/run/kvd/kvd.sock"}}'
+
+How it works
+------------
+*Scheduler role* (EngineCore): for each new request it derives one 32-byte key per full block
+of the prompt (see "Keys"), asks kvd for the longest stored prefix beyond what vLLM already
+holds, and reports those tokens as external hits (block-aligned, always leaving one token to
+compute). Each step it tells the workers which blocks to load (hits) and which newly completed
+blocks to save, with their keys.
+
+*Worker role* (one per TP rank): ``register_kv_caches`` learns where each layer's pages live;
+``start_load_kv`` copies hit blocks from kvd's shared arena into the engine's pages (checksum
+verified first, so a damaged block is reported through ``get_block_ids_with_load_errors`` and
+recomputed, never used); ``wait_for_save`` copies completed blocks into arena slots and commits
+them. A kvd block is the concatenation, layer by layer, of the engine's page for that block.
+Loads and saves are synchronous (they finish within the step); copies run in Rust with the GIL
+released, one copy per page.
+
+Keys
+----
+``hash`` in the extra config picks the key chain:
+- ``"kvd"``: kvd's canonical chain (BLAKE3 over parent key, u32 token ids; kvd-proto), the same
+  in every process and every vLLM version;
+- ``"vllm"``: vLLM's own ``request.block_hashes`` (for llm-d routers that score by them); only
+  reproducible across processes with a cryptographic algorithm (``sha256``/``sha256_cbor``);
+- ``"auto"`` (default): ``"vllm"`` when ``prefix_caching_hash_algo`` is sha256/sha256_cbor and
+  its hashes cover exactly one engine block, else ``"kvd"``.
+The scheme is part of the namespace's layout string, so keys of two schemes never meet.
+
+Namespace
+---------
+model (``model`` extra key, default the served model), KV dtype, layout
+(``<device>/<cache spec>/L<layers>x<page bytes>[/<kv layout>]|keys=<scheme>``), block size, TP
+rank and size, LoRA adapter, and tenant = ``tenant`` extra key plus the request's
+``cache_salt``: a salted request never sees another salt's blocks.
+
+Not cached: requests with multimodal inputs or prompt embeddings under the ``kvd`` scheme (their
+KV depends on more than token ids), and models with several KV-cache groups (hybrid models).
+
+If kvd is not running, vLLM keeps serving: one warning, no hits, nothing saved; the connector
+reconnects by itself (every ``retry_s`` seconds, default 5).
+
+Extra config keys: ``socket`` (default ``$KVD_SOCKET`` or /run/kvd/kvd.sock), ``model``,
+``tenant``, ``hash`` (auto|kvd|vllm), ``verify_checksums`` (default true), ``load`` and
+``save`` (default true), ``retry_s``, ``copy_path`` (``direct`` on CPU; ``staging`` copies
+through a host buffer and is what device tensors use).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvd._kvd import CORRUPT, LOADED, KvdError, chain_keys
+from kvd._link import Link
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+# A child of vLLM's logger, so the connector's lines appear with vLLM's own.
+log = logging.getLogger("vllm.kvd_connector")
+
+#: Version of the key schemes and layout string; part of every namespace.
+KEY_SCHEME_KVD = "kvd-blake3-v1"
+_CRYPTO_HASHES = {"sha256", "sha256_cbor"}
+
+
+@dataclass
+class BlockTransfer:
+    """Blocks of one request to move in one direction this step."""
+
+    req_id: str
+    tenant: str
+    keys: list[bytes]
+    block_ids: list[int]
+
+
+@dataclass
+class KvdConnectorMetadata(KVConnectorMetadata):
+    """What the scheduler asks the workers to do in one step (pickled to worker processes)."""
+
+    loads: list[BlockTransfer] = field(default_factory=list)
+    saves: list[BlockTransfer] = field(default_factory=list)
+
+
+@dataclass
+class Geometry:
+    """The shape of one engine block, as both roles derive it from the engine config."""
+
+    model: str
+    dtype: str
+    layout: str
+    block_tokens: int
+    tp_rank: int
+    tp_size: int
+    layer_names: list[str]
+    page_bytes: int | None
+    cacheable: bool
+    why_not: str = ""
+
+
+def _dtype_name(d: Any) -> str:
+    return str(d).removeprefix("torch.")
+
+
+def _geometry(vllm_config: VllmConfig, kv_cache_config: Any, model: str, scheme: str) -> Geometry:
+    cache = vllm_config.cache_config
+    block_tokens = int(cache.block_size)
+    parallel = vllm_config.parallel_config
+    tp_size = int(getattr(parallel, "tensor_parallel_size", 1) or 1)
+    device = str(getattr(getattr(vllm_config, "device_config", None), "device_type", "cpu"))
+    layer_names: list[str] = []
+    page_bytes: int | None = None
+    spec_name = "attention"
+    dtype = str(getattr(cache, "cache_dtype", "auto"))
+    cacheable, why_not = True, ""
+    kv_layout = ""
+    if kv_cache_config is not None:
+        groups = list(getattr(kv_cache_config, "kv_cache_groups", []))
+        if len(groups) != 1:
+            cacheable, why_not = False, f"{len(groups)} KV-cache groups (hybrid model)"
+        if groups:
+            spec = groups[0].kv_cache_spec
+            layer_names = list(groups[0].layer_names)
+            page_bytes = int(spec.page_size_bytes)
+            spec_name = type(spec).__name__
+            dtype = _dtype_name(getattr(spec, "dtype", dtype))
+            if getattr(spec, "block_size", block_tokens) != block_tokens:
+                block_tokens = int(spec.block_size)
+        kv_layout = getattr(kv_cache_config, "kv_cache_layout", None) or ""
+    if dtype == "auto":
+        dtype = _dtype_name(vllm_config.model_config.dtype)
+    layout = f"{device}/{spec_name}/L{len(layer_names) or '?'}x{page_bytes or '?'}"
+    if kv_layout:
+        layout += f"/{kv_layout}"
+    layout += f"|keys={scheme}"
+    return Geometry(
+        model=model,
+        dtype=dtype,
+        layout=layout,
+        block_tokens=block_tokens,
+        tp_rank=0,
+        tp_size=tp_size,
+        layer_names=layer_names,
+        page_bytes=page_bytes,
+        cacheable=cacheable,
+        why_not=why_not,
+    )
+
+
+def _key_scheme(vllm_config: VllmConfig, kv_cache_config: Any, wanted: str) -> str:
+    algo = str(getattr(vllm_config.cache_config, "prefix_caching_hash_algo", "") or "")
+    hash_block = getattr(kv_cache_config, "hash_block_size", None) if kv_cache_config else None
+    usable = algo in _CRYPTO_HASHES and hash_block in (None, vllm_config.cache_config.block_size)
+    if wanted == "kvd":
+        return KEY_SCHEME_KVD
+    if wanted == "vllm":
+        if not usable:
+            raise ValueError(
+                f"kvd: hash='vllm' needs prefix_caching_hash_algo sha256 or sha256_cbor with one "
+                f"hash per block (got {algo!r}); use hash='kvd'"
+            )
+        return f"vllm-{algo}"
+    if wanted != "auto":
+        raise ValueError(f"kvd: hash must be auto, kvd or vllm, not {wanted!r}")
+    return f"vllm-{algo}" if usable else KEY_SCHEME_KVD
+
+
+@dataclass
+class _ReqState:
+    """Scheduler-side bookkeeping of one live request."""
+
+    request: Any
+    tenant: str
+    keys: list[bytes] = field(default_factory=list)
+    local_tokens: int = 0
+    load: tuple[list[bytes], int] | None = None
+    block_ids: list[int] = field(default_factory=list)
+    saved_blocks: int | None = None
+
+
+class KvdConnector(KVConnectorBase_V1):
+    """vLLM KV connector that keeps KV blocks in kvd (see the module docstring)."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: Any = None,
+    ) -> None:
+        params = inspect.signature(KVConnectorBase_V1.__init__).parameters
+        if "kv_cache_config" in params:
+            super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        else:
+            super().__init__(vllm_config=vllm_config, role=role)
+        try:
+            from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+            self._cache_hit_source = CacheHitSource.HOST
+        except ImportError:
+            pass
+        tc = vllm_config.kv_transfer_config
+        extra: dict[str, Any] = dict(getattr(tc, "kv_connector_extra_config", None) or {})
+        self._socket = str(
+            extra.get("socket") or os.environ.get("KVD_SOCKET") or "/run/kvd/kvd.sock"
+        )
+        self._tenant = str(extra.get("tenant", ""))
+        self._verify = bool(extra.get("verify_checksums", True))
+        self._do_load = bool(extra.get("load", True))
+        self._do_save = bool(extra.get("save", True))
+        self._copy_path = str(extra.get("copy_path", "auto"))
+        if self._copy_path not in ("auto", "direct", "staging"):
+            raise ValueError(f"kvd: copy_path must be auto, direct or staging, not {self._copy_path!r}")
+        model = str(
+            extra.get("model")
+            or getattr(vllm_config.model_config, "served_model_name", None)
+            or vllm_config.model_config.model
+        )
+        if isinstance(getattr(vllm_config.model_config, "served_model_name", None), list):
+            model = str(extra.get("model") or vllm_config.model_config.served_model_name[0])
+        self._scheme = _key_scheme(vllm_config, kv_cache_config, str(extra.get("hash", "auto")))
+        self._geo = _geometry(vllm_config, kv_cache_config, model, self._scheme)
+        self._block = self._geo.block_tokens
+        if getattr(tc, "kv_load_failure_policy", "recompute") != "recompute":
+            log.warning(
+                "kvd: kv_load_failure_policy is %r; set it to \"recompute\" so a block kvd "
+                "lost or found damaged is recomputed instead of failing the request",
+                getattr(tc, "kv_load_failure_policy", None),
+            )
+        if not self._geo.cacheable:
+            log.warning("kvd: caching disabled for this model: %s", self._geo.why_not)
+        role_name = "scheduler" if role == KVConnectorRole.SCHEDULER else "worker"
+        self._link = Link(
+            self._socket,
+            name=f"vllm-{role_name}-{os.getpid()}",
+            retry_s=float(extra.get("retry_s", 5.0)),
+            log=log,
+        )
+        # Scheduler state.
+        self._reqs: dict[str, _ReqState] = {}
+        # Worker state.
+        self._layers: list[Any] = []
+        self._staging: list[tuple[torch.Tensor, int]] = []
+        self._load_errors: set[int] = set()
+        self._stats = {"loaded_blocks": 0, "failed_blocks": 0, "saved_blocks": 0}
+        if role != KVConnectorRole.SCHEDULER:
+            try:
+                from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+                self._geo.tp_rank = int(get_tensor_model_parallel_rank())
+            except (ImportError, AssertionError, RuntimeError):
+                self._geo.tp_rank = 0
+        log.info(
+            "kvd connector (%s): socket %s, namespace model=%s dtype=%s layout=%s block=%d tp=%d/%d",
+            role_name,
+            self._socket,
+            self._geo.model,
+            self._geo.dtype,
+            self._geo.layout,
+            self._block,
+            self._geo.tp_rank,
+            self._geo.tp_size,
+        )
+
+    # ------------------------------------------------------------------ shared
+
+    def _namespace(self, tenant: str, lora: str = ""):
+        g = self._geo
+        return self._link.namespace(
+            model=g.model,
+            dtype=g.dtype,
+            layout=g.layout,
+            block_tokens=g.block_tokens,
+            tp_rank=g.tp_rank,
+            tp_size=g.tp_size,
+            lora=lora,
+            tenant=tenant,
+        )
+
+    def _tenant_of(self, request: Any) -> str:
+        salt = getattr(request, "cache_salt", None)
+        return self._tenant if not salt else f"{self._tenant}|salt={salt}"
+
+    def _lora_of(self, request: Any) -> str:
+        lr = getattr(request, "lora_request", None)
+        return "" if lr is None else str(getattr(lr, "lora_name", lr))
+
+    # --------------------------------------------------------------- scheduler
+
+    def _cacheable(self, request: Any) -> bool:
+        if not self._geo.cacheable:
+            return False
+        if self._scheme == KEY_SCHEME_KVD and (
+            getattr(request, "mm_features", None) or getattr(request, "prompt_embeds", None) is not None
+        ):
+            return False
+        return True
+
+    def _keys(self, st: _ReqState, blocks: int) -> list[bytes]:
+        """Keys of the request's first ``blocks`` full blocks (extending the memo as needed)."""
+        if len(st.keys) < blocks:
+            if self._scheme == KEY_SCHEME_KVD:
+                tokens = list(st.request.all_token_ids[: blocks * self._block])
+                parent = st.keys[-1] if st.keys else None
+                start = len(st.keys) * self._block
+                st.keys.extend(chain_keys(tokens[start:], self._block, parent))
+            else:
+                hashes = st.request.block_hashes
+                st.keys = [bytes(h) if len(h) == 32 else _wide(bytes(h)) for h in hashes]
+        return st.keys[:blocks]
+
+    def _state(self, request: Any) -> _ReqState:
+        st = self._reqs.get(request.request_id)
+        if st is None or st.request is not request:
+            st = _ReqState(request=request, tenant=self._tenant_of(request))
+            self._reqs[request.request_id] = st
+        return st
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        if not self._do_load or not self._cacheable(request):
+            return 0, False
+        st = self._state(request)
+        st.local_tokens = num_computed_tokens
+        # Always leave at least one token for the engine to compute.
+        max_blocks = max(0, (request.num_tokens - 1) // self._block)
+        first = num_computed_tokens // self._block
+        if max_blocks <= first:
+            return 0, False
+        keys = self._keys(st, max_blocks)
+        if len(keys) <= first:
+            return 0, False
+        got = self._namespace(st.tenant, self._lora_of(request))
+        if got is None:
+            return 0, False
+        client, ns = got
+        try:
+            prefix, _tiers = client.lookup(ns, keys[first:])
+        except KvdError as e:
+            self._link.failed(e)
+            return 0, False
+        return prefix * self._block, False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        st = self._state(request)
+        if num_external_tokens <= 0:
+            st.load = None
+            return
+        first = st.local_tokens // self._block
+        n = num_external_tokens // self._block
+        st.load = (self._keys(st, first + n)[first:], first)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = KvdConnectorMetadata()
+        spec = getattr(scheduler_output, "scheduled_spec_decode_tokens", {}) or {}
+        for new in scheduler_output.scheduled_new_reqs:
+            st = self._reqs.get(new.req_id)
+            if st is None:
+                continue
+            st.block_ids = list(new.block_ids[0])
+            st.saved_blocks = new.num_computed_tokens // self._block
+            self._plan(meta, new.req_id, st, new.num_computed_tokens, scheduler_output, spec)
+        cached = scheduler_output.scheduled_cached_reqs
+        resumed = getattr(cached, "resumed_req_ids", set()) or set()
+        for i, req_id in enumerate(cached.req_ids):
+            st = self._reqs.get(req_id)
+            if st is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in resumed:
+                st.block_ids = list(new_ids[0]) if new_ids else []
+                st.saved_blocks = cached.num_computed_tokens[i] // self._block
+            elif new_ids:
+                st.block_ids.extend(new_ids[0])
+            self._plan(meta, req_id, st, cached.num_computed_tokens[i], scheduler_output, spec)
+        return meta
+
+    def _plan(
+        self,
+        meta: KvdConnectorMetadata,
+        req_id: str,
+        st: _ReqState,
+        computed: int,
+        out: SchedulerOutput,
+        spec: dict[str, list[int]],
+    ) -> None:
+        if st.load is not None:
+            keys, first = st.load
+            meta.loads.append(
+                BlockTransfer(req_id, st.tenant, keys, st.block_ids[first : first + len(keys)])
+            )
+            st.load = None
+        if not self._do_save or not self._cacheable(st.request):
+            return
+        done = computed + out.num_scheduled_tokens.get(req_id, 0) - len(spec.get(req_id, ()))
+        full = min(done, st.request.num_tokens) // self._block
+        start = st.saved_blocks or 0
+        full = min(full, len(st.block_ids))
+        if full <= start:
+            return
+        keys = self._keys(st, full)[start:full]
+        meta.saves.append(BlockTransfer(req_id, st.tenant, keys, st.block_ids[start:full]))
+        st.saved_blocks = full
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._reqs.pop(request.request_id, None)
+        return False, None
+
+    # ------------------------------------------------------------------ worker
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        names = [n for n in self._geo.layer_names if n in kv_caches] or list(kv_caches)
+        num_blocks = getattr(self._kv_cache_config, "num_blocks", None)
+        layers: list[torch.Tensor] = []
+        for name in names:
+            t = kv_caches[name]
+            nb = num_blocks or t.shape[0]
+            if t.shape[0] == nb:
+                layers.append(t)
+            elif t.shape[0] == 2 and t.shape[1] == nb:
+                layers.extend([t[0], t[1]])
+            else:
+                self._disable(f"layer {name} has shape {tuple(t.shape)}, not [num_blocks, …]")
+                return
+        try:
+            pages = [_as_pages(t) for t in layers]
+        except (RuntimeError, ValueError) as e:
+            self._disable(f"KV pages are not contiguous per block ({e})")
+            return
+        page_total = sum(p.shape[1] for p in pages)
+        expect = self._geo.page_bytes
+        if expect is not None and expect * len(names) != page_total:
+            self._disable(
+                f"pages hold {page_total} bytes per block but the cache spec says "
+                f"{expect} x {len(names)} layers"
+            )
+            return
+        direct = all(p.device.type == "cpu" for p in pages) and self._copy_path != "staging"
+        if direct:
+            self._layers = [p.numpy() for p in pages]
+        else:
+            self._layers = []
+            self._staging = [(p, p.shape[1]) for p in pages]
+        log.info(
+            "kvd: %d layers registered, %d pages of %d bytes per block (%s copy)",
+            len(names),
+            len(pages),
+            page_total,
+            "direct" if direct else "staged",
+        )
+
+    def _disable(self, why: str) -> None:
+        log.warning("kvd: connector disabled on this worker: %s", why)
+        self._layers, self._staging = [], []
+
+    def _active(self) -> bool:
+        return bool(self._layers or self._staging)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        if not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, KvdConnectorMetadata):
+            return
+        for t in meta.loads:
+            ok = self._load(t) if self._active() else [False] * len(t.keys)
+            failed = [b for b, good in zip(t.block_ids, ok) if not good]
+            self._stats["loaded_blocks"] += len(t.keys) - len(failed)
+            if failed:
+                self._stats["failed_blocks"] += len(failed)
+                self._load_errors.update(failed)
+                log.warning(
+                    "kvd: %d of %d blocks of request %s could not be loaded; vLLM recomputes them",
+                    len(failed),
+                    len(t.keys),
+                    t.req_id,
+                )
+
+    def _load(self, t: BlockTransfer) -> list[bool]:
+        got = self._namespace(t.tenant)
+        if got is None:
+            return [False] * len(t.keys)
+        client, ns = got
+        try:
+            if self._layers:
+                codes = client.load_blocks(ns, t.keys, t.block_ids, self._layers, verify=self._verify)
+            else:
+                codes = self._load_staged(client, ns, t)
+            corrupt = [k for k, c in zip(t.keys, codes) if c == CORRUPT]
+            if corrupt:
+                # Drop damaged copies so the recomputed blocks can be stored in their place.
+                client.delete(ns, corrupt)
+                log.warning("kvd: %d blocks failed their checksum; deleted from kvd", len(corrupt))
+        except KvdError as e:
+            self._link.failed(e)
+            log.warning("kvd: load failed: %s", e)
+            return [False] * len(t.keys)
+        return [c == LOADED for c in codes]
+
+    def _load_staged(self, client: Any, ns: Any, t: BlockTransfer) -> list[int]:
+        total = sum(w for _, w in self._staging)
+        n = len(t.keys)
+        buf = torch.empty((n, total), dtype=torch.uint8, pin_memory=_pinnable(self._staging))
+        codes = client.load_blocks(ns, t.keys, list(range(n)), [buf.numpy()], verify=self._verify)
+        good = [i for i, c in enumerate(codes) if c == LOADED]
+        if good:
+            rows = torch.tensor(good, dtype=torch.long)
+            ids = torch.tensor([t.block_ids[i] for i in good], dtype=torch.long)
+            off = 0
+            for pages, width in self._staging:
+                src = buf[rows, off : off + width].to(pages.device, non_blocking=False)
+                pages.index_copy_(0, ids.to(pages.device), src)
+                off += width
+        return codes
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        # Loads complete inside start_load_kv, before the forward pass begins.
+        return
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
+        # A kvd block holds every layer's page, so blocks are saved once the forward pass has
+        # written all layers, in wait_for_save.
+        return
+
+    def wait_for_save(self) -> None:
+        if not self.has_connector_metadata() or not self._active():
+            return
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, KvdConnectorMetadata):
+            return
+        for t in meta.saves:
+            got = self._namespace(t.tenant)
+            if got is None:
+                return
+            client, ns = got
+            try:
+                if self._layers:
+                    stored = client.save_blocks(ns, t.keys, t.block_ids, self._layers)
+                else:
+                    stored = self._save_staged(client, ns, t)
+            except KvdError as e:
+                self._link.failed(e)
+                log.warning("kvd: save of %d blocks failed: %s", len(t.keys), e)
+                continue
+            self._stats["saved_blocks"] += sum(stored)
+
+    def _save_staged(self, client: Any, ns: Any, t: BlockTransfer) -> list[bool]:
+        ids = torch.tensor(t.block_ids, dtype=torch.long)
+        parts = [pages.index_select(0, ids.to(pages.device)).cpu() for pages, _ in self._staging]
+        buf = torch.cat(parts, dim=1).contiguous()
+        return client.save_blocks(ns, t.keys, list(range(len(t.keys))), [buf.numpy()])
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def shutdown(self) -> None:
+        if self._stats["loaded_blocks"] or self._stats["saved_blocks"] or self._stats["failed_blocks"]:
+            log.info("kvd connector totals: %s", self._stats)
+
+
+def _wide(h: bytes) -> bytes:
+    """A 32-byte key from a shorter vLLM block hash (xxhash), via personalised BLAKE2b."""
+    import hashlib
+
+    return hashlib.blake2b(h, digest_size=32, person=b"kvd-vllm-hash").digest()
+
+
+def _as_pages(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (``[num_blocks, …]``) as a ``[num_blocks, page bytes]`` uint8 view of the same
+    memory; raises when a block's page is not contiguous (no silent copy)."""
+    inner = t[0] if t.shape[0] > 0 else t
+    if not inner.is_contiguous():
+        raise ValueError(f"strides {tuple(t.stride())} for shape {tuple(t.shape)}")
+    u8 = t.view(torch.uint8)
+    return u8.view(t.shape[0], -1) if u8.is_contiguous() else _strided_pages(u8, t)
+
+
+def _strided_pages(u8: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    page = u8[0].numel()
+    stride = u8.stride(0)
+    if stride < page:
+        raise ValueError(f"block stride {stride} smaller than page {page}")
+    return torch.as_strided(u8, (t.shape[0], page), (stride, 1))
+
+
+def _pinnable(staging: list[tuple[torch.Tensor, int]]) -> bool:
+    return any(p.device.type == "cuda" for p, _ in staging) and torch.cuda.is_available()
