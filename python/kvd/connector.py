@@ -374,7 +374,12 @@ class KvdConnector(KVConnectorBase_V1):
             return
         first = st.local_tokens // self._block
         n = num_external_tokens // self._block
-        st.load = (self._keys(st, first + n)[first:], first)
+        keys = self._keys(st, first + n)[first:]
+        if len(keys) != n:
+            # Cannot happen while the keys of the lookup are memoised; refuse rather than
+            # load the wrong blocks.
+            raise RuntimeError(f"kvd: {n} external blocks but {len(keys)} keys")
+        st.load = (keys, first)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = KvdConnectorMetadata()
@@ -424,8 +429,13 @@ class KvdConnector(KVConnectorBase_V1):
         full = min(full, len(st.block_ids))
         if full <= start:
             return
-        keys = self._keys(st, full)[start:full]
-        meta.saves.append(BlockTransfer(req_id, st.tenant, keys, st.block_ids[start:full]))
+        keys = self._keys(st, full)
+        full = min(full, len(keys))  # vLLM's hashes may lag the tokens by a step
+        if full <= start:
+            return
+        meta.saves.append(
+            BlockTransfer(req_id, st.tenant, keys[start:full], st.block_ids[start:full])
+        )
         st.saved_blocks = full
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
