@@ -9,7 +9,7 @@ out="$CARGO_TARGET_DIR/wheels"
 rm -f "$out"/kvd-*.whl
 "$venv/bin/maturin" build --release --quiet -m python/Cargo.toml -i "$venv/bin/python" -o "$out" >&2
 wheel=$(ls "$out"/kvd-*.whl)
-"$venv/bin/python" -m pip --version >/dev/null 2>&1 && pip_cmd=("$venv/bin/python" -m pip install --quiet) \
-  || pip_cmd=(uv pip install --quiet --python "$venv/bin/python")
-"${pip_cmd[@]}" --force-reinstall --no-deps "$wheel" >&2
+# --no-cache: the wheel's name does not change between builds, and a cached copy must not win.
+uv=$(command -v uv || echo "$(python3 -m site --user-base)/bin/uv")
+"$uv" pip install --quiet --no-cache --python "$venv/bin/python" --reinstall --no-deps "$wheel" >&2
 echo "$wheel"

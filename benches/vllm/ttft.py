@@ -7,8 +7,11 @@ Needs a running kvd (``--spawn`` starts one from ``$KVD_BIN_DIR``/target) and th
 (``scripts/vllm-env.sh``); builds a random Llama large enough for prefill to take seconds.
 Each mode runs in fresh engine processes with vLLM's own prefix cache off: a "store" engine
 computes the prompt once (saving its KV), then a new engine times the prompt ``--repeat``
-times (``max_tokens=1``, so each timing is prefill + one token). Reports the median TTFT per
-mode and the ratios; nothing is judged pass/fail.
+times (``max_tokens=1``, so each timing is prefill + one token). ``vllm-local`` is vLLM's own
+in-memory prefix cache hitting in the same engine: the floor, with nothing to copy. Reports
+the median TTFT per mode and the ratios, plus kvd's load rate (from the connector's log) next
+to a single-thread memcpy of the same size measured in the same run; nothing is judged
+pass/fail.
 """
 
 from __future__ import annotations
@@ -48,6 +51,14 @@ def engine(spec: dict, log: Path) -> dict:
     if p.returncode != 0 or line is None:
         raise SystemExit(f"engine failed ({p.returncode}); see {log}")
     return json.loads(line.removeprefix("KVD-RESULT "))
+
+
+def load_rates(log: Path) -> list[tuple[float, float]]:
+    """(bytes, GB/s) of every load the kvd connector logged."""
+    import re
+
+    pat = re.compile(r"kvd: loaded \d+ blocks \(([\d.]+) MiB\) for request \S+ in [\d.]+ ms \(([\d.]+) GB/s\)")
+    return [(float(m[1]) * 2**20, float(m[2])) for m in pat.finditer(log.read_text())]
 
 
 def progress(msg: str) -> None:
@@ -113,6 +124,12 @@ def main() -> int:
         engine({**base, "prompts": [prompt], "connector": "kvd", "extra": kv_extra}, log)
         modes["kvd"] = engine({**base, "prompts": timed, "connector": "kvd", "extra": kv_extra}, log)
 
+        progress("vLLM's own prefix cache (the floor: nothing to copy) …")
+        local = engine({**base, "prefix_caching": True, "prompts": [warm, prompt] + [prompt] * args.repeat,
+                        "connector": None}, log)
+        local["outputs"] = local["outputs"][:1] + local["outputs"][2:]
+        modes["vllm-local"] = local
+
         progress("ExampleConnector: store engine, then a fresh engine timing loads …")
         ex_dir = work / "example-store"
         ex_dir.mkdir()
@@ -129,6 +146,26 @@ def main() -> int:
                 "cached_tokens": outs[-1]["num_cached_tokens"],
                 "runs": [round(o["ttft_s"], 4) for o in outs],
             }
+        # kvd's own load path: the connector logs bytes and time of every load; compare with a
+        # single-thread memcpy of the same size, measured now.
+        loads = load_rates(log)
+        if loads:
+            import numpy as np
+
+            nbytes = int(loads[-1][0])
+            a = np.ones(nbytes, dtype=np.uint8)
+            b = np.empty_like(a)
+            times = []
+            for _ in range(7):
+                t = time.perf_counter()
+                np.copyto(b, a)
+                times.append(time.perf_counter() - t)
+            memcpy = nbytes / statistics.median(times) / 1e9
+            kvd_gbps = statistics.median(r for _, r in loads)
+            summary["kvd"]["load_gbps"] = kvd_gbps
+            summary["kvd"]["load_bytes"] = nbytes
+            summary["kvd"]["memcpy_gbps"] = memcpy
+            summary["kvd"]["load_vs_memcpy"] = kvd_gbps / memcpy
         rec = summary["recompute"]["ttft_s"]
         ex = summary["example"]["ttft_s"]
         for name, s in summary.items():
@@ -151,6 +188,10 @@ def main() -> int:
             for name, s in summary.items():
                 print(f"{name:<10} {s['ttft_s']*1000:>7.1f}ms {s['cached_tokens']:>7} "
                       f"{s['speedup_vs_recompute']:>12.2f}x {s['speedup_vs_example']:>10.2f}x")
+            k = summary["kvd"]
+            if "load_gbps" in k:
+                print(f"kvd load path: {k['load_bytes'] / 2**20:.1f} MiB at {k['load_gbps']:.2f} GB/s "
+                      f"= {k['load_vs_memcpy']:.2f}x single-thread memcpy ({k['memcpy_gbps']:.2f} GB/s)")
         return 0
     finally:
         if daemon is not None:

@@ -455,7 +455,7 @@ impl Client {
         match self.reserve(ns, key, data.len())? {
             None => Ok(PutOutcome::Exists),
             Some(mut slot) => {
-                slot.as_mut_slice().copy_from_slice(data);
+                kvd_shm::copy_bytes(slot.as_mut_slice(), data);
                 slot.commit()
             }
         }
@@ -470,7 +470,7 @@ impl Client {
         let mut idx = Vec::new();
         for (i, (slot, (_, data))) in slots.into_iter().zip(items).enumerate() {
             if let Some(mut s) = slot {
-                s.as_mut_slice().copy_from_slice(data);
+                kvd_shm::copy_bytes(s.as_mut_slice(), data);
                 to_commit.push(s);
                 idx.push(i);
             }
@@ -538,7 +538,7 @@ impl Client {
                 buf.len()
             )));
         }
-        buf[..n].copy_from_slice(&lease);
+        kvd_shm::copy_bytes(&mut buf[..n], &lease);
         Ok(Some(n))
     }
 

@@ -9,9 +9,11 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod copy;
 pub mod futex;
 pub mod map;
 pub mod ring;
 
+pub use copy::copy_bytes;
 pub use map::{MapError, Mapping};
 pub use ring::{ClientRing, DaemonRing, RingError};

@@ -59,6 +59,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +95,7 @@ class BlockTransfer:
 
     req_id: str
     tenant: str
+    lora: str
     keys: list[bytes]
     block_ids: list[int]
 
@@ -195,6 +197,7 @@ class _ReqState:
 
     request: Any
     tenant: str
+    lora: str
     keys: list[bytes] = field(default_factory=list)
     local_tokens: int = 0
     load: tuple[list[bytes], int] | None = None
@@ -265,6 +268,7 @@ class KvdConnector(KVConnectorBase_V1):
         self._layers: list[Any] = []
         self._staging: list[tuple[torch.Tensor, int]] = []
         self._load_errors: set[int] = set()
+        self._block_bytes = 0
         self._stats = {"loaded_blocks": 0, "failed_blocks": 0, "saved_blocks": 0}
         if role != KVConnectorRole.SCHEDULER:
             try:
@@ -335,7 +339,7 @@ class KvdConnector(KVConnectorBase_V1):
     def _state(self, request: Any) -> _ReqState:
         st = self._reqs.get(request.request_id)
         if st is None or st.request is not request:
-            st = _ReqState(request=request, tenant=self._tenant_of(request))
+            st = _ReqState(request=request, tenant=self._tenant_of(request), lora=self._lora_of(request))
             self._reqs[request.request_id] = st
         return st
 
@@ -354,7 +358,7 @@ class KvdConnector(KVConnectorBase_V1):
         keys = self._keys(st, max_blocks)
         if len(keys) <= first:
             return 0, False
-        got = self._namespace(st.tenant, self._lora_of(request))
+        got = self._namespace(st.tenant, st.lora)
         if got is None:
             return 0, False
         client, ns = got
@@ -418,7 +422,9 @@ class KvdConnector(KVConnectorBase_V1):
         if st.load is not None:
             keys, first = st.load
             meta.loads.append(
-                BlockTransfer(req_id, st.tenant, keys, st.block_ids[first : first + len(keys)])
+                BlockTransfer(
+                    req_id, st.tenant, st.lora, keys, st.block_ids[first : first + len(keys)]
+                )
             )
             st.load = None
         if not self._do_save or not self._cacheable(st.request):
@@ -436,7 +442,7 @@ class KvdConnector(KVConnectorBase_V1):
         if full <= start:
             return
         meta.saves.append(
-            BlockTransfer(req_id, st.tenant, keys[start:full], st.block_ids[start:full])
+            BlockTransfer(req_id, st.tenant, st.lora, keys[start:full], st.block_ids[start:full])
         )
         st.saved_blocks = full
 
@@ -466,6 +472,7 @@ class KvdConnector(KVConnectorBase_V1):
             self._disable(f"KV pages are not contiguous per block ({e})")
             return
         page_total = sum(p.shape[1] for p in pages)
+        self._block_bytes = page_total
         expect = self._geo.page_bytes
         if expect is not None and expect * len(names) != page_total:
             self._disable(
@@ -501,9 +508,22 @@ class KvdConnector(KVConnectorBase_V1):
         if not isinstance(meta, KvdConnectorMetadata):
             return
         for t in meta.loads:
+            t0 = time.perf_counter()
             ok = self._load(t) if self._active() else [False] * len(t.keys)
+            dt = time.perf_counter() - t0
             failed = [b for b, good in zip(t.block_ids, ok) if not good]
-            self._stats["loaded_blocks"] += len(t.keys) - len(failed)
+            loaded = len(t.keys) - len(failed)
+            self._stats["loaded_blocks"] += loaded
+            if loaded:
+                mib = loaded * self._block_bytes / 2**20
+                log.info(
+                    "kvd: loaded %d blocks (%.1f MiB) for request %s in %.2f ms (%.2f GB/s)",
+                    loaded,
+                    mib,
+                    t.req_id,
+                    dt * 1e3,
+                    mib * 2**20 / max(dt, 1e-9) / 1e9,
+                )
             if failed:
                 self._stats["failed_blocks"] += len(failed)
                 self._load_errors.update(failed)
@@ -515,7 +535,7 @@ class KvdConnector(KVConnectorBase_V1):
                 )
 
     def _load(self, t: BlockTransfer) -> list[bool]:
-        got = self._namespace(t.tenant)
+        got = self._namespace(t.tenant, t.lora)
         if got is None:
             return [False] * len(t.keys)
         client, ns = got
@@ -569,7 +589,7 @@ class KvdConnector(KVConnectorBase_V1):
         if not isinstance(meta, KvdConnectorMetadata):
             return
         for t in meta.saves:
-            got = self._namespace(t.tenant)
+            got = self._namespace(t.tenant, t.lora)
             if got is None:
                 return
             client, ns = got

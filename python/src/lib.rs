@@ -442,7 +442,8 @@ impl Client {
             }
             // SAFETY: `buf` keeps the writable exporter buffer of `cap` ≥ lease.len() bytes
             // alive until after this closure; the lease's bytes live in the arena, not in it.
-            unsafe { std::ptr::copy_nonoverlapping(lease.as_ptr(), ptr as *mut u8, lease.len()) };
+            let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, lease.len()) };
+            kvd_shm::copy_bytes(dst, &lease);
             Ok(Some(lease.len()))
         });
         drop(buf);
@@ -503,14 +504,11 @@ impl Client {
                     for p in &pages {
                         // SAFETY: `p` was validated against its buffer (contiguous page of
                         // `p.page` bytes at `p.at(id)`, id < blocks by check_ids), which
-                        // `bufs` keeps alive; `dst` is our reserved slot of `total` bytes.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                p.at(ids[i]) as *const u8,
-                                dst[off..off + p.page].as_mut_ptr(),
-                                p.page,
-                            )
+                        // `bufs` keeps alive; it is not the arena, so it cannot overlap `dst`.
+                        let src = unsafe {
+                            std::slice::from_raw_parts(p.at(ids[i]) as *const u8, p.page)
                         };
+                        kvd_shm::copy_bytes(&mut dst[off..off + p.page], src);
                         off += p.page;
                     }
                     fill.push(slot);
@@ -557,15 +555,13 @@ impl Client {
                             let mut off = 0;
                             for p in &pages {
                                 // SAFETY: the destination page was validated (writable,
-                                // contiguous, id in range) and is kept alive by `bufs`; the
-                                // source is our leased block of `total` bytes in the arena.
-                                unsafe {
-                                    std::ptr::copy_nonoverlapping(
-                                        l[off..off + p.page].as_ptr(),
-                                        p.at(*id) as *mut u8,
-                                        p.page,
-                                    )
+                                // contiguous, id in range, pages of distinct blocks do not
+                                // overlap) and is kept alive by `bufs`; nothing else touches it
+                                // during this call, and it is not the arena the source is in.
+                                let dst = unsafe {
+                                    std::slice::from_raw_parts_mut(p.at(*id) as *mut u8, p.page)
                                 };
+                                kvd_shm::copy_bytes(dst, &l[off..off + p.page]);
                                 off += p.page;
                             }
                             LOADED

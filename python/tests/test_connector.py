@@ -73,14 +73,14 @@ def engine_cache(seed=None):
     return alloc, {f"layer.{i}": alloc[:, i] for i in range(LAYERS)}
 
 
-def request(req_id, tokens, salt=None, hashes=None, mm=None):
+def request(req_id, tokens, salt=None, hashes=None, mm=None, lora=None):
     return SimpleNamespace(
         request_id=req_id,
         all_token_ids=list(tokens),
         prompt_token_ids=list(tokens),
         num_tokens=len(tokens),
         cache_salt=salt,
-        lora_request=None,
+        lora_request=None if lora is None else SimpleNamespace(lora_name=lora),
         mm_features=mm or [],
         prompt_embeds=None,
         block_hashes=hashes or [],
@@ -120,10 +120,11 @@ def run_worker(worker, meta):
 def store(daemon, tokens, ids, seed=1, **kw):
     """Runs one prefill of ``tokens`` through a fresh connector pair; returns the cache."""
     salt = kw.pop("tenant_salt", None)
+    lora = kw.pop("lora", None)
     sched, worker = pair(daemon.socket, **kw)
     alloc, caches = engine_cache(seed)
     worker.register_kv_caches(caches)
-    req = request("a", tokens, salt=salt)
+    req = request("a", tokens, salt=salt, lora=lora)
     assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
     sched.update_state_after_alloc(req, blocks(ids), 0)
     meta = sched.build_connector_meta(step(new=[("a", ids, 0)], scheduled={"a": len(tokens)}))
@@ -284,6 +285,21 @@ def test_cache_salt_isolates_requests(daemon):
     assert sched.get_num_new_matched_tokens(request("n", tokens), 0) == (0, False)
     assert sched.get_num_new_matched_tokens(request("b", tokens, salt="bob"), 0) == (0, False)
     assert sched.get_num_new_matched_tokens(request("a", tokens, salt="alice"), 0) == (96, False)
+
+
+def test_lora_adapters_have_their_own_blocks(daemon):
+    tokens = list(range(100))
+    src = store(daemon, tokens, [0, 1, 2, 3], lora="sql-adapter")
+    sched, worker = pair(daemon.socket)
+    dst, caches = engine_cache()
+    worker.register_kv_caches(caches)
+    assert sched.get_num_new_matched_tokens(request("n", tokens), 0) == (0, False)
+    req = request("l", tokens, lora="sql-adapter")
+    assert sched.get_num_new_matched_tokens(req, 0) == (96, False)
+    sched.update_state_after_alloc(req, blocks([4, 5, 6, 7]), 96)
+    meta = sched.build_connector_meta(step(new=[("l", [4, 5, 6, 7], 96)], scheduled={"l": 4}))
+    assert run_worker(worker, meta) == set()
+    assert torch.equal(src[0:3], dst[4:7])
 
 
 def test_key_schemes(daemon):
