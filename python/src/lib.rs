@@ -310,15 +310,16 @@ impl Client {
         lora: String,
         tenant: String,
     ) -> PyResult<Namespace> {
-        let desc = NamespaceDesc {
+        let desc = make_desc(
+            &model,
+            &dtype,
+            &layout,
+            block_tokens,
             tp_rank,
             tp_size,
             lora,
             tenant,
-            ..NamespaceDesc::new(&model, &dtype, &layout, block_tokens)
-        };
-        desc.validate()
-            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        )?;
         let inner = py
             .detach(|| self.inner.open_namespace(&desc))
             .map_err(to_py)?;
@@ -684,16 +685,41 @@ fn namespace_id<'py>(
     lora: String,
     tenant: String,
 ) -> PyResult<Bound<'py, PyBytes>> {
+    let desc = make_desc(
+        &model,
+        &dtype,
+        &layout,
+        block_tokens,
+        tp_rank,
+        tp_size,
+        lora,
+        tenant,
+    )?;
+    Ok(PyBytes::new(py, &desc.id().0))
+}
+
+/// A validated namespace descriptor from the keyword arguments Python passes.
+#[allow(clippy::too_many_arguments)]
+fn make_desc(
+    model: &str,
+    dtype: &str,
+    layout: &str,
+    block_tokens: u32,
+    tp_rank: u32,
+    tp_size: u32,
+    lora: String,
+    tenant: String,
+) -> PyResult<NamespaceDesc> {
     let desc = NamespaceDesc {
         tp_rank,
         tp_size,
         lora,
         tenant,
-        ..NamespaceDesc::new(&model, &dtype, &layout, block_tokens)
+        ..NamespaceDesc::new(model, dtype, layout, block_tokens)
     };
     desc.validate()
         .map_err(|e| PyValueError::new_err(e.to_string()))?;
-    Ok(PyBytes::new(py, &desc.id().0))
+    Ok(desc)
 }
 
 /// The checksum kvd seals blocks with (xxh3-64).

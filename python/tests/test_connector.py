@@ -117,6 +117,24 @@ def run_worker(worker, meta):
     return worker.get_block_ids_with_load_errors()
 
 
+def load_hit(sched, worker, req, ids, hit_tokens):
+    """One engine step in which ``req`` finds ``hit_tokens`` in kvd and loads them into blocks
+    ``ids``; returns the block ids that failed to load."""
+    rid = req.request_id
+    assert sched.get_num_new_matched_tokens(req, 0) == (hit_tokens, False)
+    sched.update_state_after_alloc(req, blocks(ids), hit_tokens)
+    meta = sched.build_connector_meta(step(new=[(rid, ids, hit_tokens)], scheduled={rid: 4}))
+    return run_worker(worker, meta)
+
+
+def fresh_engine(socket, **kw):
+    """A new connector pair with an empty (zeroed) engine cache registered."""
+    sched, worker = pair(socket, **kw)
+    dst, caches = engine_cache()
+    worker.register_kv_caches(caches)
+    return sched, worker, dst
+
+
 def store(daemon, tokens, ids, seed=1, **kw):
     """Runs one prefill of ``tokens`` through a fresh connector pair; returns the cache."""
     salt = kw.pop("tenant_salt", None)
@@ -211,19 +229,13 @@ def test_chunked_prefill_and_decode_save_each_block_once(daemon):
 def test_corrupt_block_is_reported_deleted_and_recomputable(daemon, client):
     tokens = list(range(100))
     store(daemon, tokens, [0, 1, 2, 3])
-    sched, worker = pair(daemon.socket)
-    dst, caches = engine_cache()
-    worker.register_kv_caches(caches)
+    sched, worker, dst = fresh_engine(daemon.socket)
     g = sched._geo
     ns = client.open_namespace(g.model, g.dtype, g.layout, g.block_tokens)
     keys = kvd.chain_keys(tokens, BLOCK)
     wait_sealed(client, ns, keys[1])
     assert client._testing_corrupt(ns, keys[1], 100) is True
-    req = request("r", tokens)
-    assert sched.get_num_new_matched_tokens(req, 0) == (96, False)
-    sched.update_state_after_alloc(req, blocks([5, 6, 7, 8]), 96)
-    meta = sched.build_connector_meta(step(new=[("r", [5, 6, 7, 8], 96)], scheduled={"r": 4}))
-    assert run_worker(worker, meta) == {6}
+    assert load_hit(sched, worker, request("r", tokens), [5, 6, 7, 8], 96) == {6}
     assert not dst[6].any()
     assert client.lookup(ns, keys)[0] == 1  # the damaged copy is gone
 
@@ -258,23 +270,12 @@ def test_kvd_down_means_no_hits_one_warning_and_failed_loads(daemon, caplog):
 def test_staging_copy_path_matches_direct(daemon):
     tokens = list(range(300, 400))
     src = store(daemon, tokens, [3, 4, 5, 6], copy_path="staging")
-    sched, worker = pair(daemon.socket)  # direct path reads what the staged path wrote
-    dst, caches = engine_cache()
-    worker.register_kv_caches(caches)
-    req = request("s", tokens)
-    assert sched.get_num_new_matched_tokens(req, 0) == (96, False)
-    sched.update_state_after_alloc(req, blocks([0, 1, 2, 3]), 96)
-    meta = sched.build_connector_meta(step(new=[("s", [0, 1, 2, 3], 96)], scheduled={"s": 4}))
-    run_worker(worker, meta)
+    # The direct path reads what the staged path wrote, and the staged path reads it back too.
+    sched, worker, dst = fresh_engine(daemon.socket)
+    assert load_hit(sched, worker, request("s", tokens), [0, 1, 2, 3], 96) == set()
     assert torch.equal(src[3:6], dst[0:3])
-    sched2, worker2 = pair(daemon.socket, copy_path="staging")
-    dst2, caches2 = engine_cache()
-    worker2.register_kv_caches(caches2)
-    req2 = request("s2", tokens)
-    assert sched2.get_num_new_matched_tokens(req2, 0) == (96, False)
-    sched2.update_state_after_alloc(req2, blocks([9, 10, 11, 12]), 96)
-    meta2 = sched2.build_connector_meta(step(new=[("s2", [9, 10, 11, 12], 96)], scheduled={"s2": 4}))
-    assert run_worker(worker2, meta2) == set()
+    sched2, worker2, dst2 = fresh_engine(daemon.socket, copy_path="staging")
+    assert load_hit(sched2, worker2, request("s2", tokens), [9, 10, 11, 12], 96) == set()
     assert torch.equal(src[3:6], dst2[9:12])
 
 
@@ -290,15 +291,9 @@ def test_cache_salt_isolates_requests(daemon):
 def test_lora_adapters_have_their_own_blocks(daemon):
     tokens = list(range(100))
     src = store(daemon, tokens, [0, 1, 2, 3], lora="sql-adapter")
-    sched, worker = pair(daemon.socket)
-    dst, caches = engine_cache()
-    worker.register_kv_caches(caches)
+    sched, worker, dst = fresh_engine(daemon.socket)
     assert sched.get_num_new_matched_tokens(request("n", tokens), 0) == (0, False)
-    req = request("l", tokens, lora="sql-adapter")
-    assert sched.get_num_new_matched_tokens(req, 0) == (96, False)
-    sched.update_state_after_alloc(req, blocks([4, 5, 6, 7]), 96)
-    meta = sched.build_connector_meta(step(new=[("l", [4, 5, 6, 7], 96)], scheduled={"l": 4}))
-    assert run_worker(worker, meta) == set()
+    assert load_hit(sched, worker, request("l", tokens, lora="sql-adapter"), [4, 5, 6, 7], 96) == set()
     assert torch.equal(src[0:3], dst[4:7])
 
 
