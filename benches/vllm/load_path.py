@@ -13,20 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
 import kvd
-
-ROOT = Path(__file__).resolve().parents[2]
+from kvd_spawn import kvd_socket
 
 
 def timed(rounds: int, f) -> float:
@@ -50,73 +44,56 @@ def main() -> int:
     args = ap.parse_args()
     nb, nl, page = args.blocks, args.layers, args.page_kib * 1024
     nbytes = nb * nl * page
-    daemon = None
-    socket = args.socket or os.environ.get("KVD_SOCKET")
-    if args.spawn:
-        work = tempfile.mkdtemp(prefix="kvd-load-", dir="/tmp")
-        socket = os.path.join(work, "kvd.sock")
-        bindir = Path(os.environ.get("KVD_BIN_DIR", ROOT / "target" / "release"))
-        arena = max(256 << 20, 3 * nbytes)  # LRU evicts the older rounds of saves
-        daemon = subprocess.Popen(
-            [str(bindir / "kvd"), "--socket", socket, "--set", f"dram.arena_bytes={arena}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 60
-        while not os.path.exists(socket):
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("kvd did not start")
-            time.sleep(0.05)
-    if not socket:
-        raise SystemExit("no kvd: pass --socket, set KVD_SOCKET, or use --spawn")
-    try:
-        c = kvd.Client(socket, name="load-path-bench")
-        ns = c.open_namespace("load-path-bench", "uint8", f"L{nl}x{page}", 32)
-        src = np.random.default_rng(0).integers(0, 256, (nb, nl, page), dtype=np.uint8)
-        dst = np.ones_like(src)
-        src_layers = [src[:, i] for i in range(nl)]
-        dst_layers = [dst[:, i] for i in range(nl)]
-        ids = list(range(nb))
-        rnd = [0]
+    arena = max(256 << 20, 3 * nbytes)  # LRU evicts the older rounds of saves
+    with kvd_socket(args.spawn, args.socket, arena) as socket:
+        return run(args, socket, nb, nl, page, nbytes)
 
-        def save():
-            rnd[0] += 1
-            keys = kvd.chain_keys(list(range(nb * 32)), 32, first_extra=str(rnd[0]).encode())
-            assert all(c.save_blocks(ns, keys, ids, src_layers))
 
-        keys = kvd.chain_keys(list(range(nb * 32)), 32)
-        c.save_blocks(ns, keys, ids, src_layers)
-        deadline = time.monotonic() + 30
-        while not c._testing_corrupt(ns, keys[-1]):  # wait until the daemon sealed checksums
-            if time.monotonic() > deadline:
-                raise SystemExit("blocks were never checksummed")
-            time.sleep(0.01)
+def run(args: argparse.Namespace, socket: str, nb: int, nl: int, page: int, nbytes: int) -> int:
+    c = kvd.Client(socket, name="load-path-bench")
+    ns = c.open_namespace("load-path-bench", "uint8", f"L{nl}x{page}", 32)
+    src = np.random.default_rng(0).integers(0, 256, (nb, nl, page), dtype=np.uint8)
+    dst = np.ones_like(src)
+    src_layers = [src[:, i] for i in range(nl)]
+    dst_layers = [dst[:, i] for i in range(nl)]
+    ids = list(range(nb))
+    rnd = [0]
 
-        def load(verify):
-            codes = c.load_blocks(ns, keys, ids, dst_layers, verify=verify)
-            assert all(x == kvd.LOADED for x in codes)
+    def save():
+        rnd[0] += 1
+        keys = kvd.chain_keys(list(range(nb * 32)), 32, first_extra=str(rnd[0]).encode())
+        assert all(c.save_blocks(ns, keys, ids, src_layers))
 
-        flat_a, flat_b = np.ones(nbytes, dtype=np.uint8), np.zeros(nbytes, dtype=np.uint8)
-        memcpy = nbytes / timed(args.rounds, lambda: np.copyto(flat_b, flat_a)) / 1e9
-        rows = {
-            "load": nbytes / timed(args.rounds, lambda: load(False)) / 1e9,
-            "load+verify": nbytes / timed(args.rounds, lambda: load(True)) / 1e9,
-        }
-        assert (dst == src).all()
-        # Saves go to fresh keys each round (LRU evicts older rounds), so they come last.
-        rows["save"] = nbytes / timed(args.rounds, save) / 1e9
-        for op, g in rows.items():
-            rec = {"bench": "connector_copy_path", "op": op, "bytes": nbytes, "layers": nl,
-                   "page_bytes": page, "gbps": g, "memcpy_gbps": memcpy, "ratio": g / memcpy}
-            if args.json:
-                print(json.dumps(rec))
-            else:
-                print(f"{op:<12} {nbytes / 2**20:7.1f} MiB  {g:6.2f} GB/s  "
-                      f"= {g / memcpy:.2f}x memcpy ({memcpy:.2f} GB/s)")
-        return 0
-    finally:
-        if daemon is not None:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(timeout=30)
+    keys = kvd.chain_keys(list(range(nb * 32)), 32)
+    c.save_blocks(ns, keys, ids, src_layers)
+    deadline = time.monotonic() + 30
+    while not c._testing_corrupt(ns, keys[-1]):  # wait until the daemon sealed checksums
+        if time.monotonic() > deadline:
+            raise SystemExit("blocks were never checksummed")
+        time.sleep(0.01)
+
+    def load(verify):
+        codes = c.load_blocks(ns, keys, ids, dst_layers, verify=verify)
+        assert all(x == kvd.LOADED for x in codes)
+
+    flat_a, flat_b = np.ones(nbytes, dtype=np.uint8), np.zeros(nbytes, dtype=np.uint8)
+    memcpy = nbytes / timed(args.rounds, lambda: np.copyto(flat_b, flat_a)) / 1e9
+    rows = {
+        "load": nbytes / timed(args.rounds, lambda: load(False)) / 1e9,
+        "load+verify": nbytes / timed(args.rounds, lambda: load(True)) / 1e9,
+    }
+    assert (dst == src).all()
+    # Saves go to fresh keys each round (LRU evicts older rounds), so they come last.
+    rows["save"] = nbytes / timed(args.rounds, save) / 1e9
+    for op, g in rows.items():
+        rec = {"bench": "connector_copy_path", "op": op, "bytes": nbytes, "layers": nl,
+               "page_bytes": page, "gbps": g, "memcpy_gbps": memcpy, "ratio": g / memcpy}
+        if args.json:
+            print(json.dumps(rec))
+        else:
+            print(f"{op:<12} {nbytes / 2**20:7.1f} MiB  {g:6.2f} GB/s  "
+                  f"= {g / memcpy:.2f}x memcpy ({memcpy:.2f} GB/s)")
+    return 0
 
 
 if __name__ == "__main__":

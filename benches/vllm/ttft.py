@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ROOT / "python" / "tools"
 sys.path.insert(0, str(TOOLS))
 from tiny_model import build  # noqa: E402
+
+from kvd_spawn import kvd_socket  # noqa: E402
 
 
 def engine(spec: dict, log: Path) -> dict:
@@ -77,24 +78,13 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object per mode")
     args = ap.parse_args()
 
+    with kvd_socket(args.spawn, args.socket, 2 << 30) as socket:
+        return run(args, socket)
+
+
+def run(args: argparse.Namespace, socket: str) -> int:
     work = Path(tempfile.mkdtemp(prefix="kvd-ttft-", dir="/tmp"))
     log = work / "engines.log"
-    daemon = None
-    socket = args.socket or os.environ.get("KVD_SOCKET")
-    if args.spawn:
-        bindir = Path(os.environ.get("KVD_BIN_DIR", ROOT / "target" / "release"))
-        socket = str(work / "kvd.sock")
-        daemon = subprocess.Popen(
-            [str(bindir / "kvd"), "--socket", socket, "--set", "dram.arena_bytes=2 GiB"],
-            stdout=open(work / "kvd.log", "w"), stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 30
-        while not os.path.exists(socket):
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"kvd did not start; see {work / 'kvd.log'}")
-            time.sleep(0.05)
-    if not socket:
-        raise SystemExit("no kvd: pass --socket, set KVD_SOCKET, or use --spawn")
     try:
         progress(f"building a random Llama (hidden {args.hidden}, {args.layers} layers) …")
         model = build(
@@ -194,9 +184,6 @@ def main() -> int:
                       f"= {k['load_vs_memcpy']:.2f}x single-thread memcpy ({k['memcpy_gbps']:.2f} GB/s)")
         return 0
     finally:
-        if daemon is not None:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(timeout=30)
         shutil.rmtree(work / "example-store", ignore_errors=True)
 
 

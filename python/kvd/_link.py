@@ -71,7 +71,8 @@ class Link:
             return self._client
 
     def namespace(self, **desc: Any) -> tuple[Client, Namespace] | None:
-        """The client and an open namespace for ``desc`` (see ``Client.open_namespace``)."""
+        """The client and an open namespace for ``desc`` (see ``Client.open_namespace``);
+        None while kvd is unavailable or when it (or validation) refuses the namespace."""
         client = self.client()
         if client is None:
             return None
@@ -85,7 +86,7 @@ class Link:
         except KvdUnavailable as e:
             self.failed(e)
             return None
-        except KvdError as e:
+        except (KvdError, ValueError) as e:
             if key not in self._refused:
                 self._refused.add(key)
                 self._log.warning("kvd refused namespace %s: %s; no caching for it", desc, e)

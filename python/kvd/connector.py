@@ -39,8 +39,9 @@ Namespace
 ---------
 model (``model`` extra key, default the served model), KV dtype, layout
 (``<device>/<cache spec>/L<layers>x<page bytes>[/<kv layout>]|keys=<scheme>``), block size, TP
-rank and size, LoRA adapter, and tenant = ``tenant`` extra key plus the request's
-``cache_salt``: a salted request never sees another salt's blocks.
+rank and size, LoRA adapter, and tenant = ``tenant`` extra key plus a digest of the request's
+``cache_salt``: a salted request never sees another salt's blocks, and the salt itself (a
+secret) never reaches kvd.
 
 Not cached: requests with multimodal inputs or prompt embeddings under the ``kvd`` scheme (their
 KV depends on more than token ids), and models with several KV-cache groups (hybrid models).
@@ -56,6 +57,7 @@ through a host buffer and is what device tensors use).
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import os
@@ -231,9 +233,9 @@ class KvdConnector(KVConnectorBase_V1):
             extra.get("socket") or os.environ.get("KVD_SOCKET") or "/run/kvd/kvd.sock"
         )
         self._tenant = str(extra.get("tenant", ""))
-        self._verify = bool(extra.get("verify_checksums", True))
-        self._do_load = bool(extra.get("load", True))
-        self._do_save = bool(extra.get("save", True))
+        self._verify = _flag(extra, "verify_checksums", True)
+        self._do_load = _flag(extra, "load", True)
+        self._do_save = _flag(extra, "save", True)
         self._copy_path = str(extra.get("copy_path", "auto"))
         if self._copy_path not in ("auto", "direct", "staging"):
             raise ValueError(f"kvd: copy_path must be auto, direct or staging, not {self._copy_path!r}")
@@ -306,7 +308,12 @@ class KvdConnector(KVConnectorBase_V1):
 
     def _tenant_of(self, request: Any) -> str:
         salt = getattr(request, "cache_salt", None)
-        return self._tenant if not salt else f"{self._tenant}|salt={salt}"
+        if not salt:
+            return self._tenant
+        # The salt is a secret (vLLM's cache isolation): only its digest is named in kvd,
+        # where `kvd-ctl status` shows tenants.
+        digest = hashlib.sha256(str(salt).encode()).hexdigest()[:32]
+        return f"{self._tenant}|salt={digest}"
 
     def _lora_of(self, request: Any) -> str:
         lr = getattr(request, "lora_request", None)
@@ -622,10 +629,21 @@ class KvdConnector(KVConnectorBase_V1):
             log.info("kvd connector totals: %s", self._stats)
 
 
+def _flag(extra: dict[str, Any], name: str, default: bool) -> bool:
+    """A boolean extra-config key; accepts JSON booleans and the usual strings."""
+    v = extra.get(name, default)
+    if isinstance(v, bool):
+        return v
+    text = str(v).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"kvd: {name} must be true or false, not {v!r}")
+
+
 def _wide(h: bytes) -> bytes:
     """A 32-byte key from a shorter vLLM block hash (xxhash), via personalised BLAKE2b."""
-    import hashlib
-
     return hashlib.blake2b(h, digest_size=32, person=b"kvd-vllm-hash").digest()
 
 

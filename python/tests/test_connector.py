@@ -279,9 +279,11 @@ def test_staging_copy_path_matches_direct(daemon):
     assert torch.equal(src[3:6], dst2[9:12])
 
 
-def test_cache_salt_isolates_requests(daemon):
+def test_cache_salt_isolates_requests(daemon, client):
     tokens = list(range(100))
     store(daemon, tokens, [0, 1, 2, 3], tenant_salt="alice")
+    tenants = [n["tenant"] for n in client.stats()["namespaces"]]
+    assert len(tenants) == 1 and "alice" not in tenants[0]  # only a digest of the secret
     sched, _ = pair(daemon.socket)
     assert sched.get_num_new_matched_tokens(request("n", tokens), 0) == (0, False)
     assert sched.get_num_new_matched_tokens(request("b", tokens, salt="bob"), 0) == (0, False)
@@ -314,6 +316,16 @@ def test_key_schemes(daemon):
     # Multimodal prompts are not cached under kvd's token-only chain.
     kv, _ = pair(daemon.socket, hash="kvd")
     assert kv.get_num_new_matched_tokens(request("m", list(range(100)), mm=["img"]), 0) == (0, False)
+
+
+def test_bad_config_and_oversized_namespaces_are_clear_errors_not_crashes(daemon, caplog):
+    with pytest.raises(ValueError, match="verify_checksums must be true or false"):
+        pair(daemon.socket, verify_checksums="maybe")
+    assert pair(daemon.socket, verify_checksums="false")[1]._verify is False
+    sched, _ = pair(daemon.socket, model="m" * 300)  # longer than a namespace field may be
+    with caplog.at_level(logging.WARNING):
+        assert sched.get_num_new_matched_tokens(request("big", list(range(100))), 0) == (0, False)
+    assert any("refused namespace" in r.getMessage() for r in caplog.records)
 
 
 def test_mismatched_pages_disable_the_worker(daemon, caplog):
