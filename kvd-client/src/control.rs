@@ -4,6 +4,7 @@ use std::io::{IoSliceMut, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::time::Duration;
 
 use kvd_proto::frame::{self, Request, Response, LEN_PREFIX, MAX_FRAME_BYTES};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
@@ -15,6 +16,7 @@ use crate::error::{ClientError, Result};
 pub struct Control {
     stream: UnixStream,
     next_id: u32,
+    timeout: Option<Duration>,
 }
 
 impl Control {
@@ -24,16 +26,47 @@ impl Control {
             path: path.to_owned(),
             source,
         })?;
-        Ok(Self { stream, next_id: 1 })
+        Ok(Self {
+            stream,
+            next_id: 1,
+            timeout: None,
+        })
+    }
+
+    /// Bounds how long a call may wait for the daemon (`None`: forever). A call that runs
+    /// out fails with a `TimedOut` IO error; the connection is then unusable (a late reply
+    /// may still arrive), so drop it and reconnect.
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<()> {
+        self.stream.set_read_timeout(timeout)?;
+        self.stream.set_write_timeout(timeout)?;
+        self.timeout = timeout;
+        Ok(())
     }
 
     /// Sends `req` and waits for its response, with any file descriptor passed alongside.
     pub fn call(&mut self, req: &Request) -> Result<(Response, Option<OwnedFd>)> {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
-        self.stream.write_all(&req.encode(id))?;
+        let timeout = self.timeout;
+        let timed_out = |e: ClientError| match e {
+            ClientError::Io(io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                ClientError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("kvd did not answer within {timeout:?}"),
+                ))
+            }
+            other => other,
+        };
+        self.stream
+            .write_all(&req.encode(id))
+            .map_err(|e| timed_out(e.into()))?;
         loop {
-            let (rid, resp, fd) = self.recv()?;
+            let (rid, resp, fd) = self.recv().map_err(timed_out)?;
             if rid == id || rid == 0 {
                 if let Response::Error { code, message } = resp {
                     return Err(ClientError::Server { code, message });
@@ -94,5 +127,41 @@ impl Control {
     /// Reads one raw response (tests).
     pub fn recv_response(&mut self) -> Result<Response> {
         Ok(self.recv()?.1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::{Client, Options};
+
+    /// A daemon that accepts and then never answers (hung, stopped) must not hang the client.
+    #[test]
+    fn silent_daemon_times_out_as_a_retryable_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("silent.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let holder = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().expect("accept");
+            std::thread::sleep(Duration::from_secs(1));
+            drop(conn);
+        });
+        let start = Instant::now();
+        let opts = Options {
+            timeout: Duration::from_millis(200),
+            ..Options::default()
+        };
+        let err = Client::connect_with(&path, opts).expect_err("nobody answered");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(err.is_retryable(), "{err}");
+        assert!(err.to_string().contains("did not answer within"), "{err}");
+        holder.join().expect("holder");
     }
 }

@@ -49,7 +49,7 @@ pub struct Options {
     pub admin: bool,
     /// How long to spin for a completion before sleeping.
     pub spin: Duration,
-    /// How long to wait for a completion at all.
+    /// How long to wait for a ring completion or a control reply at all.
     pub timeout: Duration,
 }
 
@@ -194,6 +194,7 @@ impl Client {
     pub fn connect_with(path: impl AsRef<Path>, opts: Options) -> Result<Client> {
         let path = path.as_ref().to_owned();
         let mut ctl = Control::connect(&path)?;
+        ctl.set_timeout(Some(opts.timeout))?;
         let (resp, fd) = ctl.call(&Request::Hello {
             protocol_version: PROTOCOL_VERSION,
             client_name: opts.name.clone(),

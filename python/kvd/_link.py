@@ -22,13 +22,17 @@ MAX_NAMESPACES = 64
 
 
 class Link:
-    """Lazily connected, self-healing access to one kvd socket."""
+    """Lazily connected, self-healing access to one kvd socket.
+
+    Calls wait at most ``timeout_s`` for kvd; a daemon that stops answering counts as down
+    (the engine must never hang on its cache)."""
 
     def __init__(
         self,
         socket: str,
         name: str,
         retry_s: float = 5.0,
+        timeout_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         log: logging.Logger = log,
     ) -> None:
@@ -36,6 +40,7 @@ class Link:
         self.socket = socket
         self.name = name
         self.retry_s = retry_s
+        self.timeout_s = timeout_s
         self._clock = clock
         self._lock = threading.Lock()
         self._client: Client | None = None
@@ -57,7 +62,7 @@ class Link:
             if now < self._next_try:
                 return None
             try:
-                self._client = Client(self.socket, name=self.name)
+                self._client = Client(self.socket, name=self.name, timeout_s=self.timeout_s)
             except (KvdError, OSError) as e:
                 self._mark_down(str(e))
                 return None

@@ -51,7 +51,8 @@ reconnects by itself (every ``retry_s`` seconds, default 5).
 
 Extra config keys: ``socket`` (default ``$KVD_SOCKET`` or /run/kvd/kvd.sock), ``model``,
 ``tenant``, ``hash`` (auto|kvd|vllm), ``verify_checksums`` (default true), ``load`` and
-``save`` (default true), ``retry_s``, ``copy_path`` (``direct`` on CPU; ``staging`` copies
+``save`` (default true), ``retry_s``, ``timeout_s`` (longest wait for kvd, default 5; a
+daemon that stops answering is treated as down), ``copy_path`` (``direct`` on CPU; ``staging`` copies
 through a host buffer and is what device tensors use).
 """
 
@@ -262,6 +263,7 @@ class KvdConnector(KVConnectorBase_V1):
             self._socket,
             name=f"vllm-{role_name}-{os.getpid()}",
             retry_s=float(extra.get("retry_s", 5.0)),
+            timeout_s=float(extra.get("timeout_s", 5.0)),
             log=log,
         )
         # Scheduler state.

@@ -352,3 +352,24 @@ def test_two_argument_constructor_of_older_vllm(daemon):
     run_worker(worker, sched.build_connector_meta(step(new=[("o", [0, 1, 2, 3], 0)], scheduled={"o": 100})))
     sched2 = KvdConnector(cfg, KVConnectorRole.SCHEDULER)
     assert sched2.get_num_new_matched_tokens(request("o2", tokens), 0) == (96, False)
+
+
+def test_stopped_daemon_does_not_hang_the_scheduler(daemon, caplog):
+    import signal
+    import time
+
+    tokens = list(range(100))
+    store(daemon, tokens, [0, 1, 2, 3])
+    sched, _ = pair(daemon.socket, timeout_s=0.5)
+    assert sched.get_num_new_matched_tokens(request("t", tokens), 0) == (96, False)
+    daemon.proc.send_signal(signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with caplog.at_level(logging.WARNING):
+            assert sched.get_num_new_matched_tokens(request("t2", tokens), 0) == (0, False)
+        assert time.monotonic() - start < 3
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+    assert any("unavailable" in r.getMessage() for r in caplog.records)
+    time.sleep(0.3)  # past retry_s: the link reconnects and hits again
+    assert sched.get_num_new_matched_tokens(request("t3", tokens), 0) == (96, False)
