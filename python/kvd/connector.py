@@ -281,6 +281,10 @@ class KvdConnector(KVConnectorBase_V1):
                 self._geo.tp_rank = int(get_tensor_model_parallel_rank())
             except (ImportError, AssertionError, RuntimeError):
                 self._geo.tp_rank = 0
+        if role == KVConnectorRole.SCHEDULER and self._geo.cacheable:
+            # Connect and map the default namespace now, so the first request does not pay
+            # for it (and a missing kvd is reported at start-up).
+            self._namespace(self._tenant)
         log.info(
             "kvd connector (%s): socket %s, namespace model=%s dtype=%s layout=%s block=%d tp=%d/%d",
             role_name,
@@ -495,6 +499,7 @@ class KvdConnector(KVConnectorBase_V1):
         else:
             self._layers = []
             self._staging = [(p, p.shape[1]) for p in pages]
+        self._namespace(self._tenant)  # connect and map now, not on the first request
         log.info(
             "kvd: %d layers registered, %d pages of %d bytes per block (%s copy)",
             len(names),
