@@ -205,7 +205,7 @@ class _ReqState:
     local_tokens: int = 0
     load: tuple[list[bytes], int] | None = None
     block_ids: list[int] = field(default_factory=list)
-    saved_blocks: int | None = None
+    saved_blocks: int = 0
 
 
 class KvdConnector(KVConnectorBase_V1):
@@ -270,7 +270,7 @@ class KvdConnector(KVConnectorBase_V1):
         self._reqs: dict[str, _ReqState] = {}
         # Worker state.
         self._layers: list[Any] = []
-        self._staging: list[tuple[torch.Tensor, int]] = []
+        self._staging: list[torch.Tensor] = []
         self._load_errors: set[int] = set()
         self._block_bytes = 0
         self._stats = {"loaded_blocks": 0, "failed_blocks": 0, "saved_blocks": 0}
@@ -340,10 +340,11 @@ class KvdConnector(KVConnectorBase_V1):
         """Keys of the request's first ``blocks`` full blocks (extending the memo as needed)."""
         if len(st.keys) < blocks:
             if self._scheme == KEY_SCHEME_KVD:
-                tokens = list(st.request.all_token_ids[: blocks * self._block])
-                parent = st.keys[-1] if st.keys else None
+                # Only the tokens of blocks not keyed yet: decode steps extend the chain.
                 start = len(st.keys) * self._block
-                st.keys.extend(chain_keys(tokens[start:], self._block, parent))
+                tokens = list(st.request.all_token_ids[start : blocks * self._block])
+                parent = st.keys[-1] if st.keys else None
+                st.keys.extend(chain_keys(tokens, self._block, parent))
             else:
                 hashes = st.request.block_hashes
                 st.keys = [bytes(h) if len(h) == 32 else _wide(bytes(h)) for h in hashes]
@@ -446,7 +447,7 @@ class KvdConnector(KVConnectorBase_V1):
         full = min(done, st.request.num_tokens) // self._block
         # A request rolled back (a failed load is recomputed from its first bad block) saves
         # again from where it now stands.
-        start = min(st.saved_blocks or 0, computed // self._block)
+        start = min(st.saved_blocks, computed // self._block)
         full = min(full, len(st.block_ids))
         if full <= start:
             return
@@ -498,7 +499,7 @@ class KvdConnector(KVConnectorBase_V1):
             self._layers = [p.numpy() for p in pages]
         else:
             self._layers = []
-            self._staging = [(p, p.shape[1]) for p in pages]
+            self._staging = pages
         self._namespace(self._tenant)  # connect and map now, not on the first request
         log.info(
             "kvd: %d layers registered, %d pages of %d bytes per block (%s copy)",
@@ -570,7 +571,7 @@ class KvdConnector(KVConnectorBase_V1):
         return [c == LOADED for c in codes]
 
     def _load_staged(self, client: Any, ns: Any, t: BlockTransfer) -> list[int]:
-        total = sum(w for _, w in self._staging)
+        total = sum(p.shape[1] for p in self._staging)
         n = len(t.keys)
         buf = torch.empty((n, total), dtype=torch.uint8, pin_memory=_pinnable(self._staging))
         codes = client.load_blocks(ns, t.keys, list(range(n)), [buf.numpy()], verify=self._verify)
@@ -579,7 +580,8 @@ class KvdConnector(KVConnectorBase_V1):
             rows = torch.tensor(good, dtype=torch.long)
             ids = torch.tensor([t.block_ids[i] for i in good], dtype=torch.long)
             off = 0
-            for pages, width in self._staging:
+            for pages in self._staging:
+                width = pages.shape[1]
                 src = buf[rows, off : off + width].to(pages.device, non_blocking=False)
                 pages.index_copy_(0, ids.to(pages.device), src)
                 off += width
@@ -620,7 +622,7 @@ class KvdConnector(KVConnectorBase_V1):
 
     def _save_staged(self, client: Any, ns: Any, t: BlockTransfer) -> list[bool]:
         ids = torch.tensor(t.block_ids, dtype=torch.long)
-        parts = [pages.index_select(0, ids.to(pages.device)).cpu() for pages, _ in self._staging]
+        parts = [pages.index_select(0, ids.to(pages.device)).cpu() for pages in self._staging]
         buf = torch.cat(parts, dim=1).contiguous()
         return client.save_blocks(ns, t.keys, list(range(len(t.keys))), [buf.numpy()])
 
@@ -656,21 +658,16 @@ def _wide(h: bytes) -> bytes:
 
 def _as_pages(t: torch.Tensor) -> torch.Tensor:
     """``t`` (``[num_blocks, …]``) as a ``[num_blocks, page bytes]`` uint8 view of the same
-    memory; raises when a block's page is not contiguous (no silent copy)."""
+    memory (block stride kept); raises when a block's page is not contiguous (no silent copy)."""
     inner = t[0] if t.shape[0] > 0 else t
     if not inner.is_contiguous():
         raise ValueError(f"strides {tuple(t.stride())} for shape {tuple(t.shape)}")
     u8 = t.view(torch.uint8)
-    return u8.view(t.shape[0], -1) if u8.is_contiguous() else _strided_pages(u8, t)
-
-
-def _strided_pages(u8: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    page = u8[0].numel()
-    stride = u8.stride(0)
-    if stride < page:
+    page, stride = u8[0].numel(), u8.stride(0)
+    if t.shape[0] > 1 and stride < page:
         raise ValueError(f"block stride {stride} smaller than page {page}")
     return torch.as_strided(u8, (t.shape[0], page), (stride, 1))
 
 
-def _pinnable(staging: list[tuple[torch.Tensor, int]]) -> bool:
-    return any(p.device.type == "cuda" for p, _ in staging) and torch.cuda.is_available()
+def _pinnable(staging: list[torch.Tensor]) -> bool:
+    return any(p.device.type == "cuda" for p in staging) and torch.cuda.is_available()
