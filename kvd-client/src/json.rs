@@ -37,5 +37,18 @@ pub fn status_json(s: &StatsReport) -> Value {
         "clients": s.clients.iter().map(|c| json!({
             "id": c.id, "name": c.name, "pid": c.pid, "uid": c.uid, "admin": c.admin, "ops": c.ops,
         })).collect::<Vec<_>>(),
+        "disk": s.disk.as_ref().map(|d| json!({
+            "path": d.path, "engine": d.engine, "direct_io": d.direct_io,
+            "capacity_bytes": d.capacity_bytes, "used_bytes": d.used_bytes,
+            "regions": d.regions, "free_regions": d.free_regions, "blocks": d.blocks,
+            "hits": d.hits, "misses": d.misses, "read_bytes": d.read_bytes,
+            "write_bytes": d.write_bytes, "read_bytes_per_s": d.read_bytes_per_s,
+            "write_bytes_per_s": d.write_bytes_per_s, "writes": d.writes,
+            "admission_rejections": d.admission_rejections, "reclaims": d.reclaims,
+            "reclaimed_blocks": d.reclaimed_blocks, "checksum_failures": d.checksum_failures,
+            "io_errors": d.io_errors, "dropped_at_start": d.dropped_at_start,
+            "drain_pending": d.drain_pending,
+            "degraded": if d.degraded.is_empty() { Value::Null } else { json!(d.degraded) },
+        })),
     })
 }

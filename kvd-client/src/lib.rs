@@ -26,7 +26,7 @@ pub use asynch::AsyncClient;
 pub use control::Control;
 pub use error::{ClientError, Result};
 pub use kvd_proto::frame::{
-    BlockInfo, ClientInfo, NamespaceStats, StatsReport, TierCounts, TierStats,
+    BlockInfo, ClientInfo, DiskReport, NamespaceStats, StatsReport, TierCounts, TierStats,
 };
 pub use kvd_proto::{BlockKey, NamespaceDesc, NamespaceId, Tier};
 
@@ -329,6 +329,13 @@ impl Client {
             ns,
             keys: keys.to_vec(),
         })
+    }
+
+    /// Starts copying every DRAM block without a disk copy to the disk tier (of one namespace,
+    /// or all); returns how many blocks that is. Progress: `stats().disk.drain_pending`.
+    /// Admin only; an error when the daemon has no disk tier.
+    pub fn drain(&self, ns: Option<NamespaceId>) -> Result<u32> {
+        self.count(Request::Drain { ns })
     }
 
     /// Daemon statistics.

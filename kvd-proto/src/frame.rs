@@ -38,6 +38,7 @@ mod tag {
     pub const LIST: u8 = 8;
     pub const INSPECT: u8 = 9;
     pub const EVICT: u8 = 10;
+    pub const DRAIN: u8 = 11;
 
     pub const WELCOME: u8 = 64;
     pub const NS_OPENED: u8 = 65;
@@ -113,6 +114,13 @@ pub enum Request {
         /// Keys; empty means all evictable blocks.
         keys: Vec<BlockKey>,
     },
+    /// Copies every DRAM block that has no disk copy yet to the disk tier, in the background
+    /// (admin). Answers with the number of blocks queued; progress is
+    /// [`DiskReport::drain_pending`] in the stats.
+    Drain {
+        /// Only this namespace.
+        ns: Option<NamespaceId>,
+    },
 }
 
 /// Per-tier block counts of a lookup's prefix.
@@ -178,6 +186,57 @@ pub struct NamespaceStats {
     pub full_rejections: u64,
 }
 
+/// The disk tier's state and counters.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DiskReport {
+    /// Directory of the region files and the catalog.
+    pub path: String,
+    /// IO engine in use (`io_uring` or `psync`).
+    pub engine: String,
+    /// Whether IO bypasses the page cache.
+    pub direct_io: bool,
+    /// Bytes of region files.
+    pub capacity_bytes: u64,
+    /// Bytes held by blocks (4 KiB-aligned).
+    pub used_bytes: u64,
+    /// Region files.
+    pub regions: u32,
+    /// Regions holding nothing.
+    pub free_regions: u32,
+    /// Blocks stored.
+    pub blocks: u64,
+    /// Reads served from disk.
+    pub hits: u64,
+    /// Reads that found nothing on disk (after a DRAM miss).
+    pub misses: u64,
+    /// Bytes read (verified).
+    pub read_bytes: u64,
+    /// Bytes written.
+    pub write_bytes: u64,
+    /// Recent read rate.
+    pub read_bytes_per_s: u64,
+    /// Recent write rate.
+    pub write_bytes_per_s: u64,
+    /// Blocks written.
+    pub writes: u64,
+    /// Demotions refused by the admission filter.
+    pub admission_rejections: u64,
+    /// Regions reclaimed.
+    pub reclaims: u64,
+    /// Blocks dropped by reclaims.
+    pub reclaimed_blocks: u64,
+    /// Reads whose checksum did not match (served as misses).
+    pub checksum_failures: u64,
+    /// Failed reads and writes.
+    pub io_errors: u64,
+    /// Catalog entries dropped at start (torn or stale).
+    pub dropped_at_start: u64,
+    /// Blocks queued by a drain and not yet written.
+    pub drain_pending: u64,
+    /// Why the tier is degraded; empty when healthy.
+    pub degraded: String,
+}
+
 /// One connected client as seen by the daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientInfo {
@@ -208,6 +267,8 @@ pub struct StatsReport {
     pub namespaces: Vec<NamespaceStats>,
     /// Connected clients.
     pub clients: Vec<ClientInfo>,
+    /// Disk tier, when configured.
+    pub disk: Option<DiskReport>,
 }
 
 /// One resident block, as listed or inspected.
@@ -475,6 +536,13 @@ impl Request {
                 }
                 put_keys(&mut w, keys);
             }
+            Request::Drain { ns } => {
+                w = begin(tag::DRAIN, request_id);
+                w.u8(u8::from(ns.is_some()));
+                if let Some(ns) = ns {
+                    put_ns(&mut w, ns);
+                }
+            }
         }
         end(w)
     }
@@ -513,6 +581,9 @@ impl Request {
             tag::EVICT => Request::Evict {
                 ns: opt(&mut r, "evict ns flag", get_ns)?,
                 keys: get_keys(&mut r)?,
+            },
+            tag::DRAIN => Request::Drain {
+                ns: opt(&mut r, "drain ns flag", get_ns)?,
             },
             other => {
                 return Err(DecodeError::UnknownTag {
@@ -559,6 +630,83 @@ fn get_desc_stats(r: &mut Reader<'_>) -> Result<NamespaceStats, DecodeError> {
         misses: r.u64("misses")?,
         evictions: r.u64("evictions")?,
         full_rejections: r.u64("full_rejections")?,
+    })
+}
+
+fn disk_numbers(d: &DiskReport) -> [u64; 18] {
+    [
+        d.capacity_bytes,
+        d.used_bytes,
+        u64::from(d.regions),
+        u64::from(d.free_regions),
+        d.blocks,
+        d.hits,
+        d.misses,
+        d.read_bytes,
+        d.write_bytes,
+        d.read_bytes_per_s,
+        d.write_bytes_per_s,
+        d.writes,
+        d.admission_rejections,
+        d.reclaims,
+        d.reclaimed_blocks,
+        d.checksum_failures,
+        d.io_errors,
+        d.dropped_at_start,
+    ]
+}
+
+fn put_disk(w: &mut Writer, d: &DiskReport) {
+    w.str(&d.path);
+    w.str(&d.engine);
+    w.u8(u8::from(d.direct_io));
+    for v in disk_numbers(d) {
+        w.u64(v);
+    }
+    w.u64(d.drain_pending);
+    w.str(&d.degraded);
+}
+
+fn get_disk(r: &mut Reader<'_>) -> Result<DiskReport, DecodeError> {
+    let path = r.str("disk path", MAX_TEXT)?;
+    let engine = r.str("disk engine", MAX_TEXT)?;
+    let direct_io = r.bool("direct_io")?;
+    let mut n = [0u64; 18];
+    for v in n.iter_mut() {
+        *v = r.u64("disk counter")?;
+    }
+    let regions = u32::try_from(n[2]).map_err(|_| DecodeError::Invalid {
+        what: "disk regions",
+        why: "out of range".into(),
+    })?;
+    let free_regions = u32::try_from(n[3]).map_err(|_| DecodeError::Invalid {
+        what: "disk free regions",
+        why: "out of range".into(),
+    })?;
+    Ok(DiskReport {
+        path,
+        engine,
+        direct_io,
+        capacity_bytes: n[0],
+        used_bytes: n[1],
+        regions,
+        free_regions,
+        blocks: n[4],
+        hits: n[5],
+        misses: n[6],
+        read_bytes: n[7],
+        write_bytes: n[8],
+        read_bytes_per_s: n[9],
+        write_bytes_per_s: n[10],
+        writes: n[11],
+        admission_rejections: n[12],
+        reclaims: n[13],
+        reclaimed_blocks: n[14],
+        checksum_failures: n[15],
+        io_errors: n[16],
+        dropped_at_start: n[17],
+        drain_pending: r.u64("drain_pending")?,
+        degraded: r.str("degraded", MAX_TEXT)?,
     })
 }
 
@@ -642,6 +790,10 @@ impl Response {
                     w.u32(c.uid);
                     w.u8(u8::from(c.admin));
                     w.u64(c.ops);
+                }
+                w.u8(u8::from(s.disk.is_some()));
+                if let Some(d) = &s.disk {
+                    put_disk(&mut w, d);
                 }
             }
             Response::Blocks { blocks, more } => {
@@ -733,12 +885,14 @@ impl Response {
                         ops: r.u64("ops")?,
                     });
                 }
+                let disk = opt(&mut r, "disk flag", get_disk)?;
                 Response::Stats(Box::new(StatsReport {
                     daemon_version,
                     uptime_ms,
                     tiers,
                     namespaces,
                     clients,
+                    disk,
                 }))
             }
             tag::BLOCKS => {
@@ -858,10 +1012,46 @@ mod tests {
             arb_key().prop_map(|key| Request::Inspect { key }),
             (prop::option::of(arb_ns()), arb_keys())
                 .prop_map(|(ns, keys)| Request::Evict { ns, keys }),
+            prop::option::of(arb_ns()).prop_map(|ns| Request::Drain { ns }),
         ]
     }
 
     fn arb_response() -> impl Strategy<Value = Response> {
+        let disk = (
+            arb_text(),
+            arb_text(),
+            any::<bool>(),
+            any::<[u64; 18]>(),
+            any::<(u32, u32)>(),
+            arb_text(),
+        )
+            .prop_map(
+                |(path, engine, direct_io, n, (regions, free_regions), degraded)| DiskReport {
+                    path,
+                    engine,
+                    direct_io,
+                    capacity_bytes: n[0],
+                    used_bytes: n[1],
+                    regions,
+                    free_regions,
+                    blocks: n[4],
+                    hits: n[5],
+                    misses: n[6],
+                    read_bytes: n[7],
+                    write_bytes: n[8],
+                    read_bytes_per_s: n[9],
+                    write_bytes_per_s: n[10],
+                    writes: n[11],
+                    admission_rejections: n[12],
+                    reclaims: n[13],
+                    reclaimed_blocks: n[14],
+                    checksum_failures: n[15],
+                    io_errors: n[16],
+                    dropped_at_start: n[17],
+                    drain_pending: n[2],
+                    degraded,
+                },
+            );
         let tier_stats = (arb_tier(), any::<[u64; 6]>()).prop_map(|(tier, v)| TierStats {
             tier,
             capacity_bytes: v[0],
@@ -954,15 +1144,17 @@ mod tests {
                 any::<u64>(),
                 prop::collection::vec(tier_stats, 0..4),
                 prop::collection::vec(ns_stats, 0..3),
-                prop::collection::vec(client, 0..3)
+                prop::collection::vec(client, 0..3),
+                prop::option::of(disk)
             )
-                .prop_map(|(v, up, tiers, namespaces, clients)| Response::Stats(
+                .prop_map(|(v, up, tiers, namespaces, clients, disk)| Response::Stats(
                     Box::new(StatsReport {
                         daemon_version: v,
                         uptime_ms: up,
                         tiers,
                         namespaces,
-                        clients
+                        clients,
+                        disk
                     })
                 )),
             (prop::collection::vec(block, 0..5), any::<bool>())

@@ -156,6 +156,72 @@ impl Default for DramConfig {
     }
 }
 
+/// Which block IO engine the disk tier uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskEngine {
+    /// io_uring on a dedicated thread (falls back to psync with a warning where unavailable).
+    IoUring,
+    /// `pread`/`pwrite` on a few threads.
+    Psync,
+}
+
+/// How the disk tier picks a region to reclaim when it is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReclaimPolicy {
+    /// Oldest region first.
+    Fifo,
+    /// Region whose blocks were read least recently first.
+    Lru,
+}
+
+/// Disk (NVMe) tier: a log of region files plus a RocksDB catalog under `path`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Total bytes of region files; 0 disables the disk tier.
+    pub capacity_bytes: ByteSize,
+    /// Directory holding `regions/` and `catalog/`.
+    pub path: PathBuf,
+    /// Size of one region file (the unit of reclaim).
+    pub region_bytes: ByteSize,
+    /// IO engine.
+    pub engine: DiskEngine,
+    /// Bypass the page cache (O_DIRECT); turned off with a warning where unsupported (tmpfs).
+    pub direct_io: bool,
+    /// Most IOs in flight.
+    pub io_depth: u32,
+    /// Reserve the region files' space at start (fallocate).
+    pub preallocate: bool,
+    /// Which region to reclaim when full.
+    pub reclaim: ReclaimPolicy,
+    /// Which demoted blocks are written.
+    pub admission: crate::disk::admission::AdmissionPolicy,
+    /// Sightings needed with `admission = "frequency"`.
+    pub admission_min_frequency: u8,
+    /// Demotion starts when a namespace's arena is fuller than this fraction.
+    pub demote_watermark: f64,
+}
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        Self {
+            capacity_bytes: ByteSize(0),
+            path: PathBuf::from("/var/lib/kvd"),
+            region_bytes: ByteSize(256 << 20),
+            engine: DiskEngine::IoUring,
+            direct_io: true,
+            io_depth: 32,
+            preallocate: true,
+            reclaim: ReclaimPolicy::Fifo,
+            admission: crate::disk::admission::AdmissionPolicy::Frequency,
+            admission_min_frequency: 2,
+            demote_watermark: 0.7,
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -195,6 +261,8 @@ pub struct Config {
     pub ring: RingConfig,
     /// DRAM tier.
     pub dram: DramConfig,
+    /// Disk tier.
+    pub disk: DiskConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -239,7 +307,7 @@ pub enum ConfigError {
     },
 }
 
-const SECTIONS: [&str; 4] = ["server", "ring", "dram", "log"];
+const SECTIONS: [&str; 5] = ["server", "ring", "dram", "disk", "log"];
 
 fn parse_value(raw: &str) -> toml::Value {
     let doc = format!("v = {raw}");
@@ -419,6 +487,46 @@ impl Config {
                 "must be in (0, dram.high_watermark]".into(),
             );
         }
+        let k = &self.disk;
+        if k.capacity_bytes.0 > 0 {
+            if k.path.as_os_str().is_empty() {
+                return bad("disk.path", "must not be empty".into());
+            }
+            let min_region = d.max_block_bytes.0.saturating_mul(2) + 4096;
+            if k.region_bytes.0 < min_region || k.region_bytes.0 % 4096 != 0 {
+                return bad(
+                    "disk.region_bytes",
+                    format!(
+                        "must be a multiple of 4 KiB holding two blocks of dram.max_block_bytes \
+                         plus a 4 KiB header (at least {min_region})"
+                    ),
+                );
+            }
+            if k.capacity_bytes.0 / k.region_bytes.0 < 2 {
+                return bad(
+                    "disk.capacity_bytes",
+                    format!(
+                        "must hold at least two regions of disk.region_bytes ({})",
+                        k.region_bytes.0
+                    ),
+                );
+            }
+            if k.capacity_bytes.0 / k.region_bytes.0 > 1 << 20 {
+                return bad(
+                    "disk.capacity_bytes",
+                    "more than 2^20 regions; raise disk.region_bytes".into(),
+                );
+            }
+        }
+        if k.io_depth == 0 || k.io_depth > 4096 {
+            return bad("disk.io_depth", "must be in 1..=4096".into());
+        }
+        if k.admission_min_frequency == 0 {
+            return bad("disk.admission_min_frequency", "must be at least 1".into());
+        }
+        if !(k.demote_watermark >= 0.0 && k.demote_watermark <= 1.0) {
+            return bad("disk.demote_watermark", "must be in [0, 1]".into());
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return bad(
                 "log.level",
@@ -498,6 +606,9 @@ mod tests {
             ("dram.arena_bytes=1MiB", "dram.arena_bytes"),
             ("server.max_clients=0", "server.max_clients"),
             ("log.level=[[[", "log.level"),
+            ("disk.io_depth=0", "disk.io_depth"),
+            ("disk.capacity_bytes=1MiB", "disk.region_bytes"),
+            ("disk.admission=sometimes", "sometimes"),
         ] {
             let e = load("", &[], &[set]).unwrap_err().to_string();
             assert!(e.contains(key), "{set}: {e}");

@@ -14,6 +14,10 @@ use std::time::Instant;
 use kvd_proto::frame::{
     BlockInfo, ClientInfo, ErrorCode, NamespaceStats, StatsReport, TierCounts, TierStats,
 };
+use std::thread::JoinHandle;
+
+use crate::demoter::DrainSet;
+use crate::disk::{DiskError, DiskTier};
 use kvd_proto::{BlockKey, NamespaceDesc, NamespaceId, Tier};
 use kvd_shm::ring::RingWaker;
 use parking_lot::{Mutex, RwLock};
@@ -103,11 +107,35 @@ struct Registry {
     pool: Vec<Arena>,
 }
 
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The DRAM arenas could not be created.
+    #[error("cannot create the DRAM arenas: {0}")]
+    Arena(#[from] ArenaError),
+    /// The disk tier could not be opened.
+    #[error("cannot open the disk tier: {0}")]
+    Disk(#[from] DiskError),
+    /// A background thread could not be started.
+    #[error("cannot start the {what} thread: {source}")]
+    Thread {
+        /// Which thread.
+        what: &'static str,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// The daemon.
 #[derive(Debug)]
 pub struct Daemon {
     /// Validated configuration.
     pub cfg: Config,
+    /// The disk tier, when configured.
+    pub disk: Option<Arc<DiskTier>>,
+    drains: Arc<Mutex<DrainSet>>,
+    demoter: Mutex<Option<JoinHandle<()>>>,
     start: Instant,
     registry: Mutex<Registry>,
     clients: Mutex<HashMap<u64, Arc<Conn>>>,
@@ -117,11 +145,21 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Creates the arena pool and an empty registry.
-    pub fn new(cfg: Config) -> Result<Arc<Daemon>, ArenaError> {
+    /// Creates the arena pool and an empty registry, opens the disk tier (if configured) and
+    /// starts its demotion thread.
+    pub fn new(cfg: Config) -> Result<Arc<Daemon>, StartError> {
         let pool = Arena::create_pool(&cfg.dram, cfg.dram.max_namespaces)?;
-        Ok(Arc::new(Daemon {
+        let disk = if cfg.disk.capacity_bytes.0 > 0 {
+            Some(Arc::new(DiskTier::open(&cfg.disk)?))
+        } else {
+            None
+        };
+        let drains = Arc::new(Mutex::new(DrainSet::default()));
+        let d = Arc::new(Daemon {
             cfg,
+            disk: disk.clone(),
+            drains: drains.clone(),
+            demoter: Mutex::new(None),
             start: Instant::now(),
             registry: Mutex::new(Registry {
                 by_id: HashMap::new(),
@@ -131,7 +169,75 @@ impl Daemon {
             next_client: AtomicU64::new(1),
             shutting_down: AtomicBool::new(false),
             euid: nix::unistd::geteuid().as_raw(),
-        }))
+        });
+        if let Some(disk) = disk {
+            let weak = Arc::downgrade(&d);
+            let t = std::thread::Builder::new()
+                .name("kvd-demote".into())
+                .spawn(move || crate::demoter::run(weak, disk, drains))
+                .map_err(|source| StartError::Thread {
+                    what: "demotion",
+                    source,
+                })?;
+            *d.demoter.lock() = Some(t);
+        }
+        Ok(d)
+    }
+
+    /// Stops the background threads (after [`begin_shutdown`](Self::begin_shutdown)) and
+    /// flushes the disk catalog.
+    pub fn stop_background(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        if let Some(t) = self.demoter.lock().take() {
+            let _ = t.join();
+        }
+        if let Some(disk) = &self.disk {
+            disk.flush();
+        }
+    }
+
+    /// Queues a drain of one namespace (or all) to disk; returns how many DRAM blocks have no
+    /// disk copy yet.
+    pub fn drain(&self, only: Option<NamespaceId>) -> Result<u64, OpError> {
+        let Some(disk) = &self.disk else {
+            return Err(OpError::new(
+                ErrorCode::BadRequest,
+                "no disk tier is configured (disk.capacity_bytes = 0): nothing to drain to",
+            ));
+        };
+        let n: u64 = self
+            .namespaces()
+            .iter()
+            .filter(|ns| only.is_none_or(|o| o == ns.id))
+            .map(|ns| ns.store.lock().without_disk_copy())
+            .sum();
+        disk.drain_pending().store(n, Ordering::Relaxed);
+        self.drains.lock().add(only);
+        Ok(n)
+    }
+
+    /// Deletes blocks from every tier; returns how many keys any tier held.
+    pub fn delete(&self, ns: &Namespace, keys: &[BlockKey]) -> u32 {
+        let on_disk = self
+            .disk
+            .as_ref()
+            .map(|d| d.presence(&ns.id, keys))
+            .unwrap_or_default();
+        let n = {
+            let mut st = ns.store.lock();
+            let mut n = 0;
+            for (i, k) in keys.iter().enumerate() {
+                let dram = st.delete(std::slice::from_ref(k)) > 0;
+                if dram || on_disk.get(i).copied().unwrap_or(false) {
+                    n += 1;
+                }
+            }
+            n
+        };
+        if let Some(d) = &self.disk {
+            d.delete(&ns.id, keys);
+        }
+        n
     }
 
     /// Milliseconds since start (the store's clock).
@@ -333,12 +439,33 @@ impl Daemon {
         v
     }
 
-    /// Longest stored prefix of `keys`.
+    /// Longest prefix of `keys` stored in any tier, and how many of its blocks each tier
+    /// serves (DRAM first).
     pub fn lookup(&self, ns: &Namespace, keys: &[BlockKey]) -> (u32, TierCounts) {
-        let n = ns.store.lock().lookup(keys);
         let mut tiers = TierCounts::default();
-        tiers.0[Tier::Dram as usize] = u32::try_from(n).unwrap_or(u32::MAX);
-        (tiers.0[Tier::Dram as usize], tiers)
+        let Some(disk) = &self.disk else {
+            let n = ns.store.lock().lookup(keys);
+            tiers.0[Tier::Dram as usize] = u32::try_from(n).unwrap_or(u32::MAX);
+            return (tiers.0[Tier::Dram as usize], tiers);
+        };
+        let in_dram: Vec<bool> = {
+            let st = ns.store.lock();
+            keys.iter().map(|k| st.contains(k)).collect()
+        };
+        let first_gap = in_dram.iter().position(|&b| !b).unwrap_or(keys.len());
+        let on_disk = disk.presence(&ns.id, &keys[first_gap..]);
+        let mut n = 0u32;
+        for (i, dram) in in_dram.iter().enumerate() {
+            if *dram {
+                tiers.add(Tier::Dram);
+            } else if on_disk.get(i - first_gap).copied().unwrap_or(false) {
+                tiers.add(Tier::Disk);
+            } else {
+                break;
+            }
+            n += 1;
+        }
+        (n, tiers)
     }
 
     /// Requires admin rights on `conn`.
@@ -385,13 +512,34 @@ impl Daemon {
         (out, false)
     }
 
-    /// Every copy of `key` in any namespace.
+    /// Every copy of `key` in any namespace and tier.
     pub fn inspect(&self, key: &BlockKey) -> Vec<BlockInfo> {
         let now = self.now_ms();
-        self.namespaces()
+        let mut out: Vec<BlockInfo> = self
+            .namespaces()
             .iter()
             .filter_map(|ns| ns.store.lock().inspect(key, now))
-            .collect()
+            .collect();
+        if let Some(disk) = &self.disk {
+            for ns in disk.namespaces() {
+                if let Some((len, checksum, hits, age_ms, idle_ms)) = disk.inspect(&ns, key) {
+                    out.push(BlockInfo {
+                        ns,
+                        key: *key,
+                        tier: Tier::Disk,
+                        len,
+                        checksum,
+                        pins: 0,
+                        readers: 0,
+                        hits: u64::from(hits),
+                        age_ms,
+                        idle_ms,
+                    });
+                }
+            }
+        }
+        out.sort_by_key(|b| (b.ns, b.tier));
+        out
     }
 
     /// Daemon-wide statistics.
@@ -444,12 +592,26 @@ impl Daemon {
             })
             .collect();
         clients.sort_by_key(|c| c.id);
+        let mut tiers = vec![dram];
+        let disk = self.disk.as_ref().map(|d| d.report());
+        if let Some(r) = &disk {
+            tiers.push(TierStats {
+                tier: Tier::Disk,
+                capacity_bytes: r.capacity_bytes,
+                used_bytes: r.used_bytes,
+                blocks: r.blocks,
+                hits: r.hits,
+                misses: r.misses,
+                evictions: r.reclaimed_blocks,
+            });
+        }
         StatsReport {
             daemon_version: VERSION.into(),
             uptime_ms: self.now_ms(),
-            tiers: vec![dram],
+            tiers,
             namespaces,
             clients,
+            disk,
         }
     }
 }

@@ -1,8 +1,9 @@
 //! kvd daemon library: everything the `kvd` binary runs, split so tests can drive it in-process.
 //!
 //! Logical layer (no IO): [`alloc`] and [`store`]. Physical layer: [`arena`] (shared memory),
-//! [`ring_service`] (data plane), [`server`] (control plane). [`daemon`] ties them together and
-//! [`config`] describes it all.
+//! [`disk`] (the NVMe tier), [`ring_service`] (data plane), [`server`] (control plane).
+//! [`demoter`] moves blocks down the tiers in the background. [`daemon`] ties them together
+//! and [`config`] describes it all.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -10,6 +11,8 @@ pub mod alloc;
 pub mod arena;
 pub mod config;
 pub mod daemon;
+pub mod demoter;
+pub mod disk;
 pub mod ring_service;
 pub mod server;
 pub mod store;

@@ -85,7 +85,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         Ok(d) => d,
         Err(e) => {
             let _ = std::fs::remove_file(&path);
-            return Err(e).context("creating the DRAM arenas");
+            return Err(e).context("starting the tiers");
         }
     };
     let stop = Arc::new(tokio::sync::Notify::new());
@@ -97,6 +97,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     stop.notify_one();
     let _ = server.await;
+    daemon.stop_background();
     let _ = std::fs::remove_file(&path);
     tracing::info!("kvd stopped");
     Ok(())

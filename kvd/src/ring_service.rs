@@ -12,12 +12,20 @@
 //! mid-hash. If more than [`MAX_UNSEALED`] blocks wait, commits seal synchronously instead
 //! (backpressure), so the backlog stays bounded.
 //!
+//! A GET that misses DRAM but hits the disk tier is promoted: the thread reserves a DRAM slot,
+//! has the disk engine read the block straight into it, and keeps serving other descriptors
+//! meanwhile; when the read completes it verifies the checksum, publishes the block in DRAM
+//! and posts the GET's completion with a read lease, exactly as for a DRAM hit (completions
+//! are matched by `user_data`, so they may arrive out of order). A checksum mismatch is a
+//! miss, never bytes.
+//!
 //! Tokens for reservations and leases come from one per-connection counter. A token below the
 //! counter but no longer held is `Stale` (e.g. a lease that timed out); a token never issued
 //! can only come from a corrupted or hostile client, which is dropped.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +38,9 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::alloc::Slot;
 use crate::daemon::{Conn, Daemon, Namespace};
+use crate::disk::engine::{IoBuf, IoKind, IoOp};
+use crate::disk::format::align_up;
+use crate::disk::{ReadOutcome, ReadTicket};
 use crate::store::{Committed, ReserveError};
 
 /// Most reservations plus leases one connection may hold.
@@ -104,6 +115,17 @@ struct Lease {
     deadline: Instant,
 }
 
+/// A GET being served from disk.
+struct PendingRead {
+    ns: Arc<Namespace>,
+    sub: Submission,
+    slot: Slot,
+    ticket: ReadTicket,
+}
+
+/// Most disk reads one connection has in flight; further GETs wait for one to finish.
+const MAX_PENDING_READS: usize = 64;
+
 /// Why a descriptor ends the connection.
 struct Violation(String);
 
@@ -116,6 +138,11 @@ struct Session {
     lease_timeout: Duration,
     unsealed: VecDeque<(Arc<Namespace>, u32)>,
     sealing: Option<SealJob>,
+    pending: HashMap<u64, PendingRead>,
+    io_tx: Sender<(u64, std::io::Result<()>)>,
+    io_rx: Receiver<(u64, std::io::Result<()>)>,
+    /// Completions of finished disk reads waiting to be posted.
+    backlog: VecDeque<Completion>,
 }
 
 impl Session {
@@ -143,17 +170,17 @@ impl Session {
     /// is open on this connection and the connection may hold one more.
     fn admit(&self, handle: u32) -> Result<Arc<Namespace>, Status> {
         let ns = self.namespace(handle).ok_or(Status::BadNamespace)?;
-        if self.reservations.len() + self.leases.len() >= MAX_HELD_PER_CONN {
+        if self.reservations.len() + self.leases.len() + self.pending.len() >= MAX_HELD_PER_CONN {
             return Err(Status::LimitExceeded);
         }
         Ok(ns)
     }
 
-    fn handle(&mut self, sub: &Submission) -> Result<Completion, Violation> {
+    fn handle(&mut self, sub: &Submission) -> Result<Option<Completion>, Violation> {
         let mut c = Completion::reply(sub, Status::Ok);
         if self.daemon.is_shutting_down() {
             c.status = Status::ShuttingDown as u16;
-            return Ok(c);
+            return Ok(Some(c));
         }
         match sub.op {
             Op::Nop => {}
@@ -162,9 +189,12 @@ impl Session {
                     Ok(ns) => ns,
                     Err(st) => {
                         c.status = st as u16;
-                        return Ok(c);
+                        return Ok(Some(c));
                     }
                 };
+                if let Some(d) = &self.daemon.disk {
+                    d.record_sighting(&ns.id, &sub.key);
+                }
                 let r = ns.store.lock().reserve(&sub.key, sub.arg0);
                 match r {
                     Ok(slot) => {
@@ -189,13 +219,13 @@ impl Session {
             Op::Commit => {
                 let Some(r) = self.reservations.remove(&sub.arg0) else {
                     c.status = self.unknown_token("commit", sub.arg0)? as u16;
-                    return Ok(c);
+                    return Ok(Some(c));
                 };
                 let len = sub.arg1;
                 if len == 0 || len > r.slot.cap {
                     c.status = Status::BadLength as u16;
                     self.reservations.insert(sub.arg0, r);
-                    return Ok(c);
+                    return Ok(Some(c));
                 }
                 let now = self.daemon.now_ms();
                 let out = r.ns.store.lock().commit(&r.key, r.slot, len, now);
@@ -219,30 +249,16 @@ impl Session {
                     Ok(ns) => ns,
                     Err(st) => {
                         c.status = st as u16;
-                        return Ok(c);
+                        return Ok(Some(c));
                     }
                 };
                 let hit = ns.store.lock().get(&sub.key, self.daemon.now_ms());
+                if let Some(d) = &self.daemon.disk {
+                    d.record_sighting(&ns.id, &sub.key);
+                }
                 match hit {
-                    Some(h) => {
-                        let token = self.token();
-                        c.offset = h.offset;
-                        c.len = h.len;
-                        if h.sealed {
-                            c.checksum = h.checksum;
-                            c.flags = COMPLETION_CHECKSUM_VALID;
-                        }
-                        c.token = token;
-                        self.leases.insert(
-                            token,
-                            Lease {
-                                ns,
-                                entry: h.entry,
-                                deadline: Instant::now() + self.lease_timeout,
-                            },
-                        );
-                    }
-                    None => c.status = Status::NotFound as u16,
+                    Some(h) => self.lease(&mut c, ns, h),
+                    None => return Ok(self.get_from_disk(ns, sub, c)),
                 }
             }
             Op::Release => match self.leases.remove(&sub.arg0) {
@@ -252,7 +268,165 @@ impl Session {
                 None => c.status = self.unknown_token("release", sub.arg0)? as u16,
             },
         }
-        Ok(c)
+        Ok(Some(c))
+    }
+
+    /// Fills a GET completion with a read lease on `h`.
+    fn lease(&mut self, c: &mut Completion, ns: Arc<Namespace>, h: crate::store::Hit) {
+        let token = self.token();
+        c.offset = h.offset;
+        c.len = h.len;
+        if h.sealed {
+            c.checksum = h.checksum;
+            c.flags = COMPLETION_CHECKSUM_VALID;
+        }
+        c.token = token;
+        self.leases.insert(
+            token,
+            Lease {
+                ns,
+                entry: h.entry,
+                deadline: Instant::now() + self.lease_timeout,
+            },
+        );
+    }
+
+    /// A GET that missed DRAM: starts a disk read into a fresh slot, or answers NotFound.
+    /// `None` means the completion is posted when the read finishes.
+    fn get_from_disk(
+        &mut self,
+        ns: Arc<Namespace>,
+        sub: &Submission,
+        mut c: Completion,
+    ) -> Option<Completion> {
+        c.status = Status::NotFound as u16;
+        let Some(disk) = self.daemon.disk.clone() else {
+            return Some(c);
+        };
+        let Some(ticket) = disk.begin_read(&ns.id, &sub.key) else {
+            return Some(c);
+        };
+        while self.pending.len() >= MAX_PENDING_READS {
+            match self.io_rx.recv() {
+                Ok(done) => {
+                    if let Some(c) = self.finish_read(done) {
+                        self.backlog.push_back(c);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        let reserved = ns.store.lock().reserve(&sub.key, ticket.len);
+        let slot = match reserved {
+            Ok(slot) => slot,
+            Err(ReserveError::Exists) => {
+                // Promoted by another reader meanwhile: serve that copy.
+                disk.end_read(&ns.id, &sub.key, &ticket, ReadOutcome::Abandoned);
+                let hit = ns.store.lock().get(&sub.key, self.daemon.now_ms());
+                if let Some(h) = hit {
+                    c.status = Status::Ok as u16;
+                    self.lease(&mut c, ns, h);
+                }
+                return Some(c);
+            }
+            Err(e) => {
+                disk.end_read(&ns.id, &sub.key, &ticket, ReadOutcome::Abandoned);
+                if e == ReserveError::CacheFull {
+                    c.status = Status::CacheFull as u16;
+                }
+                return Some(c);
+            }
+        };
+        let len = align_up(ticket.len);
+        let ok_range = usize::try_from(slot.offset)
+            .ok()
+            .zip(usize::try_from(len).ok())
+            .filter(|&(o, l)| len <= slot.cap && ns.arena.map().contains(o, l));
+        let Some((off, l)) = ok_range else {
+            ns.store.lock().abort(slot);
+            disk.end_read(&ns.id, &sub.key, &ticket, ReadOutcome::Abandoned);
+            return Some(c);
+        };
+        let keep: Arc<dyn Send + Sync> = ns.clone();
+        // SAFETY: the range is inside the arena mapping (checked) which `keep` keeps alive; the
+        // slot is reserved by this thread and not yet committed, so no client knows it and no
+        // one else writes or reads it until the read completes (release_everything waits for
+        // pending reads before giving slots back).
+        let buf = unsafe { IoBuf::from_raw(keep, ns.arena.map().as_ptr().add(off), l) };
+        let token = self.token();
+        let tx = self.io_tx.clone();
+        let waker = self.conn.waker.lock().clone();
+        let op = IoOp {
+            kind: IoKind::Read,
+            file: ticket.file.clone(),
+            offset: ticket.offset,
+            buf,
+            done: Box::new(move |_buf, r| {
+                let _ = tx.send((token, r));
+                if let Some(w) = waker {
+                    w.wake();
+                }
+            }),
+        };
+        if disk.engine().submit(op).is_err() {
+            ns.store.lock().abort(slot);
+            disk.end_read(&ns.id, &sub.key, &ticket, ReadOutcome::Failed);
+            return Some(c);
+        }
+        self.pending.insert(
+            token,
+            PendingRead {
+                ns,
+                sub: *sub,
+                slot,
+                ticket,
+            },
+        );
+        None
+    }
+
+    /// Completes a disk read: verify, publish in DRAM, lease; or a miss.
+    fn finish_read(&mut self, (token, r): (u64, std::io::Result<()>)) -> Option<Completion> {
+        let p = self.pending.remove(&token)?;
+        let mut c = Completion::reply(&p.sub, Status::NotFound);
+        let Some(disk) = self.daemon.disk.clone() else {
+            p.ns.store.lock().abort(p.slot);
+            return Some(c);
+        };
+        let outcome = match r {
+            Err(e) => {
+                tracing::warn!(error = %e, region = p.ticket.region, offset = p.ticket.offset,
+                    "disk read failed; served as a miss");
+                ReadOutcome::Failed
+            }
+            Ok(()) => {
+                let mut h = Xxh3::new();
+                if p.ns.arena.hash_range(&mut h, p.slot.offset, p.ticket.len)
+                    && h.digest() == p.ticket.checksum
+                {
+                    ReadOutcome::Verified
+                } else {
+                    ReadOutcome::Corrupt
+                }
+            }
+        };
+        disk.end_read(&p.ns.id, &p.sub.key, &p.ticket, outcome);
+        if outcome != ReadOutcome::Verified {
+            p.ns.store.lock().abort(p.slot);
+            return Some(c);
+        }
+        let hit = p.ns.store.lock().promote(
+            &p.sub.key,
+            p.slot,
+            p.ticket.len,
+            p.ticket.checksum,
+            self.daemon.now_ms(),
+        );
+        if let Some(h) = hit {
+            c.status = Status::Ok as u16;
+            self.lease(&mut c, p.ns, h);
+        }
+        Some(c)
     }
 
     fn expire_leases(&mut self) {
@@ -300,6 +474,15 @@ impl Session {
     }
 
     fn release_everything(&mut self) {
+        // Disk reads still write into their slots: wait for them before giving slots back.
+        while !self.pending.is_empty() {
+            match self.io_rx.recv() {
+                Ok(done) => {
+                    let _ = self.finish_read(done);
+                }
+                Err(_) => break,
+            }
+        }
         // Seal what this client committed so its blocks do not stay without a checksum.
         if let Some(job) = self.sealing.take() {
             job.finish();
@@ -327,9 +510,31 @@ impl Session {
     }
 }
 
+/// Posts a completion, waiting while the completion queue is full; false when the
+/// connection must end.
+fn post(ring: &mut DaemonRing, conn: &Conn, c: &Completion) -> bool {
+    loop {
+        match ring.post(c) {
+            Ok(true) => return true,
+            Ok(false) => {
+                ring.notify();
+                if conn.closed.load(Ordering::Acquire) {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            Err(e) => {
+                tracing::warn!(client = conn.id, error = %e, "dropping client: ring protocol violation");
+                return false;
+            }
+        }
+    }
+}
+
 /// Serves `ring` for `conn` until the connection closes or the daemon shuts down.
 pub fn run(daemon: Arc<Daemon>, conn: Arc<Conn>, mut ring: DaemonRing) {
     let spin = Duration::from_micros(daemon.cfg.ring.spin_us);
+    let (io_tx, io_rx) = channel();
     let mut s = Session {
         lease_timeout: Duration::from_millis(u64::from(daemon.cfg.ring.lease_timeout_ms)),
         daemon,
@@ -339,12 +544,28 @@ pub fn run(daemon: Arc<Daemon>, conn: Arc<Conn>, mut ring: DaemonRing) {
         next_token: 1,
         unsealed: VecDeque::new(),
         sealing: None,
+        pending: HashMap::new(),
+        io_tx,
+        io_rx,
+        backlog: VecDeque::new(),
     };
     let mut last_work = Instant::now();
     let mut since_expiry = 0u32;
     'serve: loop {
         if s.conn.closed.load(Ordering::Acquire) {
             break;
+        }
+        while let Ok(done) = s.io_rx.try_recv() {
+            if let Some(c) = s.finish_read(done) {
+                s.backlog.push_back(c);
+            }
+        }
+        while let Some(c) = s.backlog.pop_front() {
+            if !post(&mut ring, &s.conn, &c) {
+                break 'serve;
+            }
+            s.conn.ops.fetch_add(1, Ordering::Relaxed);
+            last_work = Instant::now();
         }
         match ring.pop() {
             Err(e) => {
@@ -359,23 +580,12 @@ pub fn run(daemon: Arc<Daemon>, conn: Arc<Conn>, mut ring: DaemonRing) {
                         break;
                     }
                 };
-                loop {
-                    match ring.post(&c) {
-                        Ok(true) => break,
-                        Ok(false) => {
-                            ring.notify();
-                            if s.conn.closed.load(Ordering::Acquire) {
-                                break 'serve;
-                            }
-                            std::thread::sleep(Duration::from_micros(50));
-                        }
-                        Err(e) => {
-                            tracing::warn!(client = s.conn.id, error = %e, "dropping client: ring protocol violation");
-                            break 'serve;
-                        }
+                if let Some(c) = c {
+                    if !post(&mut ring, &s.conn, &c) {
+                        break 'serve;
                     }
+                    s.conn.ops.fetch_add(1, Ordering::Relaxed);
                 }
-                s.conn.ops.fetch_add(1, Ordering::Relaxed);
                 since_expiry += 1;
                 if since_expiry >= 4096 {
                     since_expiry = 0;
@@ -393,7 +603,10 @@ pub fn run(daemon: Arc<Daemon>, conn: Arc<Conn>, mut ring: DaemonRing) {
                     continue;
                 }
                 s.expire_leases();
-                ring.sleep(Duration::from_millis(100));
+                // Disk reads in flight wake the thread when they finish; the short sleep only
+                // bounds the cost of a wake-up that raced the sleep.
+                let nap = if s.pending.is_empty() { 100 } else { 1 };
+                ring.sleep(Duration::from_millis(nap));
                 last_work = Instant::now();
             }
         }

@@ -379,7 +379,7 @@ fn dispatch(
         }
         Request::Delete { ns, keys } => {
             let ns = daemon.namespace_for(conn, &ns)?;
-            let n = ns.store.lock().delete(&keys);
+            let n = daemon.delete(&ns, &keys);
             (Response::Count(n), None)
         }
         Request::Stats => (Response::Stats(Box::new(daemon.stats())), None),
@@ -409,6 +409,11 @@ fn dispatch(
                 }
             }
             (Response::Count(n), None)
+        }
+        Request::Drain { ns } => {
+            daemon.require_admin(conn, "drain")?;
+            let n = daemon.drain(ns)?;
+            (Response::Count(u32::try_from(n).unwrap_or(u32::MAX)), None)
         }
     })
 }

@@ -40,7 +40,56 @@ pub struct Entry {
     prev: u32,
     next: u32,
     state: State,
-    sealed: bool,
+    /// [`SEALED`] | [`ON_DISK`] | [`DEMOTING`] | [`REJECTED`] (one byte keeps the entry at 96).
+    flags: u8,
+}
+
+/// The checksum has been computed.
+const SEALED: u8 = 1;
+/// A copy is on disk (set by the demoter, cleared when the disk drops it).
+const ON_DISK: u8 = 2;
+/// Held by the demoter while its disk write is in flight.
+const DEMOTING: u8 = 4;
+/// The admission filter refused it; reconsidered after its next read.
+const REJECTED: u8 = 8;
+
+impl Entry {
+    fn has(&self, f: u8) -> bool {
+        self.flags & f != 0
+    }
+    fn set(&mut self, f: u8, on: bool) {
+        if on {
+            self.flags |= f;
+        } else {
+            self.flags &= !f;
+        }
+    }
+}
+
+/// A block handed to the demoter (held until [`NsStore::finish_demotion`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Demotion {
+    /// Entry index.
+    pub entry: u32,
+    /// Key.
+    pub key: BlockKey,
+    /// Arena offset.
+    pub offset: u64,
+    /// Length.
+    pub len: u64,
+    /// xxh3-64 of the content.
+    pub checksum: u64,
+}
+
+/// How a demotion ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DemotionOutcome {
+    /// The block is on disk.
+    Written,
+    /// The admission filter refused it.
+    Rejected,
+    /// Not written (IO error, degraded tier); tried again later.
+    Failed,
 }
 
 /// Why a reservation failed.
@@ -278,7 +327,7 @@ impl NsStore {
             prev: NIL,
             next: NIL,
             state: State::Live,
-            sealed: false,
+            flags: 0,
         };
         let i = match self.free_entries.pop() {
             Some(i) => {
@@ -308,7 +357,7 @@ impl NsStore {
     /// hit); returns its offset and length. Release with [`seal`](Self::seal).
     pub fn hold(&mut self, entry: u32) -> Option<(u64, u64)> {
         let e = self.entries.get(entry as usize)?;
-        if e.state != State::Live || e.sealed {
+        if e.state != State::Live || e.has(SEALED) {
             return None;
         }
         if Self::evictable(e) {
@@ -325,7 +374,7 @@ impl NsStore {
         if let Some(e) = self.entries.get_mut(entry as usize) {
             if e.state == State::Live {
                 e.checksum = checksum;
-                e.sealed = true;
+                e.set(SEALED, true);
             }
         }
         self.release(entry);
@@ -344,6 +393,7 @@ impl NsStore {
         e.readers += 1;
         e.hits = e.hits.saturating_add(1);
         e.last_ms = now_ms;
+        e.set(REJECTED, false);
         self.leases += 1;
         self.counters.hits += 1;
         Some(Hit {
@@ -351,7 +401,7 @@ impl NsStore {
             offset: e.offset,
             len: e.len,
             checksum: e.checksum,
-            sealed: e.sealed,
+            sealed: e.has(SEALED),
         })
     }
 
@@ -374,6 +424,119 @@ impl NsStore {
             }
         }
         true
+    }
+
+    /// Whether `key` is stored.
+    pub fn contains(&self, key: &BlockKey) -> bool {
+        self.find(key).is_some()
+    }
+
+    /// Picks blocks to copy to disk and holds them (they cannot be evicted meanwhile): sealed
+    /// blocks without a disk copy, coldest first. With `all`, every such block; otherwise only
+    /// among the coldest blocks holding the `excess` bytes above the demotion watermark.
+    /// At most `max` are returned.
+    pub fn demotion_candidates(&mut self, max: usize, all: bool, excess: u64) -> Vec<Demotion> {
+        let wanted = |e: &Entry| {
+            e.state == State::Live
+                && e.has(SEALED)
+                && !e.has(ON_DISK | DEMOTING)
+                && (all || !e.has(REJECTED))
+        };
+        let mut picked = Vec::new();
+        if all {
+            for i in 0..self.entries.len() {
+                if picked.len() >= max {
+                    break;
+                }
+                if wanted(&self.entries[i]) {
+                    picked.push(i as u32);
+                }
+            }
+        } else {
+            let mut walked = 0u64;
+            let mut i = self.lru;
+            while i != NIL && walked < excess && picked.len() < max {
+                let e = &self.entries[i as usize];
+                walked += e.len;
+                if wanted(e) {
+                    picked.push(i);
+                }
+                i = e.prev;
+            }
+        }
+        picked
+            .into_iter()
+            .map(|i| {
+                if Self::evictable(&self.entries[i as usize]) {
+                    self.unlink(i);
+                }
+                let e = &mut self.entries[i as usize];
+                e.readers += 1;
+                e.set(DEMOTING, true);
+                self.leases += 1;
+                Demotion {
+                    entry: i,
+                    key: e.key,
+                    offset: e.offset,
+                    len: e.len,
+                    checksum: e.checksum,
+                }
+            })
+            .collect()
+    }
+
+    /// Ends a demotion started by [`demotion_candidates`](Self::demotion_candidates).
+    pub fn finish_demotion(&mut self, entry: u32, outcome: DemotionOutcome) {
+        if let Some(e) = self.entries.get_mut(entry as usize) {
+            if e.has(DEMOTING) {
+                e.set(DEMOTING, false);
+                match outcome {
+                    DemotionOutcome::Written => e.set(ON_DISK, true),
+                    DemotionOutcome::Rejected => e.set(REJECTED, true),
+                    DemotionOutcome::Failed => {}
+                }
+                self.release(entry);
+            }
+        }
+    }
+
+    /// Live blocks without a disk copy (what a drain still has to write).
+    pub fn without_disk_copy(&self) -> u64 {
+        self.entries
+            .iter()
+            .filter(|e| e.state == State::Live && !e.has(ON_DISK))
+            .count() as u64
+    }
+
+    /// Forgets that `key` has a disk copy (the disk tier dropped it).
+    pub fn clear_on_disk(&mut self, key: &BlockKey) {
+        if let Some(i) = self.find(key) {
+            self.entries[i as usize].set(ON_DISK, false);
+        }
+    }
+
+    /// Publishes a block read back from disk into `slot` (already verified against
+    /// `checksum`) and takes a read lease on it, as [`get`](Self::get) would. If another
+    /// reader promoted the same block first, the slot is freed and that copy is leased.
+    pub fn promote(
+        &mut self,
+        key: &BlockKey,
+        slot: Slot,
+        len: u64,
+        checksum: u64,
+        now_ms: u64,
+    ) -> Option<Hit> {
+        if let Committed::Stored(i) = self.commit(key, slot, len, now_ms) {
+            let e = &mut self.entries[i as usize];
+            e.checksum = checksum;
+            e.set(SEALED | ON_DISK, true);
+        }
+        let hit = self.get(key, now_ms);
+        if hit.is_some() {
+            // `get` counted a DRAM hit; this read was a DRAM miss served by the disk.
+            self.counters.hits -= 1;
+        }
+        hit
     }
 
     /// Length of the longest prefix of `keys` that is stored.

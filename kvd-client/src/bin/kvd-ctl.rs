@@ -84,6 +84,16 @@ enum Cmd {
         /// Keys to evict.
         keys: Vec<String>,
     },
+    /// Copy every DRAM block that has no disk copy yet to the disk tier (e.g. before a node
+    /// is drained), with a progress bar; returns when all are on disk. Needs a disk tier.
+    Drain {
+        /// Only this namespace.
+        #[arg(long)]
+        ns: Option<String>,
+        /// Give up after this many seconds (the copy goes on in the daemon).
+        #[arg(long, default_value_t = 3600)]
+        timeout_s: u64,
+    },
 }
 
 /// Blocks fetched per listing request.
@@ -172,6 +182,39 @@ fn print_status(s: &StatsReport) {
             rate(t.hits, t.misses),
             t.evictions
         );
+    }
+    if let Some(d) = &s.disk {
+        println!();
+        println!(
+            "disk  {} ({}{})  regions {} ({} free)  blocks {}",
+            d.path,
+            d.engine,
+            if d.direct_io {
+                ", O_DIRECT"
+            } else {
+                ", page cache"
+            },
+            d.regions,
+            d.free_regions,
+            d.blocks
+        );
+        println!(
+            "      read {}/s  write {}/s  (total read {}, written {})",
+            human_bytes(d.read_bytes_per_s),
+            human_bytes(d.write_bytes_per_s),
+            human_bytes(d.read_bytes),
+            human_bytes(d.write_bytes)
+        );
+        println!(
+            "      admission rejections {}  reclaims {} ({} blocks)  checksum failures {}  IO errors {}",
+            d.admission_rejections, d.reclaims, d.reclaimed_blocks, d.checksum_failures, d.io_errors
+        );
+        if d.drain_pending > 0 {
+            println!("      drain: {} blocks still to write", d.drain_pending);
+        }
+        if !d.degraded.is_empty() {
+            println!("      DEGRADED: {}", d.degraded);
+        }
     }
     println!();
     println!(
@@ -320,6 +363,75 @@ fn main() -> anyhow::Result<()> {
                 println!("evicted {n} blocks");
             }
         }
+        Cmd::Drain { ns, timeout_s } => {
+            let ns = ns.as_deref().map(parse_ns).transpose()?;
+            drain(&client, ns, *timeout_s, cli.json)?;
+        }
     }
     Ok(())
+}
+
+/// Starts a drain and follows it until every block is on disk.
+fn drain(
+    client: &Client,
+    ns: Option<NamespaceId>,
+    timeout_s: u64,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    let start = std::time::Instant::now();
+    let total = u64::from(client.drain(ns)?);
+    let bar = if json_out || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(total)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "draining to disk {bar:40} {pos}/{len} blocks  {per_sec}  eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut last_report = std::time::Instant::now();
+    loop {
+        let s = client.stats()?;
+        let Some(d) = s.disk else {
+            bail!("the daemon reports no disk tier");
+        };
+        let left = d.drain_pending;
+        let total_now = total.max(left);
+        bar.set_length(total_now);
+        bar.set_position(total_now - left);
+        if !json_out && bar.is_hidden() && last_report.elapsed().as_secs() >= 2 {
+            eprintln!("drain: {left} blocks still to write");
+            last_report = std::time::Instant::now();
+        }
+        if left == 0 {
+            bar.finish_and_clear();
+            let secs = start.elapsed().as_secs_f64();
+            if json_out {
+                println!(
+                    "{}",
+                    json!({"drained": total, "seconds": secs, "degraded": d.degraded})
+                );
+            } else {
+                println!("drained {total} blocks to disk in {secs:.1} s");
+                if !d.degraded.is_empty() {
+                    println!("warning: the disk tier is degraded: {}", d.degraded);
+                }
+            }
+            return Ok(());
+        }
+        if start.elapsed().as_secs() >= timeout_s {
+            bar.abandon();
+            bail!("drain not finished after {timeout_s} s ({left} blocks left; it goes on in kvd)");
+        }
+        if !d.degraded.is_empty() && left > 0 && start.elapsed().as_secs() >= 10 {
+            bar.abandon();
+            bail!(
+                "the disk tier is degraded ({}); {left} blocks could not be drained",
+                d.degraded
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }

@@ -1,0 +1,348 @@
+//! The disk tier's durable catalog in RocksDB: which blocks are in which region, at which
+//! offset, with which checksum, and the format it was written in.
+//!
+//! RocksDB gives ordered keys (a region's blocks are one prefix scan), atomic write batches (a
+//! reclaim deletes a region's blocks in one batch) and a write-ahead log, so after `kill -9` the
+//! catalog holds exactly the batches that returned. Writes are not fsynced: a process crash
+//! loses nothing the kernel accepted; a power failure may lose the last batches, which then are
+//! simply misses (the data they named is never trusted without the catalog and a checksum).
+
+use std::path::{Path, PathBuf};
+
+use kvd_proto::{BlockKey, NamespaceId};
+use rocksdb::{Direction, IteratorMode, Options, WriteBatch, DB};
+
+use super::format::{
+    block_key, parse_block_key, parse_region_value, region_key, region_prefix, region_value,
+    BlockRecord, CatalogMeta, FormatError, META_KEY,
+};
+
+/// A catalog failure.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// RocksDB refused to open the directory.
+    #[error("cannot open the disk catalog at {path}: {message}")]
+    Open {
+        /// Catalog directory.
+        path: PathBuf,
+        /// RocksDB's explanation.
+        message: String,
+    },
+    /// The catalog was written by another format or is not a kvd catalog.
+    #[error("the disk catalog at {path} {why}; move it away or point disk.path elsewhere")]
+    Foreign {
+        /// Catalog directory.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// A read or write failed.
+    #[error("disk catalog {op} failed: {message}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// RocksDB's explanation.
+        message: String,
+    },
+}
+
+/// The catalog.
+pub struct Catalog {
+    db: DB,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Catalog").field("path", &self.path).finish()
+    }
+}
+
+fn io(op: &'static str) -> impl Fn(rocksdb::Error) -> CatalogError {
+    move |e| CatalogError::Io {
+        op,
+        message: e.into_string(),
+    }
+}
+
+impl Catalog {
+    /// Opens (creating if absent) the catalog at `path`. `fresh` is the metadata to write into
+    /// a new catalog; an existing one must have the same version and region size.
+    pub fn open(path: &Path, fresh: CatalogMeta) -> Result<(Catalog, CatalogMeta), CatalogError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.set_max_open_files(256);
+        opts.set_keep_log_file_num(4);
+        opts.increase_parallelism(1);
+        let db = DB::open(&opts, path).map_err(|e| CatalogError::Open {
+            path: path.to_owned(),
+            message: e.into_string(),
+        })?;
+        let cat = Catalog {
+            db,
+            path: path.to_owned(),
+        };
+        let foreign = |why: String| CatalogError::Foreign {
+            path: path.to_owned(),
+            why,
+        };
+        let meta = match cat.db.get(META_KEY).map_err(io("read of metadata"))? {
+            Some(b) => CatalogMeta::decode(&b).map_err(|e| match e {
+                FormatError::Version { found, .. } => foreign(format!(
+                    "was written by kvd disk format {found}; this kvd reads format {}",
+                    super::format::FORMAT_VERSION
+                )),
+                other => foreign(format!("has unreadable metadata ({other})")),
+            })?,
+            None => {
+                let mut it = cat.db.iterator(IteratorMode::Start);
+                if it.next().is_some() {
+                    return Err(foreign("holds data but no kvd metadata".into()));
+                }
+                cat.db
+                    .put(META_KEY, fresh.encode())
+                    .map_err(io("write of metadata"))?;
+                fresh
+            }
+        };
+        if meta.region_bytes != fresh.region_bytes {
+            return Err(foreign(format!(
+                "was created with disk.region_bytes = {} but the configuration says {}",
+                meta.region_bytes, fresh.region_bytes
+            )));
+        }
+        Ok((cat, meta))
+    }
+
+    /// Directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Records newly written blocks (one atomic batch).
+    pub fn put_blocks(
+        &self,
+        blocks: &[(NamespaceId, BlockKey, BlockRecord)],
+    ) -> Result<(), CatalogError> {
+        let mut b = WriteBatch::default();
+        for (ns, key, rec) in blocks {
+            b.put(block_key(ns, key), rec.encode());
+            b.put(region_key(rec.region, rec.offset), region_value(ns, key));
+        }
+        self.db.write(b).map_err(io("write of new blocks"))
+    }
+
+    /// Updates a block's access statistics.
+    pub fn touch(
+        &self,
+        ns: &NamespaceId,
+        key: &BlockKey,
+        rec: &BlockRecord,
+    ) -> Result<(), CatalogError> {
+        self.db
+            .put(block_key(ns, key), rec.encode())
+            .map_err(io("update of access statistics"))
+    }
+
+    /// Removes blocks (one atomic batch).
+    pub fn delete_blocks(
+        &self,
+        blocks: &[(NamespaceId, BlockKey, u32, u64)],
+    ) -> Result<(), CatalogError> {
+        let mut b = WriteBatch::default();
+        for (ns, key, region, offset) in blocks {
+            b.delete(block_key(ns, key));
+            b.delete(region_key(*region, *offset));
+        }
+        self.db.write(b).map_err(io("delete of blocks"))
+    }
+
+    /// Removes every block of `region` in one batch and returns them.
+    pub fn reclaim(&self, region: u32) -> Result<Vec<(NamespaceId, BlockKey)>, CatalogError> {
+        let prefix = region_prefix(region);
+        let mut gone = Vec::new();
+        let mut b = WriteBatch::default();
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&prefix, Direction::Forward))
+        {
+            let (k, v) = item.map_err(io("scan of a region"))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            if let Some((ns, key)) = parse_region_value(&v) {
+                // Only if the block record still points here (a re-written key moved on).
+                let bk = block_key(&ns, &key);
+                let here = self
+                    .db
+                    .get(bk)
+                    .map_err(io("read of a block record"))?
+                    .and_then(|r| BlockRecord::decode(&r).ok())
+                    .is_some_and(|r| r.region == region);
+                if here {
+                    b.delete(bk);
+                    gone.push((ns, key));
+                }
+            }
+            b.delete(&k);
+        }
+        self.db.write(b).map_err(io("reclaim of a region"))?;
+        Ok(gone)
+    }
+
+    /// Every block record, in key order; undecodable records come back as errors with their key.
+    pub fn scan_blocks(
+        &self,
+        mut f: impl FnMut(NamespaceId, BlockKey, Result<BlockRecord, FormatError>),
+    ) -> Result<(), CatalogError> {
+        for item in self
+            .db
+            .iterator(IteratorMode::From(b"b", Direction::Forward))
+        {
+            let (k, v) = item.map_err(io("scan of block records"))?;
+            if k.first() != Some(&b'b') {
+                break;
+            }
+            if let Some((ns, key)) = parse_block_key(&k) {
+                f(ns, key, BlockRecord::decode(&v));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every region-index entry as (region, offset, ns, key).
+    pub fn scan_region_index(
+        &self,
+        mut f: impl FnMut(u32, u64, Option<(NamespaceId, BlockKey)>),
+    ) -> Result<(), CatalogError> {
+        for item in self
+            .db
+            .iterator(IteratorMode::From(b"r", Direction::Forward))
+        {
+            let (k, v) = item.map_err(io("scan of the region index"))?;
+            if k.first() != Some(&b'r') || k.len() != 13 {
+                break;
+            }
+            let mut r = [0u8; 4];
+            r.copy_from_slice(&k[1..5]);
+            let mut o = [0u8; 8];
+            o.copy_from_slice(&k[5..13]);
+            f(
+                u32::from_be_bytes(r),
+                u64::from_be_bytes(o),
+                parse_region_value(&v),
+            );
+        }
+        Ok(())
+    }
+
+    /// Removes raw region-index entries (leftovers found at start).
+    pub fn delete_region_entries(&self, entries: &[(u32, u64)]) -> Result<(), CatalogError> {
+        let mut b = WriteBatch::default();
+        for (r, o) in entries {
+            b.delete(region_key(*r, *o));
+        }
+        self.db.write(b).map_err(io("cleanup of the region index"))
+    }
+
+    /// Flushes the memtable and WAL (clean shutdown, drain).
+    pub fn flush(&self) -> Result<(), CatalogError> {
+        self.db.flush_wal(true).map_err(io("WAL flush"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(region_bytes: u64) -> CatalogMeta {
+        CatalogMeta {
+            version: super::super::format::FORMAT_VERSION,
+            region_bytes,
+            instance: 77,
+            regions: 2,
+            flags: 0,
+        }
+    }
+
+    fn rec(region: u32, offset: u64) -> BlockRecord {
+        BlockRecord {
+            region,
+            seq: 1,
+            offset,
+            len: 10,
+            checksum: 5,
+            stored_unix_ms: 0,
+            hits: 0,
+            last_unix_ms: 0,
+        }
+    }
+
+    #[test]
+    fn reopen_keeps_blocks_and_meta_and_refuses_other_geometry() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("cat");
+        let ns = NamespaceId([1; 16]);
+        {
+            let (c, m) = Catalog::open(&p, meta(1 << 20)).unwrap();
+            assert_eq!(m.instance, 77);
+            c.put_blocks(&[
+                (ns, BlockKey([1; 32]), rec(0, 4096)),
+                (ns, BlockKey([2; 32]), rec(1, 4096)),
+            ])
+            .unwrap();
+        }
+        let (c, m) = Catalog::open(
+            &p,
+            CatalogMeta {
+                instance: 5,
+                ..meta(1 << 20)
+            },
+        )
+        .unwrap();
+        assert_eq!(m.instance, 77, "existing metadata wins");
+        let mut n = 0;
+        c.scan_blocks(|_, _, r| {
+            assert!(r.is_ok());
+            n += 1;
+        })
+        .unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(c.reclaim(0).unwrap(), vec![(ns, BlockKey([1; 32]))]);
+        let mut left = Vec::new();
+        c.scan_region_index(|r, o, _| left.push((r, o))).unwrap();
+        assert_eq!(left, vec![(1, 4096)]);
+        drop(c);
+        let e = Catalog::open(&p, meta(2 << 20)).unwrap_err().to_string();
+        assert!(
+            e.contains("region_bytes") && e.contains(&p.display().to_string()),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn another_format_version_is_refused_with_the_path() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("cat");
+        {
+            let (c, _) = Catalog::open(&p, meta(1 << 20)).unwrap();
+            let mut m = meta(1 << 20).encode();
+            m[0] = 99;
+            c.db.put(META_KEY, m).unwrap();
+        }
+        let e = Catalog::open(&p, meta(1 << 20)).unwrap_err().to_string();
+        assert!(
+            e.contains("format 99") && e.contains(&p.display().to_string()),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_file_where_the_directory_should_be_is_a_clear_error() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("cat");
+        std::fs::write(&p, b"not a directory").unwrap();
+        let e = Catalog::open(&p, meta(1 << 20)).unwrap_err().to_string();
+        assert!(e.contains(&p.display().to_string()), "{e}");
+    }
+}

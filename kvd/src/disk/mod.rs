@@ -1,0 +1,1121 @@
+//! The disk (NVMe) tier: a log of fixed-size region files plus a RocksDB catalog.
+//!
+//! Blocks are appended to the active region at 4 KiB-aligned offsets, straight from their
+//! arena slot (O_DIRECT, no bounce copy), by the [`engine`] thread. When the active region is
+//! full the next free one is started; when none is free a whole region is reclaimed (FIFO or
+//! LRU by region, like CacheLib's Navy and foyer's block engine): its catalog entries go in one
+//! write batch, then its header is rewritten with a new generation number (`seq`), then it
+//! takes writes again. A block becomes visible — in the index and the catalog — only after its
+//! data write completed, so whatever instant the process dies at, the catalog names only
+//! complete data. At start the catalog is checked against the region headers (magic, version,
+//! owner, generation) and anything that does not match is dropped; every read is verified
+//! against the block's checksum, so torn or corrupted bytes are a miss, never served.
+//!
+//! [`DiskTier`] is the bookkeeping (index, regions, counters) behind one mutex; IO happens on
+//! the engine thread, and the callers (the demoter for writes, ring threads for reads) wait
+//! for completions without holding the lock. An in-memory index (about 100 bytes per block)
+//! answers lookups; the catalog is only read at start.
+
+pub mod admission;
+pub mod catalog;
+pub mod engine;
+pub mod format;
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hashbrown::HashMap;
+use kvd_proto::frame::DiskReport;
+use kvd_proto::{BlockKey, NamespaceId};
+use parking_lot::Mutex;
+
+use crate::config::{DiskConfig, DiskEngine, ReclaimPolicy};
+use admission::Admission;
+use catalog::{Catalog, CatalogError};
+use engine::{run_sync, IoBuf, IoEngine, IoKind, PsyncEngine, UringEngine};
+use format::{align_up, BlockRecord, CatalogMeta, RegionHeader, FORMAT_VERSION, HEADER_BYTES};
+
+/// How long writes pause after an IO error before the tier tries again.
+const WRITE_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Why the disk tier could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// A directory or region file could not be created or opened.
+    #[error("cannot {what} {path}: {source}")]
+    Setup {
+        /// What was being done (a verb phrase).
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The catalog is unusable.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Loc {
+    region: u32,
+    hits: u32,
+    offset: u64,
+    len: u64,
+    checksum: u64,
+    stored_unix_ms: u64,
+    last_unix_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RegionState {
+    Free,
+    Active,
+    Sealed,
+    Failed,
+}
+
+#[derive(Debug)]
+struct Region {
+    file: Arc<File>,
+    seq: u64,
+    state: RegionState,
+    head: u64,
+    live_blocks: u64,
+    live_bytes: u64,
+    last_access_ms: u64,
+    reads: u32,
+    writes: u32,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    read_bytes: AtomicU64,
+    write_bytes: AtomicU64,
+    writes: AtomicU64,
+    admission_rejections: AtomicU64,
+    reclaims: AtomicU64,
+    reclaimed_blocks: AtomicU64,
+    checksum_failures: AtomicU64,
+    io_errors: AtomicU64,
+    dropped_at_start: AtomicU64,
+    drain_pending: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Rates {
+    at: Instant,
+    read: u64,
+    write: u64,
+    read_bps: u64,
+    write_bps: u64,
+}
+
+struct State {
+    index: HashMap<(NamespaceId, BlockKey), Loc, foldhash::fast::RandomState>,
+    per_ns: HashMap<NamespaceId, u64, foldhash::fast::RandomState>,
+    regions: Vec<Region>,
+    active: Option<u32>,
+    next_seq: u64,
+    used_bytes: u64,
+    degraded: Option<String>,
+    retry_at: Option<Instant>,
+}
+
+/// A read the caller is about to do: the block's place and checksum. Hand it back with
+/// [`DiskTier::end_read`].
+#[derive(Debug)]
+pub struct ReadTicket {
+    /// Region file.
+    pub file: Arc<File>,
+    /// Region number.
+    pub region: u32,
+    /// File offset.
+    pub offset: u64,
+    /// Block length.
+    pub len: u64,
+    /// Expected xxh3-64.
+    pub checksum: u64,
+}
+
+/// How a read ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadOutcome {
+    /// Bytes read and verified.
+    Verified,
+    /// Bytes read but the checksum did not match: the block is dropped.
+    Corrupt,
+    /// The read failed (IO error).
+    Failed,
+    /// Not attempted (no DRAM slot for it).
+    Abandoned,
+}
+
+/// Space granted for one block write. Hand it back with [`DiskTier::end_writes`].
+#[derive(Debug)]
+pub struct WriteTicket {
+    /// Region file.
+    pub file: Arc<File>,
+    /// Region number.
+    pub region: u32,
+    /// Region generation.
+    pub seq: u64,
+    /// File offset.
+    pub offset: u64,
+}
+
+/// A finished block write, handed to [`DiskTier::end_writes`].
+#[derive(Debug)]
+pub struct WriteDone {
+    /// Namespace.
+    pub ns: NamespaceId,
+    /// Key.
+    pub key: BlockKey,
+    /// Block length.
+    pub len: u64,
+    /// xxh3-64 of the block.
+    pub checksum: u64,
+    /// The space it was written to.
+    pub ticket: WriteTicket,
+    /// Outcome of the data write.
+    pub result: io::Result<()>,
+}
+
+/// Why a block was not written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteSkip {
+    /// The tier already holds it.
+    Stored,
+    /// The tier is degraded (IO errors); writes resume after a pause.
+    Degraded,
+    /// No region can take it now (all busy).
+    Busy,
+}
+
+/// The disk tier.
+pub struct DiskTier {
+    cfg: DiskConfig,
+    engine: Box<dyn IoEngine>,
+    catalog: Catalog,
+    instance: u64,
+    direct: bool,
+    regions_dir: PathBuf,
+    state: Mutex<State>,
+    admission: Mutex<Admission>,
+    counters: Counters,
+    rates: Mutex<Rates>,
+}
+
+impl std::fmt::Debug for DiskTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskTier")
+            .field("path", &self.cfg.path)
+            .field("engine", &self.engine.name())
+            .finish()
+    }
+}
+
+fn setup<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DiskError + 'a {
+    move |source| DiskError::Setup {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn open_region(path: &Path, direct: bool) -> io::Result<File> {
+    let mut o = OpenOptions::new();
+    o.read(true).write(true).create(true).truncate(false);
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    o.open(path)
+}
+
+fn preallocate(f: &File, len: u64) -> io::Result<()> {
+    let Ok(l) = libc::off_t::try_from(len) else {
+        return Err(io::Error::other("region too large"));
+    };
+    // SAFETY: fallocate on an fd we own; no memory is passed.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, l) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+        return f.set_len(len);
+    }
+    Err(e)
+}
+
+impl DiskTier {
+    /// Opens (creating if needed) the tier under `cfg.path`: the catalog, the region files,
+    /// and the index rebuilt from the catalog and checked against the region headers.
+    pub fn open(cfg: &DiskConfig) -> Result<DiskTier, DiskError> {
+        let root = cfg.path.clone();
+        std::fs::create_dir_all(&root).map_err(setup("create the disk directory", &root))?;
+        let regions_dir = root.join("regions");
+        std::fs::create_dir_all(&regions_dir)
+            .map_err(setup("create the region directory", &regions_dir))?;
+        let region_bytes = cfg.region_bytes.0;
+        let want = u32::try_from(cfg.capacity_bytes.0 / region_bytes).unwrap_or(u32::MAX);
+        let fresh = CatalogMeta {
+            version: FORMAT_VERSION,
+            region_bytes,
+            instance: std::hash::BuildHasher::hash_one(
+                &foldhash::fast::RandomState::default(),
+                unix_ms() ^ u64::from(std::process::id()),
+            ),
+            regions: want,
+            flags: 0,
+        };
+        let (catalog, meta) = Catalog::open(&root.join("catalog"), fresh)?;
+
+        let engine: Box<dyn IoEngine> = match cfg.engine {
+            DiskEngine::IoUring => match UringEngine::start(cfg.io_depth) {
+                Ok(e) => Box::new(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "io_uring is unavailable; the disk tier uses psync");
+                    Box::new(
+                        PsyncEngine::start(cfg.io_depth)
+                            .map_err(setup("start IO threads for", &root))?,
+                    )
+                }
+            },
+            DiskEngine::Psync => Box::new(
+                PsyncEngine::start(cfg.io_depth).map_err(setup("start IO threads for", &root))?,
+            ),
+        };
+
+        let mut direct = cfg.direct_io;
+        let mut regions = Vec::new();
+        let mut degraded = None;
+        for i in 0..want {
+            let p = regions_dir.join(format!("region-{i:05}.kvd"));
+            let existed = p.exists();
+            let f = match open_region(&p, direct) {
+                Ok(f) => f,
+                Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::warn!(path = %p.display(), "the filesystem refuses O_DIRECT; the disk tier uses the page cache");
+                    direct = false;
+                    open_region(&p, false).map_err(setup("open region file", &p))?
+                }
+                Err(e) => return Err(setup("open region file", &p)(e)),
+            };
+            let sized = f
+                .metadata()
+                .map(|m| m.len() >= region_bytes)
+                .unwrap_or(false);
+            if !sized {
+                let r = if cfg.preallocate {
+                    preallocate(&f, region_bytes)
+                } else {
+                    f.set_len(region_bytes)
+                };
+                if let Err(e) = r {
+                    if !existed {
+                        let _ = std::fs::remove_file(&p);
+                    }
+                    let why = format!(
+                        "only {i} of {want} region files could be allocated in {}: {e}",
+                        regions_dir.display()
+                    );
+                    tracing::error!("{why}; the disk tier runs with what it has");
+                    degraded = Some(why);
+                    break;
+                }
+            }
+            regions.push(Region {
+                file: Arc::new(f),
+                seq: 0,
+                state: RegionState::Free,
+                head: HEADER_BYTES,
+                live_blocks: 0,
+                live_bytes: 0,
+                last_access_ms: 0,
+                reads: 0,
+                writes: 0,
+            });
+        }
+
+        // Region headers: which generation each file holds.
+        let mut max_seq = 0;
+        let mut valid = vec![false; regions.len()];
+        for (i, r) in regions.iter_mut().enumerate() {
+            let b = run_sync(
+                engine.as_ref(),
+                IoKind::Read,
+                r.file.clone(),
+                0,
+                IoBuf::aligned(HEADER_BYTES as usize),
+            );
+            if let Ok(b) = b {
+                if let Ok(h) = RegionHeader::decode(b.as_slice()) {
+                    if h.instance == meta.instance
+                        && h.region as usize == i
+                        && h.region_bytes == region_bytes
+                    {
+                        r.seq = h.seq;
+                        r.last_access_ms = h.created_unix_ms;
+                        valid[i] = true;
+                        max_seq = max_seq.max(h.seq);
+                    }
+                }
+            }
+        }
+
+        // Catalog → index, dropping whatever does not match the regions.
+        let mut index: HashMap<(NamespaceId, BlockKey), Loc, foldhash::fast::RandomState> =
+            HashMap::default();
+        let mut per_ns: HashMap<NamespaceId, u64, foldhash::fast::RandomState> = HashMap::default();
+        let mut drop = Vec::new();
+        let mut used = 0;
+        catalog.scan_blocks(|ns, key, rec| {
+            let ok = rec.as_ref().ok().filter(|r| {
+                (r.region as usize) < regions.len()
+                    && valid[r.region as usize]
+                    && regions[r.region as usize].seq == r.seq
+                    && r.fits(region_bytes)
+            });
+            match ok {
+                Some(r) => {
+                    let reg = &mut regions[r.region as usize];
+                    reg.live_blocks += 1;
+                    reg.live_bytes += align_up(r.len);
+                    reg.head = reg.head.max(r.offset + align_up(r.len));
+                    reg.last_access_ms = reg.last_access_ms.max(r.last_unix_ms);
+                    used += align_up(r.len);
+                    *per_ns.entry(ns).or_default() += 1;
+                    index.insert(
+                        (ns, key),
+                        Loc {
+                            region: r.region,
+                            hits: r.hits,
+                            offset: r.offset,
+                            len: r.len,
+                            checksum: r.checksum,
+                            stored_unix_ms: r.stored_unix_ms,
+                            last_unix_ms: r.last_unix_ms,
+                        },
+                    );
+                }
+                None => {
+                    let (reg, off) = rec.map(|r| (r.region, r.offset)).unwrap_or((u32::MAX, 0));
+                    drop.push((ns, key, reg, off));
+                }
+            }
+        })?;
+        let mut stray = Vec::new();
+        catalog.scan_region_index(|r, o, v| {
+            let keep = v
+                .and_then(|k| index.get(&k))
+                .is_some_and(|l| l.region == r && l.offset == o);
+            if !keep {
+                stray.push((r, o));
+            }
+        })?;
+        if !drop.is_empty() {
+            tracing::warn!(
+                blocks = drop.len(),
+                "dropped catalog entries that do not match their region (torn or reclaimed)"
+            );
+            catalog.delete_blocks(&drop)?;
+        }
+        catalog.delete_region_entries(&stray)?;
+
+        let mut active = None;
+        for (i, r) in regions.iter_mut().enumerate() {
+            if !valid[i] {
+                continue;
+            }
+            if r.seq == max_seq && max_seq > 0 {
+                r.state = RegionState::Active;
+                active = Some(i as u32);
+            } else if r.live_blocks > 0 {
+                r.state = RegionState::Sealed;
+            }
+        }
+        let blocks = index.len();
+        tracing::info!(
+            path = %root.display(),
+            engine = engine.name(),
+            direct_io = direct,
+            regions = regions.len(),
+            blocks,
+            used_bytes = used,
+            "disk tier open"
+        );
+        let admission = Admission::new(cfg.admission, cfg.admission_min_frequency, 1 << 20);
+        let counters = Counters::default();
+        counters
+            .dropped_at_start
+            .store(drop.len() as u64, Ordering::Relaxed);
+        Ok(DiskTier {
+            cfg: cfg.clone(),
+            engine,
+            catalog,
+            instance: meta.instance,
+            direct,
+            regions_dir,
+            state: Mutex::new(State {
+                index,
+                per_ns,
+                regions,
+                active,
+                next_seq: max_seq + 1,
+                used_bytes: used,
+                degraded,
+                retry_at: None,
+            }),
+            admission: Mutex::new(admission),
+            counters,
+            rates: Mutex::new(Rates {
+                at: Instant::now(),
+                read: 0,
+                write: 0,
+                read_bps: 0,
+                write_bps: 0,
+            }),
+        })
+    }
+
+    /// The IO engine (callers submit the data IO of their tickets themselves).
+    pub fn engine(&self) -> &dyn IoEngine {
+        self.engine.as_ref()
+    }
+
+    /// Records a sighting of a block for the admission filter.
+    pub fn record_sighting(&self, ns: &NamespaceId, key: &BlockKey) {
+        self.admission.lock().record(ns, key);
+    }
+
+    /// Whether a demoted block should be written; counts a rejection when not.
+    pub fn admit(&self, ns: &NamespaceId, key: &BlockKey) -> bool {
+        let ok = self.admission.lock().admit(ns, key);
+        if !ok {
+            self.counters
+                .admission_rejections
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// Whether the tier holds a block.
+    pub fn contains(&self, ns: &NamespaceId, key: &BlockKey) -> bool {
+        self.state.lock().index.contains_key(&(*ns, *key))
+    }
+
+    /// For each key, whether the tier holds it.
+    pub fn presence(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Vec<bool> {
+        let s = self.state.lock();
+        keys.iter()
+            .map(|k| s.index.contains_key(&(*ns, *k)))
+            .collect()
+    }
+
+    /// Starts a read of a block: where it is, and a hold on its region so the region is not
+    /// reclaimed under the read. `None` (a counted miss) when the tier does not hold it.
+    pub fn begin_read(&self, ns: &NamespaceId, key: &BlockKey) -> Option<ReadTicket> {
+        let mut s = self.state.lock();
+        let Some(loc) = s.index.get(&(*ns, *key)).copied() else {
+            self.counters.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        let r = &mut s.regions[loc.region as usize];
+        r.reads += 1;
+        Some(ReadTicket {
+            file: r.file.clone(),
+            region: loc.region,
+            offset: loc.offset,
+            len: loc.len,
+            checksum: loc.checksum,
+        })
+    }
+
+    /// Ends a read started with [`begin_read`](Self::begin_read).
+    pub fn end_read(&self, ns: &NamespaceId, key: &BlockKey, t: &ReadTicket, outcome: ReadOutcome) {
+        let now = unix_ms();
+        let mut s = self.state.lock();
+        if let Some(r) = s.regions.get_mut(t.region as usize) {
+            r.reads = r.reads.saturating_sub(1);
+            if outcome == ReadOutcome::Verified {
+                r.last_access_ms = now;
+            }
+        }
+        let here = s
+            .index
+            .get(&(*ns, *key))
+            .is_some_and(|l| l.region == t.region && l.offset == t.offset);
+        match outcome {
+            ReadOutcome::Verified => {
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                self.counters.read_bytes.fetch_add(t.len, Ordering::Relaxed);
+                let seq = s.regions[t.region as usize].seq;
+                if let Some(l) = s.index.get_mut(&(*ns, *key)).filter(|_| here) {
+                    l.hits = l.hits.saturating_add(1);
+                    l.last_unix_ms = now;
+                    let rec = record(l, seq);
+                    drop(s);
+                    if let Err(e) = self.catalog.touch(ns, key, &rec) {
+                        tracing::warn!(error = %e, "cannot record a disk hit");
+                    }
+                }
+            }
+            ReadOutcome::Corrupt => {
+                self.counters
+                    .checksum_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(ns = %ns, key = %key, region = t.region, offset = t.offset,
+                    "disk block failed its checksum; dropped (served as a miss)");
+                if here {
+                    self.remove_locked(&mut s, &[(*ns, *key)]);
+                }
+            }
+            ReadOutcome::Failed => {
+                self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+            }
+            ReadOutcome::Abandoned => {
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn remove_locked(&self, s: &mut State, keys: &[(NamespaceId, BlockKey)]) -> u32 {
+        let mut gone = Vec::new();
+        for k in keys {
+            if let Some(l) = s.index.remove(k) {
+                let r = &mut s.regions[l.region as usize];
+                r.live_blocks = r.live_blocks.saturating_sub(1);
+                r.live_bytes = r.live_bytes.saturating_sub(align_up(l.len));
+                s.used_bytes = s.used_bytes.saturating_sub(align_up(l.len));
+                if let Some(n) = s.per_ns.get_mut(&k.0) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        s.per_ns.remove(&k.0);
+                    }
+                }
+                gone.push((k.0, k.1, l.region, l.offset));
+            }
+        }
+        if let Err(e) = self.catalog.delete_blocks(&gone) {
+            tracing::warn!(error = %e, "cannot delete blocks from the disk catalog");
+        }
+        gone.len() as u32
+    }
+
+    /// Deletes blocks; returns how many the tier held.
+    pub fn delete(&self, ns: &NamespaceId, keys: &[BlockKey]) -> u32 {
+        let keys: Vec<_> = keys.iter().map(|k| (*ns, *k)).collect();
+        let mut s = self.state.lock();
+        self.remove_locked(&mut s, &keys)
+    }
+
+    /// Grants space for a block of `len` bytes. Blocks of regions reclaimed to make room are
+    /// appended to `reclaimed` (their other copies no longer have a disk copy).
+    pub fn begin_write(
+        &self,
+        ns: &NamespaceId,
+        key: &BlockKey,
+        len: u64,
+        reclaimed: &mut Vec<(NamespaceId, BlockKey)>,
+    ) -> Result<WriteTicket, WriteSkip> {
+        let mut s = self.state.lock();
+        if s.index.contains_key(&(*ns, *key)) {
+            return Err(WriteSkip::Stored);
+        }
+        if let Some(t) = s.retry_at {
+            if Instant::now() < t {
+                return Err(WriteSkip::Degraded);
+            }
+            s.retry_at = None;
+        }
+        let need = align_up(len);
+        let region_bytes = self.cfg.region_bytes.0;
+        loop {
+            if let Some(a) = s.active {
+                let r = &mut s.regions[a as usize];
+                if r.head + need <= region_bytes {
+                    let offset = r.head;
+                    r.head += need;
+                    r.writes += 1;
+                    return Ok(WriteTicket {
+                        file: r.file.clone(),
+                        region: a,
+                        seq: r.seq,
+                        offset,
+                    });
+                }
+                r.state = RegionState::Sealed;
+                s.active = None;
+            }
+            let next = match s.regions.iter().position(|r| r.state == RegionState::Free) {
+                Some(i) => i,
+                None => match self.victim(&s) {
+                    Some(v) => {
+                        self.reclaim_locked(&mut s, v, reclaimed).map_err(|e| {
+                            self.degrade(&mut s, format!("cannot reclaim region {v}: {e}"));
+                            WriteSkip::Degraded
+                        })?;
+                        v
+                    }
+                    None => return Err(WriteSkip::Busy),
+                },
+            };
+            let seq = s.next_seq;
+            s.next_seq += 1;
+            let h = RegionHeader {
+                region: next as u32,
+                seq,
+                region_bytes,
+                instance: self.instance,
+                created_unix_ms: unix_ms(),
+            };
+            let mut buf = IoBuf::aligned(HEADER_BYTES as usize);
+            buf.as_mut_slice().copy_from_slice(&h.encode());
+            let file = s.regions[next].file.clone();
+            if let Err(e) = run_sync(self.engine.as_ref(), IoKind::Write, file, 0, buf) {
+                s.regions[next].state = RegionState::Failed;
+                self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
+                self.degrade(
+                    &mut s,
+                    format!("cannot write the header of region {next}: {e}"),
+                );
+                return Err(WriteSkip::Degraded);
+            }
+            let r = &mut s.regions[next];
+            r.seq = seq;
+            r.state = RegionState::Active;
+            r.head = HEADER_BYTES;
+            r.live_blocks = 0;
+            r.live_bytes = 0;
+            r.last_access_ms = h.created_unix_ms;
+            s.active = Some(next as u32);
+        }
+    }
+
+    fn victim(&self, s: &State) -> Option<usize> {
+        let idle = s
+            .regions
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.state == RegionState::Sealed && r.reads == 0 && r.writes == 0);
+        match self.cfg.reclaim {
+            ReclaimPolicy::Fifo => idle.min_by_key(|(_, r)| r.seq),
+            ReclaimPolicy::Lru => idle.min_by_key(|(_, r)| (r.last_access_ms, r.seq)),
+        }
+        .map(|(i, _)| i)
+    }
+
+    fn reclaim_locked(
+        &self,
+        s: &mut State,
+        v: usize,
+        reclaimed: &mut Vec<(NamespaceId, BlockKey)>,
+    ) -> Result<(), CatalogError> {
+        let gone = self.catalog.reclaim(v as u32)?;
+        let mut n = 0u64;
+        for k in &gone {
+            if s.index.get(k).is_some_and(|l| l.region as usize == v) {
+                if let Some(l) = s.index.remove(k) {
+                    s.used_bytes = s.used_bytes.saturating_sub(align_up(l.len));
+                }
+                if let Some(c) = s.per_ns.get_mut(&k.0) {
+                    *c = c.saturating_sub(1);
+                    if *c == 0 {
+                        s.per_ns.remove(&k.0);
+                    }
+                }
+                reclaimed.push(*k);
+                n += 1;
+            }
+        }
+        let r = &mut s.regions[v];
+        r.state = RegionState::Free;
+        r.live_blocks = 0;
+        r.live_bytes = 0;
+        self.counters.reclaims.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .reclaimed_blocks
+            .fetch_add(n, Ordering::Relaxed);
+        tracing::debug!(region = v, blocks = n, "reclaimed a region");
+        Ok(())
+    }
+
+    fn degrade(&self, s: &mut State, why: String) {
+        if s.degraded.as_deref() != Some(why.as_str()) {
+            tracing::error!(
+                "disk tier degraded: {why}; DRAM keeps serving, disk writes pause for {} s",
+                WRITE_BACKOFF.as_secs()
+            );
+        }
+        s.degraded = Some(why);
+        s.retry_at = Some(Instant::now() + WRITE_BACKOFF);
+    }
+
+    /// Ends writes granted by [`begin_write`](Self::begin_write): successful ones become
+    /// visible (catalog first, then the index); failed ones give their space up. Returns, per
+    /// write, whether the block is now on disk.
+    pub fn end_writes(&self, done: &[WriteDone]) -> Vec<bool> {
+        let now = unix_ms();
+        let mut s = self.state.lock();
+        let mut records = Vec::new();
+        let mut ok = vec![false; done.len()];
+        for (i, w) in done.iter().enumerate() {
+            let (ns, key, len, checksum, t, r) =
+                (&w.ns, &w.key, &w.len, &w.checksum, &w.ticket, &w.result);
+            if let Some(reg) = s.regions.get_mut(t.region as usize) {
+                reg.writes = reg.writes.saturating_sub(1);
+            }
+            match r {
+                Ok(()) => {
+                    // A region reclaimed while the write was in flight cannot be (reclaim
+                    // skips regions with writes), but check the generation anyway.
+                    if s.regions[t.region as usize].seq != t.seq
+                        || s.index.contains_key(&(*ns, *key))
+                    {
+                        continue;
+                    }
+                    let rec = BlockRecord {
+                        region: t.region,
+                        seq: t.seq,
+                        offset: t.offset,
+                        len: *len,
+                        checksum: *checksum,
+                        stored_unix_ms: now,
+                        hits: 0,
+                        last_unix_ms: now,
+                    };
+                    records.push((i, *ns, *key, rec));
+                }
+                Err(e) => {
+                    self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
+                    let why = format!("write to region {} failed: {e}", t.region);
+                    // The rest of this region may be unwritable (a sparse file on a full
+                    // filesystem): move on to another region.
+                    if s.active == Some(t.region) {
+                        s.regions[t.region as usize].state = RegionState::Sealed;
+                        s.active = None;
+                    }
+                    self.degrade(&mut s, why);
+                }
+            }
+        }
+        if records.is_empty() {
+            return ok;
+        }
+        let batch: Vec<_> = records.iter().map(|(_, n, k, r)| (*n, *k, *r)).collect();
+        if let Err(e) = self.catalog.put_blocks(&batch) {
+            self.degrade(&mut s, format!("cannot record written blocks: {e}"));
+            return ok;
+        }
+        for (i, ns, key, rec) in records {
+            let r = &mut s.regions[rec.region as usize];
+            r.live_blocks += 1;
+            r.live_bytes += align_up(rec.len);
+            s.used_bytes += align_up(rec.len);
+            *s.per_ns.entry(ns).or_default() += 1;
+            s.index.insert(
+                (ns, key),
+                Loc {
+                    region: rec.region,
+                    hits: 0,
+                    offset: rec.offset,
+                    len: rec.len,
+                    checksum: rec.checksum,
+                    stored_unix_ms: now,
+                    last_unix_ms: now,
+                },
+            );
+            self.counters.writes.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .write_bytes
+                .fetch_add(rec.len, Ordering::Relaxed);
+            ok[i] = true;
+        }
+        if s.retry_at.is_none() {
+            s.degraded = None;
+        }
+        ok
+    }
+
+    /// Namespaces with blocks on disk.
+    pub fn namespaces(&self) -> Vec<NamespaceId> {
+        let mut v: Vec<_> = self.state.lock().per_ns.keys().copied().collect();
+        v.sort();
+        v
+    }
+
+    /// The disk copy of a block: (length, checksum, hits, age ms, idle ms).
+    pub fn inspect(&self, ns: &NamespaceId, key: &BlockKey) -> Option<(u64, u64, u32, u64, u64)> {
+        let now = unix_ms();
+        self.state.lock().index.get(&(*ns, *key)).map(|l| {
+            (
+                l.len,
+                l.checksum,
+                l.hits,
+                now.saturating_sub(l.stored_unix_ms),
+                now.saturating_sub(l.last_unix_ms),
+            )
+        })
+    }
+
+    /// Blocks of one namespace on disk.
+    pub fn blocks_of(&self, ns: &NamespaceId) -> u64 {
+        self.state.lock().per_ns.get(ns).copied().unwrap_or(0)
+    }
+
+    /// Adjusts the count of blocks queued by a drain.
+    pub fn drain_pending(&self) -> &AtomicU64 {
+        &self.counters.drain_pending
+    }
+
+    /// Updates the read/write rates (call about once a second).
+    pub fn sample_rates(&self) {
+        let mut r = self.rates.lock();
+        let dt = r.at.elapsed().as_secs_f64();
+        if dt < 0.5 {
+            return;
+        }
+        let rd = self.counters.read_bytes.load(Ordering::Relaxed);
+        let wr = self.counters.write_bytes.load(Ordering::Relaxed);
+        r.read_bps = ((rd - r.read) as f64 / dt) as u64;
+        r.write_bps = ((wr - r.write) as f64 / dt) as u64;
+        r.read = rd;
+        r.write = wr;
+        r.at = Instant::now();
+    }
+
+    /// Flushes the catalog's log (clean shutdown).
+    pub fn flush(&self) {
+        if let Err(e) = self.catalog.flush() {
+            tracing::warn!(error = %e, "cannot flush the disk catalog");
+        }
+    }
+
+    /// Status for `kvd-ctl status`.
+    pub fn report(&self) -> DiskReport {
+        let s = self.state.lock();
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let r = self.rates.lock();
+        DiskReport {
+            path: self.cfg.path.display().to_string(),
+            engine: self.engine.name().into(),
+            direct_io: self.direct,
+            capacity_bytes: s.regions.len() as u64 * self.cfg.region_bytes.0,
+            used_bytes: s.used_bytes,
+            regions: s.regions.len() as u32,
+            free_regions: s
+                .regions
+                .iter()
+                .filter(|r| r.state == RegionState::Free)
+                .count() as u32,
+            blocks: s.index.len() as u64,
+            hits: l(&c.hits),
+            misses: l(&c.misses),
+            read_bytes: l(&c.read_bytes),
+            write_bytes: l(&c.write_bytes),
+            read_bytes_per_s: r.read_bps,
+            write_bytes_per_s: r.write_bps,
+            writes: l(&c.writes),
+            admission_rejections: l(&c.admission_rejections),
+            reclaims: l(&c.reclaims),
+            reclaimed_blocks: l(&c.reclaimed_blocks),
+            checksum_failures: l(&c.checksum_failures),
+            io_errors: l(&c.io_errors),
+            dropped_at_start: l(&c.dropped_at_start),
+            drain_pending: l(&c.drain_pending),
+            degraded: s.degraded.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Directory of the region files.
+    pub fn regions_dir(&self) -> &Path {
+        &self.regions_dir
+    }
+}
+
+fn record(l: &Loc, seq: u64) -> BlockRecord {
+    BlockRecord {
+        region: l.region,
+        seq,
+        offset: l.offset,
+        len: l.len,
+        checksum: l.checksum,
+        stored_unix_ms: l.stored_unix_ms,
+        hits: l.hits,
+        last_unix_ms: l.last_unix_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ByteSize;
+    use xxhash_rust::xxh3::xxh3_64;
+
+    fn cfg(dir: &Path, regions: u64, engine: DiskEngine) -> DiskConfig {
+        DiskConfig {
+            capacity_bytes: ByteSize(regions * (64 << 10)),
+            path: dir.to_owned(),
+            region_bytes: ByteSize(64 << 10),
+            engine,
+            direct_io: true,
+            io_depth: 4,
+            preallocate: true,
+            reclaim: ReclaimPolicy::Fifo,
+            admission: admission::AdmissionPolicy::Always,
+            admission_min_frequency: 1,
+            demote_watermark: 0.0,
+        }
+    }
+
+    fn key(i: u8) -> BlockKey {
+        BlockKey([i; 32])
+    }
+
+    const NS: NamespaceId = NamespaceId([7; 16]);
+
+    /// Writes one block of `len` bytes of value `i` through the tier's own API.
+    fn write(t: &DiskTier, i: u8, len: u64) -> Vec<(NamespaceId, BlockKey)> {
+        let mut reclaimed = Vec::new();
+        let ticket = t.begin_write(&NS, &key(i), len, &mut reclaimed).unwrap();
+        let mut buf = IoBuf::aligned(align_up(len) as usize);
+        buf.as_mut_slice()[..len as usize].fill(i);
+        let sum = xxh3_64(&buf.as_slice()[..len as usize]);
+        let r = run_sync(
+            t.engine(),
+            IoKind::Write,
+            ticket.file.clone(),
+            ticket.offset,
+            buf,
+        )
+        .map(|_| ());
+        let done = WriteDone {
+            ns: NS,
+            key: key(i),
+            len,
+            checksum: sum,
+            ticket,
+            result: r,
+        };
+        assert_eq!(t.end_writes(&[done]), vec![true]);
+        reclaimed
+    }
+
+    fn read(t: &DiskTier, i: u8) -> Option<Vec<u8>> {
+        let tk = t.begin_read(&NS, &key(i))?;
+        let buf = run_sync(
+            t.engine(),
+            IoKind::Read,
+            tk.file.clone(),
+            tk.offset,
+            IoBuf::aligned(align_up(tk.len) as usize),
+        )
+        .ok()?;
+        let bytes = buf.as_slice()[..tk.len as usize].to_vec();
+        let ok = xxh3_64(&bytes) == tk.checksum;
+        t.end_read(
+            &NS,
+            &key(i),
+            &tk,
+            if ok {
+                ReadOutcome::Verified
+            } else {
+                ReadOutcome::Corrupt
+            },
+        );
+        ok.then_some(bytes)
+    }
+
+    #[test]
+    fn fifo_reclaim_drops_the_oldest_region_and_survives_reopen() {
+        for engine in [DiskEngine::Psync, DiskEngine::IoUring] {
+            let dir = tempfile::tempdir().unwrap();
+            let c = cfg(dir.path(), 3, engine);
+            {
+                let t = DiskTier::open(&c).unwrap();
+                // 64 KiB regions hold 3 blocks of 20000 bytes (5 pages each) after the header.
+                for i in 0..9 {
+                    assert!(
+                        write(&t, i, 20_000).is_empty(),
+                        "no reclaim while regions are free"
+                    );
+                }
+                let gone = write(&t, 9, 20_000);
+                assert_eq!(gone.len(), 3, "the oldest region's 3 blocks: {gone:?}");
+                assert!(gone.contains(&(NS, key(0))));
+                assert!(read(&t, 0).is_none());
+                assert_eq!(read(&t, 9), Some(vec![9; 20_000]));
+                let r = t.report();
+                assert_eq!((r.blocks, r.reclaims, r.reclaimed_blocks), (7, 1, 3));
+            }
+            let t = DiskTier::open(&c).unwrap();
+            assert_eq!(t.report().blocks, 7, "{engine:?}");
+            for i in 3..10 {
+                assert_eq!(read(&t, i), Some(vec![i; 20_000]), "block {i} after reopen");
+            }
+            // Appends continue after the last block, not over it.
+            write(&t, 20, 100);
+            assert_eq!(read(&t, 9), Some(vec![9; 20_000]));
+            assert_eq!(read(&t, 20), Some(vec![20; 100]));
+        }
+    }
+
+    #[test]
+    fn a_corrupted_block_is_a_miss_and_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path(), 2, DiskEngine::Psync);
+        let t = DiskTier::open(&c).unwrap();
+        write(&t, 1, 5000);
+        write(&t, 2, 5000);
+        let tk = t.begin_read(&NS, &key(1)).unwrap();
+        t.end_read(&NS, &key(1), &tk, ReadOutcome::Abandoned);
+        let path = t.regions_dir().join("region-00000.kvd");
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0xEE], tk.offset + 17).unwrap();
+        assert_eq!(read(&t, 1), None);
+        assert_eq!(read(&t, 2), Some(vec![2; 5000]), "its neighbour is intact");
+        let r = t.report();
+        assert_eq!((r.checksum_failures, r.blocks), (1, 1));
+        assert!(!t.contains(&NS, &key(1)), "dropped after the failure");
+    }
+
+    #[test]
+    fn a_region_header_from_elsewhere_drops_its_blocks_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path(), 2, DiskEngine::Psync);
+        {
+            let t = DiskTier::open(&c).unwrap();
+            write(&t, 1, 5000);
+        }
+        let path = dir.path().join("regions/region-00000.kvd");
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0u8; 64], 0).unwrap();
+        let t = DiskTier::open(&c).unwrap();
+        let r = t.report();
+        assert_eq!((r.blocks, r.dropped_at_start), (0, 1));
+        assert!(read(&t, 1).is_none());
+    }
+
+    use std::os::unix::fs::FileExt;
+}

@@ -1,0 +1,365 @@
+//! The disk tier end to end: demotion, promotion, restart, kill -9, corruption, disk full,
+//! admission and the operator commands, against the real `kvd` binary.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use kvd_client::{BlockKey, Client, PutOutcome, Tier};
+use kvd_tests::{bin, pattern, test_namespace, wait_for, Daemon};
+
+fn key(i: u64) -> BlockKey {
+    let mut k = [0u8; 32];
+    k[..8].copy_from_slice(&i.to_le_bytes());
+    k[31] = 0xD1;
+    BlockKey(k)
+}
+
+/// Block length for index `i`: 4 KiB to ~200 KiB, mostly not page multiples.
+fn len_of(i: u64) -> usize {
+    4096 + ((i * 7919) % 200_000) as usize
+}
+
+const SEED: u64 = 42;
+
+fn disk_sets(path: &Path) -> Vec<String> {
+    vec![
+        format!("disk.path={}", path.display()),
+        "disk.capacity_bytes=128MiB".into(),
+        "disk.region_bytes=16MiB".into(),
+        "disk.admission=always".into(),
+        "disk.demote_watermark=0".into(),
+    ]
+}
+
+fn start(sets: &[String]) -> Daemon {
+    let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
+    Daemon::start(&refs)
+}
+
+fn disk_blocks(c: &Client) -> u64 {
+    c.stats().expect("stats").disk.expect("disk tier").blocks
+}
+
+fn put_range(c: &Client, ns: &kvd_client::Namespace, range: std::ops::Range<u64>) {
+    for i in range {
+        let data = pattern(SEED, i, len_of(i));
+        let r = c.put(ns, &key(i), &data).expect("put");
+        assert!(
+            matches!(r, PutOutcome::Stored | PutOutcome::Exists),
+            "{r:?}"
+        );
+    }
+}
+
+/// Returns whether block `i` was served; panics if it was served with wrong bytes.
+fn check(c: &Client, ns: &kvd_client::Namespace, i: u64) -> bool {
+    match c.get(ns, &key(i)).expect("get") {
+        None => false,
+        Some(lease) => {
+            assert!(
+                lease[..] == pattern(SEED, i, len_of(i))[..],
+                "block {i} served with wrong bytes"
+            );
+            true
+        }
+    }
+}
+
+#[test]
+fn blocks_survive_a_restart_and_are_promoted_on_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sets = disk_sets(dir.path());
+    let mut d = start(&sets);
+    {
+        let c = d.admin();
+        let ns = c.open_namespace(&test_namespace("disk")).expect("open");
+        put_range(&c, &ns, 0..40);
+        wait_for("40 blocks on disk", Duration::from_secs(30), || {
+            (disk_blocks(&c) == 40).then_some(())
+        });
+    }
+    assert!(d
+        .terminate(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    let d = start(&sets);
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("disk")).expect("open");
+    let keys: Vec<_> = (0..40).map(key).collect();
+    let l = c.lookup(&ns.id, &keys).expect("lookup");
+    assert_eq!((l.prefix_len, l.tiers.get(Tier::Disk)), (40, 40));
+    for i in 0..40 {
+        assert!(check(&c, &ns, i), "block {i} lost across a restart");
+    }
+    let s = c.stats().expect("stats");
+    let disk = s.disk.expect("disk");
+    assert_eq!(disk.hits, 40);
+    assert_eq!(disk.checksum_failures, 0);
+    // Promoted: now in DRAM as well, and both copies are listed by inspect.
+    let l = c.lookup(&ns.id, &keys).expect("lookup");
+    assert_eq!(l.tiers.get(Tier::Dram), 40);
+    let copies = c.inspect(&key(3)).expect("inspect");
+    let tiers: Vec<_> = copies.iter().map(|b| b.tier).collect();
+    assert_eq!(tiers, vec![Tier::Dram, Tier::Disk]);
+    // Delete removes every tier's copy.
+    assert_eq!(c.delete(&ns.id, &[key(3)]).expect("delete"), 1);
+    assert!(c.inspect(&key(3)).expect("inspect").is_empty());
+}
+
+#[test]
+fn kill_9_at_random_moments_never_loses_durable_blocks_or_serves_wrong_bytes() {
+    let iterations: u64 = std::env::var("KVD_CRASH_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sets = disk_sets(dir.path());
+    sets.push("disk.capacity_bytes=512MiB".into());
+    let mut durable: Vec<u64> = Vec::new();
+    let mut written: u64 = 0;
+    let mut unsure = 0..0u64;
+    let mut rng = 0x1234_5678_9abc_def0_u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for it in 0..iterations {
+        let mut d = start(&sets);
+        let c = d.admin();
+        let ns = c.open_namespace(&test_namespace("crash")).expect("open");
+        // Everything drained before an earlier kill is still there, byte for byte.
+        for &i in &durable {
+            assert!(
+                check(&c, &ns, i),
+                "iteration {it}: durable block {i} lost\n{}",
+                d.log_text()
+            );
+        }
+        // What was being written when the daemon died may or may not be there; what is
+        // served must be right (check() panics otherwise).
+        let mut extra = 0;
+        for i in unsure.clone() {
+            if check(&c, &ns, i) {
+                extra += 1;
+            }
+        }
+        let s = c.stats().expect("stats").disk.expect("disk");
+        assert_eq!(s.checksum_failures, 0, "iteration {it}: torn data was read");
+        assert_eq!(
+            s.reclaims, 0,
+            "the test sized the disk so that nothing is reclaimed"
+        );
+        // Some blocks made durable by a completed drain...
+        let base = written;
+        put_range(&c, &ns, base..base + 6);
+        c.drain(Some(ns.id)).expect("drain");
+        wait_for("drain", Duration::from_secs(30), || {
+            (c.stats().ok()?.disk?.drain_pending == 0).then_some(())
+        });
+        durable.extend(base..base + 6);
+        // ...then more writes while demotion runs, killed at a random moment.
+        let more = 10 + next() % 20;
+        let kill_after = Duration::from_micros(next() % 60_000);
+        written = base + 6 + more;
+        unsure = base + 6..written;
+        let t = std::time::Instant::now();
+        let mut i = base + 6;
+        while i < written && t.elapsed() < kill_after {
+            put_range(&c, &ns, i..i + 1);
+            i += 1;
+        }
+        drop(ns);
+        drop(c);
+        d.kill9();
+        eprintln!("iteration {it}: killed after {i} puts ({extra} non-durable blocks had survived the last kill)");
+    }
+}
+
+#[test]
+fn kill_9_during_region_reclaims_never_serves_wrong_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sets = disk_sets(dir.path());
+    // 4 regions of ~1 MiB: a few dozen blocks fill the tier, so reclaims run all the time.
+    sets.extend([
+        "dram.max_block_bytes=256KiB".to_string(),
+        "disk.region_bytes=1MiB".into(),
+        "disk.capacity_bytes=4MiB".into(),
+    ]);
+    let mut written = 0u64;
+    let mut reclaims = 0;
+    let mut rng = 0x0bad_cafe_f00d_u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for it in 0..10 {
+        let mut d = start(&sets);
+        let c = d.admin();
+        let ns = c.open_namespace(&test_namespace("reclaim")).expect("open");
+        let mut served = 0;
+        for i in 0..written {
+            if check(&c, &ns, i) {
+                served += 1;
+            }
+        }
+        let s = c.stats().expect("stats").disk.expect("disk");
+        assert_eq!(s.checksum_failures, 0, "iteration {it}: {s:?}");
+
+        let base = written;
+        written += 30;
+        let kill_at = base + next() % 30;
+        for i in base..written {
+            put_range(&c, &ns, i..i + 1);
+            if i == kill_at {
+                c.drain(None).expect("drain");
+                std::thread::sleep(Duration::from_micros(next() % 20_000));
+                break;
+            }
+        }
+        reclaims += c.stats().expect("stats").disk.expect("disk").reclaims;
+        drop(ns);
+        drop(c);
+        d.kill9();
+        eprintln!("iteration {it}: {served} of {base} earlier blocks served, all correct");
+    }
+    assert!(reclaims > 0, "the test must exercise reclaims");
+}
+
+#[test]
+fn corrupted_region_bytes_are_detected_and_never_served() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sets = disk_sets(dir.path());
+    let mut d = start(&sets);
+    {
+        let c = d.admin();
+        let ns = c.open_namespace(&test_namespace("corrupt")).expect("open");
+        put_range(&c, &ns, 0..10);
+        c.drain(None).expect("drain");
+        wait_for("drain", Duration::from_secs(30), || {
+            (c.stats().ok()?.disk?.drain_pending == 0).then_some(())
+        });
+    }
+    assert!(d.terminate(Duration::from_secs(10)).is_some());
+    // Flip a byte inside the first block of the first region (just after the header page).
+    let region = dir.path().join("regions/region-00000.kvd");
+    let mut bytes = std::fs::read(&region).expect("read region");
+    bytes[4096 + 100] ^= 0xFF;
+    std::fs::write(&region, &bytes).expect("write region");
+    let d = start(&sets);
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("corrupt")).expect("open");
+    let served: Vec<bool> = (0..10).map(|i| check(&c, &ns, i)).collect();
+    assert_eq!(served.iter().filter(|s| !**s).count(), 1, "{served:?}");
+    let disk = c.stats().expect("stats").disk.expect("disk");
+    assert_eq!(disk.checksum_failures, 1);
+    assert!(d.log_contains("failed its checksum"), "{}", d.log_text());
+}
+
+#[test]
+fn one_off_blocks_stay_in_dram_with_frequency_admission() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sets = disk_sets(dir.path());
+    sets.push("disk.admission=frequency".into());
+    sets.push("disk.admission_min_frequency=2".into());
+    let d = start(&sets);
+    let c = d.admin();
+    let ns = c
+        .open_namespace(&test_namespace("admission"))
+        .expect("open");
+    put_range(&c, &ns, 0..12);
+    for i in 0..4 {
+        assert!(check(&c, &ns, i));
+    }
+    c.flush().expect("flush");
+    wait_for(
+        "the 4 re-read blocks on disk",
+        Duration::from_secs(30),
+        || (disk_blocks(&c) == 4).then_some(()),
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let disk = c.stats().expect("stats").disk.expect("disk");
+    assert_eq!(disk.blocks, 4, "only blocks seen twice were written");
+    assert!(disk.admission_rejections >= 8, "{disk:?}");
+    for i in 0..4 {
+        let copies = c.inspect(&key(i)).expect("inspect");
+        assert!(
+            copies.iter().any(|b| b.tier == Tier::Disk),
+            "block {i}: {copies:?}"
+        );
+    }
+}
+
+#[test]
+fn a_catalog_path_that_is_not_a_directory_is_a_clear_startup_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("catalog"), b"not a catalog").expect("write");
+    let sock = dir.path().join("kvd.sock");
+    let out = Command::new(bin("kvd"))
+        .arg("--socket")
+        .arg(&sock)
+        .args([
+            "--set",
+            "dram.arena_bytes=16MiB",
+            "--set",
+            "dram.max_block_bytes=1MiB",
+        ])
+        .args(
+            disk_sets(dir.path())
+                .iter()
+                .flat_map(|s| ["--set".to_string(), s.clone()]),
+        )
+        .output()
+        .expect("run kvd");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let cat = dir.path().join("catalog");
+    assert!(err.contains(&cat.display().to_string()), "{err}");
+    assert!(!sock.exists(), "no socket left behind");
+}
+
+#[test]
+fn kvd_ctl_drains_with_progress_and_shows_the_disk_tier() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sets = disk_sets(dir.path());
+    sets.push("disk.demote_watermark=0.99".into());
+    let d = start(&sets);
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("ctl")).expect("open");
+    put_range(&c, &ns, 0..16);
+    c.flush().expect("flush");
+    let ctl = |args: &[&str]| {
+        let out = Command::new(bin("kvd-ctl"))
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(args)
+            .output()
+            .expect("run kvd-ctl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let v: serde_json::Value = serde_json::from_str(&ctl(&["drain", "--json"])).expect("json");
+    assert_eq!(v["drained"], 16, "{v}");
+    let s: serde_json::Value = serde_json::from_str(&ctl(&["status", "--json"])).expect("json");
+    assert_eq!(s["disk"]["blocks"], 16, "{s}");
+    assert_eq!(s["disk"]["drain_pending"], 0);
+    assert!(s["tiers"]
+        .as_array()
+        .expect("tiers")
+        .iter()
+        .any(|t| t["tier"] == "disk"));
+    let text = ctl(&["status"]);
+    assert!(text.contains("disk ") && text.contains("regions"), "{text}");
+    let inspect = ctl(&["inspect", &key(5).to_hex()]);
+    assert!(
+        inspect.contains("disk") && inspect.contains("dram"),
+        "{inspect}"
+    );
+}
