@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Sets up kvd on a fresh machine and runs the daemon with a small demo workload:
 #   1. builds kvd, kvd-ctl and kvd-bench (release),
-#   2. starts kvd on a private socket (.kvd-run/kvd.sock) with a 512 MiB arena,
+#   2. starts kvd on a private socket (.kvd-run/kvd.sock) with a 512 MiB arena and a 1 GiB disk
+#      tier in .kvd-run/disk,
 #   3. drives it from a separate process (kvd-bench: put/get verified byte for byte, lookups),
-#   4. shows `kvd-ctl status`, then stops the daemon with SIGTERM (graceful shutdown).
+#   4. drains DRAM to disk (kvd-ctl drain, with a progress bar),
+#   5. shows `kvd-ctl status`, then stops the daemon with SIGTERM (graceful shutdown); the
+#      blocks on disk are still there for the next start.
 # Pass --keep to leave the daemon running afterwards (stop it with: kill $(cat .kvd-run/kvd.pid)).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +20,8 @@ command -v cargo >/dev/null || {
   exit 1
 }
 
-echo "==> building kvd (release; first build takes a few minutes on 2 cores)"
+scripts/system-deps.sh
+echo "==> building kvd (release; the first build takes ~15 minutes on 2 cores, RocksDB most of it)"
 cargo build --release --workspace --bins
 bin="$CARGO_TARGET_DIR/release"
 
@@ -32,6 +36,7 @@ fi
 echo "==> starting kvd on $sock (log: $run/kvd.log)"
 "$bin/kvd" --config config/kvd.toml --socket "$sock" \
   --set dram.arena_bytes=512MiB --set dram.max_namespaces=2 --set dram.max_block_bytes=4MiB \
+  --set disk.path="$PWD/$run/disk" --set disk.capacity_bytes=1GiB --set disk.region_bytes=64MiB \
   >"$run/kvd.log" 2>&1 &
 pid=$!
 echo "$pid" >"$run/kvd.pid"
@@ -46,8 +51,9 @@ done
 echo "==> demo workload: kvd-bench dram from a separate process (every byte verified)"
 "$bin/kvd-bench" dram --socket "$sock" --total 128MiB --rounds 2
 
-echo "==> storing a few blocks that stay, then kvd-ctl status"
+echo "==> storing a few blocks that stay, draining them to disk, then kvd-ctl status"
 "$bin/kvd-bench" dram --socket "$sock" --total 8MiB --rounds 1 --sizes 1MiB --lookups 10 --keep-blocks >/dev/null
+"$bin/kvd-ctl" --socket "$sock" drain
 "$bin/kvd-ctl" --socket "$sock" status
 echo
 "$bin/kvd-ctl" --socket "$sock" ls --limit 5

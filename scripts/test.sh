@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs kvd's whole test suite: format, lints, unit/property/integration tests against the real
-# daemon binary, a kvd-bench smoke run (correctness only, no timing assertions), a compile
+# daemon binary (including 30 kill -9 crash/restart iterations of the disk tier; set
+# KVD_CRASH_ITERATIONS=300 for the long mode), kvd-bench smoke runs (correctness only, no timing assertions), a compile
 # check of the fuzz targets, and the Python package's tests including the end-to-end tests on
 # a real vLLM for CPU (its venv is created once by scripts/vllm-env.sh, ~5 GB from PyPI).
 # Works on a fresh machine with the Rust toolchain and Python 3.11 installed.
@@ -20,6 +21,9 @@ command -v cargo >/dev/null || {
   echo "cargo not found: install Rust (rustup) first; rust-toolchain.toml pins the version" >&2
   exit 1
 }
+
+step "system packages (libclang-dev for RocksDB, fio for the disk benchmark)"
+scripts/system-deps.sh
 
 step "rustfmt"
 cargo fmt --all --check
@@ -50,6 +54,16 @@ for r in rows:
     if r["op"] in ("put", "get"):
         assert r["gbps"] > 0 and r["memcpy_gbps"] > 0 and r["ratio"] > 0, r
 print(f"kvd-bench smoke: {len(rows)} records, all fields present")
+PY
+out=$("$CARGO_TARGET_DIR/debug/kvd-bench" disk --total 16MiB --sizes 1MiB --rounds 1 --qd 8 --json)
+echo "$out"
+python3 - "$out" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in sys.argv[1].splitlines() if l.strip()]
+assert {r["op"] for r in rows} == {"write", "read"}, rows
+for r in rows:
+    assert r["tier"] == "disk" and r["gbps"] > 0 and r["fio_gbps"] > 0 and r["ratio"] > 0, r
+print(f"kvd-bench disk smoke: {len(rows)} records, every byte verified")
 PY
 
 step "fuzz targets compile"

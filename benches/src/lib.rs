@@ -21,9 +21,16 @@ pub struct Record {
     pub p50_us: f64,
     /// 99th percentile latency in µs.
     pub p99_us: f64,
-    /// Single-thread memcpy of the same blocks, same run, GB/s.
+    /// Single-thread memcpy of the same blocks, same run, GB/s (DRAM tier).
     pub memcpy_gbps: Option<f64>,
-    /// `gbps / memcpy_gbps`.
+    /// fio (io_uring, O_DIRECT, same block size, queue depth and filesystem), same run, GB/s
+    /// (disk tier).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fio_gbps: Option<f64>,
+    /// Queue depth (disk tier).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_depth: Option<u32>,
+    /// `gbps` over the reference (`memcpy_gbps` or `fio_gbps`).
     pub ratio: Option<f64>,
     /// Operations measured.
     pub ops: u64,

@@ -26,7 +26,7 @@ use crate::store::{Demotion, DemotionOutcome};
 const PASS_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Which namespaces are being drained.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct DrainSet {
     all: bool,
     some: HashSet<NamespaceId>,
@@ -66,7 +66,7 @@ pub fn run(daemon: Weak<Daemon>, disk: Arc<DiskTier>, drains: Arc<Mutex<DrainSet
             last_rates = Instant::now();
         }
         let mut worked = false;
-        let draining = drains.lock();
+        let draining = drains.lock().clone();
         let draining_now: Vec<(Arc<Namespace>, bool)> = d
             .namespaces()
             .into_iter()
@@ -76,33 +76,42 @@ pub fn run(daemon: Weak<Daemon>, disk: Arc<DiskTier>, drains: Arc<Mutex<DrainSet
             })
             .collect();
         let any_drain = !draining.is_empty();
-        drop(draining);
         let mut pending = 0u64;
         for (ns, drain) in &draining_now {
-            let (cands, left) = {
-                let mut st = ns.store.lock();
-                let cap = st.capacity_bytes() as f64;
-                let mark = (cap * d.cfg.disk.demote_watermark) as u64;
-                let used = st.used_bytes();
-                if !*drain && used <= mark {
+            let mark = {
+                let st = ns.store.lock();
+                let mark = (st.capacity_bytes() as f64 * d.cfg.disk.demote_watermark) as u64;
+                if !*drain && st.used_bytes() <= mark {
                     continue;
                 }
-                let c = st.demotion_candidates(depth, *drain, used.saturating_sub(mark));
-                let left = if *drain { st.without_disk_copy() } else { 0 };
-                (c, left)
+                mark
             };
-            pending += left;
-            if !cands.is_empty() {
+            let more = |st: &mut crate::store::NsStore, k: usize| {
+                let excess = st.used_bytes().saturating_sub(mark);
+                if !*drain && excess == 0 {
+                    return Vec::new();
+                }
+                st.demotion_candidates(k, *drain, excess)
+            };
+            if demote(&d, &disk, ns, *drain, depth, more) > 0 {
                 worked = true;
-                demote(&d, &disk, ns, cands, *drain);
+            }
+            if *drain {
+                pending += ns.store.lock().without_disk_copy();
             }
         }
         if any_drain {
-            disk.drain_pending().store(pending, Ordering::Relaxed);
-            if pending == 0 {
-                *drains.lock() = DrainSet::default();
-                disk.flush();
-                tracing::info!("drain finished: every DRAM block has a disk copy");
+            // A drain requested during this pass is not covered by `pending`: leave the
+            // figures to the next pass.
+            let mut set = drains.lock();
+            if *set == draining {
+                disk.drain_pending().store(pending, Ordering::Relaxed);
+                if pending == 0 {
+                    *set = DrainSet::default();
+                    drop(set);
+                    disk.flush();
+                    tracing::info!("drain finished: every DRAM block has a disk copy");
+                }
             }
         }
         drop(d);
@@ -121,123 +130,142 @@ fn disk_depth(daemon: &Weak<Daemon>) -> usize {
 
 type Done = (usize, IoBuf, std::io::Result<()>);
 
-/// Writes `cands` of `ns` to disk and waits for them.
-fn demote(d: &Daemon, disk: &DiskTier, ns: &Arc<Namespace>, cands: Vec<Demotion>, drain: bool) {
+/// Most blocks one namespace demotes per pass, so other namespaces, drain accounting and
+/// shutdown get their turn.
+const BLOCKS_PER_PASS: usize = 4096;
+
+/// Writes blocks of `ns` to disk, keeping `depth` writes in flight: candidates come from
+/// `more` as room frees up, completions are recorded (catalog batch, then the DRAM entries'
+/// disk flags) as they arrive. Returns how many blocks were handled.
+fn demote(
+    d: &Daemon,
+    disk: &DiskTier,
+    ns: &Arc<Namespace>,
+    drain: bool,
+    depth: usize,
+    mut more: impl FnMut(&mut crate::store::NsStore, usize) -> Vec<Demotion>,
+) -> usize {
     let (tx, rx) = channel::<Done>();
-    let mut tickets = Vec::new();
-    let mut outcomes: Vec<(u32, DemotionOutcome)> = Vec::new();
+    let mut tickets: Vec<Option<(Demotion, crate::disk::WriteTicket)>> = Vec::new();
     let mut reclaimed: Vec<(NamespaceId, BlockKey)> = Vec::new();
-    for c in cands {
-        if !drain && !disk.admit(&ns.id, &c.key) {
-            outcomes.push((c.entry, DemotionOutcome::Rejected));
-            continue;
-        }
-        let t = match disk.begin_write(&ns.id, &c.key, c.len, &mut reclaimed) {
-            Ok(t) => t,
-            Err(WriteSkip::Stored) => {
-                outcomes.push((c.entry, DemotionOutcome::Written));
-                continue;
+    let mut in_flight = 0usize;
+    let mut handled = 0usize;
+    let mut exhausted = false;
+    loop {
+        let mut outcomes: Vec<(u32, DemotionOutcome)> = Vec::new();
+        let mut ops = Vec::new();
+        if !exhausted && in_flight < depth && handled + in_flight < BLOCKS_PER_PASS {
+            let want = (depth - in_flight).min(BLOCKS_PER_PASS - handled - in_flight);
+            let cands = more(&mut ns.store.lock(), want);
+            if cands.len() < want {
+                exhausted = true;
             }
-            Err(WriteSkip::Degraded | WriteSkip::Busy) => {
-                outcomes.push((c.entry, DemotionOutcome::Failed));
-                continue;
+            for c in cands {
+                if !drain && !disk.admit(&ns.id, &c.key) {
+                    outcomes.push((c.entry, DemotionOutcome::Rejected));
+                    continue;
+                }
+                let t = match disk.begin_write(&ns.id, &c.key, c.len, &mut reclaimed) {
+                    Ok(t) => t,
+                    Err(WriteSkip::Stored) => {
+                        outcomes.push((c.entry, DemotionOutcome::Written));
+                        continue;
+                    }
+                    Err(WriteSkip::Degraded | WriteSkip::Busy) => {
+                        outcomes.push((c.entry, DemotionOutcome::Failed));
+                        exhausted = true;
+                        continue;
+                    }
+                };
+                let len = align_up(c.len);
+                let in_arena = usize::try_from(c.offset)
+                    .ok()
+                    .zip(usize::try_from(len).ok())
+                    .filter(|&(o, l)| ns.arena.map().contains(o, l));
+                let Some((off, l)) = in_arena else {
+                    // Cannot happen for slots from our allocator (classes are 4 KiB multiples).
+                    disk.end_writes(&[WriteDone {
+                        ns: ns.id,
+                        key: c.key,
+                        len: c.len,
+                        checksum: c.checksum,
+                        ticket: t,
+                        result: Err(std::io::Error::other("slot outside the arena")),
+                    }]);
+                    outcomes.push((c.entry, DemotionOutcome::Failed));
+                    continue;
+                };
+                let keep: Arc<dyn Send + Sync> = ns.clone();
+                // SAFETY: the range is inside the arena mapping (checked), which `keep` keeps
+                // alive; the block is committed (no client writes it) and held by the demotion
+                // (not freed or reused) until finish_demotion, after the write completed.
+                let buf = unsafe { IoBuf::from_raw(keep, ns.arena.map().as_ptr().add(off), l) };
+                let i = tickets.len();
+                let tx = tx.clone();
+                ops.push(IoOp {
+                    kind: IoKind::Write,
+                    file: t.file.clone(),
+                    offset: t.offset,
+                    buf,
+                    done: Box::new(move |b, r| {
+                        let _ = tx.send((i, b, r));
+                    }),
+                });
+                tickets.push(Some((c, t)));
+                in_flight += 1;
             }
-        };
-        let len = align_up(c.len);
-        let in_arena = usize::try_from(c.offset)
-            .ok()
-            .zip(usize::try_from(len).ok())
-            .filter(|&(o, l)| ns.arena.map().contains(o, l));
-        let Some((off, l)) = in_arena else {
-            // Cannot happen for slots from our allocator (classes are 4 KiB multiples).
-            disk.end_writes(&[WriteDone {
-                ns: ns.id,
-                key: c.key,
-                len: c.len,
-                checksum: c.checksum,
-                ticket: t,
-                result: Err(std::io::Error::other("slot outside the arena")),
-            }]);
-            outcomes.push((c.entry, DemotionOutcome::Failed));
-            continue;
-        };
-        let keep: Arc<dyn Send + Sync> = ns.clone();
-        // SAFETY: the range is inside the arena mapping (checked), which `keep` keeps alive;
-        // the block is committed (no client writes it) and held by the demotion (not freed or
-        // reused) until finish_demotion below, after the write completed.
-        let buf = unsafe { IoBuf::from_raw(keep, ns.arena.map().as_ptr().add(off), l) };
-        let i = tickets.len();
-        let tx = tx.clone();
-        let op = IoOp {
-            kind: IoKind::Write,
-            file: t.file.clone(),
-            offset: t.offset,
-            buf,
-            done: Box::new(move |b, r| {
-                let _ = tx.send((i, b, r));
-            }),
-        };
-        tickets.push(Some((c, t)));
-        if let Err(e) = disk.engine().submit(op) {
-            tracing::error!(error = %e, "disk engine stopped; demotion skipped");
-            if let Some((c, t)) = tickets[i].take() {
-                disk.end_writes(&[WriteDone {
-                    ns: ns.id,
-                    key: c.key,
-                    len: c.len,
-                    checksum: c.checksum,
-                    ticket: t,
-                    result: Err(std::io::Error::other("engine stopped")),
-                }]);
-                outcomes.push((c.entry, DemotionOutcome::Failed));
+            // On failure every callback reports the error, and the writes count as failed.
+            let _ = disk.engine().submit_many(ops);
+        }
+        if in_flight > 0 {
+            let mut done = Vec::new();
+            if let Ok(first) = rx.recv() {
+                done.push(first);
+                done.extend(rx.try_iter());
             }
-        }
-    }
-    drop(tx);
-    let mut done = Vec::new();
-    for (i, _buf, r) in rx.iter() {
-        if let Some((c, t)) = tickets.get_mut(i).and_then(Option::take) {
-            done.push((c, t, r));
-        }
-    }
-    if !done.is_empty() {
-        let entries: Vec<_> = done.iter().map(|(c, _, _)| c.entry).collect();
-        let batch: Vec<_> = done
-            .into_iter()
-            .map(|(c, t, r)| WriteDone {
-                ns: ns.id,
-                key: c.key,
-                len: c.len,
-                checksum: c.checksum,
-                ticket: t,
-                result: r,
-            })
-            .collect();
-        let ok = disk.end_writes(&batch);
-        for (e, ok) in entries.into_iter().zip(ok) {
-            outcomes.push((
-                e,
-                if ok {
+            in_flight -= done.len();
+            let mut entries = Vec::new();
+            let mut batch = Vec::new();
+            for (i, _buf, r) in done {
+                if let Some((c, t)) = tickets.get_mut(i).and_then(Option::take) {
+                    entries.push(c.entry);
+                    batch.push(WriteDone {
+                        ns: ns.id,
+                        key: c.key,
+                        len: c.len,
+                        checksum: c.checksum,
+                        ticket: t,
+                        result: r,
+                    });
+                }
+            }
+            for (e, ok) in entries.into_iter().zip(disk.end_writes(&batch)) {
+                let o = if ok {
                     DemotionOutcome::Written
                 } else {
                     DemotionOutcome::Failed
-                },
-            ));
+                };
+                outcomes.push((e, o));
+            }
         }
-    }
-    {
-        let mut st = ns.store.lock();
-        for (e, o) in outcomes {
-            st.finish_demotion(e, o);
+        handled += outcomes.len();
+        if !outcomes.is_empty() {
+            let mut st = ns.store.lock();
+            for (e, o) in outcomes {
+                st.finish_demotion(e, o);
+            }
+        }
+        if in_flight == 0 && (exhausted || handled >= BLOCKS_PER_PASS) {
+            break;
         }
     }
     if !reclaimed.is_empty() {
         for other in d.namespaces() {
             let mut st = other.store.lock();
-            for (n, k) in reclaimed.iter().filter(|(n, _)| *n == other.id) {
-                let _ = n;
+            for (_, k) in reclaimed.iter().filter(|(n, _)| *n == other.id) {
                 st.clear_on_disk(k);
             }
         }
     }
+    handled
 }

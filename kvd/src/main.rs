@@ -1,7 +1,7 @@
 //! `kvd`: the per-node KV-cache daemon.
 //!
-//! Loads and validates the configuration, creates the DRAM arenas, serves the control socket
-//! and the shared-memory rings, and shuts down cleanly on SIGTERM or SIGINT (closing every
+//! Loads and validates the configuration, creates the DRAM arenas, opens the disk tier (if
+//! configured), serves the control socket and the shared-memory rings, and shuts down cleanly on SIGTERM or SIGINT (closing every
 //! client, releasing everything they held, removing the socket file).
 
 use std::path::PathBuf;
@@ -12,11 +12,13 @@ use clap::Parser;
 use kvd::config::{Config, LogFormat};
 use kvd::daemon::Daemon;
 
-/// kvd keeps LLM KV-cache blocks in shared DRAM for every engine process on this node.
+/// kvd keeps LLM KV-cache blocks in shared DRAM, and on local NVMe below it, for every engine
+/// process on this node.
 ///
 /// Configuration is layered: the TOML file (--config or $KVD_CONFIG), then environment
 /// variables KVD_<SECTION>_<KEY> (e.g. KVD_DRAM_ARENA_BYTES=2GiB), then --set section.key=value.
-/// See config/kvd.toml for every key with its default and meaning.
+/// See config/kvd.toml for every key with its default and meaning; the disk tier is off until
+/// disk.capacity_bytes is set (e.g. --set disk.capacity_bytes=500GiB --set disk.path=/nvme/kvd).
 #[derive(Debug, Parser)]
 #[command(name = "kvd", version, about, long_about)]
 struct Cli {

@@ -117,6 +117,7 @@ struct Lease {
 
 /// A GET being served from disk.
 struct PendingRead {
+    started: Instant,
     ns: Arc<Namespace>,
     sub: Submission,
     slot: Slot,
@@ -143,6 +144,8 @@ struct Session {
     io_rx: Receiver<(u64, std::io::Result<()>)>,
     /// Completions of finished disk reads waiting to be posted.
     backlog: VecDeque<Completion>,
+    /// Disk reads not yet handed to the engine.
+    to_submit: Vec<IoOp>,
 }
 
 impl Session {
@@ -307,6 +310,7 @@ impl Session {
             return Some(c);
         };
         while self.pending.len() >= MAX_PENDING_READS {
+            self.submit_reads();
             match self.io_rx.recv() {
                 Ok(done) => {
                     if let Some(c) = self.finish_read(done) {
@@ -368,14 +372,14 @@ impl Session {
                 }
             }),
         };
-        if disk.engine().submit(op).is_err() {
-            ns.store.lock().abort(slot);
-            disk.end_read(&ns.id, &sub.key, &ticket, ReadOutcome::Failed);
-            return Some(c);
-        }
+        // Reads are handed to the engine together once the ring is drained (see
+        // `submit_reads`), so a batch of GETs is in flight at once; if the engine has stopped,
+        // each callback reports the failure and `finish_read` answers a miss.
+        self.to_submit.push(op);
         self.pending.insert(
             token,
             PendingRead {
+                started: Instant::now(),
                 ns,
                 sub: *sub,
                 slot,
@@ -383,6 +387,16 @@ impl Session {
             },
         );
         None
+    }
+
+    /// Hands the disk reads started since the last call to the IO engine, as one batch.
+    fn submit_reads(&mut self) {
+        if self.to_submit.is_empty() {
+            return;
+        }
+        if let Some(d) = &self.daemon.disk {
+            let _ = d.engine().submit_many(std::mem::take(&mut self.to_submit));
+        }
     }
 
     /// Completes a disk read: verify, publish in DRAM, lease; or a miss.
@@ -411,6 +425,12 @@ impl Session {
             }
         };
         disk.end_read(&p.ns.id, &p.sub.key, &p.ticket, outcome);
+        tracing::trace!(
+            len = p.ticket.len,
+            us = p.started.elapsed().as_micros() as u64,
+            ?outcome,
+            "disk read"
+        );
         if outcome != ReadOutcome::Verified {
             p.ns.store.lock().abort(p.slot);
             return Some(c);
@@ -475,6 +495,7 @@ impl Session {
 
     fn release_everything(&mut self) {
         // Disk reads still write into their slots: wait for them before giving slots back.
+        self.submit_reads();
         while !self.pending.is_empty() {
             match self.io_rx.recv() {
                 Ok(done) => {
@@ -548,6 +569,7 @@ pub fn run(daemon: Arc<Daemon>, conn: Arc<Conn>, mut ring: DaemonRing) {
         io_tx,
         io_rx,
         backlog: VecDeque::new(),
+        to_submit: Vec::new(),
     };
     let mut last_work = Instant::now();
     let mut since_expiry = 0u32;
@@ -594,8 +616,16 @@ pub fn run(daemon: Arc<Daemon>, conn: Arc<Conn>, mut ring: DaemonRing) {
                 last_work = Instant::now();
             }
             Ok(None) => {
+                s.submit_reads();
                 ring.notify();
-                if last_work.elapsed() >= SEAL_AFTER_IDLE && s.seal_step() {
+                // Never sleep on unsealed blocks: the demoter only copies sealed ones, and a
+                // short ring.spin_us must not leave them waiting for the next wake-up.
+                if s.sealing.is_some() || !s.unsealed.is_empty() {
+                    if last_work.elapsed() >= SEAL_AFTER_IDLE {
+                        s.seal_step();
+                    } else {
+                        std::hint::spin_loop();
+                    }
                     continue;
                 }
                 if last_work.elapsed() < spin {

@@ -294,6 +294,30 @@ fn one_off_blocks_stay_in_dram_with_frequency_admission() {
 }
 
 #[test]
+fn blocks_are_sealed_and_drained_even_when_ring_threads_never_spin() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sets = disk_sets(dir.path());
+    sets.push("ring.spin_us=0".into());
+    sets.push("disk.demote_watermark=1.0".into());
+    let d = start(&sets);
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("nospin")).expect("open");
+    put_range(&c, &ns, 0..20);
+    c.drain(None).expect("drain");
+    let t = std::time::Instant::now();
+    wait_for("drain", Duration::from_secs(30), || {
+        (c.stats().ok()?.disk?.drain_pending == 0).then_some(())
+    });
+    // Sealing 20 blocks takes milliseconds; seconds would mean the ring thread slept on them.
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "drain took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(disk_blocks(&c), 20);
+}
+
+#[test]
 fn a_catalog_path_that_is_not_a_directory_is_a_clear_startup_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("catalog"), b"not a catalog").expect("write");
@@ -362,4 +386,108 @@ fn kvd_ctl_drains_with_progress_and_shows_the_disk_tier() {
         inspect.contains("disk") && inspect.contains("dram"),
         "{inspect}"
     );
+}
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop; `None` (with a note)
+/// where this machine does not let the test mount (no privileges).
+struct SmallFs(tempfile::TempDir);
+
+impl SmallFs {
+    fn mount(size: &str) -> Option<SmallFs> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!(
+                "SKIPPED: cannot mount a small tmpfs here (needs root); disk-full not tested"
+            );
+            return None;
+        }
+        Some(SmallFs(dir))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+fn full_disk_sets(path: &Path, preallocate: bool) -> Vec<String> {
+    vec![
+        format!("disk.path={}", path.display()),
+        "dram.max_block_bytes=256KiB".into(),
+        "disk.region_bytes=1MiB".into(),
+        "disk.capacity_bytes=16MiB".into(),
+        "disk.engine=psync".into(),
+        format!("disk.preallocate={preallocate}"),
+        "disk.admission=always".into(),
+        "disk.demote_watermark=0".into(),
+    ]
+}
+
+#[test]
+fn a_full_disk_degrades_the_tier_while_dram_keeps_serving() {
+    let Some(fs) = SmallFs::mount("3m") else {
+        return;
+    };
+    let d = start(&full_disk_sets(fs.0.path(), false));
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("full")).expect("open");
+    // ~6 MB of blocks: twice what the filesystem holds.
+    put_range(&c, &ns, 0..60);
+    let disk = wait_for(
+        "the disk tier to report degraded",
+        Duration::from_secs(30),
+        || {
+            let disk = c.stats().ok()?.disk?;
+            (!disk.degraded.is_empty()).then_some(disk)
+        },
+    );
+    eprintln!("degraded: {}", disk.degraded);
+    assert!(
+        disk.io_errors > 0 || disk.degraded.contains("record"),
+        "{disk:?}"
+    );
+    // DRAM serves every block, byte for byte.
+    for i in 0..60 {
+        assert!(check(&c, &ns, i), "block {i} lost from DRAM");
+    }
+    // What made it to disk before the filesystem filled is served correctly from disk.
+    c.flush().expect("flush");
+    c.evict(None, &[]).expect("evict");
+    let from_disk = (0..60).filter(|&i| check(&c, &ns, i)).count();
+    assert!(from_disk > 0, "some blocks fit before the disk filled");
+    let s = c.stats().expect("stats").disk.expect("disk");
+    assert_eq!(s.checksum_failures, 0, "{s:?}");
+    assert!(d.log_contains("disk tier degraded"), "{}", d.log_text());
+    drop(ns);
+    drop(c);
+    drop(d);
+}
+
+#[test]
+fn a_disk_too_small_for_its_regions_starts_degraded_and_serves() {
+    let Some(fs) = SmallFs::mount("3m") else {
+        return;
+    };
+    let d = start(&full_disk_sets(fs.0.path(), true));
+    let c = d.admin();
+    let disk = c.stats().expect("stats").disk.expect("disk");
+    assert!(
+        disk.degraded.contains("region files could be allocated"),
+        "{disk:?}"
+    );
+    assert!(disk.regions >= 1 && disk.regions < 16, "{disk:?}");
+    let ns = c.open_namespace(&test_namespace("small")).expect("open");
+    put_range(&c, &ns, 0..10);
+    for i in 0..10 {
+        assert!(check(&c, &ns, i));
+    }
+    drop(ns);
+    drop(c);
+    drop(d);
 }

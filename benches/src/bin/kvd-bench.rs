@@ -4,6 +4,14 @@
 //! starts itself with `--spawn`), verifies every byte read back, and prints throughput and
 //! latency next to single-thread memcpy of the same blocks measured in the same run. It also
 //! times batch lookups of a 1024-key chain.
+//!
+//! `kvd-bench disk` writes blocks to the disk tier (a drain of DRAM, timed until every block is
+//! on disk) and reads them back in random order with `--qd` GETs in flight (each a disk read
+//! into DRAM, checksum-verified, then compared byte for byte by the bench), next to `fio`
+//! (io_uring, O_DIRECT, same block size, queue depth and directory) run in the same process.
+//! Rounds alternate which side goes first, each phase starts on a settled disk (sync + pause),
+//! and the figures are medians over rounds with the ratio the median of per-round ratios:
+//! virtual disks swing by 2–4× between minutes, and pairing neighbours cancels most of it.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -26,6 +34,37 @@ struct Cli {
 enum Cmd {
     /// DRAM tier: put/get throughput and latency vs memcpy, and batch lookup latency.
     Dram(DramArgs),
+    /// Disk tier: sequential write and random read throughput vs fio on the same filesystem.
+    Disk(DiskArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DiskArgs {
+    /// Directory on the filesystem to measure (region files, catalog and fio's file go in a
+    /// fresh subdirectory, removed afterwards). Not a tmpfs: it has no O_DIRECT.
+    #[arg(long, default_value = "/var/tmp")]
+    dir: PathBuf,
+    /// Block sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1MiB,4MiB")]
+    sizes: Vec<String>,
+    /// Bytes written and read per size and round.
+    #[arg(long, default_value = "1GiB")]
+    total: String,
+    /// IOs in flight (kvd's disk.io_depth and GETs per batch; fio's iodepth).
+    #[arg(long, default_value_t = 32)]
+    qd: u32,
+    /// Rounds per size; the best round counts, for kvd and fio alike.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// kvd's disk IO engine (io_uring or psync).
+    #[arg(long, default_value = "io_uring")]
+    engine: String,
+    /// Skip fio (no ratio is reported).
+    #[arg(long)]
+    no_fio: bool,
+    /// Print one JSON object per line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -123,6 +162,14 @@ unsafe fn libc_kill(pid: u32) {
 }
 
 fn spawn_daemon(arena: usize, max_block: usize) -> anyhow::Result<(Spawned, PathBuf)> {
+    spawn_daemon_with(arena, max_block, &[])
+}
+
+fn spawn_daemon_with(
+    arena: usize,
+    max_block: usize,
+    sets: &[String],
+) -> anyhow::Result<(Spawned, PathBuf)> {
     let dir = tempfile_dir::Dir::new().context("creating a temporary directory")?;
     let socket = dir.path().join("kvd.sock");
     let bin = match std::env::var_os("KVD_BIN") {
@@ -144,6 +191,7 @@ fn spawn_daemon(arena: usize, max_block: usize) -> anyhow::Result<(Spawned, Path
             "dram.high_watermark=1.0",
         ])
         .args(["--set", "dram.low_watermark=1.0", "--set", "log.level=warn"])
+        .args(sets.iter().flat_map(|s| ["--set", s.as_str()]))
         .stdout(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {} (set KVD_BIN to the kvd binary)", bin.display()))?;
@@ -187,6 +235,19 @@ fn emit(json: bool, r: &Record) -> anyhow::Result<()> {
             r.p50_us,
             r.p99_us
         );
+    } else if r.tier == "disk" {
+        println!(
+            "{:<5} {:<6} {:>8} KiB  QD {:>3}  {:>6.2} GB/s  fio {:>6.2} GB/s  ratio {:>5.2}  (batch p50 {:.0} µs p99 {:.0} µs)",
+            r.tier,
+            r.op,
+            r.size_bytes / 1024,
+            r.queue_depth.unwrap_or(0),
+            r.gbps.unwrap_or(0.0),
+            r.fio_gbps.unwrap_or(f64::NAN),
+            r.ratio.unwrap_or(f64::NAN),
+            r.p50_us,
+            r.p99_us
+        );
     } else {
         println!(
             "{:<5} {:<6} {:>8} KiB  {:>6.2} GB/s  p50 {:>8.1} µs  p99 {:>8.1} µs  memcpy {:>6.2} GB/s  ratio {:>5.2}",
@@ -213,6 +274,8 @@ fn latency_record(op: &'static str, size_bytes: u64, sorted_ns: &[u64]) -> Recor
         p50_us: percentile_us(sorted_ns, 50.0),
         p99_us: percentile_us(sorted_ns, 99.0),
         memcpy_gbps: None,
+        fio_gbps: None,
+        queue_depth: None,
         ratio: None,
         ops: sorted_ns.len() as u64,
     }
@@ -321,6 +384,8 @@ fn dram(a: DramArgs) -> anyhow::Result<()> {
                     p50_us: percentile_us(lat, 50.0),
                     p99_us: percentile_us(lat, 99.0),
                     memcpy_gbps: Some(best_cpy),
+                    fio_gbps: None,
+                    queue_depth: None,
                     ratio: Some(best / best_cpy),
                     ops: lat.len() as u64,
                 },
@@ -356,8 +421,331 @@ fn dram(a: DramArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads `order` (indices into `keys`) through `readers`, reader r taking every r-th block in
+/// batches of `batch`; with `src`, verifies every byte against it. Returns per-batch latencies
+/// (ns), one entry per block.
+fn read_all(
+    readers: &[(Client, kvd_client::Namespace)],
+    order: &[usize],
+    keys: &[BlockKey],
+    src: Option<&[Vec<u8>]>,
+    batch: usize,
+) -> anyhow::Result<Vec<u64>> {
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = readers
+            .iter()
+            .enumerate()
+            .map(|(r, (client, ns))| {
+                sc.spawn(move || -> anyhow::Result<Vec<u64>> {
+                    let mine: Vec<usize> = order
+                        .iter()
+                        .copied()
+                        .skip(r)
+                        .step_by(readers.len())
+                        .collect();
+                    let mut lat = Vec::with_capacity(mine.len());
+                    for chunk in mine.chunks(batch) {
+                        let ks: Vec<BlockKey> = chunk.iter().map(|&i| keys[i]).collect();
+                        let t0 = Instant::now();
+                        let leases = client.get_many(ns, &ks)?;
+                        let dt = t0.elapsed().as_nanos() as u64;
+                        lat.extend(std::iter::repeat_n(dt, chunk.len()));
+                        for (&i, l) in chunk.iter().zip(&leases) {
+                            let l = l.as_ref().with_context(|| format!("block {i} missing"))?;
+                            if src.is_some_and(|s| l[..] != s[i][..]) {
+                                bail!("block {i}: bytes read back differ from bytes written");
+                            }
+                        }
+                    }
+                    Ok(lat)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for h in handles {
+            all.extend(
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a reader thread panicked"))??,
+            );
+        }
+        Ok(all)
+    })
+}
+
+/// Lets the disk finish earlier writes (sync, then a pause) before a measured phase, so that
+/// no phase pays for the previous one's write-back — for kvd and fio alike.
+fn settle() {
+    let _ = Command::new("sync").status();
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+/// Runs fio once and returns its throughput in GB/s.
+fn fio(
+    file: &std::path::Path,
+    rw: &str,
+    size: usize,
+    total: usize,
+    qd: u32,
+) -> anyhow::Result<f64> {
+    let out = Command::new("fio")
+        .args([
+            "--name=kvd-bench",
+            &format!("--filename={}", file.display()),
+            &format!("--rw={rw}"),
+            &format!("--bs={size}"),
+            &format!("--size={total}"),
+            &format!("--iodepth={qd}"),
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--output-format=json",
+        ])
+        .output()
+        .context("running fio (install it, e.g. apt-get install fio, or pass --no-fio)")?;
+    if !out.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing fio's JSON output")?;
+    let dir = if rw.contains("read") { "read" } else { "write" };
+    let bw = v["jobs"][0][dir]["bw_bytes"]
+        .as_f64()
+        .context("fio's JSON has no bw_bytes")?;
+    Ok(bw / 1e9)
+}
+
+fn disk(a: DiskArgs) -> anyhow::Result<()> {
+    let sizes = a
+        .sizes
+        .iter()
+        .map(|s| parse_size(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let total = parse_size(&a.total)?;
+    let max = sizes.iter().copied().max().unwrap_or(1 << 20);
+    let work = a.dir.join(format!("kvd-bench-disk-{}", std::process::id()));
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(work.clone());
+    // Room for one round plus two regions: after the warm-up round every region has been
+    // written once, and later rounds reuse regions (reclaim), as a disk tier does in steady
+    // state. fio likewise overwrites a file it laid out first.
+    let region = (64usize << 20).max(4 * max);
+    let capacity = total.div_ceil(region) * region + 2 * region;
+    let sets = vec![
+        format!("disk.path={}", work.join("kvd").display()),
+        format!("disk.capacity_bytes={capacity}"),
+        format!("disk.region_bytes={region}"),
+        format!("disk.io_depth={}", a.qd),
+        format!("disk.engine={}", a.engine),
+        "disk.admission=always".into(),
+        "disk.demote_watermark=1.0".into(),
+        "ring.entries=1024".into(),
+    ];
+    let arena = total + total / 2 + 4 * max + (8 << 20);
+    let (_daemon, socket) = spawn_daemon_with(arena, max, &sets)?;
+    let client = Client::connect_with(
+        &socket,
+        Options {
+            name: "kvd-bench".into(),
+            admin: true,
+            ..Options::default()
+        },
+    )?;
+    let ns = client.open_namespace(&NamespaceDesc::new("kvd-bench", "bytes", "opaque", 16))?;
+    let st = client
+        .stats()?
+        .disk
+        .context("the spawned kvd has no disk tier")?;
+    if !a.json {
+        println!(
+            "kvd-bench disk: {} per size and round, QD {}, {} rounds after a warm-up round, kvd engine {} ({}), in {}",
+            a.total,
+            a.qd,
+            a.rounds,
+            st.engine,
+            if st.direct_io { "O_DIRECT" } else { "page cache" },
+            a.dir.display()
+        );
+    }
+    let fio_file = work.join("fio.dat");
+    // Reads come from several connections, each with batches of qd / conns GETs, so that
+    // while one batch finishes its last reads the others keep the disk busy: together they
+    // hold up to qd reads in flight, as fio's iodepth does.
+    let conns = a.qd.clamp(1, 4) as usize;
+    let per_conn = (a.qd as usize / conns).max(1);
+    let readers: Vec<(Client, kvd_client::Namespace)> = (0..conns)
+        .map(|i| -> anyhow::Result<_> {
+            let c = Client::connect_with(
+                &socket,
+                Options {
+                    name: format!("kvd-bench-reader-{i}"),
+                    ..Options::default()
+                },
+            )?;
+            let ns = c.open_namespace(&NamespaceDesc::new("kvd-bench", "bytes", "opaque", 16))?;
+            Ok((c, ns))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    for &size in &sizes {
+        let n = (total / size).max(8);
+        let src: Vec<Vec<u8>> = (0..n)
+            .map(|i| {
+                let mut b = vec![0u8; size];
+                fill(&mut b, (size * 7_000_003 + i) as u64);
+                b
+            })
+            .collect();
+        let keys: Vec<BlockKey> = (0..n).map(|i| key(size, i)).collect();
+        // Per measured round: (kvd write, kvd read, fio write, fio read) in GB/s.
+        let mut rounds: Vec<[f64; 4]> = Vec::new();
+        let mut read_lat = Vec::new();
+        let mut order: Vec<usize> = (0..n).collect();
+        let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ size as u64;
+        for round in 0..=a.rounds {
+            let warm = round == 0;
+            let mut this = [f64::NAN; 4];
+            // Each side reads what it has just written (the host's caches favour recent
+            // writes), and the two sides take turns going first.
+            let sides = if round % 2 == 0 {
+                [false, true]
+            } else {
+                [true, false]
+            };
+            for kvd_side in sides {
+                if !kvd_side {
+                    if !a.no_fio {
+                        settle();
+                        this[2] = fio(&fio_file, "write", size, n * size, a.qd)?;
+                        settle();
+                        this[3] = fio(&fio_file, "randread", size, n * size, a.qd)?;
+                    }
+                    continue;
+                }
+                // Write: blocks into DRAM, then a drain to disk, timed until all are written.
+                client.delete(&ns.id, &keys)?;
+                for (k, s) in keys.iter().zip(&src) {
+                    if client.put(&ns, k, s)? != PutOutcome::Stored {
+                        bail!("block {k:?} was already stored");
+                    }
+                }
+                client.flush()?;
+                settle();
+                let before = client.stats()?.disk.context("no disk tier")?.writes;
+                let t = Instant::now();
+                client.drain(Some(ns.id))?;
+                loop {
+                    let d = client.stats()?.disk.context("no disk tier")?;
+                    if d.writes - before >= n as u64 {
+                        break;
+                    }
+                    if !d.degraded.is_empty() {
+                        bail!("the disk tier is degraded: {}", d.degraded);
+                    }
+                    if t.elapsed() > Duration::from_secs(600) {
+                        bail!("the drain did not finish within 10 minutes");
+                    }
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+                this[0] = gbps(n * size, t.elapsed());
+                // Read: DRAM emptied, then random-order GETs, qd in flight, each from disk.
+                client.evict(Some(ns.id), &[])?;
+                for i in (1..order.len()).rev() {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    order.swap(i, (x % (i as u64 + 1)) as usize);
+                }
+                settle();
+                let before = client.stats()?.disk.context("no disk tier")?.hits;
+                let t = Instant::now();
+                let lats = read_all(&readers, &order, &keys, None, per_conn)?;
+                let busy = t.elapsed();
+                if !warm {
+                    read_lat.extend(lats);
+                }
+                // Every byte checked, outside the timing: the reads above promoted the blocks
+                // into DRAM, and these are the very bytes the disk returned (checksum-verified
+                // by kvd on the way in).
+                read_all(&readers, &order, &keys, Some(&src), per_conn)?;
+                let hits = client.stats()?.disk.context("no disk tier")?.hits - before;
+                if hits != n as u64 {
+                    bail!("{hits} of {n} reads were served by the disk tier");
+                }
+                this[1] = gbps(n * size, busy);
+            }
+            if !warm {
+                rounds.push(this);
+            }
+        }
+        let median = |mut v: Vec<f64>| -> f64 {
+            v.retain(|x| x.is_finite());
+            v.sort_by(f64::total_cmp);
+            match v.len() {
+                0 => f64::NAN,
+                n if n % 2 == 1 => v[n / 2],
+                n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+            }
+        };
+        let col = |i: usize| rounds.iter().map(|r| r[i]).collect::<Vec<_>>();
+        let ratios = |k: usize, f: usize| rounds.iter().map(|r| r[k] / r[f]).collect::<Vec<_>>();
+        if !a.json && !a.no_fio {
+            for (i, r) in rounds.iter().enumerate() {
+                println!(
+                    "  {} KiB round {}: write kvd {:.2} fio {:.2} ({:.2}x)   read kvd {:.2} fio {:.2} ({:.2}x)",
+                    size / 1024,
+                    i + 1,
+                    r[0],
+                    r[2],
+                    r[0] / r[2],
+                    r[1],
+                    r[3],
+                    r[1] / r[3]
+                );
+            }
+        }
+        let (best_w, best_r, fio_w, fio_r) = (
+            median(col(0)),
+            median(col(1)),
+            median(col(2)),
+            median(col(3)),
+        );
+        let (ratio_w, ratio_r) = (median(ratios(0, 2)), median(ratios(1, 3)));
+        std::fs::remove_file(&fio_file).ok();
+        read_lat.sort_unstable();
+        let fio_ref = |v: f64| (!a.no_fio).then_some(v);
+        for (op, best, fio_best, ratio, lat) in [
+            ("write", best_w, fio_w, ratio_w, Vec::new()),
+            ("read", best_r, fio_r, ratio_r, read_lat),
+        ] {
+            emit(
+                a.json,
+                &Record {
+                    tier: "disk",
+                    op,
+                    size_bytes: size as u64,
+                    gbps: Some(best),
+                    p50_us: percentile_us(&lat, 50.0),
+                    p99_us: percentile_us(&lat, 99.0),
+                    memcpy_gbps: None,
+                    fio_gbps: fio_ref(fio_best),
+                    queue_depth: Some(a.qd),
+                    ratio: fio_ref(ratio),
+                    ops: n as u64 * u64::from(a.rounds),
+                },
+            )?;
+        }
+        client.delete(&ns.id, &keys)?;
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Dram(a) => dram(a),
+        Cmd::Disk(a) => disk(a),
     }
 }

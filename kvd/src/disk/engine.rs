@@ -152,20 +152,23 @@ impl IoOp {
     }
 }
 
-/// Why an operation was not accepted.
+/// The engine has stopped (shutdown or a fatal ring error); the operations' callbacks were
+/// called with an error.
 #[derive(Debug, thiserror::Error)]
-pub enum SubmitError {
-    /// The engine stopped (shutdown or a fatal ring error).
-    #[error("the IO engine has stopped")]
-    Stopped(Box<IoOp>),
-}
+#[error("the IO engine has stopped")]
+pub struct Stopped;
 
 /// A block IO engine.
 pub trait IoEngine: Send + Sync {
     /// Engine name for logs and status (`io_uring` or `psync`).
     fn name(&self) -> &'static str;
-    /// Queues an operation, waiting while the queue is full.
-    fn submit(&self, op: IoOp) -> Result<(), SubmitError>;
+    /// Queues operations, in order, waiting while the queue is full. Handing over a batch at
+    /// once lets the engine put all of it in flight together.
+    fn submit_many(&self, ops: Vec<IoOp>) -> Result<(), Stopped>;
+    /// Queues one operation.
+    fn submit(&self, op: IoOp) -> Result<(), Stopped> {
+        self.submit_many(vec![op])
+    }
 }
 
 fn short(kind: IoKind, got: usize, want: usize) -> io::Error {
@@ -175,14 +178,20 @@ fn short(kind: IoKind, got: usize, want: usize) -> io::Error {
     )
 }
 
-fn send(tx: &Mutex<Option<SyncSender<IoOp>>>, op: IoOp) -> Result<(), SubmitError> {
+fn stopped() -> io::Error {
+    io::Error::other("the IO engine has stopped")
+}
+
+/// Sends `msg` on a bounded queue, waiting while it is full; gives it back when the queue is
+/// closed.
+fn send<T>(tx: &Mutex<Option<SyncSender<T>>>, msg: T) -> Result<(), T> {
     let Some(tx) = tx.lock().clone() else {
-        return Err(SubmitError::Stopped(Box::new(op)));
+        return Err(msg);
     };
-    match tx.try_send(op) {
+    match tx.try_send(msg) {
         Ok(()) => Ok(()),
-        Err(TrySendError::Full(op)) => tx.send(op).map_err(|e| SubmitError::Stopped(Box::new(e.0))),
-        Err(TrySendError::Disconnected(op)) => Err(SubmitError::Stopped(Box::new(op))),
+        Err(TrySendError::Full(m)) => tx.send(m).map_err(|e| e.0),
+        Err(TrySendError::Disconnected(m)) => Err(m),
     }
 }
 
@@ -239,8 +248,16 @@ impl IoEngine for PsyncEngine {
     fn name(&self) -> &'static str {
         "psync"
     }
-    fn submit(&self, op: IoOp) -> Result<(), SubmitError> {
-        send(&self.tx, op)
+    fn submit_many(&self, ops: Vec<IoOp>) -> Result<(), Stopped> {
+        let mut ops = ops.into_iter();
+        while let Some(op) = ops.next() {
+            if let Err(op) = send(&self.tx, op) {
+                op.finish(Err(stopped()));
+                ops.for_each(|o| o.finish(Err(stopped())));
+                return Err(Stopped);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -255,7 +272,7 @@ impl Drop for PsyncEngine {
 
 /// io_uring engine: one ring on one thread, at most `depth` operations in flight.
 pub struct UringEngine {
-    tx: Mutex<Option<SyncSender<IoOp>>>,
+    tx: Mutex<Option<SyncSender<Vec<IoOp>>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -265,7 +282,7 @@ impl UringEngine {
     pub fn start(depth: u32) -> io::Result<UringEngine> {
         let depth = depth.clamp(1, 4096);
         let ring = io_uring::IoUring::new(depth.next_power_of_two())?;
-        let (tx, rx) = sync_channel::<IoOp>(depth as usize * 4);
+        let (tx, rx) = sync_channel::<Vec<IoOp>>(depth as usize * 4);
         let thread = std::thread::Builder::new()
             .name("kvd-io-uring".into())
             .spawn(move || uring_loop(ring, rx, depth as usize))?;
@@ -276,40 +293,42 @@ impl UringEngine {
     }
 }
 
-fn uring_loop(mut ring: io_uring::IoUring, rx: Receiver<IoOp>, depth: usize) {
+fn uring_loop(mut ring: io_uring::IoUring, rx: Receiver<Vec<IoOp>>, depth: usize) {
     use io_uring::{opcode, types};
     let mut slots: Vec<Option<IoOp>> = (0..depth).map(|_| None).collect();
     let mut free: Vec<usize> = (0..depth).rev().collect();
+    let mut backlog: std::collections::VecDeque<IoOp> = std::collections::VecDeque::new();
     let mut inflight = 0usize;
     let mut open = true;
     loop {
         // Take new operations while there is room; block only when nothing is in flight.
-        while open && !free.is_empty() {
-            let op = if inflight == 0 {
-                match rx.recv() {
-                    Ok(op) => op,
-                    Err(_) => {
-                        open = false;
-                        break;
+        while !free.is_empty() {
+            if backlog.is_empty() && open {
+                let got = if inflight == 0 {
+                    rx.recv().ok()
+                } else {
+                    match rx.try_recv() {
+                        Ok(v) => Some(v),
+                        Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                        Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
                     }
+                };
+                match got {
+                    Some(v) => backlog.extend(v),
+                    None => open = false,
                 }
-            } else {
-                match rx.try_recv() {
-                    Ok(op) => op,
-                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                    Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                        open = false;
-                        break;
-                    }
-                }
-            };
+            }
+            let Some(op) = backlog.pop_front() else { break };
             let (ptr, len) = op.buf.raw();
             let Ok(len32) = u32::try_from(len) else {
                 op.finish(Err(io::Error::other("IO larger than 4 GiB")));
                 continue;
             };
             let fd = types::Fd(op.file.as_raw_fd());
-            let Some(slot) = free.pop() else { break };
+            let Some(slot) = free.pop() else {
+                backlog.push_front(op);
+                break;
+            };
             let entry = match op.kind {
                 IoKind::Read => opcode::Read::new(fd, ptr, len32).offset(op.offset).build(),
                 IoKind::Write => opcode::Write::new(fd, ptr, len32).offset(op.offset).build(),
@@ -330,7 +349,7 @@ fn uring_loop(mut ring: io_uring::IoUring, rx: Receiver<IoOp>, depth: usize) {
             inflight += 1;
         }
         if inflight == 0 {
-            if !open {
+            if !open && backlog.is_empty() {
                 return;
             }
             continue;
@@ -344,6 +363,10 @@ fn uring_loop(mut ring: io_uring::IoUring, rx: Receiver<IoOp>, depth: usize) {
                 if let Some(op) = s.take() {
                     op.finish(Err(io::Error::new(e.kind(), e.to_string())));
                 }
+            }
+            backlog.drain(..).for_each(|op| op.finish(Err(stopped())));
+            while let Ok(v) = rx.try_recv() {
+                v.into_iter().for_each(|op| op.finish(Err(stopped())));
             }
             return;
         }
@@ -375,8 +398,14 @@ impl IoEngine for UringEngine {
     fn name(&self) -> &'static str {
         "io_uring"
     }
-    fn submit(&self, op: IoOp) -> Result<(), SubmitError> {
-        send(&self.tx, op)
+    fn submit_many(&self, ops: Vec<IoOp>) -> Result<(), Stopped> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        send(&self.tx, ops).map_err(|ops| {
+            ops.into_iter().for_each(|o| o.finish(Err(stopped())));
+            Stopped
+        })
     }
 }
 
@@ -407,9 +436,8 @@ pub fn run_sync(
             let _ = tx.send((b, r));
         }),
     };
-    engine
-        .submit(op)
-        .map_err(|e| io::Error::other(e.to_string()))?;
+    // On failure the callback already delivered the error.
+    let _ = engine.submit(op);
     let (b, r) = rx
         .recv()
         .map_err(|_| io::Error::other("the IO engine dropped an operation"))?;

@@ -249,6 +249,14 @@ fn open_region(path: &Path, direct: bool) -> io::Result<File> {
     o.open(path)
 }
 
+/// Whether files in `dir` can be opened with O_DIRECT.
+fn probe_direct(dir: &Path) -> bool {
+    let p = dir.join(".direct-probe");
+    let ok = open_region(&p, true).is_ok();
+    let _ = std::fs::remove_file(&p);
+    ok
+}
+
 fn preallocate(f: &File, len: u64) -> io::Result<()> {
     let Ok(l) = libc::off_t::try_from(len) else {
         return Err(io::Error::other("region too large"));
@@ -288,23 +296,31 @@ impl DiskTier {
         };
         let (catalog, meta) = Catalog::open(&root.join("catalog"), fresh)?;
 
-        let engine: Box<dyn IoEngine> = match cfg.engine {
+        let mut direct = cfg.direct_io && probe_direct(&regions_dir);
+        let mut kind = cfg.engine;
+        if cfg.direct_io && !direct {
+            tracing::warn!(
+                path = %regions_dir.display(),
+                "the filesystem refuses O_DIRECT; the disk tier uses psync through the page cache"
+            );
+            kind = DiskEngine::Psync;
+        }
+        let psync = || {
+            PsyncEngine::start(cfg.io_depth)
+                .map(|e| Box::new(e) as Box<dyn IoEngine>)
+                .map_err(setup("start IO threads for", &root))
+        };
+        let engine: Box<dyn IoEngine> = match kind {
             DiskEngine::IoUring => match UringEngine::start(cfg.io_depth) {
                 Ok(e) => Box::new(e),
                 Err(e) => {
                     tracing::warn!(error = %e, "io_uring is unavailable; the disk tier uses psync");
-                    Box::new(
-                        PsyncEngine::start(cfg.io_depth)
-                            .map_err(setup("start IO threads for", &root))?,
-                    )
+                    psync()?
                 }
             },
-            DiskEngine::Psync => Box::new(
-                PsyncEngine::start(cfg.io_depth).map_err(setup("start IO threads for", &root))?,
-            ),
+            DiskEngine::Psync => psync()?,
         };
 
-        let mut direct = cfg.direct_io;
         let mut regions = Vec::new();
         let mut degraded = None;
         for i in 0..want {
@@ -503,6 +519,9 @@ impl DiskTier {
 
     /// Records a sighting of a block for the admission filter.
     pub fn record_sighting(&self, ns: &NamespaceId, key: &BlockKey) {
+        if self.cfg.admission == admission::AdmissionPolicy::Always {
+            return;
+        }
         self.admission.lock().record(ns, key);
     }
 
