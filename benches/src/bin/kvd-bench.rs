@@ -639,7 +639,8 @@ fn disk(a: DiskArgs) -> anyhow::Result<()> {
                 client.drain(Some(ns.id))?;
                 loop {
                     let d = client.stats()?.disk.context("no disk tier")?;
-                    if d.writes - before >= n as u64 {
+                    // Written, and released by the demoter (so the evict below empties DRAM).
+                    if d.writes - before >= n as u64 && d.drain_pending == 0 {
                         break;
                     }
                     if !d.degraded.is_empty() {

@@ -33,12 +33,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hashbrown::HashMap;
 use kvd_proto::frame::DiskReport;
 use kvd_proto::{BlockKey, NamespaceId};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::config::{DiskConfig, DiskEngine, ReclaimPolicy};
 use admission::Admission;
 use catalog::{Catalog, CatalogError};
-use engine::{run_sync, IoBuf, IoEngine, IoKind, PsyncEngine, UringEngine};
+use engine::{run_sync, IoBuf, IoEngine, IoKind, IoOp, PsyncEngine, UringEngine};
 use format::{align_up, BlockRecord, CatalogMeta, RegionHeader, FORMAT_VERSION, HEADER_BYTES};
 
 /// How long writes pause after an IO error before the tier tries again.
@@ -85,9 +85,22 @@ struct Loc {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RegionState {
     Free,
+    /// Its header is being written; it becomes active when the active region fills.
+    Preparing,
     Active,
     Sealed,
     Failed,
+}
+
+/// Outcome of a region header write, filled in by the IO callback.
+type HeaderDone = Arc<(Mutex<Option<io::Result<()>>>, Condvar)>;
+
+/// A region started ahead of need.
+struct Prepared {
+    region: usize,
+    seq: u64,
+    created_unix_ms: u64,
+    done: HeaderDone,
 }
 
 #[derive(Debug)]
@@ -137,6 +150,7 @@ struct State {
     used_bytes: u64,
     degraded: Option<String>,
     retry_at: Option<Instant>,
+    next: Option<Prepared>,
 }
 
 /// A read the caller is about to do: the block's place and checksum. Hand it back with
@@ -499,6 +513,7 @@ impl DiskTier {
                 used_bytes: used,
                 degraded,
                 retry_at: None,
+                next: None,
             }),
             admission: Mutex::new(admission),
             counters,
@@ -676,59 +691,127 @@ impl DiskTier {
                     let offset = r.head;
                     r.head += need;
                     r.writes += 1;
-                    return Ok(WriteTicket {
+                    let half_full = r.head > region_bytes / 2;
+                    let t = WriteTicket {
                         file: r.file.clone(),
                         region: a,
                         seq: r.seq,
                         offset,
-                    });
+                    };
+                    // Past half of the active region, start the next one (its header write
+                    // then has half a region's time to finish).
+                    if s.next.is_none() && half_full {
+                        self.prepare_next(&mut s, reclaimed);
+                    }
+                    return Ok(t);
                 }
                 r.state = RegionState::Sealed;
                 s.active = None;
             }
-            let next = match s.regions.iter().position(|r| r.state == RegionState::Free) {
-                Some(i) => i,
-                None => match self.victim(&s) {
-                    Some(v) => {
-                        self.reclaim_locked(&mut s, v, reclaimed).map_err(|e| {
-                            self.degrade(&mut s, format!("cannot reclaim region {v}: {e}"));
-                            WriteSkip::Degraded
-                        })?;
-                        v
-                    }
+            let p = match s.next.take() {
+                Some(p) => p,
+                None => match self.pick_region(&mut s, reclaimed)? {
+                    Some(i) => self.start_region(&mut s, i),
                     None => return Err(WriteSkip::Busy),
                 },
             };
-            let seq = s.next_seq;
-            s.next_seq += 1;
-            let h = RegionHeader {
-                region: next as u32,
-                seq,
-                region_bytes,
-                instance: self.instance,
-                created_unix_ms: unix_ms(),
-            };
-            let mut buf = IoBuf::aligned(HEADER_BYTES as usize);
-            buf.as_mut_slice().copy_from_slice(&h.encode());
-            let file = s.regions[next].file.clone();
-            if let Err(e) = run_sync(self.engine.as_ref(), IoKind::Write, file, 0, buf) {
-                s.regions[next].state = RegionState::Failed;
-                self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
-                self.degrade(
-                    &mut s,
-                    format!("cannot write the header of region {next}: {e}"),
-                );
-                return Err(WriteSkip::Degraded);
-            }
-            let r = &mut s.regions[next];
-            r.seq = seq;
-            r.state = RegionState::Active;
-            r.head = HEADER_BYTES;
-            r.live_blocks = 0;
-            r.live_bytes = 0;
-            r.last_access_ms = h.created_unix_ms;
-            s.active = Some(next as u32);
+            self.activate(&mut s, p)?;
         }
+    }
+
+    /// A region to write next: a free one, or a reclaimed victim; `None` when every region is
+    /// busy.
+    fn pick_region(
+        &self,
+        s: &mut State,
+        reclaimed: &mut Vec<(NamespaceId, BlockKey)>,
+    ) -> Result<Option<usize>, WriteSkip> {
+        if let Some(i) = s.regions.iter().position(|r| r.state == RegionState::Free) {
+            return Ok(Some(i));
+        }
+        let Some(v) = self.victim(s) else {
+            return Ok(None);
+        };
+        self.reclaim_locked(s, v, reclaimed).map_err(|e| {
+            self.degrade(s, format!("cannot reclaim region {v}: {e}"));
+            WriteSkip::Degraded
+        })?;
+        Ok(Some(v))
+    }
+
+    /// Starts the next region ahead of need, so its header write is long done when the
+    /// active region fills (a synchronous header write would stall a full IO queue).
+    fn prepare_next(&self, s: &mut State, reclaimed: &mut Vec<(NamespaceId, BlockKey)>) {
+        if let Ok(Some(i)) = self.pick_region(s, reclaimed) {
+            let p = self.start_region(s, i);
+            s.next = Some(p);
+        }
+    }
+
+    /// Gives region `i` a new generation and writes its header in the background.
+    fn start_region(&self, s: &mut State, i: usize) -> Prepared {
+        let seq = s.next_seq;
+        s.next_seq += 1;
+        let h = RegionHeader {
+            region: i as u32,
+            seq,
+            region_bytes: self.cfg.region_bytes.0,
+            instance: self.instance,
+            created_unix_ms: unix_ms(),
+        };
+        let mut buf = IoBuf::aligned(HEADER_BYTES as usize);
+        buf.as_mut_slice().copy_from_slice(&h.encode());
+        s.regions[i].state = RegionState::Preparing;
+        let done: HeaderDone = Arc::new((Mutex::new(None), Condvar::new()));
+        let d2 = done.clone();
+        let op = IoOp {
+            kind: IoKind::Write,
+            file: s.regions[i].file.clone(),
+            offset: 0,
+            buf,
+            done: Box::new(move |_b, r| {
+                *d2.0.lock() = Some(r);
+                d2.1.notify_all();
+            }),
+        };
+        // On failure the callback records the error.
+        let _ = self.engine.submit(op);
+        Prepared {
+            region: i,
+            seq,
+            created_unix_ms: h.created_unix_ms,
+            done,
+        }
+    }
+
+    /// Waits for a started region's header and makes it the active region.
+    fn activate(&self, s: &mut State, p: Prepared) -> Result<(), WriteSkip> {
+        let r = {
+            let mut g = p.done.0.lock();
+            while g.is_none() {
+                p.done.1.wait(&mut g);
+            }
+            g.take()
+                .unwrap_or_else(|| Err(io::Error::other("header write lost")))
+        };
+        if let Err(e) = r {
+            s.regions[p.region].state = RegionState::Failed;
+            self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
+            self.degrade(
+                s,
+                format!("cannot write the header of region {}: {e}", p.region),
+            );
+            return Err(WriteSkip::Degraded);
+        }
+        let r = &mut s.regions[p.region];
+        r.seq = p.seq;
+        r.state = RegionState::Active;
+        r.head = HEADER_BYTES;
+        r.live_blocks = 0;
+        r.live_bytes = 0;
+        r.last_access_ms = p.created_unix_ms;
+        s.active = Some(p.region as u32);
+        Ok(())
     }
 
     fn victim(&self, s: &State) -> Option<usize> {
@@ -1074,15 +1157,18 @@ mod tests {
             {
                 let t = DiskTier::open(&c).unwrap();
                 // 64 KiB regions hold 3 blocks of 20000 bytes (5 pages each) after the header.
-                for i in 0..9 {
-                    assert!(
-                        write(&t, i, 20_000).is_empty(),
-                        "no reclaim while regions are free"
-                    );
+                // The next region is started once the active one is half full, so the oldest
+                // region is reclaimed while the last one fills.
+                for i in 0..7 {
+                    let gone = write(&t, i, 20_000);
+                    assert!(gone.is_empty(), "block {i}: reclaim while regions are free");
                 }
-                let gone = write(&t, 9, 20_000);
-                assert_eq!(gone.len(), 3, "the oldest region's 3 blocks: {gone:?}");
-                assert!(gone.contains(&(NS, key(0))));
+                let mut gone = Vec::new();
+                for i in 7..10 {
+                    gone.extend(write(&t, i, 20_000));
+                }
+                gone.sort();
+                assert_eq!(gone, vec![(NS, key(0)), (NS, key(1)), (NS, key(2))]);
                 assert!(read(&t, 0).is_none());
                 assert_eq!(read(&t, 9), Some(vec![9; 20_000]));
                 let r = t.report();
