@@ -144,6 +144,22 @@ impl Daemon {
         let _ = self.child.wait();
     }
 
+    /// Runs `kvd-ctl --socket <this daemon> ARGS`, asserts it succeeded, returns its stdout.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let out = Command::new(bin("kvd-ctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run kvd-ctl");
+        assert!(
+            out.status.success(),
+            "kvd-ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("kvd-ctl prints UTF-8")
+    }
+
     /// The log lines so far, joined (for failure messages).
     pub fn log_text(&self) -> String {
         self.log.lock().expect("log").join("\n")

@@ -303,20 +303,7 @@ fn kvd_ctl_commands_in_json_and_tables() {
     let ns = c.open_namespace(&test_namespace("ctl")).expect("open");
     c.put(&ns, &key(1), &[7u8; 10_000]).expect("put");
     c.put(&ns, &key(2), &[8u8; 10_000]).expect("put");
-    let ctl = |args: &[&str]| {
-        let out = Command::new(bin("kvd-ctl"))
-            .arg("--socket")
-            .arg(&d.socket)
-            .args(args)
-            .output()
-            .expect("run kvd-ctl");
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf8")
-    };
+    let ctl = |args: &[&str]| d.ctl(args);
     let json = |args: &[&str]| -> serde_json::Value {
         let mut a = args.to_vec();
         a.push("--json");

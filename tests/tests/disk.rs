@@ -355,20 +355,7 @@ fn kvd_ctl_drains_with_progress_and_shows_the_disk_tier() {
     let ns = c.open_namespace(&test_namespace("ctl")).expect("open");
     put_range(&c, &ns, 0..16);
     c.flush().expect("flush");
-    let ctl = |args: &[&str]| {
-        let out = Command::new(bin("kvd-ctl"))
-            .arg("--socket")
-            .arg(&d.socket)
-            .args(args)
-            .output()
-            .expect("run kvd-ctl");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let ctl = |args: &[&str]| d.ctl(args);
     let v: serde_json::Value = serde_json::from_str(&ctl(&["drain", "--json"])).expect("json");
     assert_eq!(v["drained"], 16, "{v}");
     let s: serde_json::Value = serde_json::from_str(&ctl(&["status", "--json"])).expect("json");

@@ -59,6 +59,10 @@ struct DiskArgs {
     /// kvd's disk IO engine (io_uring or psync).
     #[arg(long, default_value = "io_uring")]
     engine: String,
+    /// GETs per batch of each of the 4 reader connections (default: qd / 4, so that at most
+    /// qd reads are outstanding; kvd never has more than qd disk IOs in flight either way).
+    #[arg(long)]
+    batch: Option<usize>,
     /// Skip fio (no ratio is reported).
     #[arg(long)]
     no_fio: bool,
@@ -108,6 +112,16 @@ fn parse_size(s: &str) -> anyhow::Result<usize> {
         other => bail!("unknown unit {other:?} in {s:?}"),
     };
     Ok(n * m)
+}
+
+/// Block sizes, bytes per size and round, and the largest size.
+fn parse_sizes(sizes: &[String], total: &str) -> anyhow::Result<(Vec<usize>, usize, usize)> {
+    let sizes = sizes
+        .iter()
+        .map(|s| parse_size(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let max = sizes.iter().copied().max().unwrap_or(1 << 20);
+    Ok((sizes, parse_size(total)?, max))
 }
 
 struct Spawned {
@@ -282,13 +296,7 @@ fn latency_record(op: &'static str, size_bytes: u64, sorted_ns: &[u64]) -> Recor
 }
 
 fn dram(a: DramArgs) -> anyhow::Result<()> {
-    let sizes = a
-        .sizes
-        .iter()
-        .map(|s| parse_size(s))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let total = parse_size(&a.total)?;
-    let max = sizes.iter().copied().max().unwrap_or(1 << 20);
+    let (sizes, total, max) = parse_sizes(&a.sizes, &a.total)?;
     let (_daemon, socket) = if a.spawn {
         // Room for one full round of the largest footprint plus allocator slack.
         let arena = total + total / 2 + 4 * max + (8 << 20);
@@ -514,13 +522,7 @@ fn fio(
 }
 
 fn disk(a: DiskArgs) -> anyhow::Result<()> {
-    let sizes = a
-        .sizes
-        .iter()
-        .map(|s| parse_size(s))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let total = parse_size(&a.total)?;
-    let max = sizes.iter().copied().max().unwrap_or(1 << 20);
+    let (sizes, total, max) = parse_sizes(&a.sizes, &a.total)?;
     let work = a.dir.join(format!("kvd-bench-disk-{}", std::process::id()));
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     struct Cleanup(PathBuf);
@@ -576,7 +578,7 @@ fn disk(a: DiskArgs) -> anyhow::Result<()> {
     // while one batch finishes its last reads the others keep the disk busy: together they
     // hold up to qd reads in flight, as fio's iodepth does.
     let conns = a.qd.clamp(1, 4) as usize;
-    let per_conn = (a.qd as usize / conns).max(1);
+    let per_conn = a.batch.unwrap_or(a.qd as usize / conns).max(1);
     let readers: Vec<(Client, kvd_client::Namespace)> = (0..conns)
         .map(|i| -> anyhow::Result<_> {
             let c = Client::connect_with(

@@ -457,19 +457,23 @@ mod tests {
         v
     }
 
+    fn scratch(dir: &std::path::Path) -> Arc<File> {
+        Arc::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.join("f"))
+                .unwrap(),
+        )
+    }
+
     #[test]
     fn write_then_read_back_through_each_engine() {
         for e in engines() {
             let dir = tempfile::tempdir().unwrap();
-            let f = Arc::new(
-                std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(dir.path().join("f"))
-                    .unwrap(),
-            );
+            let f = scratch(dir.path());
             let mut w = IoBuf::aligned(8192);
             for (i, b) in w.as_mut_slice().iter_mut().enumerate() {
                 *b = (i % 251) as u8;
@@ -495,15 +499,7 @@ mod tests {
     fn many_ops_in_flight_all_complete() {
         for e in engines() {
             let dir = tempfile::tempdir().unwrap();
-            let f = Arc::new(
-                std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(dir.path().join("f"))
-                    .unwrap(),
-            );
+            let f = scratch(dir.path());
             let (tx, rx) = std::sync::mpsc::channel();
             for i in 0..100u64 {
                 let mut b = IoBuf::aligned(4096);

@@ -114,6 +114,9 @@ struct Region {
     last_access_ms: u64,
     reads: u32,
     writes: u32,
+    /// Header write of this generation, until its outcome has been checked: no block of the
+    /// region is cataloged before its header is known to be on disk.
+    header: Option<HeaderDone>,
 }
 
 #[derive(Debug, Default)]
@@ -382,6 +385,7 @@ impl DiskTier {
                 last_access_ms: 0,
                 reads: 0,
                 writes: 0,
+                header: None,
             });
         }
 
@@ -762,6 +766,7 @@ impl DiskTier {
         let mut buf = IoBuf::aligned(HEADER_BYTES as usize);
         buf.as_mut_slice().copy_from_slice(&h.encode());
         s.regions[i].state = RegionState::Preparing;
+        s.regions[i].header = None;
         let done: HeaderDone = Arc::new((Mutex::new(None), Condvar::new()));
         let d2 = done.clone();
         let op = IoOp {
@@ -786,21 +791,17 @@ impl DiskTier {
 
     /// Waits for a started region's header and makes it the active region.
     fn activate(&self, s: &mut State, p: Prepared) -> Result<(), WriteSkip> {
-        let r = {
-            let mut g = p.done.0.lock();
-            while g.is_none() {
-                p.done.1.wait(&mut g);
-            }
-            g.take()
-                .unwrap_or_else(|| Err(io::Error::other("header write lost")))
-        };
-        if let Err(e) = r {
-            s.regions[p.region].state = RegionState::Failed;
-            self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
-            self.degrade(
-                s,
-                format!("cannot write the header of region {}: {e}", p.region),
-            );
+        // A header already known to have failed stops here; one still in flight is checked
+        // by end_writes before any block of the region is cataloged, so data writes need not
+        // wait for it (waiting would drain a full IO queue at every region switch).
+        let failed = p
+            .done
+            .0
+            .lock()
+            .as_ref()
+            .and_then(|r| r.as_ref().err().map(|e| e.to_string()));
+        if let Some(e) = failed {
+            self.header_failed(s, p.region, &e);
             return Err(WriteSkip::Degraded);
         }
         let r = &mut s.regions[p.region];
@@ -810,8 +811,48 @@ impl DiskTier {
         r.live_blocks = 0;
         r.live_bytes = 0;
         r.last_access_ms = p.created_unix_ms;
+        r.header = Some(p.done);
         s.active = Some(p.region as u32);
         Ok(())
+    }
+
+    fn header_failed(&self, s: &mut State, region: usize, e: &str) {
+        s.regions[region].state = RegionState::Failed;
+        s.regions[region].header = None;
+        if s.active == Some(region as u32) {
+            s.active = None;
+        }
+        self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
+        self.degrade(
+            s,
+            format!("cannot write the header of region {region}: {e}"),
+        );
+    }
+
+    /// Waits for a region's pending header write; true when it is on disk.
+    fn header_ok(&self, s: &mut State, region: usize) -> bool {
+        let Some(done) = s.regions[region].header.clone() else {
+            return s.regions[region].state != RegionState::Failed;
+        };
+        let r = {
+            let mut g = done.0.lock();
+            while g.is_none() {
+                done.1.wait(&mut g);
+            }
+            g.as_ref()
+                .map(|r| r.as_ref().map(|_| ()).map_err(|e| e.to_string()))
+                .unwrap_or(Ok(()))
+        };
+        match r {
+            Ok(()) => {
+                s.regions[region].header = None;
+                true
+            }
+            Err(e) => {
+                self.header_failed(s, region, &e);
+                false
+            }
+        }
     }
 
     fn victim(&self, s: &State) -> Option<usize> {
@@ -890,9 +931,11 @@ impl DiskTier {
             match r {
                 Ok(()) => {
                     // A region reclaimed while the write was in flight cannot be (reclaim
-                    // skips regions with writes), but check the generation anyway.
+                    // skips regions with writes), but check the generation anyway; and the
+                    // region's header must be on disk before anything in it is cataloged.
                     if s.regions[t.region as usize].seq != t.seq
                         || s.index.contains_key(&(*ns, *key))
+                        || !self.header_ok(&mut s, t.region as usize)
                     {
                         continue;
                     }
