@@ -154,6 +154,10 @@ fn demote(
     loop {
         let mut outcomes: Vec<(u32, DemotionOutcome)> = Vec::new();
         let mut ops = Vec::new();
+        if d.is_shutting_down() {
+            // Finish what is in flight, start nothing new.
+            exhausted = true;
+        }
         if !exhausted && in_flight < depth && handled + in_flight < BLOCKS_PER_PASS {
             let want = (depth - in_flight).min(BLOCKS_PER_PASS - handled - in_flight);
             let cands = more(&mut ns.store.lock(), want);

@@ -333,11 +333,10 @@ impl Session {
                 }
                 return Some(c);
             }
-            Err(e) => {
+            Err(_) => {
+                // No DRAM slot to read into (everything is pinned or being read): a miss, so
+                // the engine recomputes rather than failing the request.
                 disk.end_read(&ns.id, &sub.key, &ticket, ReadOutcome::Abandoned);
-                if e == ReserveError::CacheFull {
-                    c.status = Status::CacheFull as u16;
-                }
                 return Some(c);
             }
         };

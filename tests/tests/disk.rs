@@ -478,3 +478,37 @@ fn a_disk_too_small_for_its_regions_starts_degraded_and_serves() {
     drop(c);
     drop(d);
 }
+
+#[test]
+fn sigterm_during_a_drain_shuts_down_cleanly_and_keeps_what_was_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sets = disk_sets(dir.path());
+    sets.push("disk.demote_watermark=1.0".into());
+    let mut d = start(&sets);
+    {
+        let c = d.admin();
+        let ns = c.open_namespace(&test_namespace("term")).expect("open");
+        put_range(&c, &ns, 0..150);
+        c.drain(None).expect("drain");
+        wait_for(
+            "the drain to start writing",
+            Duration::from_secs(30),
+            || (disk_blocks(&c) > 0).then_some(()),
+        );
+    }
+    let status = d.terminate(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        d.log_text()
+    );
+    let d = start(&sets);
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("term")).expect("open");
+    let served = (0..150).filter(|&i| check(&c, &ns, i)).count();
+    eprintln!("{served} of 150 blocks were on disk when the daemon stopped");
+    let disk = c.stats().expect("stats").disk.expect("disk");
+    assert_eq!(disk.checksum_failures, 0);
+    assert_eq!(served as u64, disk.hits);
+    assert!(served > 0, "blocks written before SIGTERM survive it");
+}

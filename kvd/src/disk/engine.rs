@@ -22,7 +22,8 @@ use super::format::ALIGN;
 
 /// Memory an IO reads into or writes from.
 pub struct IoBuf {
-    keep: Option<Arc<dyn Send + Sync>>,
+    /// Keeps the memory behind `ptr` alive (shared memory owned elsewhere); only dropped.
+    _keep: Option<Arc<dyn Send + Sync>>,
     owned: Option<Box<[Page]>>,
     ptr: *mut u8,
     len: usize,
@@ -54,7 +55,7 @@ impl IoBuf {
         let mut owned = vec![Page([0; ALIGN as usize]); pages].into_boxed_slice();
         let ptr = owned.as_mut_ptr().cast::<u8>();
         IoBuf {
-            keep: None,
+            _keep: None,
             owned: Some(owned),
             ptr,
             len: pages * ALIGN as usize,
@@ -68,7 +69,7 @@ impl IoBuf {
     /// may write it while the IO is in flight (for a write) or read or write it (for a read).
     pub unsafe fn from_raw(keep: Arc<dyn Send + Sync>, ptr: *mut u8, len: usize) -> IoBuf {
         IoBuf {
-            keep: Some(keep),
+            _keep: Some(keep),
             owned: None,
             ptr,
             len,
@@ -105,7 +106,6 @@ impl IoBuf {
     }
 
     fn raw(&self) -> (*mut u8, usize) {
-        let _ = &self.keep;
         (self.ptr, self.len)
     }
 }
