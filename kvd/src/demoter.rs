@@ -7,6 +7,7 @@
 //! the chosen namespaces regardless of watermark and admission. Blocks are written straight
 //! from their arena slot; while a write is in flight the block is held like a read lease so
 //! it can be neither evicted nor reused. Up to `disk.io_depth` writes are in flight at once.
+//! Once a second it also persists the access statistics of blocks read from disk.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -63,6 +64,7 @@ pub fn run(daemon: Weak<Daemon>, disk: Arc<DiskTier>, drains: Arc<Mutex<DrainSet
         }
         if last_rates.elapsed() >= Duration::from_secs(1) {
             disk.sample_rates();
+            disk.flush_touches();
             last_rates = Instant::now();
         }
         let mut worked = false;

@@ -59,8 +59,9 @@ struct DiskArgs {
     /// kvd's disk IO engine (io_uring or psync).
     #[arg(long, default_value = "io_uring")]
     engine: String,
-    /// GETs per batch of each of the 4 reader connections (default: qd / 4, so that at most
-    /// qd reads are outstanding; kvd never has more than qd disk IOs in flight either way).
+    /// GETs per batch of each of the 4 reader connections (default: qd). kvd never has more
+    /// than qd (disk.io_depth) disk IOs in flight, the device queue depth fio runs with; deeper
+    /// client batches keep that queue full, as an engine loading a long prompt's blocks does.
     #[arg(long)]
     batch: Option<usize>,
     /// Skip fio (no ratio is reported).
@@ -574,11 +575,11 @@ fn disk(a: DiskArgs) -> anyhow::Result<()> {
         );
     }
     let fio_file = work.join("fio.dat");
-    // Reads come from several connections, each with batches of qd / conns GETs, so that
-    // while one batch finishes its last reads the others keep the disk busy: together they
-    // hold up to qd reads in flight, as fio's iodepth does.
+    // Reads come from several connections, each with batches of GETs, so that while one
+    // batch finishes its last reads the others keep the disk busy; kvd's engine holds at most
+    // qd of them in flight at the device, as fio's iodepth does.
     let conns = a.qd.clamp(1, 4) as usize;
-    let per_conn = a.batch.unwrap_or(a.qd as usize / conns).max(1);
+    let per_conn = a.batch.unwrap_or(a.qd as usize).max(1);
     let readers: Vec<(Client, kvd_client::Namespace)> = (0..conns)
         .map(|i| -> anyhow::Result<_> {
             let c = Client::connect_with(

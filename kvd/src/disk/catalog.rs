@@ -132,16 +132,16 @@ impl Catalog {
         self.db.write(b).map_err(io("write of new blocks"))
     }
 
-    /// Updates a block's access statistics.
-    pub fn touch(
+    /// Updates blocks' access statistics (one batch).
+    pub fn touch_many(
         &self,
-        ns: &NamespaceId,
-        key: &BlockKey,
-        rec: &BlockRecord,
+        blocks: &[(NamespaceId, BlockKey, BlockRecord)],
     ) -> Result<(), CatalogError> {
-        self.db
-            .put(block_key(ns, key), rec.encode())
-            .map_err(io("update of access statistics"))
+        let mut b = WriteBatch::default();
+        for (ns, key, rec) in blocks {
+            b.put(block_key(ns, key), rec.encode());
+        }
+        self.db.write(b).map_err(io("update of access statistics"))
     }
 
     /// Removes blocks (one atomic batch).

@@ -41,6 +41,9 @@ use catalog::{Catalog, CatalogError};
 use engine::{run_sync, IoBuf, IoEngine, IoKind, IoOp, PsyncEngine, UringEngine};
 use format::{align_up, BlockRecord, CatalogMeta, RegionHeader, FORMAT_VERSION, HEADER_BYTES};
 
+/// Most disk hits whose access statistics wait to be persisted (beyond, they are dropped).
+const MAX_TOUCHED: usize = 65_536;
+
 /// How long writes pause after an IO error before the tier tries again.
 const WRITE_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -154,6 +157,8 @@ struct State {
     degraded: Option<String>,
     retry_at: Option<Instant>,
     next: Option<Prepared>,
+    /// Blocks read since the last [`DiskTier::flush_touches`].
+    touched: Vec<(NamespaceId, BlockKey)>,
 }
 
 /// A read the caller is about to do: the block's place and checksum. Hand it back with
@@ -518,6 +523,7 @@ impl DiskTier {
                 degraded,
                 retry_at: None,
                 next: None,
+                touched: Vec::new(),
             }),
             admission: Mutex::new(admission),
             counters,
@@ -605,14 +611,13 @@ impl DiskTier {
             ReadOutcome::Verified => {
                 self.counters.hits.fetch_add(1, Ordering::Relaxed);
                 self.counters.read_bytes.fetch_add(t.len, Ordering::Relaxed);
-                let seq = s.regions[t.region as usize].seq;
                 if let Some(l) = s.index.get_mut(&(*ns, *key)).filter(|_| here) {
                     l.hits = l.hits.saturating_add(1);
                     l.last_unix_ms = now;
-                    let rec = record(l, seq);
-                    drop(s);
-                    if let Err(e) = self.catalog.touch(ns, key, &rec) {
-                        tracing::warn!(error = %e, "cannot record a disk hit");
+                    // Persisted later in one batch (flush_touches): access statistics are
+                    // advisory, and a RocksDB write per read would sit on the GET's path.
+                    if s.touched.len() < MAX_TOUCHED {
+                        s.touched.push((*ns, *key));
                     }
                 }
             }
@@ -1049,8 +1054,31 @@ impl DiskTier {
         r.at = Instant::now();
     }
 
+    /// Persists the access statistics of blocks read since the last call (one batch).
+    pub fn flush_touches(&self) {
+        let recs: Vec<(NamespaceId, BlockKey, BlockRecord)> = {
+            let mut s = self.state.lock();
+            let touched = std::mem::take(&mut s.touched);
+            touched
+                .into_iter()
+                .filter_map(|k| {
+                    let l = s.index.get(&k)?;
+                    let seq = s.regions[l.region as usize].seq;
+                    Some((k.0, k.1, record(l, seq)))
+                })
+                .collect()
+        };
+        if recs.is_empty() {
+            return;
+        }
+        if let Err(e) = self.catalog.touch_many(&recs) {
+            tracing::warn!(error = %e, "cannot record disk hits");
+        }
+    }
+
     /// Flushes the catalog's log (clean shutdown).
     pub fn flush(&self) {
+        self.flush_touches();
         if let Err(e) = self.catalog.flush() {
             tracing::warn!(error = %e, "cannot flush the disk catalog");
         }
