@@ -156,6 +156,8 @@ struct State {
     used_bytes: u64,
     degraded: Option<String>,
     retry_at: Option<Instant>,
+    /// Why the tier started with less than its configured capacity (stays reported).
+    reduced: Option<String>,
     next: Option<Prepared>,
     /// Blocks read since the last [`DiskTier::flush_touches`].
     touched: Vec<(NamespaceId, BlockKey)>,
@@ -520,8 +522,9 @@ impl DiskTier {
                 active,
                 next_seq: max_seq + 1,
                 used_bytes: used,
-                degraded,
+                degraded: degraded.clone(),
                 retry_at: None,
+                reduced: degraded,
                 next: None,
                 touched: Vec::new(),
             }),
@@ -1117,7 +1120,11 @@ impl DiskTier {
             io_errors: l(&c.io_errors),
             dropped_at_start: l(&c.dropped_at_start),
             drain_pending: l(&c.drain_pending),
-            degraded: s.degraded.clone().unwrap_or_default(),
+            degraded: s
+                .degraded
+                .clone()
+                .or_else(|| s.reduced.clone())
+                .unwrap_or_default(),
         }
     }
 
