@@ -221,21 +221,15 @@ impl Daemon {
         let on_disk = self
             .disk
             .as_ref()
-            .map(|d| d.presence(&ns.id, keys))
+            .map(|d| d.delete(&ns.id, keys))
             .unwrap_or_default();
-        let n = {
-            let mut st = ns.store.lock();
-            let mut n = 0;
-            for (i, k) in keys.iter().enumerate() {
-                let dram = st.delete(std::slice::from_ref(k)) > 0;
-                if dram || on_disk.get(i).copied().unwrap_or(false) {
-                    n += 1;
-                }
+        let mut st = ns.store.lock();
+        let mut n = 0;
+        for (i, k) in keys.iter().enumerate() {
+            let dram = st.delete(std::slice::from_ref(k)) > 0;
+            if dram || on_disk.get(i).copied().unwrap_or(false) {
+                n += 1;
             }
-            n
-        };
-        if let Some(d) = &self.disk {
-            d.delete(&ns.id, keys);
         }
         n
     }

@@ -85,6 +85,20 @@ struct Loc {
     last_unix_ms: u64,
 }
 
+impl From<&BlockRecord> for Loc {
+    fn from(r: &BlockRecord) -> Loc {
+        Loc {
+            region: r.region,
+            hits: r.hits,
+            offset: r.offset,
+            len: r.len,
+            checksum: r.checksum,
+            stored_unix_ms: r.stored_unix_ms,
+            last_unix_ms: r.last_unix_ms,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RegionState {
     Free,
@@ -113,7 +127,6 @@ struct Region {
     state: RegionState,
     head: u64,
     live_blocks: u64,
-    live_bytes: u64,
     last_access_ms: u64,
     reads: u32,
     writes: u32,
@@ -161,6 +174,31 @@ struct State {
     next: Option<Prepared>,
     /// Blocks read since the last [`DiskTier::flush_touches`].
     touched: Vec<(NamespaceId, BlockKey)>,
+}
+
+impl State {
+    /// Adds a block to the index and the region, namespace and byte counts.
+    fn insert(&mut self, ns: NamespaceId, key: BlockKey, loc: Loc) {
+        self.regions[loc.region as usize].live_blocks += 1;
+        self.used_bytes += align_up(loc.len);
+        *self.per_ns.entry(ns).or_default() += 1;
+        self.index.insert((ns, key), loc);
+    }
+
+    /// Removes a block from the index and the counts; its former place.
+    fn remove(&mut self, k: &(NamespaceId, BlockKey)) -> Option<Loc> {
+        let l = self.index.remove(k)?;
+        let r = &mut self.regions[l.region as usize];
+        r.live_blocks = r.live_blocks.saturating_sub(1);
+        self.used_bytes = self.used_bytes.saturating_sub(align_up(l.len));
+        if let Some(n) = self.per_ns.get_mut(&k.0) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_ns.remove(&k.0);
+            }
+        }
+        Some(l)
+    }
 }
 
 /// A read the caller is about to do: the block's place and checksum. Hand it back with
@@ -320,7 +358,7 @@ impl DiskTier {
         };
         let (catalog, meta) = Catalog::open(&root.join("catalog"), fresh)?;
 
-        let mut direct = cfg.direct_io && probe_direct(&regions_dir);
+        let direct = cfg.direct_io && probe_direct(&regions_dir);
         let mut kind = cfg.engine;
         if cfg.direct_io && !direct {
             tracing::warn!(
@@ -350,15 +388,7 @@ impl DiskTier {
         for i in 0..want {
             let p = regions_dir.join(format!("region-{i:05}.kvd"));
             let existed = p.exists();
-            let f = match open_region(&p, direct) {
-                Ok(f) => f,
-                Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                    tracing::warn!(path = %p.display(), "the filesystem refuses O_DIRECT; the disk tier uses the page cache");
-                    direct = false;
-                    open_region(&p, false).map_err(setup("open region file", &p))?
-                }
-                Err(e) => return Err(setup("open region file", &p)(e)),
-            };
+            let f = open_region(&p, direct).map_err(setup("open region file", &p))?;
             let sized = f
                 .metadata()
                 .map(|m| m.len() >= region_bytes)
@@ -388,7 +418,6 @@ impl DiskTier {
                 state: RegionState::Free,
                 head: HEADER_BYTES,
                 live_blocks: 0,
-                live_bytes: 0,
                 last_access_ms: 0,
                 reads: 0,
                 writes: 0,
@@ -423,39 +452,33 @@ impl DiskTier {
         }
 
         // Catalog → index, dropping whatever does not match the regions.
-        let mut index: HashMap<(NamespaceId, BlockKey), Loc, foldhash::fast::RandomState> =
-            HashMap::default();
-        let mut per_ns: HashMap<NamespaceId, u64, foldhash::fast::RandomState> = HashMap::default();
+        let mut st = State {
+            index: HashMap::default(),
+            per_ns: HashMap::default(),
+            regions,
+            active: None,
+            next_seq: max_seq + 1,
+            used_bytes: 0,
+            degraded: degraded.clone(),
+            retry_at: None,
+            reduced: degraded,
+            next: None,
+            touched: Vec::new(),
+        };
         let mut drop = Vec::new();
-        let mut used = 0;
         catalog.scan_blocks(|ns, key, rec| {
             let ok = rec.as_ref().ok().filter(|r| {
-                (r.region as usize) < regions.len()
+                (r.region as usize) < st.regions.len()
                     && valid[r.region as usize]
-                    && regions[r.region as usize].seq == r.seq
+                    && st.regions[r.region as usize].seq == r.seq
                     && r.fits(region_bytes)
             });
             match ok {
                 Some(r) => {
-                    let reg = &mut regions[r.region as usize];
-                    reg.live_blocks += 1;
-                    reg.live_bytes += align_up(r.len);
+                    let reg = &mut st.regions[r.region as usize];
                     reg.head = reg.head.max(r.offset + align_up(r.len));
                     reg.last_access_ms = reg.last_access_ms.max(r.last_unix_ms);
-                    used += align_up(r.len);
-                    *per_ns.entry(ns).or_default() += 1;
-                    index.insert(
-                        (ns, key),
-                        Loc {
-                            region: r.region,
-                            hits: r.hits,
-                            offset: r.offset,
-                            len: r.len,
-                            checksum: r.checksum,
-                            stored_unix_ms: r.stored_unix_ms,
-                            last_unix_ms: r.last_unix_ms,
-                        },
-                    );
+                    st.insert(ns, key, Loc::from(r));
                 }
                 None => {
                     let (reg, off) = rec.map(|r| (r.region, r.offset)).unwrap_or((u32::MAX, 0));
@@ -466,7 +489,7 @@ impl DiskTier {
         let mut stray = Vec::new();
         catalog.scan_region_index(|r, o, v| {
             let keep = v
-                .and_then(|k| index.get(&k))
+                .and_then(|k| st.index.get(&k))
                 .is_some_and(|l| l.region == r && l.offset == o);
             if !keep {
                 stray.push((r, o));
@@ -481,26 +504,24 @@ impl DiskTier {
         }
         catalog.delete_region_entries(&stray)?;
 
-        let mut active = None;
-        for (i, r) in regions.iter_mut().enumerate() {
+        for (i, r) in st.regions.iter_mut().enumerate() {
             if !valid[i] {
                 continue;
             }
             if r.seq == max_seq && max_seq > 0 {
                 r.state = RegionState::Active;
-                active = Some(i as u32);
+                st.active = Some(i as u32);
             } else if r.live_blocks > 0 {
                 r.state = RegionState::Sealed;
             }
         }
-        let blocks = index.len();
         tracing::info!(
             path = %root.display(),
             engine = engine.name(),
             direct_io = direct,
-            regions = regions.len(),
-            blocks,
-            used_bytes = used,
+            regions = st.regions.len(),
+            blocks = st.index.len(),
+            used_bytes = st.used_bytes,
             "disk tier open"
         );
         let admission = Admission::new(cfg.admission, cfg.admission_min_frequency, 1 << 20);
@@ -515,19 +536,7 @@ impl DiskTier {
             instance: meta.instance,
             direct,
             regions_dir,
-            state: Mutex::new(State {
-                index,
-                per_ns,
-                regions,
-                active,
-                next_seq: max_seq + 1,
-                used_bytes: used,
-                degraded: degraded.clone(),
-                retry_at: None,
-                reduced: degraded,
-                next: None,
-                touched: Vec::new(),
-            }),
+            state: Mutex::new(st),
             admission: Mutex::new(admission),
             counters,
             rates: Mutex::new(Rates {
@@ -562,11 +571,6 @@ impl DiskTier {
                 .fetch_add(1, Ordering::Relaxed);
         }
         ok
-    }
-
-    /// Whether the tier holds a block.
-    pub fn contains(&self, ns: &NamespaceId, key: &BlockKey) -> bool {
-        self.state.lock().index.contains_key(&(*ns, *key))
     }
 
     /// For each key, whether the tier holds it.
@@ -632,7 +636,7 @@ impl DiskTier {
                 tracing::warn!(ns = %ns, key = %key, region = t.region, offset = t.offset,
                     "disk block failed its checksum; dropped (served as a miss)");
                 if here {
-                    self.remove_locked(&mut s, &[(*ns, *key)]);
+                    self.remove_locked(&mut s, ns, std::slice::from_ref(key));
                 }
             }
             ReadOutcome::Failed => {
@@ -645,34 +649,30 @@ impl DiskTier {
         }
     }
 
-    fn remove_locked(&self, s: &mut State, keys: &[(NamespaceId, BlockKey)]) -> u32 {
+    /// Removes blocks of one namespace from the index and the catalog; for each key, whether
+    /// the tier held it.
+    fn remove_locked(&self, s: &mut State, ns: &NamespaceId, keys: &[BlockKey]) -> Vec<bool> {
         let mut gone = Vec::new();
-        for k in keys {
-            if let Some(l) = s.index.remove(k) {
-                let r = &mut s.regions[l.region as usize];
-                r.live_blocks = r.live_blocks.saturating_sub(1);
-                r.live_bytes = r.live_bytes.saturating_sub(align_up(l.len));
-                s.used_bytes = s.used_bytes.saturating_sub(align_up(l.len));
-                if let Some(n) = s.per_ns.get_mut(&k.0) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        s.per_ns.remove(&k.0);
-                    }
+        let held = keys
+            .iter()
+            .map(|k| match s.remove(&(*ns, *k)) {
+                Some(l) => {
+                    gone.push((*ns, *k, l.region, l.offset));
+                    true
                 }
-                gone.push((k.0, k.1, l.region, l.offset));
-            }
-        }
+                None => false,
+            })
+            .collect();
         if let Err(e) = self.catalog.delete_blocks(&gone) {
             tracing::warn!(error = %e, "cannot delete blocks from the disk catalog");
         }
-        gone.len() as u32
+        held
     }
 
-    /// Deletes blocks; returns how many the tier held.
-    pub fn delete(&self, ns: &NamespaceId, keys: &[BlockKey]) -> u32 {
-        let keys: Vec<_> = keys.iter().map(|k| (*ns, *k)).collect();
+    /// Deletes blocks; for each key, whether the tier held it.
+    pub fn delete(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Vec<bool> {
         let mut s = self.state.lock();
-        self.remove_locked(&mut s, &keys)
+        self.remove_locked(&mut s, ns, keys)
     }
 
     /// Grants space for a block of `len` bytes. Blocks of regions reclaimed to make room are
@@ -817,7 +817,6 @@ impl DiskTier {
         r.state = RegionState::Active;
         r.head = HEADER_BYTES;
         r.live_blocks = 0;
-        r.live_bytes = 0;
         r.last_access_ms = p.created_unix_ms;
         r.header = Some(p.done);
         s.active = Some(p.region as u32);
@@ -886,15 +885,7 @@ impl DiskTier {
         let mut n = 0u64;
         for k in &gone {
             if s.index.get(k).is_some_and(|l| l.region as usize == v) {
-                if let Some(l) = s.index.remove(k) {
-                    s.used_bytes = s.used_bytes.saturating_sub(align_up(l.len));
-                }
-                if let Some(c) = s.per_ns.get_mut(&k.0) {
-                    *c = c.saturating_sub(1);
-                    if *c == 0 {
-                        s.per_ns.remove(&k.0);
-                    }
-                }
+                s.remove(k);
                 reclaimed.push(*k);
                 n += 1;
             }
@@ -902,7 +893,6 @@ impl DiskTier {
         let r = &mut s.regions[v];
         r.state = RegionState::Free;
         r.live_blocks = 0;
-        r.live_bytes = 0;
         self.counters.reclaims.fetch_add(1, Ordering::Relaxed);
         self.counters
             .reclaimed_blocks
@@ -981,23 +971,7 @@ impl DiskTier {
             return ok;
         }
         for (i, ns, key, rec) in records {
-            let r = &mut s.regions[rec.region as usize];
-            r.live_blocks += 1;
-            r.live_bytes += align_up(rec.len);
-            s.used_bytes += align_up(rec.len);
-            *s.per_ns.entry(ns).or_default() += 1;
-            s.index.insert(
-                (ns, key),
-                Loc {
-                    region: rec.region,
-                    hits: 0,
-                    offset: rec.offset,
-                    len: rec.len,
-                    checksum: rec.checksum,
-                    stored_unix_ms: now,
-                    last_unix_ms: now,
-                },
-            );
+            s.insert(ns, key, Loc::from(&rec));
             self.counters.writes.fetch_add(1, Ordering::Relaxed);
             self.counters
                 .write_bytes
@@ -1029,11 +1003,6 @@ impl DiskTier {
                 now.saturating_sub(l.last_unix_ms),
             )
         })
-    }
-
-    /// Blocks of one namespace on disk.
-    pub fn blocks_of(&self, ns: &NamespaceId) -> u64 {
-        self.state.lock().per_ns.get(ns).copied().unwrap_or(0)
     }
 
     /// Adjusts the count of blocks queued by a drain.
@@ -1280,7 +1249,7 @@ mod tests {
         assert_eq!(read(&t, 2), Some(vec![2; 5000]), "its neighbour is intact");
         let r = t.report();
         assert_eq!((r.checksum_failures, r.blocks), (1, 1));
-        assert!(!t.contains(&NS, &key(1)), "dropped after the failure");
+        assert!(!t.presence(&NS, &[key(1)])[0], "dropped after the failure");
     }
 
     #[test]
