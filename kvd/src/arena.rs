@@ -5,6 +5,7 @@
 //! when it is first opened. The memfd is what clients receive with `SCM_RIGHTS`.
 
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::time::Instant;
 
 use kvd_proto::arena::{ArenaHeader, ARENA_HEADER_BYTES};
@@ -13,6 +14,7 @@ use kvd_shm::map::{create_memfd, HugePages};
 use kvd_shm::{MapError, Mapping};
 
 use crate::config::{DramConfig, HugePagesMode};
+use crate::disk::engine::{IoEngine, RegisterError, Registered};
 
 /// Why an arena could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +35,9 @@ pub enum ArenaError {
 /// One arena: its memfd and the daemon's mapping of it.
 #[derive(Debug)]
 pub struct Arena {
+    /// Its registration with the disk IO engine, if any; declared first so it is released
+    /// before the mapping goes.
+    io: Option<Arc<Registered>>,
     fd: OwnedFd,
     map: Mapping,
     data_offset: u64,
@@ -79,6 +84,7 @@ impl Arena {
             2 << 20
         };
         Ok(Arena {
+            io: None,
             fd,
             map,
             data_offset,
@@ -111,6 +117,23 @@ impl Arena {
         // SAFETY: the header page is inside the mapping; the arena is bound before any client
         // of this namespace receives it, so nobody else reads it concurrently.
         h.write(unsafe { self.map.slice_mut(0, ARENA_HEADER_BYTES) });
+    }
+
+    /// Registers the whole arena with `engine`, so disk IOs into and out of its slots skip
+    /// per-IO page pinning (see [`Registered`]).
+    pub fn register_io(&mut self, engine: &dyn IoEngine) -> Result<(), RegisterError> {
+        // SAFETY: the mapping is readable and writable and lives as long as `self`; the
+        // registration is kept in `self.io`, dropped before the mapping (field order), and
+        // the clones buffers take are held only while an IO runs, by callers that keep the
+        // arena's namespace (hence the arena) alive meanwhile.
+        let r = unsafe { engine.register(self.map.as_ptr(), self.map.len())? };
+        self.io = Some(r);
+        Ok(())
+    }
+
+    /// The arena's IO registration, for [`IoBuf::with_fixed`](crate::disk::engine::IoBuf::with_fixed).
+    pub fn io_registration(&self) -> Option<&Arc<Registered>> {
+        self.io.as_ref()
     }
 
     /// The memfd to pass to clients.

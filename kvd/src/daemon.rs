@@ -17,6 +17,7 @@ use kvd_proto::frame::{
 use std::thread::JoinHandle;
 
 use crate::demoter::DrainSet;
+use crate::disk::engine::RegisterError;
 use crate::disk::{DiskError, DiskTier};
 use kvd_proto::{BlockKey, NamespaceDesc, NamespaceId, Tier};
 use kvd_shm::ring::RingWaker;
@@ -101,6 +102,38 @@ impl Conn {
     }
 }
 
+/// Registers arenas with the disk tier's IO engine (pinned once, so disk IOs skip pinning
+/// pages each time). Only pre-faulted arenas: registering faults every page in. Where the
+/// engine cannot, IOs take the plain path; that is logged once per process.
+fn register_arenas(cfg: &Config, disk: &DiskTier, arenas: &mut [Arena]) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if !cfg.dram.prefault || arenas.is_empty() {
+        return;
+    }
+    let t = Instant::now();
+    for a in arenas.iter_mut() {
+        if let Err(e) = a.register_io(disk.engine()) {
+            if !WARNED.swap(true, Ordering::Relaxed) {
+                match e {
+                    RegisterError::Unsupported(_) => tracing::info!("{e}"),
+                    RegisterError::Refused { .. } => tracing::warn!(
+                        error = %e,
+                        "disk IOs pin arena pages on every IO (slower); allow registration \
+                         with CAP_IPC_LOCK or a larger RLIMIT_MEMLOCK (ulimit -l)"
+                    ),
+                    _ => tracing::warn!(error = %e, "disk IOs pin arena pages on every IO"),
+                }
+            }
+            return;
+        }
+    }
+    tracing::info!(
+        arenas = arenas.len(),
+        elapsed_ms = t.elapsed().as_millis() as u64,
+        "arenas registered with the disk IO engine"
+    );
+}
+
 #[derive(Debug, Default)]
 struct Registry {
     by_id: HashMap<NamespaceId, Arc<Namespace>>,
@@ -148,12 +181,15 @@ impl Daemon {
     /// Creates the arena pool and an empty registry, opens the disk tier (if configured) and
     /// starts its demotion thread.
     pub fn new(cfg: Config) -> Result<Arc<Daemon>, StartError> {
-        let pool = Arena::create_pool(&cfg.dram, cfg.dram.max_namespaces)?;
+        let mut pool = Arena::create_pool(&cfg.dram, cfg.dram.max_namespaces)?;
         let disk = if cfg.disk.capacity_bytes.0 > 0 {
             Some(Arc::new(DiskTier::open(&cfg.disk)?))
         } else {
             None
         };
+        if let Some(disk) = &disk {
+            register_arenas(&cfg, disk, &mut pool);
+        }
         let drains = Arc::new(Mutex::new(DrainSet::default()));
         let d = Arc::new(Daemon {
             cfg,
@@ -398,8 +434,11 @@ impl Daemon {
         match Arc::try_unwrap(ns) {
             Ok(old) => {
                 drop(old);
-                let arena = Arena::create(&self.cfg.dram)
+                let mut arena = Arena::create(&self.cfg.dram)
                     .map_err(|e| OpError::new(ErrorCode::Internal, e.to_string()))?;
+                if let Some(disk) = &self.disk {
+                    register_arenas(&self.cfg, disk, std::slice::from_mut(&mut arena));
+                }
                 tracing::info!(ns = %victim, "retired an empty, unused namespace for a new one");
                 Ok(arena)
             }

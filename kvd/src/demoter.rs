@@ -206,6 +206,7 @@ fn demote(
                 // alive; the block is committed (no client writes it) and held by the demotion
                 // (not freed or reused) until finish_demotion, after the write completed.
                 let buf = unsafe { IoBuf::from_raw(keep, ns.arena.map().as_ptr().add(off), l) };
+                let buf = buf.with_fixed(ns.arena.io_registration());
                 let i = tickets.len();
                 let tx = tx.clone();
                 ops.push(IoOp {

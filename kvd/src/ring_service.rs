@@ -356,6 +356,7 @@ impl Session {
         // one else writes or reads it until the read completes (release_everything waits for
         // pending reads before giving slots back).
         let buf = unsafe { IoBuf::from_raw(keep, ns.arena.map().as_ptr().add(off), l) };
+        let buf = buf.with_fixed(ns.arena.io_registration());
         let token = self.token();
         let tx = self.io_tx.clone();
         let waker = self.conn.waker.lock().clone();
