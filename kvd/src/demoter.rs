@@ -4,10 +4,13 @@
 //! fuller than `disk.demote_watermark`, the coldest blocks holding the bytes above it get a
 //! disk copy (if the admission filter lets them), so that by the time LRU eviction reaches
 //! them they are already safe on disk. A drain (`kvd-ctl drain`) makes it copy every block of
-//! the chosen namespaces regardless of watermark and admission. Blocks are written straight
-//! from their arena slot; while a write is in flight the block is held like a read lease so
-//! it can be neither evicted nor reused. Up to `disk.io_depth` writes are in flight at once.
-//! Once a second it also persists the access statistics of blocks read from disk.
+//! the chosen namespaces regardless of watermark and admission. A block whose disk copy was
+//! reclaimed for newer blocks is not written again until it is read again (the store's
+//! `DISPLACED`), so a DRAM larger than the disk is not rewritten in a circle. Blocks are
+//! written straight from their arena slot; while a write is in flight the block is held like
+//! a read lease so it can be neither evicted nor reused. Up to `disk.io_depth` writes are in
+//! flight at once. Once a second it also persists the access statistics of blocks read from
+//! disk.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -112,7 +115,21 @@ pub fn run(daemon: Weak<Daemon>, disk: Arc<DiskTier>, drains: Arc<Mutex<DrainSet
                     *set = DrainSet::default();
                     drop(set);
                     disk.flush();
-                    tracing::info!("drain finished: every DRAM block has a disk copy");
+                    let displaced: u64 = draining_now
+                        .iter()
+                        .filter(|(_, drain)| *drain)
+                        .map(|(ns, _)| ns.store.lock().displaced())
+                        .sum();
+                    if displaced == 0 {
+                        tracing::info!("drain finished: every DRAM block has a disk copy");
+                    } else {
+                        tracing::warn!(
+                            displaced,
+                            "drain finished; blocks written earlier were reclaimed for newer \
+                             ones and not written again: the disk tier holds less than DRAM \
+                             (raise disk.capacity_bytes)"
+                        );
+                    }
                 }
             }
         }

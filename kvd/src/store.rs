@@ -40,7 +40,8 @@ pub struct Entry {
     prev: u32,
     next: u32,
     state: State,
-    /// [`SEALED`] | [`ON_DISK`] | [`DEMOTING`] | [`REJECTED`] (one byte keeps the entry at 96).
+    /// [`SEALED`] | [`ON_DISK`] | [`DEMOTING`] | [`REJECTED`] | [`DISPLACED`] (one byte keeps
+    /// the entry at 96).
     flags: u8,
 }
 
@@ -52,6 +53,10 @@ const ON_DISK: u8 = 2;
 const DEMOTING: u8 = 4;
 /// The admission filter refused it; reconsidered after its next read.
 const REJECTED: u8 = 8;
+/// Its disk copy was reclaimed to make room for newer blocks; not written again until it is
+/// read again. Without this, a DRAM holding more than the disk would be rewritten in a
+/// circle: every write reclaims a region whose blocks then look like they need writing.
+const DISPLACED: u8 = 16;
 
 impl Entry {
     fn has(&self, f: u8) -> bool {
@@ -393,7 +398,7 @@ impl NsStore {
         e.readers += 1;
         e.hits = e.hits.saturating_add(1);
         e.last_ms = now_ms;
-        e.set(REJECTED, false);
+        e.set(REJECTED | DISPLACED, false);
         self.leases += 1;
         self.counters.hits += 1;
         Some(Hit {
@@ -432,14 +437,15 @@ impl NsStore {
     }
 
     /// Picks blocks to copy to disk and holds them (they cannot be evicted meanwhile): sealed
-    /// blocks without a disk copy, coldest first. With `all`, every such block; otherwise only
-    /// among the coldest blocks holding the `excess` bytes above the demotion watermark.
-    /// At most `max` are returned.
+    /// blocks without a disk copy that was not displaced by newer ones, coldest first. With
+    /// `all`, every such block (admission rejections included); otherwise only among the
+    /// coldest blocks holding the `excess` bytes above the demotion watermark. At most `max`
+    /// are returned.
     pub fn demotion_candidates(&mut self, max: usize, all: bool, excess: u64) -> Vec<Demotion> {
         let wanted = |e: &Entry| {
             e.state == State::Live
                 && e.has(SEALED)
-                && !e.has(ON_DISK | DEMOTING)
+                && !e.has(ON_DISK | DEMOTING | DISPLACED)
                 && (all || !e.has(REJECTED))
         };
         let mut picked = Vec::new();
@@ -500,18 +506,31 @@ impl NsStore {
         }
     }
 
-    /// Live blocks without a disk copy (what a drain still has to write).
+    /// Live blocks without a disk copy that a drain still has to write (displaced ones are
+    /// not written again, see [`displaced`](Self::displaced)).
     pub fn without_disk_copy(&self) -> u64 {
         self.entries
             .iter()
-            .filter(|e| e.state == State::Live && !e.has(ON_DISK))
+            .filter(|e| e.state == State::Live && !e.has(ON_DISK | DISPLACED))
             .count() as u64
     }
 
-    /// Forgets that `key` has a disk copy (the disk tier dropped it).
+    /// Live blocks whose disk copy was reclaimed for newer blocks and that were not read
+    /// since: the disk is too small to hold them beside what it holds now.
+    pub fn displaced(&self) -> u64 {
+        self.entries
+            .iter()
+            .filter(|e| e.state == State::Live && e.has(DISPLACED))
+            .count() as u64
+    }
+
+    /// Forgets that `key` has a disk copy: the disk tier reclaimed it for newer blocks, so it
+    /// is not written again until it is read again.
     pub fn clear_on_disk(&mut self, key: &BlockKey) {
         if let Some(i) = self.find(key) {
-            self.entries[i as usize].set(ON_DISK, false);
+            let e = &mut self.entries[i as usize];
+            e.set(ON_DISK, false);
+            e.set(DISPLACED, true);
         }
     }
 
@@ -883,6 +902,34 @@ mod tests {
         assert!(!more);
         assert_eq!(s.inspect(&key(3), 10).unwrap().age_ms, 10);
         assert!(s.inspect(&key(9), 10).is_none());
+    }
+
+    #[test]
+    fn a_block_displaced_from_disk_is_not_written_again_until_read() {
+        let mut s = store(2);
+        for i in 1..=3 {
+            put(&mut s, i, 4096).unwrap();
+        }
+        let d = s.demotion_candidates(10, true, 0);
+        assert_eq!(d.len(), 3);
+        for c in &d {
+            s.finish_demotion(c.entry, DemotionOutcome::Written);
+        }
+        assert_eq!(s.without_disk_copy(), 0);
+        // The disk reclaimed 1 and 2 for newer blocks: a drain has nothing left to write.
+        s.clear_on_disk(&key(1));
+        s.clear_on_disk(&key(2));
+        assert_eq!((s.without_disk_copy(), s.displaced()), (0, 2));
+        assert!(s.demotion_candidates(10, true, 0).is_empty());
+        assert!(s.demotion_candidates(10, false, u64::MAX).is_empty());
+        // Read again, 2 is worth a disk copy again.
+        let h = s.get(&key(2), 1).unwrap();
+        s.release(h.entry);
+        assert_eq!((s.without_disk_copy(), s.displaced()), (1, 1));
+        let d = s.demotion_candidates(10, true, 0);
+        assert_eq!(d.iter().map(|c| c.key).collect::<Vec<_>>(), vec![key(2)]);
+        s.finish_demotion(d[0].entry, DemotionOutcome::Written);
+        s.check_invariants();
     }
 
     #[derive(Debug, Clone)]

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvd_client::{BlockKey, Client, PutOutcome, Tier};
 use kvd_tests::{bin, pattern, test_namespace, wait_for, Daemon};
@@ -511,4 +511,53 @@ fn sigterm_during_a_drain_shuts_down_cleanly_and_keeps_what_was_written() {
     assert_eq!(disk.checksum_failures, 0);
     assert_eq!(served as u64, disk.hits);
     assert!(served > 0, "blocks written before SIGTERM survive it");
+}
+
+#[test]
+fn a_dram_larger_than_the_disk_is_not_rewritten_in_a_circle() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 4 regions of 1 MiB; the 60 blocks below hold about 6 MB.
+    let sets = vec![
+        format!("disk.path={}", dir.path().display()),
+        "dram.max_block_bytes=256KiB".into(),
+        "disk.region_bytes=1MiB".into(),
+        "disk.capacity_bytes=4MiB".into(),
+        "disk.admission=always".into(),
+        "disk.demote_watermark=0".into(),
+    ];
+    let d = start(&sets);
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("circle")).expect("open");
+    put_range(&c, &ns, 0..60);
+    c.flush().expect("flush");
+    let writes = || c.stats().expect("stats").disk.expect("disk").writes;
+    // Background demotion settles: once every block was written (and some reclaimed for
+    // later ones), nothing is written again.
+    let mut last = (writes(), Instant::now());
+    let settled = wait_for("demotion to settle", Duration::from_secs(30), || {
+        let w = writes();
+        if w != last.0 {
+            last = (w, Instant::now());
+        }
+        (w >= 60 && last.1.elapsed() > Duration::from_secs(1)).then_some(w)
+    });
+    assert!(settled < 80, "{settled} writes for 60 blocks");
+    // A drain ends too, saying the disk is too small, instead of rewriting forever.
+    c.drain(Some(ns.id)).expect("drain");
+    wait_for("the drain to finish", Duration::from_secs(30), || {
+        d.log_contains("drain finished").then_some(())
+    });
+    assert!(
+        d.log_contains("the disk tier holds less than DRAM"),
+        "{}",
+        d.log_text()
+    );
+    assert!(writes() < 80);
+    assert_eq!(
+        c.stats().expect("stats").disk.expect("disk").drain_pending,
+        0
+    );
+    for i in 0..60 {
+        assert!(check(&c, &ns, i), "block {i} lost");
+    }
 }

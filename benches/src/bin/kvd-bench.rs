@@ -41,7 +41,7 @@ enum Cmd {
 #[derive(Debug, clap::Args)]
 struct DiskArgs {
     /// Directory on the filesystem to measure (region files, catalog and fio's file go in a
-    /// fresh subdirectory, removed afterwards). Not a tmpfs: it has no O_DIRECT.
+    /// fresh subdirectory, removed afterwards).
     #[arg(long, default_value = "/var/tmp")]
     dir: PathBuf,
     /// Block sizes to measure.
@@ -53,7 +53,8 @@ struct DiskArgs {
     /// IOs in flight (kvd's disk.io_depth and GETs per batch; fio's iodepth).
     #[arg(long, default_value_t = 32)]
     qd: u32,
-    /// Rounds per size; the best round counts, for kvd and fio alike.
+    /// Measured rounds per size (after a warm-up round); medians are reported, with the
+    /// median of the per-round kvd/fio ratios.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
     /// kvd's disk IO engine (io_uring or psync).
@@ -537,7 +538,16 @@ fn disk(a: DiskArgs) -> anyhow::Result<()> {
     // written once, and later rounds reuse regions (reclaim), as a disk tier does in steady
     // state. fio likewise overwrites a file it laid out first.
     let region = (64usize << 20).max(4 * max);
-    let capacity = total.div_ceil(region) * region + 2 * region;
+    // A region's first 4 KiB is its header, so it holds one block fewer than region / size.
+    let regions_needed = sizes
+        .iter()
+        .map(|&size| {
+            let per_region = (region - 4096) / size.div_ceil(4096).saturating_mul(4096);
+            (total / size).max(8).div_ceil(per_region.max(1))
+        })
+        .max()
+        .unwrap_or(1);
+    let capacity = (regions_needed + 2) * region;
     let sets = vec![
         format!("disk.path={}", work.join("kvd").display()),
         format!("disk.capacity_bytes={capacity}"),
