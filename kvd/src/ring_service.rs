@@ -628,7 +628,11 @@ pub fn run(daemon: Arc<Daemon>, conn: Arc<Conn>, mut ring: DaemonRing) {
                     }
                     continue;
                 }
-                if last_work.elapsed() < spin {
+                // While disk reads are in flight their completions wake the thread, and the
+                // client's next descriptors mostly wait on them: spinning would only take the
+                // CPU from the IO and client threads (measured: 15–20% of read throughput on
+                // two cores).
+                if last_work.elapsed() < spin && s.pending.is_empty() {
                     std::hint::spin_loop();
                     continue;
                 }

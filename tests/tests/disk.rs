@@ -244,10 +244,10 @@ fn corrupted_region_bytes_are_detected_and_never_served() {
         });
     }
     assert!(d.terminate(Duration::from_secs(10)).is_some());
-    // Flip a byte inside the first block of the first region (just after the header page).
+    // Flip a byte inside the first block of the first region (blocks start at offset 0).
     let region = dir.path().join("regions/region-00000.kvd");
     let mut bytes = std::fs::read(&region).expect("read region");
-    bytes[4096 + 100] ^= 0xFF;
+    bytes[100] ^= 0xFF;
     std::fs::write(&region, &bytes).expect("write region");
     let d = start(&sets);
     let c = d.admin();

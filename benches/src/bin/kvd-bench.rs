@@ -12,6 +12,9 @@
 //! Rounds alternate which side goes first, each phase starts on a settled disk (sync + pause),
 //! and the figures are medians over rounds with the ratio the median of per-round ratios:
 //! virtual disks swing by 2–4× between minutes, and pairing neighbours cancels most of it.
+//! Both sides do IO from the same kind of memory (`--huge-pages`): with 4 KiB pages a large
+//! IO becomes several device requests, as many as the pages' physical layout makes it, which
+//! on request-bound devices changes throughput more than anything either side does.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -68,9 +71,40 @@ struct DiskArgs {
     /// Skip fio (no ratio is reported).
     #[arg(long)]
     no_fio: bool,
+    /// Memory both sides do IO from: kvd's arena (dram.huge_pages) and fio's buffers
+    /// (--iomem). `explicit`: hugetlb pages (reserve them in /proc/sys/vm/nr_hugepages), so a
+    /// 4 MiB IO is one device request; `off`: 4 KiB pages, which the block layer splits into
+    /// requests of at most max_segments pages; `auto`: explicit where enough huge pages are
+    /// free.
+    #[arg(long, value_enum, default_value_t = Pages::Auto)]
+    huge_pages: Pages,
     /// Print one JSON object per line.
     #[arg(long)]
     json: bool,
+}
+
+/// Page kind for `kvd-bench disk --huge-pages`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Pages {
+    /// Explicit huge pages where enough are free, 4 KiB pages otherwise.
+    Auto,
+    /// 4 KiB pages (kvd dram.huge_pages=off, fio --iomem=shm).
+    Off,
+    /// Hugetlb pages (kvd dram.huge_pages=explicit, fio --iomem=shmhuge).
+    Explicit,
+}
+
+/// Free hugetlb memory in bytes and the huge page size, from /proc/meminfo.
+fn free_huge_pages() -> (u64, u64) {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let page = field("Hugepagesize:") * 1024;
+    (field("HugePages_Free:") * page, page)
 }
 
 #[derive(Debug, clap::Args)]
@@ -496,6 +530,7 @@ fn fio(
     size: usize,
     total: usize,
     qd: u32,
+    huge: bool,
 ) -> anyhow::Result<f64> {
     let out = Command::new("fio")
         .args([
@@ -507,6 +542,11 @@ fn fio(
             &format!("--iodepth={qd}"),
             "--ioengine=io_uring",
             "--direct=1",
+            if huge {
+                "--iomem=shmhuge"
+            } else {
+                "--iomem=shm"
+            },
             "--output-format=json",
         ])
         .output()
@@ -536,8 +576,9 @@ fn disk(a: DiskArgs) -> anyhow::Result<()> {
     let _cleanup = Cleanup(work.clone());
     // Room for one round plus two regions: after the warm-up round every region has been
     // written once, and later rounds reuse regions (reclaim), as a disk tier does in steady
-    // state. fio likewise overwrites a file it laid out first.
-    let region = (64usize << 20).max(4 * max);
+    // state. fio likewise overwrites a file it laid out first. Regions have the default size
+    // (disk.region_bytes): smaller ones mean more files, which costs ext4 ~20% on its own.
+    let region = (256usize << 20).max(4 * max);
     // A region's first 4 KiB is its header, so it holds one block fewer than region / size.
     let regions_needed = sizes
         .iter()
@@ -548,7 +589,7 @@ fn disk(a: DiskArgs) -> anyhow::Result<()> {
         .max()
         .unwrap_or(1);
     let capacity = (regions_needed + 2) * region;
-    let sets = vec![
+    let mut sets = vec![
         format!("disk.path={}", work.join("kvd").display()),
         format!("disk.capacity_bytes={capacity}"),
         format!("disk.region_bytes={region}"),
@@ -559,6 +600,26 @@ fn disk(a: DiskArgs) -> anyhow::Result<()> {
         "ring.entries=1024".into(),
     ];
     let arena = total + total / 2 + 4 * max + (8 << 20);
+    let (free_huge, huge_page) = free_huge_pages();
+    // kvd's arena (rounded up to whole huge pages) and fio's buffers (qd blocks), with slack.
+    let huge_need = (arena as u64).div_ceil(huge_page.max(1)) * huge_page
+        + u64::from(a.qd) * max as u64
+        + (64 << 20);
+    let huge = match a.huge_pages {
+        Pages::Explicit => true,
+        Pages::Off => false,
+        Pages::Auto => huge_page > 0 && free_huge >= huge_need,
+    };
+    let arena = if huge {
+        let page = huge_page.max(2 << 20) as usize;
+        arena.div_ceil(page) * page
+    } else {
+        arena
+    };
+    sets.push(format!(
+        "dram.huge_pages={}",
+        if huge { "explicit" } else { "off" }
+    ));
     let (_daemon, socket) = spawn_daemon_with(arena, max, &sets)?;
     let client = Client::connect_with(
         &socket,
@@ -583,6 +644,21 @@ fn disk(a: DiskArgs) -> anyhow::Result<()> {
             if st.direct_io { "O_DIRECT" } else { "page cache" },
             a.dir.display()
         );
+        if huge {
+            println!("  IO memory: huge pages (kvd dram.huge_pages=explicit, fio --iomem=shmhuge)");
+        } else {
+            println!(
+                "  IO memory: 4 KiB pages (kvd dram.huge_pages=off, fio --iomem=shm){}",
+                if a.huge_pages == Pages::Auto {
+                    format!(
+                        "; about {} MiB of free huge pages would let each block be one device request",
+                        huge_need >> 20
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
     }
     let fio_file = work.join("fio.dat");
     // Reads come from several connections, each with batches of GETs, so that while one
@@ -632,9 +708,9 @@ fn disk(a: DiskArgs) -> anyhow::Result<()> {
                 if !kvd_side {
                     if !a.no_fio {
                         settle();
-                        this[2] = fio(&fio_file, "write", size, n * size, a.qd)?;
+                        this[2] = fio(&fio_file, "write", size, n * size, a.qd, huge)?;
                         settle();
-                        this[3] = fio(&fio_file, "randread", size, n * size, a.qd)?;
+                        this[3] = fio(&fio_file, "randread", size, n * size, a.qd, huge)?;
                     }
                     continue;
                 }

@@ -17,7 +17,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
@@ -193,6 +193,9 @@ const FIXED_CHUNK: usize = 1 << 30;
 /// Registration slots of one io_uring engine (at most this many GiB registered at once).
 const FIXED_SLOTS: u32 = 1024;
 
+/// user_data of the wake-up poll (IO slots are small indices).
+const WAKE: u64 = u64::MAX;
+
 /// Distinguishes engines, so a registration is only ever used on the ring that holds it.
 static NEXT_ENGINE: AtomicU64 = AtomicU64::new(1);
 
@@ -202,6 +205,36 @@ struct Link {
     tx: Mutex<Option<SyncSender<Msg>>>,
     /// Slots of dropped registrations, emptied by the IO thread before it takes new ones.
     released: Mutex<Vec<u16>>,
+    /// Written after every message, so an IO thread waiting for completions (the ring polls
+    /// this eventfd) takes new operations at once instead of at the next completion.
+    wake: Option<OwnedFd>,
+}
+
+impl Link {
+    /// Sends `msg` (waiting while the queue is full) and wakes the IO thread.
+    fn send(&self, msg: Msg) -> Result<(), Msg> {
+        send(&self.tx, msg)?;
+        self.notify();
+        Ok(())
+    }
+
+    fn notify(&self) {
+        if let Some(fd) = &self.wake {
+            let one = 1u64;
+            // SAFETY: writes 8 bytes from a local to an eventfd we own; it is non-blocking,
+            // and a failure (a counter at its maximum) still leaves the thread woken.
+            unsafe { libc::write(fd.as_raw_fd(), (&raw const one).cast(), 8) };
+        }
+    }
+}
+
+/// A non-blocking eventfd, or `None` where the kernel has none (the thread then takes new
+/// operations at its next completion).
+fn eventfd() -> Option<OwnedFd> {
+    // SAFETY: eventfd takes no pointers; a non-negative result is a new fd we own.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    // SAFETY: `fd` was just returned to us by eventfd and is owned by nothing else.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Memory registered with an engine, in slots of at most 1 GiB; unregistered when dropped.
@@ -254,6 +287,7 @@ impl Drop for Registered {
         if let Some(tx) = self.link.tx.lock().as_ref() {
             let _ = tx.try_send(Msg::Wake);
         }
+        self.link.notify();
     }
 }
 
@@ -424,7 +458,8 @@ impl UringEngine {
     /// and starts its thread.
     pub fn start(depth: u32) -> io::Result<UringEngine> {
         let depth = depth.clamp(1, 4096);
-        let ring = io_uring::IoUring::new(depth.next_power_of_two())?;
+        // One entry more than the IOs in flight: the poll on the wake-up eventfd.
+        let ring = io_uring::IoUring::new((depth + 1).next_power_of_two())?;
         // A sparse table (Linux 5.19+) lets arenas come and go; without one, IOs stay plain.
         let fixed = match ring.submitter().register_buffers_sparse(FIXED_SLOTS) {
             Ok(()) => Some((0..FIXED_SLOTS as u16).rev().collect()),
@@ -438,6 +473,7 @@ impl UringEngine {
             id: NEXT_ENGINE.fetch_add(1, Ordering::Relaxed),
             tx: Mutex::new(Some(tx)),
             released: Mutex::new(Vec::new()),
+            wake: eventfd(),
         });
         let l = link.clone();
         let thread = std::thread::Builder::new()
@@ -519,6 +555,8 @@ fn uring_loop(
     let mut backlog: std::collections::VecDeque<IoOp> = std::collections::VecDeque::new();
     let mut inflight = 0usize;
     let mut open = true;
+    // Whether a poll on the wake-up eventfd is in the ring.
+    let mut armed = false;
     loop {
         // Take new operations while there is room; block only when nothing is in flight.
         while !free.is_empty() {
@@ -601,6 +639,16 @@ fn uring_loop(
             }
             continue;
         }
+        if !armed {
+            if let Some(fd) = &link.wake {
+                let poll = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), libc::POLLIN as u32)
+                    .build()
+                    .user_data(WAKE);
+                // SAFETY: a poll holds no memory; the eventfd lives in `link`, which outlives
+                // this loop and the ring. A full queue just leaves it unarmed this time.
+                armed = unsafe { ring.submission().push(&poll) }.is_ok();
+            }
+        }
         if let Err(e) = ring.submit_and_wait(1) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
@@ -628,6 +676,16 @@ fn uring_loop(
             .map(|c| (c.user_data(), c.result()))
             .collect();
         for (ud, res) in done {
+            if ud == WAKE {
+                armed = false;
+                if let Some(fd) = &link.wake {
+                    let mut n = 0u64;
+                    // SAFETY: reads 8 bytes into a local from our non-blocking eventfd (resets
+                    // its counter; EAGAIN when it is already zero is fine).
+                    unsafe { libc::read(fd.as_raw_fd(), (&raw mut n).cast(), 8) };
+                }
+                continue;
+            }
             let slot = ud as usize;
             let Some(op) = slots.get_mut(slot).and_then(Option::take) else {
                 continue;
@@ -655,7 +713,7 @@ impl IoEngine for UringEngine {
         if ops.is_empty() {
             return Ok(());
         }
-        send(&self.link.tx, Msg::Ops(ops)).map_err(|m| {
+        self.link.send(Msg::Ops(ops)).map_err(|m| {
             if let Msg::Ops(ops) = m {
                 ops.into_iter().for_each(|o| o.finish(Err(stopped())));
             }
@@ -671,7 +729,8 @@ impl IoEngine for UringEngine {
             });
         }
         let (reply, answer) = sync_channel(1);
-        send(&self.link.tx, Msg::Register(ptr as usize, len, reply))
+        self.link
+            .send(Msg::Register(ptr as usize, len, reply))
             .map_err(|_| RegisterError::Stopped)?;
         let slots = answer.recv().map_err(|_| RegisterError::Stopped)??;
         Ok(Arc::new(Registered {

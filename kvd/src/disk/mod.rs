@@ -39,7 +39,9 @@ use crate::config::{DiskConfig, DiskEngine, ReclaimPolicy};
 use admission::Admission;
 use catalog::{Catalog, CatalogError};
 use engine::{run_sync, IoBuf, IoEngine, IoKind, IoOp, PsyncEngine, UringEngine};
-use format::{align_up, BlockRecord, CatalogMeta, RegionHeader, FORMAT_VERSION, HEADER_BYTES};
+use format::{
+    align_up, header_offset, BlockRecord, CatalogMeta, RegionHeader, FORMAT_VERSION, HEADER_BYTES,
+};
 
 /// Most disk hits whose access statistics wait to be persisted (beyond, they are dropped).
 const MAX_TOUCHED: usize = 65_536;
@@ -416,7 +418,7 @@ impl DiskTier {
                 file: Arc::new(f),
                 seq: 0,
                 state: RegionState::Free,
-                head: HEADER_BYTES,
+                head: 0,
                 live_blocks: 0,
                 last_access_ms: 0,
                 reads: 0,
@@ -433,7 +435,7 @@ impl DiskTier {
                 engine.as_ref(),
                 IoKind::Read,
                 r.file.clone(),
-                0,
+                header_offset(region_bytes),
                 IoBuf::aligned(HEADER_BYTES as usize),
             );
             if let Ok(b) = b {
@@ -696,14 +698,15 @@ impl DiskTier {
         }
         let need = align_up(len);
         let region_bytes = self.cfg.region_bytes.0;
+        let data_end = header_offset(region_bytes);
         loop {
             if let Some(a) = s.active {
                 let r = &mut s.regions[a as usize];
-                if r.head + need <= region_bytes {
+                if r.head + need <= data_end {
                     let offset = r.head;
                     r.head += need;
                     r.writes += 1;
-                    let half_full = r.head > region_bytes / 2;
+                    let half_full = r.head > data_end / 2;
                     let t = WriteTicket {
                         file: r.file.clone(),
                         region: a,
@@ -780,7 +783,7 @@ impl DiskTier {
         let op = IoOp {
             kind: IoKind::Write,
             file: s.regions[i].file.clone(),
-            offset: 0,
+            offset: header_offset(self.cfg.region_bytes.0),
             buf,
             done: Box::new(move |_b, r| {
                 *d2.0.lock() = Some(r);
@@ -815,7 +818,7 @@ impl DiskTier {
         let r = &mut s.regions[p.region];
         r.seq = p.seq;
         r.state = RegionState::Active;
-        r.head = HEADER_BYTES;
+        r.head = 0;
         r.live_blocks = 0;
         r.last_access_ms = p.created_unix_ms;
         r.header = Some(p.done);
@@ -1262,7 +1265,8 @@ mod tests {
         }
         let path = dir.path().join("regions/region-00000.kvd");
         let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&[0u8; 64], 0).unwrap();
+        f.write_all_at(&[0u8; 64], header_offset(c.region_bytes.0))
+            .unwrap();
         let t = DiskTier::open(&c).unwrap();
         let r = t.report();
         assert_eq!((r.blocks, r.dropped_at_start), (0, 1));
