@@ -127,11 +127,23 @@ struct RingState {
     next: u64,
     in_flight: u32,
     arrived: HashMap<u64, Completion>,
+    /// How long the next wait spins: `Options::spin` while completions come within it,
+    /// halved after each that did not (blocks read from disk take milliseconds, and spinning
+    /// through them takes the CPU the daemon's IO threads need), back to full on a fast one.
+    spin_now: Duration,
 }
 
 impl RingState {
     fn reap_one(&mut self, spin: Duration, timeout: Duration) -> Result<()> {
-        let c = self.ring.wait(spin, timeout)?;
+        let t = std::time::Instant::now();
+        let c = self.ring.wait(self.spin_now.min(spin), timeout)?;
+        self.spin_now = if t.elapsed() <= spin {
+            spin
+        } else if self.spin_now < Duration::from_micros(8) {
+            Duration::ZERO
+        } else {
+            self.spin_now / 2
+        };
         self.in_flight = self.in_flight.saturating_sub(1);
         if c.user_data & DETACHED == 0 {
             self.arrived.insert(c.user_data, c);
@@ -215,6 +227,7 @@ impl Client {
         let ring_bytes = usize::try_from(ring_bytes)
             .map_err(|_| ClientError::Unexpected("ring larger than address space".into()))?;
         let ring = ClientRing::from_fd(&fd, ring_bytes)?;
+        let spin = opts.spin;
         Ok(Client {
             path,
             info: ServerInfo {
@@ -230,6 +243,7 @@ impl Client {
                 next: 0,
                 in_flight: 0,
                 arrived: HashMap::new(),
+                spin_now: spin,
             }),
         })
     }
