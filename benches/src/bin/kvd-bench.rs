@@ -63,11 +63,14 @@ struct DiskArgs {
     /// kvd's disk IO engine (io_uring or psync).
     #[arg(long, default_value = "io_uring")]
     engine: String,
-    /// GETs per batch of each of the 4 reader connections (default: qd). kvd never has more
+    /// GETs per batch of each reader connection (default: qd). kvd never has more
     /// than qd (disk.io_depth) disk IOs in flight, the device queue depth fio runs with; deeper
     /// client batches keep that queue full, as an engine loading a long prompt's blocks does.
     #[arg(long)]
     batch: Option<usize>,
+    /// Reader connections (each a client thread and a daemon ring thread).
+    #[arg(long, default_value_t = 4)]
+    readers: usize,
     /// Skip fio (no ratio is reported).
     #[arg(long)]
     no_fio: bool,
@@ -664,7 +667,7 @@ fn disk(a: DiskArgs) -> anyhow::Result<()> {
     // Reads come from several connections, each with batches of GETs, so that while one
     // batch finishes its last reads the others keep the disk busy; kvd's engine holds at most
     // qd of them in flight at the device, as fio's iodepth does.
-    let conns = a.qd.clamp(1, 4) as usize;
+    let conns = a.readers.clamp(1, 64);
     let per_conn = a.batch.unwrap_or(a.qd as usize).max(1);
     let readers: Vec<(Client, kvd_client::Namespace)> = (0..conns)
         .map(|i| -> anyhow::Result<_> {
