@@ -49,6 +49,21 @@ pub enum HugePages {
 
 const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
 
+/// Free explicit huge pages, in bytes, and the huge page size, from `/proc/meminfo` (zeros
+/// where it cannot be read), so callers can choose [`HugePages::Explicit`] only when it will
+/// succeed.
+pub fn free_huge_pages() -> (u64, u64) {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let page = field("Hugepagesize:").saturating_mul(1024);
+    (field("HugePages_Free:").saturating_mul(page), page)
+}
+
 /// Creates a sealed memfd of exactly `len` bytes.
 pub fn create_memfd(name: &str, len: u64, huge: HugePages) -> Result<OwnedFd, MapError> {
     let cname = std::ffi::CString::new(name.replace('\0', "_"))

@@ -561,3 +561,42 @@ fn a_dram_larger_than_the_disk_is_not_rewritten_in_a_circle() {
         assert!(check(&c, &ns, i), "block {i} lost");
     }
 }
+
+#[test]
+fn blocks_round_trip_through_huge_page_arenas_registered_with_io_uring() {
+    // Two 64 MiB arenas (dram.max_namespaces=2) in explicit huge pages.
+    if kvd_shm::map::free_huge_pages().0 < 160 << 20 {
+        eprintln!(
+            "SKIPPED: fewer than 160 MiB of free huge pages (echo 128 > /proc/sys/vm/nr_hugepages)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sets = disk_sets(dir.path());
+    sets.push("dram.huge_pages=explicit".into());
+    let mut d = start(&sets);
+    {
+        let c = d.admin();
+        let ns = c.open_namespace(&test_namespace("huge")).expect("open");
+        put_range(&c, &ns, 0..40);
+        wait_for("40 blocks on disk", Duration::from_secs(30), || {
+            (disk_blocks(&c) == 40).then_some(())
+        });
+    }
+    assert!(
+        d.log_contains("arenas registered with the disk IO engine")
+            || d.log_contains("disk IOs pin arena pages"),
+        "{}",
+        d.log_text()
+    );
+    assert!(d
+        .terminate(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    let d = start(&sets);
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("huge")).expect("open");
+    for i in 0..40 {
+        assert!(check(&c, &ns, i), "block {i} lost across a restart");
+    }
+    assert_eq!(c.stats().expect("stats").disk.expect("disk").hits, 40);
+}

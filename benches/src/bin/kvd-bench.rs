@@ -97,19 +97,6 @@ enum Pages {
     Explicit,
 }
 
-/// Free hugetlb memory in bytes and the huge page size, from /proc/meminfo.
-fn free_huge_pages() -> (u64, u64) {
-    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let page = field("Hugepagesize:") * 1024;
-    (field("HugePages_Free:") * page, page)
-}
-
 #[derive(Debug, clap::Args)]
 struct DramArgs {
     /// Daemon socket ($KVD_SOCKET); ignored with --spawn.
@@ -603,7 +590,7 @@ fn disk(a: DiskArgs) -> anyhow::Result<()> {
         "ring.entries=1024".into(),
     ];
     let arena = total + total / 2 + 4 * max + (8 << 20);
-    let (free_huge, huge_page) = free_huge_pages();
+    let (free_huge, huge_page) = kvd_shm::map::free_huge_pages();
     // kvd's arena (rounded up to whole huge pages) and fio's buffers (qd blocks), with slack.
     let huge_need = (arena as u64).div_ceil(huge_page.max(1)) * huge_page
         + u64::from(a.qd) * max as u64
