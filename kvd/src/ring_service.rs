@@ -424,14 +424,17 @@ impl Session {
                 }
             }
         };
-        disk.end_read(&p.ns.id, &p.sub.key, &p.ticket, outcome);
+        // False when the block was deleted while the read was in flight: not served, and
+        // not promoted back into DRAM.
+        let current = disk.end_read(&p.ns.id, &p.sub.key, &p.ticket, outcome);
         tracing::trace!(
             len = p.ticket.len,
             us = p.started.elapsed().as_micros() as u64,
             ?outcome,
+            current,
             "disk read"
         );
-        if outcome != ReadOutcome::Verified {
+        if outcome != ReadOutcome::Verified || !current {
             p.ns.store.lock().abort(p.slot);
             return Some(c);
         }

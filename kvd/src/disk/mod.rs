@@ -176,9 +176,48 @@ struct State {
     next: Option<Prepared>,
     /// Blocks read since the last [`DiskTier::flush_touches`].
     touched: Vec<(NamespaceId, BlockKey)>,
+    /// Blocks with reads or writes in flight, so a delete meanwhile can void them: without
+    /// this a write finishing after a delete would catalog the block again, and a read would
+    /// promote it back into DRAM.
+    in_flight: HashMap<(NamespaceId, BlockKey), InFlight, foldhash::fast::RandomState>,
+}
+
+/// IOs in flight for one block, and how many deletes it has seen (tickets carry the count
+/// they started under; a different one at the end means the block was deleted meanwhile).
+#[derive(Debug, Default)]
+struct InFlight {
+    ios: u32,
+    gen: u32,
 }
 
 impl State {
+    /// Notes an IO starting on a block; the generation its ticket carries.
+    fn start_io(&mut self, k: (NamespaceId, BlockKey)) -> u32 {
+        let e = self.in_flight.entry(k).or_default();
+        e.ios += 1;
+        e.gen
+    }
+
+    /// Notes the end of an IO started under `gen`; whether the block was not deleted since.
+    fn end_io(&mut self, k: &(NamespaceId, BlockKey), gen: u32) -> bool {
+        let Some(e) = self.in_flight.get_mut(k) else {
+            return false;
+        };
+        let valid = e.gen == gen;
+        e.ios = e.ios.saturating_sub(1);
+        if e.ios == 0 {
+            self.in_flight.remove(k);
+        }
+        valid
+    }
+
+    /// Voids the IOs in flight on a deleted block.
+    fn void_ios(&mut self, k: &(NamespaceId, BlockKey)) {
+        if let Some(e) = self.in_flight.get_mut(k) {
+            e.gen = e.gen.wrapping_add(1);
+        }
+    }
+
     /// Adds a block to the index and the region, namespace and byte counts.
     fn insert(&mut self, ns: NamespaceId, key: BlockKey, loc: Loc) {
         self.regions[loc.region as usize].live_blocks += 1;
@@ -217,6 +256,8 @@ pub struct ReadTicket {
     pub len: u64,
     /// Expected xxh3-64.
     pub checksum: u64,
+    /// Delete generation of the block when the read started.
+    gen: u32,
 }
 
 /// How a read ended.
@@ -243,6 +284,8 @@ pub struct WriteTicket {
     pub seq: u64,
     /// File offset.
     pub offset: u64,
+    /// Delete generation of the block when the write was granted.
+    gen: u32,
 }
 
 /// A finished block write, handed to [`DiskTier::end_writes`].
@@ -466,6 +509,7 @@ impl DiskTier {
             reduced: degraded,
             next: None,
             touched: Vec::new(),
+            in_flight: HashMap::default(),
         };
         let mut drop = Vec::new();
         catalog.scan_blocks(|ns, key, rec| {
@@ -591,6 +635,7 @@ impl DiskTier {
             self.counters.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         };
+        let gen = s.start_io((*ns, *key));
         let r = &mut s.regions[loc.region as usize];
         r.reads += 1;
         Some(ReadTicket {
@@ -599,13 +644,27 @@ impl DiskTier {
             offset: loc.offset,
             len: loc.len,
             checksum: loc.checksum,
+            gen,
         })
     }
 
-    /// Ends a read started with [`begin_read`](Self::begin_read).
-    pub fn end_read(&self, ns: &NamespaceId, key: &BlockKey, t: &ReadTicket, outcome: ReadOutcome) {
+    /// Ends a read started with [`begin_read`](Self::begin_read). Returns false when the
+    /// block was deleted while the read was in flight: the bytes must then not be served or
+    /// promoted (it counts as a miss).
+    pub fn end_read(
+        &self,
+        ns: &NamespaceId,
+        key: &BlockKey,
+        t: &ReadTicket,
+        outcome: ReadOutcome,
+    ) -> bool {
         let now = unix_ms();
         let mut s = self.state.lock();
+        let valid = s.end_io(&(*ns, *key), t.gen);
+        let outcome = match outcome {
+            ReadOutcome::Verified if !valid => ReadOutcome::Abandoned,
+            o => o,
+        };
         if let Some(r) = s.regions.get_mut(t.region as usize) {
             r.reads = r.reads.saturating_sub(1);
             if outcome == ReadOutcome::Verified {
@@ -649,6 +708,7 @@ impl DiskTier {
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
             }
         }
+        valid
     }
 
     /// Removes blocks of one namespace from the index and the catalog; for each key, whether
@@ -671,9 +731,14 @@ impl DiskTier {
         held
     }
 
-    /// Deletes blocks; for each key, whether the tier held it.
+    /// Deletes blocks; for each key, whether the tier held it. Reads and writes of these
+    /// blocks still in flight are voided (see [`end_read`](Self::end_read) and
+    /// [`end_writes`](Self::end_writes)).
     pub fn delete(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Vec<bool> {
         let mut s = self.state.lock();
+        for k in keys {
+            s.void_ios(&(*ns, *k));
+        }
         self.remove_locked(&mut s, ns, keys)
     }
 
@@ -707,11 +772,13 @@ impl DiskTier {
                     r.head += need;
                     r.writes += 1;
                     let half_full = r.head > data_end / 2;
+                    let (file, seq) = (r.file.clone(), r.seq);
                     let t = WriteTicket {
-                        file: r.file.clone(),
+                        file,
                         region: a,
-                        seq: r.seq,
+                        seq,
                         offset,
+                        gen: s.start_io((*ns, *key)),
                     };
                     // Past half of the active region, start the next one (its header write
                     // then has half a region's time to finish).
@@ -929,12 +996,15 @@ impl DiskTier {
             if let Some(reg) = s.regions.get_mut(t.region as usize) {
                 reg.writes = reg.writes.saturating_sub(1);
             }
+            // Deleted while the write was in flight: its space is dead, the block not stored.
+            let valid = s.end_io(&(*ns, *key), t.gen);
             match r {
                 Ok(()) => {
                     // A region reclaimed while the write was in flight cannot be (reclaim
                     // skips regions with writes), but check the generation anyway; and the
                     // region's header must be on disk before anything in it is cataloged.
-                    if s.regions[t.region as usize].seq != t.seq
+                    if !valid
+                        || s.regions[t.region as usize].seq != t.seq
                         || s.index.contains_key(&(*ns, *key))
                         || !self.header_ok(&mut s, t.region as usize)
                     {
@@ -1148,9 +1218,8 @@ mod tests {
     const NS: NamespaceId = NamespaceId([7; 16]);
 
     /// Writes one block of `len` bytes of value `i` through the tier's own API.
-    fn write(t: &DiskTier, i: u8, len: u64) -> Vec<(NamespaceId, BlockKey)> {
-        let mut reclaimed = Vec::new();
-        let ticket = t.begin_write(&NS, &key(i), len, &mut reclaimed).unwrap();
+    /// Writes `len` bytes of value `i` where `ticket` says; the result for end_writes.
+    fn write_data(t: &DiskTier, ticket: WriteTicket, i: u8, len: u64) -> WriteDone {
         let mut buf = IoBuf::aligned(align_up(len) as usize);
         buf.as_mut_slice()[..len as usize].fill(i);
         let sum = xxh3_64(&buf.as_slice()[..len as usize]);
@@ -1162,14 +1231,20 @@ mod tests {
             buf,
         )
         .map(|_| ());
-        let done = WriteDone {
+        WriteDone {
             ns: NS,
             key: key(i),
             len,
             checksum: sum,
             ticket,
             result: r,
-        };
+        }
+    }
+
+    fn write(t: &DiskTier, i: u8, len: u64) -> Vec<(NamespaceId, BlockKey)> {
+        let mut reclaimed = Vec::new();
+        let ticket = t.begin_write(&NS, &key(i), len, &mut reclaimed).unwrap();
+        let done = write_data(t, ticket, i, len);
         assert_eq!(t.end_writes(&[done]), vec![true]);
         reclaimed
     }
@@ -1271,6 +1346,48 @@ mod tests {
         let r = t.report();
         assert_eq!((r.blocks, r.dropped_at_start), (0, 1));
         assert!(read(&t, 1).is_none());
+    }
+
+    /// Writes block `i` with a delete (and, with `rewrite`, a new grant for the same key)
+    /// landing while the first write is in flight; what end_writes says of each.
+    fn write_racing_a_delete(t: &DiskTier, i: u8, rewrite: bool) -> Vec<bool> {
+        let mut reclaimed = Vec::new();
+        let first = t.begin_write(&NS, &key(i), 5000, &mut reclaimed).unwrap();
+        assert_eq!(t.delete(&NS, &[key(i)]), vec![false], "not stored yet");
+        let second = rewrite.then(|| t.begin_write(&NS, &key(i), 5000, &mut reclaimed).unwrap());
+        let done: Vec<_> = std::iter::once(first)
+            .chain(second)
+            .map(|ticket| write_data(t, ticket, i, 5000))
+            .collect();
+        t.end_writes(&done)
+    }
+
+    #[test]
+    fn a_delete_voids_writes_and_reads_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = DiskTier::open(&cfg(dir.path(), 2, DiskEngine::Psync)).unwrap();
+        // A write finishing after the delete is not cataloged.
+        assert_eq!(write_racing_a_delete(&t, 1, false), vec![false]);
+        assert!(!t.presence(&NS, &[key(1)])[0]);
+        // One granted after the delete is a new block and stands.
+        assert_eq!(write_racing_a_delete(&t, 2, true), vec![false, true]);
+        assert_eq!(read(&t, 2), Some(vec![2; 5000]));
+        // A read in flight across a delete is not current: its bytes must not be served.
+        write(&t, 3, 5000);
+        let tk = t.begin_read(&NS, &key(3)).unwrap();
+        assert_eq!(t.delete(&NS, &[key(3)]), vec![true]);
+        assert!(!t.end_read(&NS, &key(3), &tk, ReadOutcome::Verified));
+        let r = t.report();
+        assert_eq!((r.blocks, r.hits), (1, 1), "only block 2, read once");
+        // Nothing is left tracked once the IOs ended.
+        assert!(t.state.lock().in_flight.is_empty());
+        // After a restart the catalog agrees.
+        drop(t);
+        let t = DiskTier::open(&cfg(dir.path(), 2, DiskEngine::Psync)).unwrap();
+        assert_eq!(
+            t.presence(&NS, &[key(1), key(2), key(3)]),
+            vec![false, true, false]
+        );
     }
 
     use std::os::unix::fs::FileExt;
