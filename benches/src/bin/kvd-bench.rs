@@ -569,7 +569,7 @@ fn disk(a: DiskArgs) -> anyhow::Result<()> {
     // state. fio likewise overwrites a file it laid out first. Regions have the default size
     // (disk.region_bytes): smaller ones mean more files, which costs ext4 ~20% on its own.
     let region = (256usize << 20).max(4 * max);
-    // A region's first 4 KiB is its header, so it holds one block fewer than region / size.
+    // A region's last 4 KiB is its header, so it holds one block fewer than region / size.
     let regions_needed = sizes
         .iter()
         .map(|&size| {
