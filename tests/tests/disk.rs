@@ -375,22 +375,25 @@ fn kvd_ctl_drains_with_progress_and_shows_the_disk_tier() {
     );
 }
 
-/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop; `None` (with a note)
-/// where this machine does not let the test mount (no privileges).
+/// A tmpfs of `size` (or another in-memory filesystem) mounted on a fresh directory,
+/// unmounted on drop; `None` (with a note) where this machine does not let the test mount (no
+/// privileges).
 struct SmallFs(tempfile::TempDir);
 
 impl SmallFs {
     fn mount(size: &str) -> Option<SmallFs> {
+        Self::mount_fs("tmpfs", &format!("size={size}"), "disk-full")
+    }
+
+    fn mount_fs(fstype: &str, options: &str, what: &str) -> Option<SmallFs> {
         let dir = tempfile::tempdir().expect("tempdir");
         let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .args(["-t", fstype, "-o", options, fstype])
             .arg(dir.path())
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
-            eprintln!(
-                "SKIPPED: cannot mount a small tmpfs here (needs root); disk-full not tested"
-            );
+            eprintln!("SKIPPED: cannot mount a {fstype} here (needs root); {what} not tested");
             return None;
         }
         Some(SmallFs(dir))
@@ -599,4 +602,47 @@ fn blocks_round_trip_through_huge_page_arenas_registered_with_io_uring() {
         assert!(check(&c, &ns, i), "block {i} lost across a restart");
     }
     assert_eq!(c.stats().expect("stats").disk.expect("disk").hits, 40);
+}
+
+#[test]
+fn a_filesystem_without_o_direct_falls_back_to_psync_with_a_warning() {
+    // ramfs refuses O_DIRECT (tmpfs accepts it on recent kernels).
+    let Some(fs) = SmallFs::mount_fs("ramfs", "mode=0700", "the O_DIRECT fallback") else {
+        return;
+    };
+    let sets = vec![
+        format!("disk.path={}", fs.0.path().display()),
+        "disk.capacity_bytes=64MiB".into(),
+        "disk.region_bytes=16MiB".into(),
+        "disk.engine=io_uring".into(),
+        "disk.direct_io=true".into(),
+        "disk.admission=always".into(),
+        "disk.demote_watermark=0".into(),
+    ];
+    let mut d = start(&sets);
+    assert!(
+        d.log_contains("refuses O_DIRECT"),
+        "no fallback warning: {}",
+        d.log_text()
+    );
+    {
+        let c = d.admin();
+        let disk = c.stats().expect("stats").disk.expect("disk");
+        assert_eq!((disk.engine.as_str(), disk.direct_io), ("psync", false));
+        let ns = c.open_namespace(&test_namespace("ramfs")).expect("open");
+        put_range(&c, &ns, 0..20);
+        wait_for("20 blocks on disk", Duration::from_secs(30), || {
+            (disk_blocks(&c) == 20).then_some(())
+        });
+    }
+    assert!(d
+        .terminate(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    let d = start(&sets);
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("ramfs")).expect("open");
+    for i in 0..20 {
+        assert!(check(&c, &ns, i), "block {i} lost across a restart");
+    }
+    assert_eq!(c.stats().expect("stats").disk.expect("disk").hits, 20);
 }
