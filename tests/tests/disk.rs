@@ -577,31 +577,45 @@ fn blocks_round_trip_through_huge_page_arenas_registered_with_io_uring() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut sets = disk_sets(dir.path());
     sets.push("dram.huge_pages=explicit".into());
-    let mut d = start(&sets);
+    blocks_survive_a_restart(&sets, "huge", 40, |d, _| {
+        assert!(
+            d.log_contains("arenas registered with the disk IO engine")
+                || d.log_contains("disk IOs pin arena pages"),
+            "{}",
+            d.log_text()
+        );
+    });
+}
+
+/// Puts blocks `0..n` into namespace `name`, waits until all are on disk, runs `first` on the
+/// running daemon, restarts it and checks that every block comes back from disk, byte for
+/// byte.
+fn blocks_survive_a_restart(
+    sets: &[String],
+    name: &str,
+    n: u64,
+    first: impl FnOnce(&Daemon, &Client),
+) {
+    let mut d = start(sets);
     {
         let c = d.admin();
-        let ns = c.open_namespace(&test_namespace("huge")).expect("open");
-        put_range(&c, &ns, 0..40);
-        wait_for("40 blocks on disk", Duration::from_secs(30), || {
-            (disk_blocks(&c) == 40).then_some(())
+        let ns = c.open_namespace(&test_namespace(name)).expect("open");
+        put_range(&c, &ns, 0..n);
+        wait_for("the blocks on disk", Duration::from_secs(30), || {
+            (disk_blocks(&c) == n).then_some(())
         });
+        first(&d, &c);
     }
-    assert!(
-        d.log_contains("arenas registered with the disk IO engine")
-            || d.log_contains("disk IOs pin arena pages"),
-        "{}",
-        d.log_text()
-    );
     assert!(d
         .terminate(Duration::from_secs(10))
         .is_some_and(|s| s.success()));
-    let d = start(&sets);
+    let d = start(sets);
     let c = d.admin();
-    let ns = c.open_namespace(&test_namespace("huge")).expect("open");
-    for i in 0..40 {
+    let ns = c.open_namespace(&test_namespace(name)).expect("open");
+    for i in 0..n {
         assert!(check(&c, &ns, i), "block {i} lost across a restart");
     }
-    assert_eq!(c.stats().expect("stats").disk.expect("disk").hits, 40);
+    assert_eq!(c.stats().expect("stats").disk.expect("disk").hits, n);
 }
 
 #[test]
@@ -619,30 +633,13 @@ fn a_filesystem_without_o_direct_falls_back_to_psync_with_a_warning() {
         "disk.admission=always".into(),
         "disk.demote_watermark=0".into(),
     ];
-    let mut d = start(&sets);
-    assert!(
-        d.log_contains("refuses O_DIRECT"),
-        "no fallback warning: {}",
-        d.log_text()
-    );
-    {
-        let c = d.admin();
+    blocks_survive_a_restart(&sets, "ramfs", 20, |d, c| {
+        assert!(
+            d.log_contains("refuses O_DIRECT"),
+            "no fallback warning: {}",
+            d.log_text()
+        );
         let disk = c.stats().expect("stats").disk.expect("disk");
         assert_eq!((disk.engine.as_str(), disk.direct_io), ("psync", false));
-        let ns = c.open_namespace(&test_namespace("ramfs")).expect("open");
-        put_range(&c, &ns, 0..20);
-        wait_for("20 blocks on disk", Duration::from_secs(30), || {
-            (disk_blocks(&c) == 20).then_some(())
-        });
-    }
-    assert!(d
-        .terminate(Duration::from_secs(10))
-        .is_some_and(|s| s.success()));
-    let d = start(&sets);
-    let c = d.admin();
-    let ns = c.open_namespace(&test_namespace("ramfs")).expect("open");
-    for i in 0..20 {
-        assert!(check(&c, &ns, i), "block {i} lost across a restart");
-    }
-    assert_eq!(c.stats().expect("stats").disk.expect("disk").hits, 20);
+    });
 }
