@@ -14,7 +14,7 @@ use kvd_shm::map::{create_memfd, HugePages};
 use kvd_shm::{MapError, Mapping};
 
 use crate::config::{DramConfig, HugePagesMode};
-use crate::disk::engine::{IoEngine, RegisterError, Registered};
+use crate::disk::engine::{IoBuf, IoEngine, RegisterError, Registered};
 
 /// Why an arena could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -131,11 +131,6 @@ impl Arena {
         Ok(())
     }
 
-    /// The arena's IO registration, for [`IoBuf::with_fixed`](crate::disk::engine::IoBuf::with_fixed).
-    pub fn io_registration(&self) -> Option<&Arc<Registered>> {
-        self.io.as_ref()
-    }
-
     /// The memfd to pass to clients.
     pub fn fd(&self) -> &OwnedFd {
         &self.fd
@@ -165,16 +160,38 @@ impl Arena {
     /// is outside the arena. The range must be a block the caller holds (committed, so no
     /// client writes it, and held, so it is not freed and reused meanwhile).
     pub fn hash_range(&self, hasher: &mut xxhash_rust::xxh3::Xxh3, offset: u64, len: u64) -> bool {
-        let (Ok(o), Ok(l)) = (usize::try_from(offset), usize::try_from(len)) else {
+        let Some((o, l)) = self.range(offset, len) else {
             return false;
         };
-        if !self.map.contains(o, l) {
-            return false;
-        }
         // SAFETY: the range is inside the mapping (checked) and the caller holds the block, so
         // the daemon does not hand the slot to anyone else while it is read. A misbehaving
         // client scribbling on its own committed block only changes the checksum recorded.
         hasher.update(unsafe { self.map.slice(o, l) });
         true
+    }
+
+    /// `[offset, offset + len)` as mapping offsets, when it lies inside the arena.
+    fn range(&self, offset: u64, len: u64) -> Option<(usize, usize)> {
+        let (o, l) = (usize::try_from(offset).ok()?, usize::try_from(len).ok()?);
+        self.map.contains(o, l).then_some((o, l))
+    }
+
+    /// A buffer over `[offset, offset + len)` for a disk IO, using the arena's IO
+    /// registration; `None` when the range is not inside the arena.
+    ///
+    /// # Safety
+    /// `keep` must keep this arena alive until the buffer is dropped, and nobody else may
+    /// write the range while the IO is in flight (nor read it, for a disk read into it).
+    pub unsafe fn io_buf(
+        &self,
+        keep: Arc<dyn Send + Sync>,
+        offset: u64,
+        len: u64,
+    ) -> Option<IoBuf> {
+        let (o, l) = self.range(offset, len)?;
+        // SAFETY: the range is inside the mapping (checked); the caller keeps the arena alive
+        // through `keep` and the range to itself for the duration of the IO.
+        let buf = unsafe { IoBuf::from_raw(keep, self.map.as_ptr().add(o), l) };
+        Some(buf.with_fixed(self.io.as_ref()))
     }
 }

@@ -200,12 +200,12 @@ fn demote(
                         continue;
                     }
                 };
-                let len = align_up(c.len);
-                let in_arena = usize::try_from(c.offset)
-                    .ok()
-                    .zip(usize::try_from(len).ok())
-                    .filter(|&(o, l)| ns.arena.map().contains(o, l));
-                let Some((off, l)) = in_arena else {
+                let keep: Arc<dyn Send + Sync> = ns.clone();
+                // SAFETY: `keep` keeps the namespace, hence its arena, alive; the block is
+                // committed (no client writes it) and held by the demotion (not freed or
+                // reused) until finish_demotion, after the write completed.
+                let Some(buf) = (unsafe { ns.arena.io_buf(keep, c.offset, align_up(c.len)) })
+                else {
                     // Cannot happen for slots from our allocator (classes are 4 KiB multiples).
                     disk.end_writes(&[WriteDone {
                         ns: ns.id,
@@ -218,12 +218,6 @@ fn demote(
                     outcomes.push((c.entry, DemotionOutcome::Failed));
                     continue;
                 };
-                let keep: Arc<dyn Send + Sync> = ns.clone();
-                // SAFETY: the range is inside the arena mapping (checked), which `keep` keeps
-                // alive; the block is committed (no client writes it) and held by the demotion
-                // (not freed or reused) until finish_demotion, after the write completed.
-                let buf = unsafe { IoBuf::from_raw(keep, ns.arena.map().as_ptr().add(off), l) };
-                let buf = buf.with_fixed(ns.arena.io_registration());
                 let i = tickets.len();
                 let tx = tx.clone();
                 ops.push(IoOp {

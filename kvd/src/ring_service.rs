@@ -38,7 +38,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::alloc::Slot;
 use crate::daemon::{Conn, Daemon, Namespace};
-use crate::disk::engine::{IoBuf, IoKind, IoOp};
+use crate::disk::engine::{IoKind, IoOp};
 use crate::disk::format::align_up;
 use crate::disk::{ReadOutcome, ReadTicket};
 use crate::store::{Committed, ReserveError};
@@ -341,22 +341,19 @@ impl Session {
             }
         };
         let len = align_up(ticket.len);
-        let ok_range = usize::try_from(slot.offset)
-            .ok()
-            .zip(usize::try_from(len).ok())
-            .filter(|&(o, l)| len <= slot.cap && ns.arena.map().contains(o, l));
-        let Some((off, l)) = ok_range else {
+        let keep: Arc<dyn Send + Sync> = ns.clone();
+        // SAFETY: `keep` keeps the namespace, hence its arena, alive; the slot is reserved by
+        // this thread and not yet committed, so no client knows it and no one else writes or
+        // reads it until the read completes (release_everything waits for pending reads
+        // before giving slots back).
+        let buf = (len <= slot.cap)
+            .then(|| unsafe { ns.arena.io_buf(keep, slot.offset, len) })
+            .flatten();
+        let Some(buf) = buf else {
             ns.store.lock().abort(slot);
             disk.end_read(&ns.id, &sub.key, &ticket, ReadOutcome::Abandoned);
             return Some(c);
         };
-        let keep: Arc<dyn Send + Sync> = ns.clone();
-        // SAFETY: the range is inside the arena mapping (checked) which `keep` keeps alive; the
-        // slot is reserved by this thread and not yet committed, so no client knows it and no
-        // one else writes or reads it until the read completes (release_everything waits for
-        // pending reads before giving slots back).
-        let buf = unsafe { IoBuf::from_raw(keep, ns.arena.map().as_ptr().add(off), l) };
-        let buf = buf.with_fixed(ns.arena.io_registration());
         let token = self.token();
         let tx = self.io_tx.clone();
         let waker = self.conn.waker.lock().clone();

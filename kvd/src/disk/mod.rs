@@ -1217,7 +1217,6 @@ mod tests {
 
     const NS: NamespaceId = NamespaceId([7; 16]);
 
-    /// Writes one block of `len` bytes of value `i` through the tier's own API.
     /// Writes `len` bytes of value `i` where `ticket` says; the result for end_writes.
     fn write_data(t: &DiskTier, ticket: WriteTicket, i: u8, len: u64) -> WriteDone {
         let mut buf = IoBuf::aligned(align_up(len) as usize);
@@ -1241,6 +1240,7 @@ mod tests {
         }
     }
 
+    /// Writes one block of `len` bytes of value `i` through the tier's own API.
     fn write(t: &DiskTier, i: u8, len: u64) -> Vec<(NamespaceId, BlockKey)> {
         let mut reclaimed = Vec::new();
         let ticket = t.begin_write(&NS, &key(i), len, &mut reclaimed).unwrap();
