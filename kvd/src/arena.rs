@@ -159,14 +159,14 @@ impl Arena {
     /// Feeds `[offset, offset+len)` into `hasher`; false (and nothing hashed) when the range
     /// is outside the arena. The range must be a block the caller holds (committed, so no
     /// client writes it, and held, so it is not freed and reused meanwhile).
-    pub fn hash_range(&self, hasher: &mut xxhash_rust::xxh3::Xxh3, offset: u64, len: u64) -> bool {
+    pub fn hash_range(&self, hasher: &mut twox_hash::XxHash3_64, offset: u64, len: u64) -> bool {
         let Some((o, l)) = self.range(offset, len) else {
             return false;
         };
         // SAFETY: the range is inside the mapping (checked) and the caller holds the block, so
         // the daemon does not hand the slot to anyone else while it is read. A misbehaving
         // client scribbling on its own committed block only changes the checksum recorded.
-        hasher.update(unsafe { self.map.slice(o, l) });
+        std::hash::Hasher::write(hasher, unsafe { self.map.slice(o, l) });
         true
     }
 

@@ -34,7 +34,8 @@ use std::collections::VecDeque;
 use kvd_proto::ring::{Completion, Op, Status, Submission, COMPLETION_CHECKSUM_VALID};
 use kvd_proto::BlockKey;
 use kvd_shm::DaemonRing;
-use xxhash_rust::xxh3::Xxh3;
+use std::hash::Hasher as _;
+use twox_hash::XxHash3_64;
 
 use crate::alloc::Slot;
 use crate::daemon::{Conn, Daemon, Namespace};
@@ -60,7 +61,7 @@ struct SealJob {
     offset: u64,
     len: u64,
     done: u64,
-    hasher: Xxh3,
+    hasher: XxHash3_64,
 }
 
 impl SealJob {
@@ -73,7 +74,7 @@ impl SealJob {
             offset,
             len,
             done: 0,
-            hasher: Xxh3::new(),
+            hasher: XxHash3_64::new(),
         })
     }
 
@@ -91,7 +92,7 @@ impl SealJob {
             return true;
         }
         if self.done == self.len {
-            let sum = self.hasher.digest();
+            let sum = self.hasher.finish();
             self.ns.store.lock().seal(self.entry, sum);
             return true;
         }
@@ -411,9 +412,9 @@ impl Session {
                 ReadOutcome::Failed
             }
             Ok(()) => {
-                let mut h = Xxh3::new();
+                let mut h = XxHash3_64::new();
                 if p.ns.arena.hash_range(&mut h, p.slot.offset, p.ticket.len)
-                    && h.digest() == p.ticket.checksum
+                    && h.finish() == p.ticket.checksum
                 {
                     ReadOutcome::Verified
                 } else {

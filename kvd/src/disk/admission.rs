@@ -9,7 +9,7 @@
 
 use kvd_proto::{BlockKey, NamespaceId};
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::xxh3_64_with_seed;
+use twox_hash::XxHash3_64;
 
 /// How blocks are admitted to disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,9 +54,9 @@ impl Admission {
     }
 
     fn slots(&self, ns: &NamespaceId, key: &BlockKey) -> [usize; ROWS] {
-        let h = xxh3_64_with_seed(
-            &key.0,
+        let h = XxHash3_64::oneshot_with_seed(
             u64::from_le_bytes(ns.0[..8].try_into().unwrap_or([0; 8])),
+            &key.0,
         );
         let width = self.mask as usize + 1;
         let mut out = [0usize; ROWS];

@@ -18,7 +18,7 @@
 //! - `m:format` → [`CatalogMeta`]: format version and geometry, checked at start.
 
 use kvd_proto::{BlockKey, NamespaceId};
-use xxhash_rust::xxh3::xxh3_64;
+use twox_hash::XxHash3_64;
 
 /// Alignment of every block and of the header page (direct IO needs ≥ the device's logical
 /// block size; 4 KiB covers every device in use).
@@ -134,7 +134,7 @@ impl RegionHeader {
         b[24..32].copy_from_slice(&self.region_bytes.to_le_bytes());
         b[32..40].copy_from_slice(&self.instance.to_le_bytes());
         b[40..48].copy_from_slice(&self.created_unix_ms.to_le_bytes());
-        let sum = xxh3_64(&b[..HEADER_LEN]);
+        let sum = XxHash3_64::oneshot(&b[..HEADER_LEN]);
         b[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&sum.to_le_bytes());
         b
     }
@@ -146,7 +146,7 @@ impl RegionHeader {
         if b[0..8] != REGION_MAGIC {
             return Err(FormatError::BadMagic { what: W });
         }
-        if u64_at(b, HEADER_LEN) != xxh3_64(&b[..HEADER_LEN]) {
+        if u64_at(b, HEADER_LEN) != XxHash3_64::oneshot(&b[..HEADER_LEN]) {
             return Err(FormatError::Checksum { what: W });
         }
         let v = u32_at(b, 8);

@@ -1193,7 +1193,7 @@ fn record(l: &Loc, seq: u64) -> BlockRecord {
 mod tests {
     use super::*;
     use crate::config::ByteSize;
-    use xxhash_rust::xxh3::xxh3_64;
+    use twox_hash::XxHash3_64;
 
     fn cfg(dir: &Path, regions: u64, engine: DiskEngine) -> DiskConfig {
         DiskConfig {
@@ -1221,7 +1221,7 @@ mod tests {
     fn write_data(t: &DiskTier, ticket: WriteTicket, i: u8, len: u64) -> WriteDone {
         let mut buf = IoBuf::aligned(align_up(len) as usize);
         buf.as_mut_slice()[..len as usize].fill(i);
-        let sum = xxh3_64(&buf.as_slice()[..len as usize]);
+        let sum = XxHash3_64::oneshot(&buf.as_slice()[..len as usize]);
         let r = run_sync(
             t.engine(),
             IoKind::Write,
@@ -1260,7 +1260,7 @@ mod tests {
         )
         .ok()?;
         let bytes = buf.as_slice()[..tk.len as usize].to_vec();
-        let ok = xxh3_64(&bytes) == tk.checksum;
+        let ok = XxHash3_64::oneshot(&bytes) == tk.checksum;
         t.end_read(
             &NS,
             &key(i),
