@@ -6,6 +6,8 @@
 
 use serde::Serialize;
 
+pub mod uring;
+
 /// One result line of `kvd-bench --json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Record {

@@ -15,6 +15,13 @@
 //! Both sides do IO from the same kind of memory (`--huge-pages`): with 4 KiB pages a large
 //! IO becomes several device requests, as many as the pages' physical layout makes it, which
 //! on request-bound devices changes throughput more than anything either side does.
+//!
+//! `kvd-bench footprint` is a diagnostic for the read ratio: fio reads into its `--qd`
+//! buffers again and again, a cache into a different DRAM slot per block. It runs fio's
+//! random reads beside a bare io_uring loop doing the same reads into `qd` reused buffers and
+//! into one buffer per block, so the machine's cost of a large destination footprint (on
+//! virtual disks whose host copies into guest memory, up to ~15%) is measured apart from
+//! kvd's own.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -39,6 +46,34 @@ enum Cmd {
     Dram(DramArgs),
     /// Disk tier: sequential write and random read throughput vs fio on the same filesystem.
     Disk(DiskArgs),
+    /// Diagnostic: the same random reads into fio's few reused buffers vs a cache's many
+    /// distinct ones, to tell the machine's memory-footprint cost from the cache's own.
+    Footprint(FootprintArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct FootprintArgs {
+    /// Directory on the filesystem to measure (a fresh subdirectory, removed afterwards).
+    #[arg(long, default_value = "/var/tmp")]
+    dir: PathBuf,
+    /// Block size.
+    #[arg(long, default_value = "1MiB")]
+    size: String,
+    /// File size and bytes read per measurement (N = total / size blocks, each read once).
+    #[arg(long, default_value = "1GiB")]
+    total: String,
+    /// Reads in flight.
+    #[arg(long, default_value_t = 32)]
+    qd: u32,
+    /// Measured rounds (after a warm-up round); medians are reported.
+    #[arg(long, default_value_t = 5)]
+    rounds: u32,
+    /// Memory the reads land in (as for `disk`).
+    #[arg(long, value_enum, default_value_t = Pages::Auto)]
+    huge_pages: Pages,
+    /// Print one JSON object per line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -137,7 +172,8 @@ fn parse_size(s: &str) -> anyhow::Result<usize> {
         "g" | "gib" | "gb" => 1 << 30,
         other => bail!("unknown unit {other:?} in {s:?}"),
     };
-    Ok(n * m)
+    n.checked_mul(m)
+        .with_context(|| format!("{s:?} is too large"))
 }
 
 /// Block sizes, bytes per size and round, and the largest size.
@@ -553,16 +589,40 @@ fn fio(
     Ok(bw / 1e9)
 }
 
+/// Fisher–Yates shuffle driven by a xorshift state (reproducible orders, no RNG crate).
+fn shuffle(order: &mut [usize], x: &mut u64) {
+    for i in (1..order.len()).rev() {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        order.swap(i, (*x % (i as u64 + 1)) as usize);
+    }
+}
+
+/// Median of the finite values (NaN when there are none).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Removes a benchmark's scratch directory when the run ends, however it ends.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn disk(a: DiskArgs) -> anyhow::Result<()> {
     let (sizes, total, max) = parse_sizes(&a.sizes, &a.total)?;
     let work = a.dir.join(format!("kvd-bench-disk-{}", std::process::id()));
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-    struct Cleanup(PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
     let _cleanup = Cleanup(work.clone());
     // Room for one round plus two regions: after the warm-up round every region has been
     // written once, and later rounds reuse regions (reclaim), as a disk tier does in steady
@@ -733,12 +793,7 @@ fn disk(a: DiskArgs) -> anyhow::Result<()> {
                 this[0] = gbps(n * size, t.elapsed());
                 // Read: DRAM emptied, then random-order GETs, qd in flight, each from disk.
                 client.evict(Some(ns.id), &[])?;
-                for i in (1..order.len()).rev() {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    order.swap(i, (x % (i as u64 + 1)) as usize);
-                }
+                shuffle(&mut order, &mut x);
                 settle();
                 let before = client.stats()?.disk.context("no disk tier")?.hits;
                 let t = Instant::now();
@@ -761,15 +816,6 @@ fn disk(a: DiskArgs) -> anyhow::Result<()> {
                 rounds.push(this);
             }
         }
-        let median = |mut v: Vec<f64>| -> f64 {
-            v.retain(|x| x.is_finite());
-            v.sort_by(f64::total_cmp);
-            match v.len() {
-                0 => f64::NAN,
-                n if n % 2 == 1 => v[n / 2],
-                n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-            }
-        };
         let col = |i: usize| rounds.iter().map(|r| r[i]).collect::<Vec<_>>();
         let ratios = |k: usize, f: usize| rounds.iter().map(|r| r[k] / r[f]).collect::<Vec<_>>();
         if !a.json && !a.no_fio {
@@ -823,9 +869,138 @@ fn disk(a: DiskArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `kvd-bench footprint`: fio's random reads next to a bare io_uring loop doing the same
+/// reads into `qd` reused buffers (fio's footprint) and into one buffer per block (a cache's),
+/// rounds rotating which goes first.
+fn footprint(a: FootprintArgs) -> anyhow::Result<()> {
+    let size = parse_size(&a.size)?;
+    let total = parse_size(&a.total)?;
+    let n = total / size.max(1);
+    if !(1..=4096).contains(&a.qd) {
+        bail!("--qd must be between 1 and 4096");
+    }
+    if size == 0 || size % 4096 != 0 || n < 2 * a.qd as usize {
+        bail!("--size must be a multiple of 4 KiB and --total at least 2 × qd blocks");
+    }
+    let work = a
+        .dir
+        .join(format!("kvd-bench-footprint-{}", std::process::id()));
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let _cleanup = Cleanup(work.clone());
+    let len = n * size;
+    let (free_huge, huge_page) = kvd_shm::map::free_huge_pages();
+    let huge = match a.huge_pages {
+        Pages::Explicit => true,
+        Pages::Off => false,
+        // This process's buffers plus fio's (qd blocks), with slack.
+        Pages::Auto => {
+            huge_page > 0 && free_huge >= (len + a.qd as usize * size) as u64 + (64 << 20)
+        }
+    };
+    let pages = if huge {
+        kvd_shm::map::HugePages::Explicit
+    } else {
+        kvd_shm::map::HugePages::Off
+    };
+    let fd = kvd_shm::map::create_memfd("kvd-bench-footprint", len as u64, pages)
+        .context("allocating the read buffers")?;
+    let map = kvd_shm::Mapping::map_fd(&fd, len, true, true).context("mapping the buffers")?;
+    // SAFETY: the mapping is `len` bytes of private-to-this-process memory, alive for the
+    // rest of this function, and nothing else refers to it.
+    let mem = unsafe { std::slice::from_raw_parts_mut(map.as_ptr(), len) };
+    let file = work.join("fio.dat");
+    fio(&file, "write", size, len, a.qd, huge)?;
+    let f = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&file)
+            .with_context(|| format!("opening {} with O_DIRECT", file.display()))?
+    };
+    if !a.json {
+        println!(
+            "kvd-bench footprint: {} random reads of {} at QD {}, {} rounds after a warm-up, in {}, {}",
+            n,
+            a.size,
+            a.qd,
+            a.rounds,
+            a.dir.display(),
+            if huge { "huge pages" } else { "4 KiB pages" }
+        );
+        println!(
+            "  fio and `reused` read into {} buffers ({} MiB); `distinct` reads each block into its own ({} MiB)",
+            a.qd,
+            (a.qd as usize * size) >> 20,
+            len >> 20
+        );
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    // Per round: fio, reused, distinct (GB/s).
+    let mut rounds: Vec<[f64; 3]> = Vec::new();
+    for round in 0..=a.rounds {
+        shuffle(&mut order, &mut x);
+        let mut this = [0.0; 3];
+        for k in 0..3 {
+            let which = (k + round as usize) % 3;
+            settle();
+            this[which] = match which {
+                0 => fio(&file, "randread", size, len, a.qd, huge)?,
+                w => {
+                    let slots = if w == 1 { a.qd as usize } else { n };
+                    let d = kvd_benches::uring::random_reads(&f, size, &order, a.qd, mem, slots)
+                        .context("io_uring reads (is io_uring allowed here?)")?;
+                    gbps(len, d)
+                }
+            };
+        }
+        if round > 0 {
+            if !a.json {
+                println!(
+                    "  round {round}: fio {:.2}  reused {:.2}  distinct {:.2} GB/s   reused/fio {:.2}  distinct/reused {:.2}",
+                    this[0],
+                    this[1],
+                    this[2],
+                    this[1] / this[0],
+                    this[2] / this[1]
+                );
+            }
+            rounds.push(this);
+        }
+    }
+    let med = |f: &dyn Fn(&[f64; 3]) -> f64| median(rounds.iter().map(f).collect());
+    for (op, col) in [("read-reused-buffers", 1), ("read-distinct-buffers", 2)] {
+        emit(
+            a.json,
+            &Record {
+                tier: "disk",
+                op,
+                size_bytes: size as u64,
+                gbps: Some(med(&|r| r[col])),
+                p50_us: 0.0,
+                p99_us: 0.0,
+                memcpy_gbps: None,
+                fio_gbps: Some(med(&|r| r[0])),
+                queue_depth: Some(a.qd),
+                ratio: Some(med(&|r| r[col] / r[0])),
+                ops: n as u64 * u64::from(a.rounds),
+            },
+        )?;
+    }
+    if !a.json {
+        println!(
+            "footprint factor (distinct / reused, median of rounds): {:.2}",
+            med(&|r| r[2] / r[1])
+        );
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Dram(a) => dram(a),
         Cmd::Disk(a) => disk(a),
+        Cmd::Footprint(a) => footprint(a),
     }
 }
