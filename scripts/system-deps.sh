@@ -2,12 +2,14 @@
 # Installs the Debian packages kvd's build and tests need, if any is missing:
 #   libclang-dev  — bindgen for RocksDB (the disk tier's catalog) at build time
 #   fio           — the reference kvd-bench disk compares against
+#   redis-server  — the cluster index's tests run a private one on 127.0.0.1 (with redis-cli)
 # Runs apt-get as root (or through sudo); otherwise prints the command to run and fails.
 set -euo pipefail
 need=()
 ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* >/dev/null 2>&1 \
   || need+=(libclang-dev)
 command -v fio >/dev/null || need+=(fio)
+command -v redis-server >/dev/null && command -v redis-cli >/dev/null || need+=(redis-server)
 [ ${#need[@]} -eq 0 ] && exit 0
 echo "==> installing system packages: ${need[*]}"
 if [ "$(id -u)" = 0 ]; then

@@ -222,6 +222,73 @@ impl Default for DiskConfig {
     }
 }
 
+/// Cluster index: where this node publishes what it holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IndexConfig {
+    /// Redis or Valkey URLs (`redis://[:password@]host:port[/db]`, `rediss://` for TLS);
+    /// empty: no cluster index, kvd answers from its local index only. Several URLs, or
+    /// `cluster = true`, mean a Redis Cluster whose seed nodes these are. One URL may be
+    /// given as a plain string.
+    #[serde(deserialize_with = "one_or_many")]
+    pub redis_urls: Vec<String>,
+    /// Talk Redis Cluster protocol (slot routing) even with one seed URL.
+    pub cluster: bool,
+    /// This node's name in the index; empty: the host name.
+    pub node_id: String,
+    /// Prefix of every Redis key kvd writes.
+    pub key_prefix: String,
+    /// A node whose heartbeat is older than this stops counting in lookups.
+    pub lease_ttl_ms: u32,
+    /// How often changes are collected and sent (one pipelined batch per round trip).
+    pub publish_interval_ms: u32,
+    /// Most commands in one pipeline.
+    pub batch_commands: u32,
+    /// Most changes a tier keeps between two publishing rounds; beyond it the node
+    /// republishes everything it holds under a new epoch.
+    pub journal_changes: u32,
+    /// Timeout of one Redis connection attempt or pipeline.
+    pub timeout_ms: u32,
+}
+
+/// A list of strings, or one string as a list of one (handy in `--set` and environment
+/// variables).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        Self {
+            redis_urls: Vec::new(),
+            cluster: false,
+            node_id: String::new(),
+            key_prefix: "kvd".into(),
+            lease_ttl_ms: 10_000,
+            publish_interval_ms: 20,
+            batch_commands: 4096,
+            journal_changes: 1 << 17,
+            timeout_ms: 2000,
+        }
+    }
+}
+
+impl IndexConfig {
+    /// Whether a cluster index is configured.
+    pub fn enabled(&self) -> bool {
+        !self.redis_urls.is_empty()
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -263,6 +330,8 @@ pub struct Config {
     pub dram: DramConfig,
     /// Disk tier.
     pub disk: DiskConfig,
+    /// Cluster index.
+    pub index: IndexConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -307,7 +376,7 @@ pub enum ConfigError {
     },
 }
 
-const SECTIONS: [&str; 5] = ["server", "ring", "dram", "disk", "log"];
+const SECTIONS: [&str; 6] = ["server", "ring", "dram", "disk", "index", "log"];
 
 fn parse_value(raw: &str) -> toml::Value {
     let doc = format!("v = {raw}");
@@ -422,6 +491,46 @@ impl Config {
     /// Checks ranges and relations between keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key, why: String| Err(ConfigError::Invalid { key, why });
+        let x = &self.index;
+        if let Some(u) = x
+            .redis_urls
+            .iter()
+            .find(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+        {
+            // Only the scheme and host are echoed: a URL may carry a password.
+            let shown = u.split('@').next_back().unwrap_or_default();
+            return bad(
+                "index.redis_urls",
+                format!("{shown:?} is not a redis:// or rediss:// URL"),
+            );
+        }
+        if x.key_prefix.is_empty() || x.key_prefix.len() > 64 {
+            return bad("index.key_prefix", "must be 1 to 64 bytes".into());
+        }
+        if x.node_id.len() > 128 || x.node_id.contains(['|', ' ']) {
+            return bad(
+                "index.node_id",
+                "must be at most 128 bytes, without '|' or spaces".into(),
+            );
+        }
+        if x.lease_ttl_ms < 1000 {
+            return bad("index.lease_ttl_ms", "must be at least 1000".into());
+        }
+        if x.publish_interval_ms == 0 || x.publish_interval_ms > x.lease_ttl_ms / 4 {
+            return bad(
+                "index.publish_interval_ms",
+                "must be in 1..=index.lease_ttl_ms/4 (heartbeats ride on publishing rounds)".into(),
+            );
+        }
+        if !(16..=1 << 20).contains(&x.batch_commands) {
+            return bad("index.batch_commands", "must be in 16..=1048576".into());
+        }
+        if !(1024..=1 << 24).contains(&x.journal_changes) {
+            return bad("index.journal_changes", "must be in 1024..=16777216".into());
+        }
+        if !(100..=60_000).contains(&x.timeout_ms) {
+            return bad("index.timeout_ms", "must be in 100..=60000".into());
+        }
         if self.server.socket_path.as_os_str().is_empty() {
             return bad("server.socket_path", "must not be empty".into());
         }
@@ -578,6 +687,41 @@ mod tests {
         assert_eq!(c.dram.max_block_bytes.0, 4 << 20);
         assert_eq!(c.ring.spin_us, 5);
         assert_eq!(c.server.socket_path, PathBuf::from("/tmp/k.sock"));
+    }
+
+    #[test]
+    fn index_urls_take_one_or_many_and_bad_ones_never_echo_the_password() {
+        let c = load(
+            "",
+            &[("KVD_INDEX_REDIS_URLS", "redis://10.0.0.1:6379")],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.index.redis_urls, ["redis://10.0.0.1:6379"]);
+        assert!(c.index.enabled());
+        let c = load(
+            "[index]\nredis_urls = [\"redis://a:1\", \"redis://b:2\"]\n",
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.index.redis_urls.len(), 2);
+        assert!(!load("", &[], &[]).unwrap().index.enabled());
+        let e = load("", &[], &["index.redis_urls=http://:hunter2@h:1"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("index.redis_urls") && !e.contains("hunter2"),
+            "{e}"
+        );
+        let e = load("", &[], &["index.node_id=a|b"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("index.node_id"), "{e}");
+        let e = load("", &[], &["index.publish_interval_ms=5000"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("index.publish_interval_ms"), "{e}");
     }
 
     #[test]

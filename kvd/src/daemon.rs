@@ -189,6 +189,9 @@ impl Daemon {
         };
         if let Some(disk) = &disk {
             register_arenas(&cfg, disk, &mut pool);
+            if cfg.index.enabled() {
+                disk.record_changes(cfg.index.journal_changes as usize);
+            }
         }
         let drains = Arc::new(Mutex::new(DrainSet::default()));
         let d = Arc::new(Daemon {
@@ -379,12 +382,15 @@ impl Daemon {
                     .ok_or_else(|| {
                         OpError::new(ErrorCode::Internal, "arena smaller than one chunk")
                     })?;
-                    let store = NsStore::new(
+                    let mut store = NsStore::new(
                         id,
                         alloc,
                         self.cfg.dram.high_watermark,
                         self.cfg.dram.low_watermark,
                     );
+                    if self.cfg.index.enabled() {
+                        store.record_changes(self.cfg.index.journal_changes as usize);
+                    }
                     tracing::info!(ns = %id, model = %desc.model, tenant = %desc.tenant, "namespace opened");
                     let ns = Arc::new(Namespace {
                         id,

@@ -1,9 +1,10 @@
 //! kvd daemon library: everything the `kvd` binary runs, split so tests can drive it in-process.
 //!
-//! Logical layer (no IO): [`alloc`] and [`store`]. Physical layer: [`arena`] (shared memory),
-//! [`disk`] (the NVMe tier), [`ring_service`] (data plane), [`server`] (control plane).
-//! [`demoter`] moves blocks down the tiers in the background. [`daemon`] ties them together
-//! and [`config`] describes it all.
+//! Logical layer (no IO): [`alloc`], [`store`] and [`residency`] (changes for the cluster
+//! index). Physical layer: [`arena`] (shared memory), [`disk`] (the NVMe tier),
+//! [`ring_service`] (data plane), [`server`] (control plane). [`demoter`] moves blocks down the
+//! tiers in the background; [`index`] publishes what the node holds to the cluster index
+//! (Redis/Valkey). [`daemon`] ties them together and [`config`] describes it all.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -13,6 +14,8 @@ pub mod config;
 pub mod daemon;
 pub mod demoter;
 pub mod disk;
+pub mod index;
+pub mod residency;
 pub mod ring_service;
 pub mod server;
 pub mod store;

@@ -58,9 +58,14 @@ fn main() -> anyhow::Result<()> {
     let cfg = Config::load(cli.config.as_deref(), std::env::vars(), &sets)
         .context("loading the configuration")?;
     if cli.check_config {
+        // Passwords in Redis URLs are not echoed.
+        let mut shown = cfg.clone();
+        for u in &mut shown.index.redis_urls {
+            *u = kvd::index::redacted(u);
+        }
         println!(
             "{}",
-            toml::to_string_pretty(&cfg).context("printing the configuration")?
+            toml::to_string_pretty(&shown).context("printing the configuration")?
         );
         eprintln!("configuration is valid");
         return Ok(());
@@ -92,6 +97,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let stop = Arc::new(tokio::sync::Notify::new());
     let server = tokio::spawn(kvd::server::serve(daemon.clone(), listener, stop.clone()));
+    let index_stop = Arc::new(tokio::sync::Notify::new());
+    let index = tokio::spawn(kvd::index::run(daemon.clone(), index_stop.clone()));
     tracing::info!(socket = %path.display(), version = kvd::daemon::VERSION, "kvd ready");
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
@@ -99,6 +106,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     stop.notify_one();
     let _ = server.await;
+    index_stop.notify_one();
+    let _ = index.await;
     daemon.stop_background();
     let _ = std::fs::remove_file(&path);
     tracing::info!("kvd stopped");

@@ -15,6 +15,7 @@ use kvd_proto::frame::BlockInfo;
 use kvd_proto::{BlockKey, NamespaceId, Tier};
 
 use crate::alloc::{SlabAllocator, Slot};
+use crate::residency::{Journal, Taken};
 
 const NIL: u32 = u32::MAX;
 
@@ -164,6 +165,8 @@ pub struct NsStore {
     low_bytes: u64,
     /// Counters for stats.
     pub counters: Counters,
+    /// Blocks that appeared or went, for the cluster index.
+    journal: Journal,
 }
 
 impl NsStore {
@@ -187,7 +190,19 @@ impl NsStore {
             high_bytes: (cap * high) as u64,
             low_bytes: (cap * low) as u64,
             counters: Counters::default(),
+            journal: Journal::off(),
         }
+    }
+
+    /// Starts recording residency changes (at most `cap` between two
+    /// [`take_changes`](Self::take_changes)).
+    pub fn record_changes(&mut self, cap: usize) {
+        self.journal = Journal::new(cap);
+    }
+
+    /// Residency changes since the last call.
+    pub fn take_changes(&mut self) -> Taken {
+        self.journal.take()
     }
 
     fn hash(&self, key: &BlockKey) -> u64 {
@@ -259,6 +274,7 @@ impl NsStore {
             self.pinned -= 1;
         }
         self.live -= 1;
+        self.journal.record(self.ns, key, Tier::Dram, false);
         self.free_entry(i);
     }
 
@@ -351,6 +367,7 @@ impl NsStore {
             hasher.hash_one(entries[j as usize].key)
         });
         self.live += 1;
+        self.journal.record(self.ns, *key, Tier::Dram, true);
         self.push_mru(i);
         if self.alloc.used_bytes() > self.high_bytes {
             while self.alloc.used_bytes() > self.low_bytes && self.lru != i && self.evict_lru() {}
@@ -625,6 +642,7 @@ impl NsStore {
                 e.pins = 0;
                 e.state = State::Doomed;
                 self.live -= 1;
+                self.journal.record(self.ns, *k, Tier::Dram, false);
             }
         }
         n
@@ -664,6 +682,15 @@ impl NsStore {
             age_ms: now_ms.saturating_sub(e.created_ms),
             idle_ms: now_ms.saturating_sub(e.last_ms),
         }
+    }
+
+    /// Keys of every stored block, unordered (a snapshot for republishing the index).
+    pub fn live_keys(&self) -> Vec<BlockKey> {
+        self.entries
+            .iter()
+            .filter(|e| e.state == State::Live)
+            .map(|e| e.key)
+            .collect()
     }
 
     /// Stored blocks with keys after `after`, in key order, at most `limit`; the flag says
@@ -789,6 +816,46 @@ mod tests {
         s.seal(e, u64::from(i));
         assert_eq!(s.hold(e), None, "sealed entries are not held again");
         Ok(())
+    }
+
+    /// Every way a block appears or goes is journaled once, in order: commit, promotion,
+    /// eviction (LRU and explicit), delete (with and without readers); a duplicate commit and
+    /// a missing key are not.
+    #[test]
+    fn residency_changes_are_journaled() {
+        let mut s = store(2);
+        put(&mut s, 1, 1000).unwrap();
+        assert!(s.take_changes().changes.is_empty(), "off until asked for");
+        s.record_changes(64);
+        put(&mut s, 2, 1000).unwrap();
+        let slot = s.reserve(&key(3), 1000).unwrap();
+        assert!(s.promote(&key(3), slot, 1000, 7, 0).is_some());
+        let dup = s.reserve(&key(9), 1000).unwrap();
+        s.commit(&key(9), dup, 1000, 0);
+        let again = s.alloc.alloc(1000).unwrap();
+        assert_eq!(s.commit(&key(9), again, 1000, 0), Committed::Duplicate);
+        assert_eq!(s.evict(&[key(1)]), 1);
+        s.delete(&[key(2), key(42)]);
+        // Key 3 is being read (the promotion took a lease): deleted while read.
+        s.delete(&[key(3)]);
+        let t = s.take_changes();
+        let got: Vec<(u8, bool)> = t.changes.iter().map(|c| (c.key.0[0], c.stored)).collect();
+        assert_eq!(
+            got,
+            [
+                (2, true),
+                (3, true),
+                (9, true),
+                (1, false),
+                (2, false),
+                (3, false)
+            ]
+        );
+        assert!(t
+            .changes
+            .iter()
+            .all(|c| c.tier == Tier::Dram && c.ns == s.ns));
+        assert!(!t.lost);
     }
 
     #[test]

@@ -122,6 +122,21 @@ impl Daemon {
             .any(|l| l.contains(needle))
     }
 
+    /// Waits (at most 10 s) for a log line containing `needle`; panics with the log if none
+    /// comes. Lines reach the test through a pipe and a reader thread, so a line logged just
+    /// before something the test observed may still be on its way.
+    pub fn expect_log(&self, needle: &str) {
+        let t = Instant::now();
+        while !self.log_contains(needle) {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "no log line contains {needle:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Sends SIGTERM and waits for exit (at most `timeout`); returns the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         // SAFETY: plain kill(2) on our own child's pid.

@@ -133,7 +133,7 @@ fn ring_corruption_drops_only_that_client() {
         }
     }
     assert!(closed);
-    assert!(d.log_contains("dropping client"));
+    d.expect_log("dropping client");
 
     // The good client never noticed.
     assert_eq!(

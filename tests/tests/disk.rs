@@ -256,7 +256,7 @@ fn corrupted_region_bytes_are_detected_and_never_served() {
     assert_eq!(served.iter().filter(|s| !**s).count(), 1, "{served:?}");
     let disk = c.stats().expect("stats").disk.expect("disk");
     assert_eq!(disk.checksum_failures, 1);
-    assert!(d.log_contains("failed its checksum"), "{}", d.log_text());
+    d.expect_log("failed its checksum");
 }
 
 #[test]
@@ -453,7 +453,7 @@ fn a_full_disk_degrades_the_tier_while_dram_keeps_serving() {
     assert!(from_disk > 0, "some blocks fit before the disk filled");
     let s = c.stats().expect("stats").disk.expect("disk");
     assert_eq!(s.checksum_failures, 0, "{s:?}");
-    assert!(d.log_contains("disk tier degraded"), "{}", d.log_text());
+    d.expect_log("disk tier degraded");
     drop(ns);
     drop(c);
     drop(d);

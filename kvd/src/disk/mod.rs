@@ -32,10 +32,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hashbrown::HashMap;
 use kvd_proto::frame::DiskReport;
-use kvd_proto::{BlockKey, NamespaceId};
+use kvd_proto::{BlockKey, NamespaceId, Tier};
 use parking_lot::{Condvar, Mutex};
 
 use crate::config::{DiskConfig, DiskEngine, ReclaimPolicy};
+use crate::residency::{Journal, Taken};
 use admission::Admission;
 use catalog::{Catalog, CatalogError};
 use engine::{run_sync, IoBuf, IoEngine, IoKind, IoOp, PsyncEngine, UringEngine};
@@ -180,6 +181,8 @@ struct State {
     /// this a write finishing after a delete would catalog the block again, and a read would
     /// promote it back into DRAM.
     in_flight: HashMap<(NamespaceId, BlockKey), InFlight, foldhash::fast::RandomState>,
+    /// Blocks that appeared or went, for the cluster index (off unless one is configured).
+    journal: Journal,
 }
 
 /// IOs in flight for one block, and how many deletes it has seen (tickets carry the count
@@ -223,12 +226,15 @@ impl State {
         self.regions[loc.region as usize].live_blocks += 1;
         self.used_bytes += align_up(loc.len);
         *self.per_ns.entry(ns).or_default() += 1;
-        self.index.insert((ns, key), loc);
+        if self.index.insert((ns, key), loc).is_none() {
+            self.journal.record(ns, key, Tier::Disk, true);
+        }
     }
 
     /// Removes a block from the index and the counts; its former place.
     fn remove(&mut self, k: &(NamespaceId, BlockKey)) -> Option<Loc> {
         let l = self.index.remove(k)?;
+        self.journal.record(k.0, k.1, Tier::Disk, false);
         let r = &mut self.regions[l.region as usize];
         r.live_blocks = r.live_blocks.saturating_sub(1);
         self.used_bytes = self.used_bytes.saturating_sub(align_up(l.len));
@@ -510,6 +516,7 @@ impl DiskTier {
             next: None,
             touched: Vec::new(),
             in_flight: HashMap::default(),
+            journal: Journal::off(),
         };
         let mut drop = Vec::new();
         catalog.scan_blocks(|ns, key, rec| {
@@ -1055,6 +1062,27 @@ impl DiskTier {
             s.degraded = None;
         }
         ok
+    }
+
+    /// Starts recording residency changes (at most `cap` between two
+    /// [`take_changes`](Self::take_changes)); blocks loaded at start are not changes.
+    pub fn record_changes(&self, cap: usize) {
+        self.state.lock().journal = Journal::new(cap);
+    }
+
+    /// Residency changes since the last call.
+    pub fn take_changes(&self) -> Taken {
+        self.state.lock().journal.take()
+    }
+
+    /// A page of the blocks on disk, in key order after `after` (see
+    /// [`Catalog::block_keys`]).
+    pub fn block_keys(
+        &self,
+        after: Option<(NamespaceId, BlockKey)>,
+        limit: usize,
+    ) -> Result<Vec<(NamespaceId, BlockKey)>, DiskError> {
+        Ok(self.catalog.block_keys(after, limit)?)
     }
 
     /// Namespaces with blocks on disk.

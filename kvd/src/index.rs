@@ -1,0 +1,411 @@
+//! Cluster index publisher: keeps Redis/Valkey told which blocks this node holds, in which
+//! tier, so a router or another node can find a prefix anywhere in the cluster.
+//!
+//! Schema (every key under `index.key_prefix`, `kvd` by default):
+//! - `kvd:node:<node>` — hash `{epoch, version, started_unix_ms}`, expiring `lease_ttl_ms`
+//!   after the last heartbeat (one every `lease_ttl_ms / 4` at most).
+//! - `kvd:blk:<namespace hex>:<key hex>` — hash with one field per holder, `<node>|<tier>`
+//!   (`dram`, `disk`), whose value is the epoch the node wrote it under.
+//!
+//! A reader counts a field only while the node's lease exists and carries the same epoch. So
+//! a node that dies stops counting when its lease expires, and what a node published before
+//! it restarted, or before it lost track of changes, stops counting the moment it takes a
+//! new epoch — it then republishes everything it holds under that epoch.
+//!
+//! Changes come from the tiers' [`Journal`](crate::residency::Journal)s, taken every
+//! `publish_interval_ms` and sent as pipelines of at most `batch_commands` commands, never
+//! from the request path. When Redis is unreachable kvd keeps serving from its local index,
+//! logs one warning per outage, and republishes under a new epoch once Redis is back.
+//! Without `index.redis_urls` nothing here runs and kvd says so once at start.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use kvd_proto::{BlockKey, NamespaceId, Tier};
+use redis::aio::MultiplexedConnection;
+use redis::cluster_async::ClusterConnection;
+use redis::{Pipeline, RedisError};
+
+use crate::config::IndexConfig;
+use crate::daemon::Daemon;
+use crate::residency::Change;
+
+/// Why publishing stopped for now (the loop retries; nothing here is fatal).
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    /// Redis refused or failed a command, or the connection broke.
+    #[error("redis at {endpoint}: {source}")]
+    Redis {
+        /// Host and port only (URLs may hold passwords).
+        endpoint: String,
+        /// The driver's error.
+        #[source]
+        source: RedisError,
+    },
+    /// No answer within `index.timeout_ms`.
+    #[error("redis at {endpoint}: no answer within {ms} ms")]
+    Timeout {
+        /// Host and port only.
+        endpoint: String,
+        /// The timeout.
+        ms: u32,
+    },
+    /// The disk tier's catalog could not be read for a republish.
+    #[error("reading the disk catalog to republish: {0}")]
+    Disk(#[from] crate::disk::DiskError),
+}
+
+/// A URL without its user info, for logs and errors.
+pub fn redacted(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    format!("{scheme}://{host}")
+}
+
+/// This node's name: the configured one, else the host name.
+pub fn node_id(cfg: &IndexConfig) -> String {
+    if !cfg.node_id.is_empty() {
+        return cfg.node_id.clone();
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().replace(['|', ' '], "_"))
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "kvd".into())
+}
+
+/// Redis key of a block's holders.
+pub fn block_key(prefix: &str, ns: &NamespaceId, key: &BlockKey) -> String {
+    format!("{prefix}:blk:{}:{}", ns.to_hex(), key.to_hex())
+}
+
+/// Redis key of a node's lease.
+pub fn node_key(prefix: &str, node: &str) -> String {
+    format!("{prefix}:node:{node}")
+}
+
+/// Field of a holder in a block's hash.
+pub fn holder_field(node: &str, tier: Tier) -> String {
+    format!("{node}|{}", tier.name())
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One Redis server or a cluster.
+enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+/// The publisher's connection and what it has told Redis.
+struct Publisher {
+    cfg: IndexConfig,
+    node: String,
+    endpoint: String,
+    started_ms: u64,
+    conn: Option<Conn>,
+    epoch: u64,
+    /// Everything must be republished under a new epoch before changes mean anything.
+    resync: bool,
+    last_heartbeat: Option<Instant>,
+}
+
+impl Publisher {
+    fn new(cfg: IndexConfig) -> Publisher {
+        let endpoint = cfg
+            .redis_urls
+            .iter()
+            .map(|u| redacted(u))
+            .collect::<Vec<_>>()
+            .join(",");
+        Publisher {
+            node: node_id(&cfg),
+            cfg,
+            endpoint,
+            started_ms: unix_ms(),
+            conn: None,
+            epoch: 0,
+            resync: true,
+            last_heartbeat: None,
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(u64::from(self.cfg.timeout_ms))
+    }
+
+    fn err(&self, source: RedisError) -> IndexError {
+        IndexError::Redis {
+            endpoint: self.endpoint.clone(),
+            source,
+        }
+    }
+
+    async fn bounded<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, IndexError> {
+        match tokio::time::timeout(self.timeout(), f).await {
+            Ok(r) => r.map_err(|e| self.err(e)),
+            Err(_) => Err(IndexError::Timeout {
+                endpoint: self.endpoint.clone(),
+                ms: self.cfg.timeout_ms,
+            }),
+        }
+    }
+
+    async fn connect(&self) -> Result<Conn, IndexError> {
+        let urls = self.cfg.redis_urls.clone();
+        if self.cfg.cluster || urls.len() > 1 {
+            let client = redis::cluster::ClusterClient::builder(urls)
+                .connection_timeout(self.timeout())
+                .response_timeout(self.timeout())
+                .build()
+                .map_err(|e| self.err(e))?;
+            let c = self.bounded(client.get_async_connection()).await?;
+            Ok(Conn::Cluster(c))
+        } else {
+            let client = redis::Client::open(urls[0].as_str()).map_err(|e| self.err(e))?;
+            let c = self
+                .bounded(client.get_multiplexed_async_connection())
+                .await?;
+            Ok(Conn::Single(c))
+        }
+    }
+
+    /// Runs a pipeline on the open connection.
+    async fn exec(&mut self, p: &Pipeline) -> Result<(), IndexError> {
+        let timeout = self.timeout();
+        let r = match self.conn.as_mut() {
+            Some(Conn::Single(c)) => tokio::time::timeout(timeout, p.query_async::<()>(c)).await,
+            Some(Conn::Cluster(c)) => tokio::time::timeout(timeout, p.query_async::<()>(c)).await,
+            None => return Ok(()),
+        };
+        match r {
+            Ok(r) => r.map_err(|e| self.err(e)),
+            Err(_) => Err(IndexError::Timeout {
+                endpoint: self.endpoint.clone(),
+                ms: self.cfg.timeout_ms,
+            }),
+        }
+    }
+
+    /// Adds the lease refresh to `p`.
+    fn lease(&self, p: &mut Pipeline) {
+        let k = node_key(&self.cfg.key_prefix, &self.node);
+        p.hset_multiple(
+            &k,
+            &[
+                ("epoch", self.epoch.to_string()),
+                ("version", crate::daemon::VERSION.to_string()),
+                ("started_unix_ms", self.started_ms.to_string()),
+            ],
+        )
+        .ignore()
+        .pexpire(&k, i64::from(self.cfg.lease_ttl_ms))
+        .ignore();
+    }
+
+    /// Sends `changes` (and a heartbeat when due) in pipelines of at most `batch_commands`.
+    async fn publish(&mut self, changes: &[Change]) -> Result<(), IndexError> {
+        let due = self.last_heartbeat.is_none_or(|t| {
+            t.elapsed() >= Duration::from_millis(u64::from(self.cfg.lease_ttl_ms / 4))
+        });
+        let per = self.cfg.batch_commands as usize;
+        let mut p = redis::pipe();
+        let mut n = 0;
+        if due {
+            self.lease(&mut p);
+            n += 2;
+        }
+        let epoch = self.epoch.to_string();
+        for c in changes {
+            let k = block_key(&self.cfg.key_prefix, &c.ns, &c.key);
+            let f = holder_field(&self.node, c.tier);
+            if c.stored {
+                p.hset(k, f, &epoch).ignore();
+            } else {
+                p.hdel(k, f).ignore();
+            }
+            n += 1;
+            if n >= per {
+                self.exec(&p).await?;
+                p = redis::pipe();
+                n = 0;
+            }
+        }
+        if n > 0 {
+            self.exec(&p).await?;
+        }
+        if due {
+            self.last_heartbeat = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Takes a new epoch, announces it, and publishes everything the node holds under it.
+    async fn republish(&mut self, daemon: &Daemon) -> Result<u64, IndexError> {
+        // Changes recorded so far are covered by the snapshot below; later ones follow it.
+        drop(take_changes(daemon));
+        self.epoch = unix_ms().max(self.epoch + 1);
+        self.last_heartbeat = None;
+        self.publish(&[]).await?;
+        let mut sent = 0u64;
+        let per = self.cfg.batch_commands as usize;
+        for ns in daemon.namespaces() {
+            let keys = ns.store.lock().live_keys();
+            for chunk in keys.chunks(per) {
+                let changes: Vec<Change> = chunk
+                    .iter()
+                    .map(|&key| Change::stored(ns.id, key, Tier::Dram))
+                    .collect();
+                self.publish(&changes).await?;
+                sent += changes.len() as u64;
+            }
+        }
+        if let Some(disk) = &daemon.disk {
+            let mut after = None;
+            loop {
+                let page = disk.block_keys(after, per)?;
+                let Some(&last) = page.last() else { break };
+                let changes: Vec<Change> = page
+                    .iter()
+                    .map(|&(ns, key)| Change::stored(ns, key, Tier::Disk))
+                    .collect();
+                self.publish(&changes).await?;
+                sent += changes.len() as u64;
+                after = Some(last);
+            }
+        }
+        Ok(sent)
+    }
+
+    /// One publishing round: connect if needed, republish if needed, else send the changes.
+    async fn round(&mut self, daemon: &Daemon) -> Result<(), IndexError> {
+        if self.conn.is_none() {
+            self.conn = Some(self.connect().await?);
+            tracing::info!(endpoint = %self.endpoint, node = %self.node, "cluster index connected");
+        }
+        if self.resync {
+            let t = Instant::now();
+            let n = self.republish(daemon).await?;
+            self.resync = false;
+            tracing::info!(
+                blocks = n,
+                epoch = self.epoch,
+                ms = t.elapsed().as_millis() as u64,
+                "published this node's blocks to the cluster index"
+            );
+            return Ok(());
+        }
+        let (changes, lost) = take_changes(daemon);
+        if lost {
+            tracing::warn!(
+                "more residency changes than index.journal_changes between two rounds; \
+                 republishing everything under a new epoch"
+            );
+            self.resync = true;
+            return Ok(());
+        }
+        self.publish(&changes).await
+    }
+
+    /// Removes the lease so lookups stop naming this node at once.
+    async fn leave(&mut self) {
+        let k = node_key(&self.cfg.key_prefix, &self.node);
+        let mut p = redis::pipe();
+        p.del(k).ignore();
+        if let Err(e) = self.exec(&p).await {
+            tracing::debug!(error = %e, "could not remove the node lease at shutdown");
+        }
+    }
+}
+
+/// Changes recorded by every tier since the last call, and whether any were lost.
+fn take_changes(daemon: &Daemon) -> (Vec<Change>, bool) {
+    let mut all = Vec::new();
+    let mut lost = false;
+    for ns in daemon.namespaces() {
+        let t = ns.store.lock().take_changes();
+        lost |= t.lost;
+        all.extend(t.changes);
+    }
+    if let Some(disk) = &daemon.disk {
+        let t = disk.take_changes();
+        lost |= t.lost;
+        all.extend(t.changes);
+    }
+    (all, lost)
+}
+
+/// Publishes residency until `stop` fires; returns at once when no index is configured.
+pub async fn run(daemon: Arc<Daemon>, stop: Arc<tokio::sync::Notify>) {
+    let cfg = daemon.cfg.index.clone();
+    if !cfg.enabled() {
+        tracing::info!("no cluster index configured (index.redis_urls): local index only");
+        return;
+    }
+    let interval = Duration::from_millis(u64::from(cfg.publish_interval_ms));
+    let mut p = Publisher::new(cfg);
+    let mut down_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = stop.notified() => break,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        match p.round(&daemon).await {
+            Ok(()) => {
+                if let Some(t) = down_since.take() {
+                    tracing::info!(endpoint = %p.endpoint, after_ms = t.elapsed().as_millis() as u64,
+                        "cluster index reachable again");
+                }
+            }
+            Err(e) => {
+                if down_since.is_none() {
+                    tracing::warn!(error = %e, "cluster index unavailable; serving from the \
+                        local index, will republish when it is back");
+                    down_since = Some(Instant::now());
+                }
+                p.conn = None;
+                p.resync = true;
+                // While away, changes are not kept: the republish covers them.
+                drop(take_changes(&daemon));
+                tokio::select! {
+                    _ = stop.notified() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        }
+    }
+    p.leave().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_passwords() {
+        assert_eq!(
+            redacted("redis://:s3cret@10.0.0.1:6379/0"),
+            "redis://10.0.0.1:6379/0"
+        );
+        assert_eq!(redacted("rediss://user:pw@h:1"), "rediss://h:1");
+        assert_eq!(redacted("redis://h:1"), "redis://h:1");
+    }
+
+    #[test]
+    fn key_layout() {
+        let ns = NamespaceId([0xab; 16]);
+        let key = BlockKey([1; 32]);
+        let k = block_key("kvd", &ns, &key);
+        assert_eq!(k.len(), "kvd:blk:".len() + 32 + 1 + 64);
+        assert!(k.starts_with("kvd:blk:abab"));
+        assert_eq!(holder_field("n1", Tier::Disk), "n1|disk");
+        assert_eq!(node_key("kvd", "n1"), "kvd:node:n1");
+    }
+}

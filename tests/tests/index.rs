@@ -1,0 +1,226 @@
+//! The cluster index end to end: a real `redis-server` (Debian's, started here on 127.0.0.1)
+//! and the real `kvd` publishing what it holds, following deletes and demotions, surviving a
+//! Redis outage and republishing under a new epoch after it and after a restart.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use kvd_client::{BlockKey, Client, Namespace};
+use kvd_tests::{pattern, test_namespace, wait_for, Daemon};
+
+/// A private redis-server on a free loopback port; killed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    /// Starts redis-server, or returns None (test skipped) where it is not installed.
+    fn start(port: Option<u16>) -> Option<Redis> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("SKIPPED: redis-server not installed (scripts/system-deps.sh installs it)");
+            return None;
+        }
+        let port = port.unwrap_or_else(free_port);
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "yes",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        let r = Redis { child, port };
+        wait_for("redis-server to answer", Duration::from_secs(10), || {
+            (r.cli(&["PING"]).trim() == "PONG").then_some(())
+        });
+        Some(r)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs redis-cli against it; stdout.
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "--raw"])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The epoch in `node`'s lease, if the lease exists.
+    fn epoch(&self, node: &str) -> Option<String> {
+        let e = self.cli(&["HGET", &format!("kvd:node:{node}"), "epoch"]);
+        let e = e.trim();
+        (!e.is_empty()).then(|| e.to_string())
+    }
+
+    /// Holders of a block (`node|tier` → epoch), counting only fields of `node`'s current
+    /// epoch, as a reader does.
+    fn holders(&self, ns: &Namespace, key: &BlockKey, node: &str) -> Vec<String> {
+        let Some(epoch) = self.epoch(node) else {
+            return Vec::new();
+        };
+        let k = format!("kvd:blk:{}:{}", ns.id.to_hex(), key.to_hex());
+        let lines: Vec<String> = self
+            .cli(&["HGETALL", &k])
+            .lines()
+            .map(String::from)
+            .collect();
+        let mut out: Vec<String> = lines
+            .chunks(2)
+            .filter(|fv| fv.len() == 2 && fv[1] == epoch)
+            .map(|fv| fv[0].clone())
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn key(i: u64) -> BlockKey {
+    let mut k = [0u8; 32];
+    k[..8].copy_from_slice(&i.to_le_bytes());
+    k[31] = 0x1D;
+    BlockKey(k)
+}
+
+fn sets(redis: &Redis, node: &str, disk: &Path) -> Vec<String> {
+    vec![
+        format!("index.redis_urls={}", redis.url()),
+        format!("index.node_id={node}"),
+        "index.publish_interval_ms=20".into(),
+        "index.lease_ttl_ms=2000".into(),
+        "index.timeout_ms=500".into(),
+        format!("disk.path={}", disk.display()),
+        "disk.capacity_bytes=64MiB".into(),
+        "disk.region_bytes=16MiB".into(),
+        "disk.admission=always".into(),
+        "disk.demote_watermark=1.0".into(),
+    ]
+}
+
+fn start(sets: &[String]) -> Daemon {
+    let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
+    Daemon::start(&refs)
+}
+
+fn put(c: &Client, ns: &Namespace, range: std::ops::Range<u64>) {
+    for i in range {
+        c.put(ns, &key(i), &pattern(7, i, 20_000)).expect("put");
+    }
+}
+
+/// Waits until Redis names exactly `want` as the holders of block `i`.
+fn expect_holders(r: &Redis, ns: &Namespace, i: u64, node: &str, want: &[&str]) {
+    let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    wait_for(
+        &format!("block {i} held by {want:?} in redis"),
+        Duration::from_secs(10),
+        || (r.holders(ns, &key(i), node) == want).then_some(()),
+    );
+}
+
+#[test]
+fn residency_follows_puts_deletes_demotions_outages_and_restarts() {
+    let Some(redis) = Redis::start(None) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sets = sets(&redis, "node-a", dir.path());
+    let mut d = start(&sets);
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("index")).expect("ns");
+    put(&c, &ns, 0..6);
+    for i in 0..6 {
+        expect_holders(&redis, &ns, i, "node-a", &["node-a|dram"]);
+    }
+    let ttl: i64 = redis
+        .cli(&["PTTL", "kvd:node:node-a"])
+        .trim()
+        .parse()
+        .expect("pttl");
+    assert!(ttl > 0 && ttl <= 2000, "the lease expires: pttl {ttl}");
+
+    c.delete(&ns.id, &[key(0)]).expect("delete");
+    expect_holders(&redis, &ns, 0, "node-a", &[]);
+    c.drain(Some(ns.id)).expect("drain");
+    for i in 1..6 {
+        expect_holders(&redis, &ns, i, "node-a", &["node-a|disk", "node-a|dram"]);
+    }
+    c.evict(Some(ns.id), &[key(1)]).expect("evict");
+    expect_holders(&redis, &ns, 1, "node-a", &["node-a|disk"]);
+
+    // Redis goes away: kvd keeps serving, says so once, and republishes when it is back.
+    let port = redis.port;
+    let old_epoch = redis.epoch("node-a").expect("epoch");
+    drop(redis);
+    put(&c, &ns, 10..12);
+    assert!(c.get(&ns, &key(10)).expect("get").is_some());
+    d.expect_log("cluster index unavailable");
+    let redis = Redis::start(Some(port)).expect("redis again");
+    for (i, want) in [
+        (1, &["node-a|disk"][..]),
+        (2, &["node-a|disk", "node-a|dram"]),
+        (10, &["node-a|dram"]),
+    ] {
+        expect_holders(&redis, &ns, i, "node-a", want);
+    }
+    assert_ne!(redis.epoch("node-a").expect("epoch"), old_epoch);
+    d.expect_log("cluster index reachable again");
+    let warned = d.log_text().matches("cluster index unavailable").count();
+    assert_eq!(warned, 1, "one warning per outage");
+
+    // kill -9 and restart: the old epoch's fields stop counting, the disk copies come back.
+    let before = redis.epoch("node-a").expect("epoch");
+    d.kill9();
+    let d = start(&sets);
+    wait_for(
+        "a new epoch after the restart",
+        Duration::from_secs(10),
+        || redis.epoch("node-a").filter(|e| *e != before).map(|_| ()),
+    );
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("index")).expect("ns");
+    for i in 2..6 {
+        expect_holders(&redis, &ns, i, "node-a", &["node-a|disk"]);
+    }
+    expect_holders(&redis, &ns, 10, "node-a", &[]);
+
+    // A clean stop removes the lease at once.
+    let mut d = d;
+    d.terminate(Duration::from_secs(10));
+    assert_eq!(redis.epoch("node-a"), None, "lease removed at shutdown");
+}
+
+#[test]
+fn without_redis_configured_kvd_says_local_index_only() {
+    Daemon::start(&[]).expect_log("no cluster index configured");
+}
