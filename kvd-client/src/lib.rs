@@ -26,7 +26,8 @@ pub use asynch::AsyncClient;
 pub use control::Control;
 pub use error::{ClientError, Result};
 pub use kvd_proto::frame::{
-    BlockInfo, ClientInfo, DiskReport, NamespaceStats, StatsReport, TierCounts, TierStats,
+    BlockInfo, ClientInfo, ClusterLookup, DiskReport, NamespaceStats, NodeHolding, StatsReport,
+    TierCounts, TierStats,
 };
 pub use kvd_proto::{BlockKey, NamespaceDesc, NamespaceId, Tier};
 
@@ -303,6 +304,20 @@ impl Client {
         })? {
             (Response::LookupResult { prefix_len, tiers }, _) => Ok(Lookup { prefix_len, tiers }),
             (r, _) => Err(unexpected("LookupResult", &r)),
+        }
+    }
+
+    /// Which nodes of the cluster hold the leading blocks of `keys`, and in which tier (the
+    /// cluster index with the daemon's own view folded in; only the daemon's view, with
+    /// `cluster: false`, when no index is configured or it is unreachable). Needs the
+    /// namespace open on this client, or an admin client.
+    pub fn cluster_lookup(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Result<ClusterLookup> {
+        match self.call(&Request::ClusterLookup {
+            ns: *ns,
+            keys: keys.to_vec(),
+        })? {
+            (Response::ClusterResult(r), _) => Ok(r),
+            (r, _) => Err(unexpected("ClusterResult", &r)),
         }
     }
 

@@ -39,6 +39,7 @@ mod tag {
     pub const INSPECT: u8 = 9;
     pub const EVICT: u8 = 10;
     pub const DRAIN: u8 = 11;
+    pub const CLUSTER_LOOKUP: u8 = 12;
 
     pub const WELCOME: u8 = 64;
     pub const NS_OPENED: u8 = 65;
@@ -46,6 +47,7 @@ mod tag {
     pub const COUNT: u8 = 67;
     pub const STATS_REPORT: u8 = 68;
     pub const BLOCKS: u8 = 69;
+    pub const CLUSTER_RESULT: u8 = 70;
     pub const ERROR: u8 = 127;
 }
 
@@ -121,6 +123,42 @@ pub enum Request {
         /// Only this namespace.
         ns: Option<NamespaceId>,
     },
+    /// Which nodes of the cluster hold the leading blocks of a key chain, and in which tier
+    /// (the cluster index, with this node's own view folded in).
+    ClusterLookup {
+        /// Namespace.
+        ns: NamespaceId,
+        /// Chain of keys, first block first.
+        keys: Vec<BlockKey>,
+    },
+}
+
+/// Most nodes one [`ClusterLookup`] names.
+pub const MAX_NODES: usize = 4096;
+
+/// One node's share of a key chain.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeHolding {
+    /// The node's name in the cluster index.
+    pub node: String,
+    /// Leading keys of the chain the node holds, in any tier.
+    pub prefix_len: u32,
+    /// Where those leading blocks are on the node (fastest tier per block).
+    pub tiers: TierCounts,
+    /// This is the node that answered (its figures come from its own catalogs).
+    pub local: bool,
+}
+
+/// Answer to [`Request::ClusterLookup`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClusterLookup {
+    /// Leading keys of the chain held somewhere (each block by at least one live node).
+    pub prefix_len: u32,
+    /// Nodes holding at least the first block, longest run first.
+    pub nodes: Vec<NodeHolding>,
+    /// Whether the cluster index answered; false: no index is configured or it is
+    /// unreachable, and only this node's view is given.
+    pub cluster: bool,
 }
 
 /// Per-tier block counts of a lookup's prefix.
@@ -388,6 +426,8 @@ pub enum Response {
         /// More entries follow after the last one.
         more: bool,
     },
+    /// Result of a cluster lookup.
+    ClusterResult(ClusterLookup),
     /// Request failed.
     Error {
         /// Machine-readable code.
@@ -543,6 +583,11 @@ impl Request {
                     put_ns(&mut w, ns);
                 }
             }
+            Request::ClusterLookup { ns, keys } => {
+                w = begin(tag::CLUSTER_LOOKUP, request_id);
+                put_ns(&mut w, ns);
+                put_keys(&mut w, keys);
+            }
         }
         end(w)
     }
@@ -584,6 +629,10 @@ impl Request {
             },
             tag::DRAIN => Request::Drain {
                 ns: opt(&mut r, "drain ns flag", get_ns)?,
+            },
+            tag::CLUSTER_LOOKUP => Request::ClusterLookup {
+                ns: get_ns(&mut r)?,
+                keys: get_keys(&mut r)?,
             },
             other => {
                 return Err(DecodeError::UnknownTag {
@@ -796,6 +845,21 @@ impl Response {
                     put_disk(&mut w, d);
                 }
             }
+            Response::ClusterResult(c) => {
+                w = begin(tag::CLUSTER_RESULT, request_id);
+                w.u32(c.prefix_len);
+                w.u8(u8::from(c.cluster));
+                let nodes = &c.nodes[..c.nodes.len().min(MAX_NODES)];
+                w.count(nodes.len());
+                for n in nodes {
+                    w.str(&n.node);
+                    w.u32(n.prefix_len);
+                    for t in n.tiers.0 {
+                        w.u32(t);
+                    }
+                    w.u8(u8::from(n.local));
+                }
+            }
             Response::Blocks { blocks, more } => {
                 w = begin(tag::BLOCKS, request_id);
                 let blocks = &blocks[..blocks.len().min(MAX_LIST)];
@@ -852,6 +916,32 @@ impl Response {
                 Response::LookupResult { prefix_len, tiers }
             }
             tag::COUNT => Response::Count(r.u32("count")?),
+            tag::CLUSTER_RESULT => {
+                let prefix_len = r.u32("prefix_len")?;
+                let cluster = r.bool("cluster flag")?;
+                // Smallest node entry: empty name (2-byte length), prefix, 4 counts, flag.
+                let n = r.count("nodes", MAX_NODES, 2 + 4 + 16 + 1)?;
+                let mut nodes = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let node = r.str("node", MAX_TEXT)?;
+                    let prefix_len = r.u32("node prefix_len")?;
+                    let mut tiers = TierCounts::default();
+                    for c in tiers.0.iter_mut() {
+                        *c = r.u32("node tier count")?;
+                    }
+                    nodes.push(NodeHolding {
+                        node,
+                        prefix_len,
+                        tiers,
+                        local: r.bool("local flag")?,
+                    });
+                }
+                Response::ClusterResult(ClusterLookup {
+                    prefix_len,
+                    nodes,
+                    cluster,
+                })
+            }
             tag::STATS_REPORT => {
                 let daemon_version = r.str("daemon_version", MAX_TEXT)?;
                 let uptime_ms = r.u64("uptime_ms")?;
@@ -1013,6 +1103,7 @@ mod tests {
             (prop::option::of(arb_ns()), arb_keys())
                 .prop_map(|(ns, keys)| Request::Evict { ns, keys }),
             prop::option::of(arb_ns()).prop_map(|ns| Request::Drain { ns }),
+            (arb_ns(), arb_keys()).prop_map(|(ns, keys)| Request::ClusterLookup { ns, keys }),
         ]
     }
 
@@ -1159,6 +1250,29 @@ mod tests {
                 )),
             (prop::collection::vec(block, 0..5), any::<bool>())
                 .prop_map(|(blocks, more)| Response::Blocks { blocks, more }),
+            (
+                any::<u32>(),
+                prop::collection::vec(
+                    (arb_text(), any::<u32>(), any::<[u32; 4]>(), any::<bool>()),
+                    0..4
+                ),
+                any::<bool>()
+            )
+                .prop_map(|(prefix_len, nodes, cluster)| {
+                    Response::ClusterResult(ClusterLookup {
+                        prefix_len,
+                        nodes: nodes
+                            .into_iter()
+                            .map(|(node, prefix_len, t, local)| NodeHolding {
+                                node,
+                                prefix_len,
+                                tiers: TierCounts(t),
+                                local,
+                            })
+                            .collect(),
+                        cluster,
+                    })
+                }),
             (1u16..=10, arb_text()).prop_map(|(c, message)| Response::Error {
                 code: ErrorCode::from_u16(c).unwrap(),
                 message

@@ -167,6 +167,8 @@ pub struct Daemon {
     pub cfg: Config,
     /// The disk tier, when configured.
     pub disk: Option<Arc<DiskTier>>,
+    /// Lookups in the cluster index, when one is configured.
+    pub index: Option<Arc<crate::index::IndexReader>>,
     drains: Arc<Mutex<DrainSet>>,
     demoter: Mutex<Option<JoinHandle<()>>>,
     start: Instant,
@@ -194,9 +196,11 @@ impl Daemon {
             }
         }
         let drains = Arc::new(Mutex::new(DrainSet::default()));
+        let index = crate::index::IndexReader::new(&cfg.index).map(Arc::new);
         let d = Arc::new(Daemon {
             cfg,
             disk: disk.clone(),
+            index,
             drains: drains.clone(),
             demoter: Mutex::new(None),
             start: Instant::now(),
@@ -505,6 +509,22 @@ impl Daemon {
             n += 1;
         }
         (n, tiers)
+    }
+
+    /// Like [`lookup`](Self::lookup) for a namespace that may not be open here: then only
+    /// the disk tier can hold its blocks.
+    pub fn lookup_id(&self, id: &NamespaceId, keys: &[BlockKey]) -> (u32, TierCounts) {
+        if let Some(ns) = self.namespaces().into_iter().find(|n| n.id == *id) {
+            return self.lookup(&ns, keys);
+        }
+        let mut tiers = TierCounts::default();
+        let on_disk = self.disk.as_ref().map_or(0, |d| {
+            d.presence(id, keys).iter().take_while(|&&b| b).count()
+        });
+        for _ in 0..on_disk {
+            tiers.add(Tier::Disk);
+        }
+        (u32::try_from(on_disk).unwrap_or(u32::MAX), tiers)
     }
 
     /// Requires admin rights on `conn`.

@@ -21,6 +21,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use std::collections::{BTreeMap, HashMap};
+
+use kvd_proto::frame::{ClusterLookup, NodeHolding, TierCounts};
 use kvd_proto::{BlockKey, NamespaceId, Tier};
 use redis::aio::MultiplexedConnection;
 use redis::cluster_async::ClusterConnection;
@@ -101,36 +104,26 @@ enum Conn {
     Cluster(ClusterConnection),
 }
 
-/// The publisher's connection and what it has told Redis.
-struct Publisher {
+/// A lazily (re)connected Redis handle: a failed command drops the connection and the next
+/// one reconnects.
+struct Redis {
     cfg: IndexConfig,
-    node: String,
     endpoint: String,
-    started_ms: u64,
     conn: Option<Conn>,
-    epoch: u64,
-    /// Everything must be republished under a new epoch before changes mean anything.
-    resync: bool,
-    last_heartbeat: Option<Instant>,
 }
 
-impl Publisher {
-    fn new(cfg: IndexConfig) -> Publisher {
+impl Redis {
+    fn new(cfg: IndexConfig) -> Redis {
         let endpoint = cfg
             .redis_urls
             .iter()
             .map(|u| redacted(u))
             .collect::<Vec<_>>()
             .join(",");
-        Publisher {
-            node: node_id(&cfg),
+        Redis {
             cfg,
             endpoint,
-            started_ms: unix_ms(),
             conn: None,
-            epoch: 0,
-            resync: true,
-            last_heartbeat: None,
         }
     }
 
@@ -145,58 +138,88 @@ impl Publisher {
         }
     }
 
-    async fn bounded<T>(
-        &self,
-        f: impl std::future::Future<Output = Result<T, RedisError>>,
-    ) -> Result<T, IndexError> {
-        match tokio::time::timeout(self.timeout(), f).await {
-            Ok(r) => r.map_err(|e| self.err(e)),
-            Err(_) => Err(IndexError::Timeout {
-                endpoint: self.endpoint.clone(),
-                ms: self.cfg.timeout_ms,
-            }),
+    fn timed_out(&self) -> IndexError {
+        IndexError::Timeout {
+            endpoint: self.endpoint.clone(),
+            ms: self.cfg.timeout_ms,
         }
     }
 
     async fn connect(&self) -> Result<Conn, IndexError> {
         let urls = self.cfg.redis_urls.clone();
+        let t = self.timeout();
         if self.cfg.cluster || urls.len() > 1 {
             let client = redis::cluster::ClusterClient::builder(urls)
-                .connection_timeout(self.timeout())
-                .response_timeout(self.timeout())
+                .connection_timeout(t)
+                .response_timeout(t)
                 .build()
                 .map_err(|e| self.err(e))?;
-            let c = self.bounded(client.get_async_connection()).await?;
-            Ok(Conn::Cluster(c))
+            match tokio::time::timeout(t, client.get_async_connection()).await {
+                Ok(c) => Ok(Conn::Cluster(c.map_err(|e| self.err(e))?)),
+                Err(_) => Err(self.timed_out()),
+            }
         } else {
             let client = redis::Client::open(urls[0].as_str()).map_err(|e| self.err(e))?;
-            let c = self
-                .bounded(client.get_multiplexed_async_connection())
-                .await?;
-            Ok(Conn::Single(c))
+            match tokio::time::timeout(t, client.get_multiplexed_async_connection()).await {
+                Ok(c) => Ok(Conn::Single(c.map_err(|e| self.err(e))?)),
+                Err(_) => Err(self.timed_out()),
+            }
         }
     }
 
-    /// Runs a pipeline on the open connection.
-    async fn exec(&mut self, p: &Pipeline) -> Result<(), IndexError> {
-        let timeout = self.timeout();
-        let r = match self.conn.as_mut() {
-            Some(Conn::Single(c)) => tokio::time::timeout(timeout, p.query_async::<()>(c)).await,
-            Some(Conn::Cluster(c)) => tokio::time::timeout(timeout, p.query_async::<()>(c)).await,
-            None => return Ok(()),
-        };
-        match r {
-            Ok(r) => r.map_err(|e| self.err(e)),
-            Err(_) => Err(IndexError::Timeout {
-                endpoint: self.endpoint.clone(),
-                ms: self.cfg.timeout_ms,
-            }),
+    /// Runs a pipeline (connecting first if needed); any failure drops the connection, and
+    /// the next call reconnects.
+    async fn query<T: redis::FromRedisValue>(&mut self, p: &Pipeline) -> Result<T, IndexError> {
+        if self.conn.is_none() {
+            self.conn = Some(self.connect().await?);
         }
+        let t = self.timeout();
+        let r = match self.conn.as_mut() {
+            Some(Conn::Single(c)) => tokio::time::timeout(t, p.query_async::<T>(c)).await,
+            Some(Conn::Cluster(c)) => tokio::time::timeout(t, p.query_async::<T>(c)).await,
+            None => return Err(self.timed_out()),
+        };
+        let r = match r {
+            Ok(r) => r.map_err(|e| self.err(e)),
+            Err(_) => Err(self.timed_out()),
+        };
+        if r.is_err() {
+            self.conn = None;
+        }
+        r
+    }
+}
+
+/// The publisher: what it has told Redis, and how.
+struct Publisher {
+    redis: Redis,
+    node: String,
+    started_ms: u64,
+    epoch: u64,
+    /// Everything must be republished under a new epoch before changes mean anything.
+    resync: bool,
+    last_heartbeat: Option<Instant>,
+}
+
+impl Publisher {
+    fn new(cfg: IndexConfig) -> Publisher {
+        Publisher {
+            node: node_id(&cfg),
+            redis: Redis::new(cfg),
+            started_ms: unix_ms(),
+            epoch: 0,
+            resync: true,
+            last_heartbeat: None,
+        }
+    }
+
+    async fn exec(&mut self, p: &Pipeline) -> Result<(), IndexError> {
+        self.redis.query::<()>(p).await
     }
 
     /// Adds the lease refresh to `p`.
     fn lease(&self, p: &mut Pipeline) {
-        let k = node_key(&self.cfg.key_prefix, &self.node);
+        let k = node_key(&self.redis.cfg.key_prefix, &self.node);
         p.hset_multiple(
             &k,
             &[
@@ -206,16 +229,16 @@ impl Publisher {
             ],
         )
         .ignore()
-        .pexpire(&k, i64::from(self.cfg.lease_ttl_ms))
+        .pexpire(&k, i64::from(self.redis.cfg.lease_ttl_ms))
         .ignore();
     }
 
     /// Sends `changes` (and a heartbeat when due) in pipelines of at most `batch_commands`.
     async fn publish(&mut self, changes: &[Change]) -> Result<(), IndexError> {
         let due = self.last_heartbeat.is_none_or(|t| {
-            t.elapsed() >= Duration::from_millis(u64::from(self.cfg.lease_ttl_ms / 4))
+            t.elapsed() >= Duration::from_millis(u64::from(self.redis.cfg.lease_ttl_ms / 4))
         });
-        let per = self.cfg.batch_commands as usize;
+        let per = self.redis.cfg.batch_commands as usize;
         let mut p = redis::pipe();
         let mut n = 0;
         if due {
@@ -224,7 +247,7 @@ impl Publisher {
         }
         let epoch = self.epoch.to_string();
         for c in changes {
-            let k = block_key(&self.cfg.key_prefix, &c.ns, &c.key);
+            let k = block_key(&self.redis.cfg.key_prefix, &c.ns, &c.key);
             let f = holder_field(&self.node, c.tier);
             if c.stored {
                 p.hset(k, f, &epoch).ignore();
@@ -255,7 +278,7 @@ impl Publisher {
         self.last_heartbeat = None;
         self.publish(&[]).await?;
         let mut sent = 0u64;
-        let per = self.cfg.batch_commands as usize;
+        let per = self.redis.cfg.batch_commands as usize;
         for ns in daemon.namespaces() {
             let keys = ns.store.lock().live_keys();
             for chunk in keys.chunks(per) {
@@ -286,15 +309,13 @@ impl Publisher {
 
     /// One publishing round: connect if needed, republish if needed, else send the changes.
     async fn round(&mut self, daemon: &Daemon) -> Result<(), IndexError> {
-        if self.conn.is_none() {
-            self.conn = Some(self.connect().await?);
-            tracing::info!(endpoint = %self.endpoint, node = %self.node, "cluster index connected");
-        }
         if self.resync {
             let t = Instant::now();
             let n = self.republish(daemon).await?;
             self.resync = false;
             tracing::info!(
+                endpoint = %self.redis.endpoint,
+                node = %self.node,
                 blocks = n,
                 epoch = self.epoch,
                 ms = t.elapsed().as_millis() as u64,
@@ -316,12 +337,168 @@ impl Publisher {
 
     /// Removes the lease so lookups stop naming this node at once.
     async fn leave(&mut self) {
-        let k = node_key(&self.cfg.key_prefix, &self.node);
+        let k = node_key(&self.redis.cfg.key_prefix, &self.node);
         let mut p = redis::pipe();
         p.del(k).ignore();
         if let Err(e) = self.exec(&p).await {
             tracing::debug!(error = %e, "could not remove the node lease at shutdown");
         }
+    }
+}
+
+/// Answers cluster lookups from the index, on a connection of its own so a lookup never
+/// waits behind a publishing round.
+pub struct IndexReader {
+    redis: tokio::sync::Mutex<Redis>,
+    node: String,
+    prefix: String,
+    batch: usize,
+}
+
+impl std::fmt::Debug for IndexReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IndexReader")
+            .field("node", &self.node)
+            .finish()
+    }
+}
+
+/// Keys asked of Redis per round trip in a lookup; the walk stops at the first chunk with a
+/// block nobody holds.
+const LOOKUP_CHUNK: usize = 256;
+
+impl IndexReader {
+    /// A reader for `cfg`; `None` when no index is configured.
+    pub fn new(cfg: &IndexConfig) -> Option<IndexReader> {
+        cfg.enabled().then(|| IndexReader {
+            node: node_id(cfg),
+            prefix: cfg.key_prefix.clone(),
+            batch: LOOKUP_CHUNK.min(cfg.batch_commands as usize),
+            redis: tokio::sync::Mutex::new(Redis::new(cfg.clone())),
+        })
+    }
+
+    /// This node's name in the index.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// For each leading key of the chain, the live (node, tier) pairs holding it; stops after
+    /// the first chunk that contains a key nobody holds.
+    pub async fn holders(
+        &self,
+        ns: &NamespaceId,
+        keys: &[BlockKey],
+    ) -> Result<Vec<Vec<(String, Tier)>>, IndexError> {
+        let mut redis = self.redis.lock().await;
+        let mut out = Vec::new();
+        let mut epochs: HashMap<String, Option<String>> = HashMap::new();
+        for chunk in keys.chunks(self.batch.max(1)) {
+            let mut p = redis::pipe();
+            for k in chunk {
+                p.hgetall(block_key(&self.prefix, ns, k));
+            }
+            let maps: Vec<HashMap<String, String>> = redis.query(&p).await?;
+            let unknown: Vec<String> = maps
+                .iter()
+                .flat_map(|m| m.keys())
+                .filter_map(|f| parse_field(f).map(|(n, _)| n.to_string()))
+                .filter(|n| !epochs.contains_key(n))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            if !unknown.is_empty() {
+                let mut p = redis::pipe();
+                for n in &unknown {
+                    p.hget(node_key(&self.prefix, n), "epoch");
+                }
+                let got: Vec<Option<String>> = redis.query(&p).await?;
+                epochs.extend(unknown.into_iter().zip(got));
+            }
+            let mut ended = false;
+            for m in maps {
+                let mut live: Vec<(String, Tier)> = m
+                    .iter()
+                    .filter_map(|(f, v)| {
+                        let (node, tier) = parse_field(f)?;
+                        let current = epochs.get(node)?.as_deref()?;
+                        (current == v).then(|| (node.to_string(), tier))
+                    })
+                    .collect();
+                live.sort();
+                ended |= live.is_empty();
+                out.push(live);
+            }
+            if ended {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// `<node>|<tier>` → (node, tier); None for fields kvd does not write.
+fn parse_field(f: &str) -> Option<(&str, Tier)> {
+    let (node, tier) = f.rsplit_once('|')?;
+    if node.is_empty() || node.len() > 128 {
+        return None;
+    }
+    let tier = Tier::ALL.into_iter().find(|t| t.name() == tier)?;
+    Some((node, tier))
+}
+
+/// Folds per-key holders into a lookup answer: the chain's prefix held anywhere, and each
+/// node's own leading run with the fastest tier per block. `local`, when given, replaces
+/// what the index says about the answering node (its catalogs are fresher than what it has
+/// published).
+pub fn summarize(holders: &[Vec<(String, Tier)>], local: Option<NodeHolding>) -> ClusterLookup {
+    let mut runs: BTreeMap<&str, (u32, TierCounts, bool)> = BTreeMap::new();
+    let mut prefix_len = 0u32;
+    for (i, hs) in holders.iter().enumerate() {
+        if hs.is_empty() {
+            break;
+        }
+        prefix_len += 1;
+        let mut fastest: BTreeMap<&str, Tier> = BTreeMap::new();
+        for (n, t) in hs {
+            let e = fastest.entry(n.as_str()).or_insert(*t);
+            if (*t as u8) < (*e as u8) {
+                *e = *t;
+            }
+        }
+        for (n, t) in fastest {
+            let r = runs.entry(n).or_insert((0, TierCounts::default(), true));
+            // A node's run continues only while it held every earlier key.
+            if r.2 && r.0 as usize == i {
+                r.0 += 1;
+                r.1.add(t);
+            } else {
+                r.2 = false;
+            }
+        }
+    }
+    let mut nodes: Vec<NodeHolding> = runs
+        .into_iter()
+        .filter(|(_, r)| r.0 > 0)
+        .map(|(n, r)| NodeHolding {
+            node: n.to_string(),
+            prefix_len: r.0,
+            tiers: r.1,
+            local: false,
+        })
+        .collect();
+    if let Some(l) = local {
+        nodes.retain(|n| n.node != l.node);
+        prefix_len = prefix_len.max(l.prefix_len);
+        if l.prefix_len > 0 {
+            nodes.push(NodeHolding { local: true, ..l });
+        }
+    }
+    nodes.sort_by(|a, b| b.prefix_len.cmp(&a.prefix_len).then(a.node.cmp(&b.node)));
+    ClusterLookup {
+        prefix_len,
+        nodes,
+        cluster: true,
     }
 }
 
@@ -360,7 +537,7 @@ pub async fn run(daemon: Arc<Daemon>, stop: Arc<tokio::sync::Notify>) {
         match p.round(&daemon).await {
             Ok(()) => {
                 if let Some(t) = down_since.take() {
-                    tracing::info!(endpoint = %p.endpoint, after_ms = t.elapsed().as_millis() as u64,
+                    tracing::info!(endpoint = %p.redis.endpoint, after_ms = t.elapsed().as_millis() as u64,
                         "cluster index reachable again");
                 }
             }
@@ -370,7 +547,6 @@ pub async fn run(daemon: Arc<Daemon>, stop: Arc<tokio::sync::Notify>) {
                         local index, will republish when it is back");
                     down_since = Some(Instant::now());
                 }
-                p.conn = None;
                 p.resync = true;
                 // While away, changes are not kept: the republish covers them.
                 drop(take_changes(&daemon));
@@ -396,6 +572,51 @@ mod tests {
         );
         assert_eq!(redacted("rediss://user:pw@h:1"), "rediss://h:1");
         assert_eq!(redacted("redis://h:1"), "redis://h:1");
+    }
+
+    fn h(pairs: &[(&str, Tier)]) -> Vec<(String, Tier)> {
+        pairs.iter().map(|(n, t)| (n.to_string(), *t)).collect()
+    }
+
+    #[test]
+    fn summarize_counts_each_nodes_leading_run_and_the_prefix_held_anywhere() {
+        let holders = vec![
+            h(&[("a", Tier::Dram), ("a", Tier::Disk), ("b", Tier::Disk)]),
+            h(&[("a", Tier::Disk), ("b", Tier::Disk)]),
+            h(&[("b", Tier::Dram), ("c", Tier::Dram)]),
+            h(&[("a", Tier::Dram)]),
+            h(&[]),
+            h(&[("a", Tier::Dram), ("b", Tier::Dram)]),
+        ];
+        let r = summarize(&holders, None);
+        assert_eq!(r.prefix_len, 4, "block 4 is held nowhere");
+        let got: Vec<(&str, u32, [u32; 4])> = r
+            .nodes
+            .iter()
+            .map(|n| (n.node.as_str(), n.prefix_len, n.tiers.0))
+            .collect();
+        // a: blocks 0,1 (dram, disk) then a gap at 2; b: 0..=2; c holds only block 2.
+        assert_eq!(got, [("b", 3, [0, 1, 2, 0]), ("a", 2, [0, 1, 1, 0])]);
+        // The answering node's own view replaces what the index said about it.
+        let local = NodeHolding {
+            node: "a".into(),
+            prefix_len: 5,
+            tiers: TierCounts([0, 5, 0, 0]),
+            local: true,
+        };
+        let r = summarize(&holders, Some(local));
+        assert_eq!(r.prefix_len, 5);
+        assert_eq!((r.nodes[0].node.as_str(), r.nodes[0].local), ("a", true));
+        assert_eq!(r.nodes.len(), 2);
+    }
+
+    #[test]
+    fn fields_kvd_did_not_write_are_ignored() {
+        assert_eq!(parse_field("n1|disk"), Some(("n1", Tier::Disk)));
+        assert_eq!(parse_field("a|b|dram"), Some(("a|b", Tier::Dram)));
+        assert_eq!(parse_field("n1|floppy"), None);
+        assert_eq!(parse_field("|dram"), None);
+        assert_eq!(parse_field("nobar"), None);
     }
 
     #[test]

@@ -13,8 +13,11 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use kvd_proto::frame::{self, ErrorCode, Request, Response, LEN_PREFIX, MAX_LIST};
+use kvd_proto::frame::{
+    self, ClusterLookup, ErrorCode, NodeHolding, Request, Response, LEN_PREFIX, MAX_LIST,
+};
 use kvd_proto::PROTOCOL_VERSION;
+use kvd_proto::{BlockKey, NamespaceId};
 use kvd_shm::DaemonRing;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
@@ -268,6 +271,12 @@ async fn serve_connection(
                 None,
                 true,
             ),
+            (Request::ClusterLookup { ns, keys }, true) => {
+                match cluster_lookup(daemon, conn, ns, keys).await {
+                    Ok(r) => (Response::ClusterResult(r), None, false),
+                    Err(e) => (error(e), None, false),
+                }
+            }
             (_, true) => match dispatch(daemon, conn, req) {
                 Ok((r, fd)) => (r, fd, false),
                 Err(e) => (error(e), None, false),
@@ -337,6 +346,49 @@ fn hello(
         ring,
         fd,
     ))
+}
+
+/// Where a key chain's blocks are in the cluster: the index's view (when one is configured
+/// and answers) with this node's own, fresher view folded in. Needs the namespace open on
+/// this connection, or admin rights.
+async fn cluster_lookup(
+    daemon: &Daemon,
+    conn: &Conn,
+    ns: &NamespaceId,
+    keys: &[BlockKey],
+) -> Result<ClusterLookup, OpError> {
+    if daemon.namespace_for(conn, ns).is_err() {
+        daemon.require_admin(conn, "a cluster lookup in a namespace not opened here")?;
+    }
+    let (prefix_len, tiers) = daemon.lookup_id(ns, keys);
+    let local = |node: &str| NodeHolding {
+        node: node.to_string(),
+        prefix_len,
+        tiers,
+        local: true,
+    };
+    let Some(index) = &daemon.index else {
+        let node = crate::index::node_id(&daemon.cfg.index);
+        return Ok(ClusterLookup {
+            prefix_len,
+            nodes: (prefix_len > 0).then(|| local(&node)).into_iter().collect(),
+            cluster: false,
+        });
+    };
+    match index.holders(ns, keys).await {
+        Ok(h) => Ok(crate::index::summarize(&h, Some(local(index.node())))),
+        Err(e) => {
+            tracing::debug!(error = %e, "cluster lookup answered from the local view only");
+            Ok(ClusterLookup {
+                prefix_len,
+                nodes: (prefix_len > 0)
+                    .then(|| local(index.node()))
+                    .into_iter()
+                    .collect(),
+                cluster: false,
+            })
+        }
+    }
 }
 
 fn dispatch(
@@ -414,6 +466,12 @@ fn dispatch(
             daemon.require_admin(conn, "drain")?;
             let n = daemon.drain(ns)?;
             (Response::Count(u32::try_from(n).unwrap_or(u32::MAX)), None)
+        }
+        Request::ClusterLookup { .. } => {
+            return Err(OpError::new(
+                ErrorCode::Internal,
+                "cluster lookups are answered before dispatch",
+            ))
         }
     })
 }

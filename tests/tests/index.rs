@@ -224,3 +224,95 @@ fn residency_follows_puts_deletes_demotions_outages_and_restarts() {
 fn without_redis_configured_kvd_says_local_index_only() {
     Daemon::start(&[]).expect_log("no cluster index configured");
 }
+
+/// The namespace's blocks a node holds, per `where` from `c`: (node, prefix_len, local).
+fn where_nodes(c: &Client, ns: &Namespace, n: u64) -> (u32, bool, Vec<(String, u32, bool)>) {
+    let keys: Vec<BlockKey> = (0..n).map(key).collect();
+    let r = c.cluster_lookup(&ns.id, &keys).expect("cluster lookup");
+    let nodes = r
+        .nodes
+        .iter()
+        .map(|h| (h.node.clone(), h.prefix_len, h.local))
+        .collect();
+    (r.prefix_len, r.cluster, nodes)
+}
+
+#[test]
+fn where_names_every_node_holding_a_prefix_until_its_lease_ends() {
+    let Some(redis) = Redis::start(None) else {
+        return;
+    };
+    let (da, db) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let mut a = start(&sets(&redis, "node-a", da.path()));
+    let b = start(&sets(&redis, "node-b", db.path()));
+    let (ca, cb) = (a.admin(), b.admin());
+    let nsa = ca.open_namespace(&test_namespace("where")).expect("ns a");
+    let nsb = cb.open_namespace(&test_namespace("where")).expect("ns b");
+    assert_eq!(nsa.id, nsb.id);
+    put(&ca, &nsa, 0..4);
+    put(&cb, &nsb, 0..2);
+    let want = (
+        4,
+        true,
+        vec![
+            ("node-a".to_string(), 4, false),
+            ("node-b".to_string(), 2, true),
+        ],
+    );
+    wait_for("b to see a's blocks", Duration::from_secs(10), || {
+        (where_nodes(&cb, &nsb, 6) == want).then_some(())
+    });
+
+    // The CLI says the same.
+    let out = b.ctl(&[
+        "--json",
+        "where",
+        "--ns",
+        &nsb.id.to_hex(),
+        &key(0).to_hex(),
+        &key(1).to_hex(),
+        &key(2).to_hex(),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(v["prefix_len"], 3, "{v}");
+    assert_eq!(v["cluster"], true, "{v}");
+    assert_eq!(v["nodes"][0]["node"], "node-a", "{v}");
+    assert_eq!(v["nodes"][0]["tiers"]["dram"], 3, "{v}");
+    assert_eq!(v["nodes"][1]["local"], true, "{v}");
+
+    // node-a dies without a word: it stops counting once its lease (2 s) runs out.
+    a.kill9();
+    wait_for("node-a's lease to run out", Duration::from_secs(10), || {
+        (where_nodes(&cb, &nsb, 6) == (2, true, vec![("node-b".to_string(), 2, true)]))
+            .then_some(())
+    });
+}
+
+#[test]
+fn where_without_an_index_answers_for_this_node_only() {
+    let d = Daemon::start(&[]);
+    let c = d.admin();
+    let ns = c
+        .open_namespace(&test_namespace("where-local"))
+        .expect("ns");
+    put(&c, &ns, 0..3);
+    assert_eq!(
+        where_nodes(&c, &ns, 5),
+        (3, false, vec![(host_name(), 3, true)])
+    );
+    let out = d.ctl(&["where", "--ns", &ns.id.to_hex(), &key(0).to_hex()]);
+    assert!(
+        out.contains("1 of 1 leading blocks held on this node"),
+        "{out}"
+    );
+}
+
+/// The node name a daemon without `index.node_id` uses: the host name.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().replace(['|', ' '], "_"))
+        .unwrap_or_default()
+}

@@ -55,6 +55,17 @@ enum Cmd {
         #[arg(required = true)]
         keys: Vec<String>,
     },
+    /// Which nodes of the cluster hold a chain of keys (first block first), and in which
+    /// tier: the cluster index (Redis/Valkey, `[index]` in the daemon's config) with this
+    /// daemon's own view folded in. Without an index, only this node is shown.
+    Where {
+        /// Namespace (32 hex digits).
+        #[arg(long)]
+        ns: String,
+        /// Keys in chain order (one key: where that block is).
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
     /// Pin blocks so eviction never takes them.
     Pin {
         /// Namespace (32 hex digits).
@@ -331,6 +342,57 @@ fn main() -> anyhow::Result<()> {
                     if r.tiers.get(t) > 0 {
                         println!("  {:<5} {}", t.name(), r.tiers.get(t));
                     }
+                }
+            }
+        }
+        Cmd::Where { ns, keys } => {
+            let ns = parse_ns(ns)?;
+            let keys = parse_keys(keys)?;
+            let r = client.cluster_lookup(&ns, &keys)?;
+            let tiers = |t: &kvd_client::TierCounts| {
+                kvd_client::Tier::ALL
+                    .iter()
+                    .filter(|x| t.get(**x) > 0)
+                    .map(|x| (x.name().to_string(), json!(t.get(*x))))
+                    .collect::<serde_json::Map<_, _>>()
+            };
+            if cli.json {
+                let nodes: Vec<_> = r
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        json!({"node": n.node, "prefix_len": n.prefix_len,
+                                    "tiers": tiers(&n.tiers), "local": n.local})
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    json!({"prefix_len": r.prefix_len, "requested": keys.len(),
+                           "cluster": r.cluster, "nodes": nodes})
+                );
+            } else {
+                println!(
+                    "{} of {} leading blocks held {}",
+                    r.prefix_len,
+                    keys.len(),
+                    if r.cluster {
+                        "in the cluster"
+                    } else {
+                        "on this node (no cluster index configured or reachable)"
+                    }
+                );
+                for n in &r.nodes {
+                    let t: Vec<String> = tiers(&n.tiers)
+                        .iter()
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect();
+                    println!(
+                        "  {:<24} {:>6} blocks  ({}){}",
+                        n.node,
+                        n.prefix_len,
+                        t.join(", "),
+                        if n.local { "  this node" } else { "" }
+                    );
                 }
             }
         }
