@@ -176,7 +176,20 @@ impl Redis {
         let t = self.timeout();
         let r = match self.conn.as_mut() {
             Some(Conn::Single(c)) => tokio::time::timeout(t, p.query_async::<T>(c)).await,
-            Some(Conn::Cluster(c)) => tokio::time::timeout(t, p.query_async::<T>(c)).await,
+            // A cluster connection refuses pipelines whose keys live in different slots, so
+            // each command goes on its own, all at once (the per-node connections multiplex
+            // them); our pipelines are either all ignored (T = ()) or all answered in order.
+            Some(Conn::Cluster(c)) => {
+                let each = p.cmd_iter().map(|cmd| {
+                    let mut c = c.clone();
+                    async move { cmd.query_async::<redis::Value>(&mut c).await }
+                });
+                tokio::time::timeout(t, async {
+                    let values = futures_util::future::try_join_all(each).await?;
+                    Ok(T::from_redis_value(redis::Value::Array(values))?)
+                })
+                .await
+            }
             None => return Err(self.timed_out()),
         };
         let r = match r {

@@ -9,15 +9,22 @@ use std::time::Duration;
 use kvd_client::{BlockKey, Client, Namespace};
 use kvd_tests::{pattern, test_namespace, wait_for, Daemon};
 
-/// A private redis-server on a free loopback port; killed on drop.
+/// A private redis-server on a free loopback port, in a fresh working directory; killed on
+/// drop.
 struct Redis {
     child: Child,
     port: u16,
+    _dir: tempfile::TempDir,
 }
 
 impl Redis {
     /// Starts redis-server, or returns None (test skipped) where it is not installed.
     fn start(port: Option<u16>) -> Option<Redis> {
+        Redis::start_with(port, &[])
+    }
+
+    /// Same, with extra server arguments.
+    fn start_with(port: Option<u16>, extra: &[&str]) -> Option<Redis> {
         if Command::new("redis-server")
             .arg("--version")
             .output()
@@ -27,21 +34,22 @@ impl Redis {
             return None;
         }
         let port = port.unwrap_or_else(free_port);
+        let dir = tempfile::tempdir().expect("redis dir");
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "yes",
-            ])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn redis-server");
-        let r = Redis { child, port };
+        let r = Redis {
+            child,
+            port,
+            _dir: dir,
+        };
         wait_for("redis-server to answer", Duration::from_secs(10), || {
             (r.cli(&["PING"]).trim() == "PONG").then_some(())
         });
@@ -315,4 +323,76 @@ fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().replace(['|', ' '], "_"))
         .unwrap_or_default()
+}
+
+#[test]
+fn a_three_node_redis_cluster_serves_as_the_index() {
+    let Some(first) = Redis::start_with(None, &["--cluster-enabled", "yes"]) else {
+        return;
+    };
+    let mut nodes = vec![first];
+    for _ in 0..2 {
+        nodes.push(Redis::start_with(None, &["--cluster-enabled", "yes"]).expect("redis"));
+    }
+    let addrs: Vec<String> = nodes
+        .iter()
+        .map(|r| format!("127.0.0.1:{}", r.port))
+        .collect();
+    let out = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("redis-cli --cluster create");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for r in &nodes {
+        wait_for("the cluster to form", Duration::from_secs(20), || {
+            r.cli(&["CLUSTER", "INFO"])
+                .contains("cluster_state:ok")
+                .then_some(())
+        });
+    }
+    let urls: Vec<String> = addrs.iter().map(|a| format!("\"redis://{a}\"")).collect();
+    let urls = format!("index.redis_urls=[{}]", urls.join(","));
+    let (da, db) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let with = |node: &str, dir: &Path| {
+        let mut s = sets(&nodes[0], node, dir);
+        s[0] = urls.clone();
+        s.push("index.cluster=true".into());
+        s
+    };
+    let a = start(&with("node-a", da.path()));
+    let b = start(&with("node-b", db.path()));
+    let (ca, cb) = (a.admin(), b.admin());
+    let nsa = ca.open_namespace(&test_namespace("cluster")).expect("ns a");
+    let nsb = cb.open_namespace(&test_namespace("cluster")).expect("ns b");
+    // 64 blocks: their keys hash to slots on every cluster node.
+    put(&ca, &nsa, 0..64);
+    let want = (64, true, vec![("node-a".to_string(), 64, false)]);
+    wait_for(
+        "b to see a's blocks through the cluster",
+        Duration::from_secs(20),
+        || (where_nodes(&cb, &nsb, 64) == want).then_some(()),
+    );
+    let per_node: Vec<usize> = nodes
+        .iter()
+        .map(|r| r.cli(&["DBSIZE"]).trim().parse().unwrap_or(0))
+        .collect();
+    assert!(
+        per_node.iter().all(|&n| n > 0),
+        "every cluster node holds some keys: {per_node:?}"
+    );
+    ca.delete(&nsa.id, &[key(5)]).expect("delete");
+    wait_for(
+        "the delete to reach the cluster",
+        Duration::from_secs(20),
+        || (where_nodes(&cb, &nsb, 64).0 == 5).then_some(()),
+    );
 }
