@@ -2,15 +2,20 @@
 //! tier, so a router or another node can find a prefix anywhere in the cluster.
 //!
 //! Schema (every key under `index.key_prefix`, `kvd` by default):
-//! - `kvd:node:<node>` — hash `{epoch, version, started_unix_ms}`, expiring `lease_ttl_ms`
-//!   after the last heartbeat (one every `lease_ttl_ms / 4` at most).
-//! - `kvd:blk:<namespace hex>:<key hex>` — hash with one field per holder, `<node>|<tier>`
-//!   (`dram`, `disk`), whose value is the epoch the node wrote it under.
+//! - `kvd:nodes` — set of the node names that have published (a reader's starting point).
+//! - `kvd:node:<node>` — lease hash `{epoch, version, started_unix_ms}`, expiring
+//!   `lease_ttl_ms` after the last heartbeat (one every `lease_ttl_ms / 4` at most).
+//! - `kvd:res:<node>:<epoch>:<namespace hex>` — hash of what the node holds in that
+//!   namespace under that epoch: one field per copy, `<key hex>|<tier>` (`dram`, `disk`).
+//!   It expires with the lease, so a dead node's entries vanish by themselves.
 //!
-//! A reader counts a field only while the node's lease exists and carries the same epoch. So
-//! a node that dies stops counting when its lease expires, and what a node published before
-//! it restarted, or before it lost track of changes, stops counting the moment it takes a
-//! new epoch — it then republishes everything it holds under that epoch.
+//! Holdings are per node and namespace so that publishing is a few large commands (one
+//! `HSET` carries up to [`FIELDS_PER_COMMAND`] blocks) rather than one command per block; a
+//! lookup asks each live node's hash for the chain's fields with one `HMGET`. A reader counts
+//! a node only while its lease exists, and reads the hash of the lease's epoch, so what a
+//! node published before it restarted, or before it lost track of changes, stops counting
+//! the moment it takes a new epoch — it then republishes everything under that epoch and
+//! removes the old hashes.
 //!
 //! Changes come from the tiers' [`Journal`](crate::residency::Journal)s, taken every
 //! `publish_interval_ms` and sent as pipelines of at most `batch_commands` commands, never
@@ -21,7 +26,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 
 use kvd_proto::frame::{ClusterLookup, NodeHolding, TierCounts};
 use kvd_proto::{BlockKey, NamespaceId, Tier};
@@ -77,9 +82,9 @@ pub fn node_id(cfg: &IndexConfig) -> String {
         .unwrap_or_else(|| "kvd".into())
 }
 
-/// Redis key of a block's holders.
-pub fn block_key(prefix: &str, ns: &NamespaceId, key: &BlockKey) -> String {
-    format!("{prefix}:blk:{}:{}", ns.to_hex(), key.to_hex())
+/// Redis key of a node's holdings in one namespace under one epoch.
+pub fn holdings_key(prefix: &str, node: &str, epoch: u64, ns: &NamespaceId) -> String {
+    format!("{prefix}:res:{node}:{epoch}:{}", ns.to_hex())
 }
 
 /// Redis key of a node's lease.
@@ -87,10 +92,21 @@ pub fn node_key(prefix: &str, node: &str) -> String {
     format!("{prefix}:node:{node}")
 }
 
-/// Field of a holder in a block's hash.
-pub fn holder_field(node: &str, tier: Tier) -> String {
-    format!("{node}|{}", tier.name())
+/// Redis key of the set of node names.
+pub fn nodes_key(prefix: &str) -> String {
+    format!("{prefix}:nodes")
 }
+
+/// Field of one copy in a holdings hash.
+pub fn copy_field(key: &BlockKey, tier: Tier) -> String {
+    format!("{}|{}", key.to_hex(), tier.name())
+}
+
+/// Most fields one `HSET`/`HDEL`/`HMGET` carries.
+pub const FIELDS_PER_COMMAND: usize = 1024;
+
+/// Most fields one pipeline carries (about 5 MB of request), whatever its command count.
+const FIELDS_PER_PIPELINE: usize = 64 * FIELDS_PER_COMMAND;
 
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -212,6 +228,9 @@ struct Publisher {
     /// Everything must be republished under a new epoch before changes mean anything.
     resync: bool,
     last_heartbeat: Option<Instant>,
+    /// Namespaces with a holdings hash under the current epoch (their expiry is refreshed
+    /// with the lease).
+    spaces: HashSet<NamespaceId>,
 }
 
 impl Publisher {
@@ -223,6 +242,7 @@ impl Publisher {
             epoch: 0,
             resync: true,
             last_heartbeat: None,
+            spaces: Default::default(),
         }
     }
 
@@ -230,9 +250,12 @@ impl Publisher {
         self.redis.query::<()>(p).await
     }
 
-    /// Adds the lease refresh to `p`.
+    /// Adds the lease refresh, and the expiry of this epoch's holdings, to `p`.
     fn lease(&self, p: &mut Pipeline) {
-        let k = node_key(&self.redis.cfg.key_prefix, &self.node);
+        let prefix = &self.redis.cfg.key_prefix;
+        let ttl = i64::from(self.redis.cfg.lease_ttl_ms);
+        let k = node_key(prefix, &self.node);
+        p.sadd(nodes_key(prefix), &self.node).ignore();
         p.hset_multiple(
             &k,
             &[
@@ -242,37 +265,61 @@ impl Publisher {
             ],
         )
         .ignore()
-        .pexpire(&k, i64::from(self.redis.cfg.lease_ttl_ms))
+        .pexpire(&k, ttl)
         .ignore();
+        for ns in &self.spaces {
+            p.pexpire(holdings_key(prefix, &self.node, self.epoch, ns), ttl)
+                .ignore();
+        }
     }
 
-    /// Sends `changes` (and a heartbeat when due) in pipelines of at most `batch_commands`.
+    /// Sends `changes` (and a heartbeat when due): consecutive changes of one namespace and
+    /// direction become one `HSET`/`HDEL` of up to [`FIELDS_PER_COMMAND`] fields, in
+    /// pipelines of at most `batch_commands` commands and [`FIELDS_PER_PIPELINE`] fields.
     async fn publish(&mut self, changes: &[Change]) -> Result<(), IndexError> {
         let due = self.last_heartbeat.is_none_or(|t| {
             t.elapsed() >= Duration::from_millis(u64::from(self.redis.cfg.lease_ttl_ms / 4))
         });
         let per = self.redis.cfg.batch_commands as usize;
+        let prefix = self.redis.cfg.key_prefix.clone();
+        let ttl = i64::from(self.redis.cfg.lease_ttl_ms);
         let mut p = redis::pipe();
-        let mut n = 0;
-        if due {
-            self.lease(&mut p);
-            n += 2;
-        }
-        let epoch = self.epoch.to_string();
-        for c in changes {
-            let k = block_key(&self.redis.cfg.key_prefix, &c.ns, &c.key);
-            let f = holder_field(&self.node, c.tier);
-            if c.stored {
-                p.hset(k, f, &epoch).ignore();
+        let (mut n, mut fields_in) = (0, 0);
+        let mut i = 0;
+        while i < changes.len() {
+            let (ns, stored) = (changes[i].ns, changes[i].stored);
+            let run = changes[i..]
+                .iter()
+                .take(FIELDS_PER_COMMAND)
+                .take_while(|c| c.ns == ns && c.stored == stored)
+                .count();
+            let k = holdings_key(&prefix, &self.node, self.epoch, &ns);
+            let fields = changes[i..i + run]
+                .iter()
+                .map(|c| copy_field(&c.key, c.tier));
+            if stored {
+                let pairs: Vec<(String, &str)> = fields.map(|f| (f, "1")).collect();
+                p.hset_multiple(&k, &pairs).ignore();
+                if self.spaces.insert(ns) {
+                    p.pexpire(&k, ttl).ignore();
+                    n += 1;
+                }
             } else {
-                p.hdel(k, f).ignore();
+                p.hdel(&k, fields.collect::<Vec<_>>()).ignore();
             }
             n += 1;
-            if n >= per {
+            i += run;
+            fields_in += run;
+            if n >= per || fields_in >= FIELDS_PER_PIPELINE {
                 self.exec(&p).await?;
                 p = redis::pipe();
-                n = 0;
+                (n, fields_in) = (0, 0);
             }
+        }
+        if due {
+            // After the changes, so a hash created in this round gets its expiry refreshed.
+            self.lease(&mut p);
+            n += 1;
         }
         if n > 0 {
             self.exec(&p).await?;
@@ -287,11 +334,12 @@ impl Publisher {
     async fn republish(&mut self, daemon: &Daemon) -> Result<u64, IndexError> {
         // Changes recorded so far are covered by the snapshot below; later ones follow it.
         drop(take_changes(daemon));
+        let (old_epoch, old_spaces) = (self.epoch, std::mem::take(&mut self.spaces));
         self.epoch = unix_ms().max(self.epoch + 1);
         self.last_heartbeat = None;
         self.publish(&[]).await?;
         let mut sent = 0u64;
-        let per = self.redis.cfg.batch_commands as usize;
+        let per = FIELDS_PER_PIPELINE;
         for ns in daemon.namespaces() {
             let keys = ns.store.lock().live_keys();
             for chunk in keys.chunks(per) {
@@ -316,6 +364,20 @@ impl Publisher {
                 sent += changes.len() as u64;
                 after = Some(last);
             }
+        }
+        // What this process published under its previous epoch (it expires anyway).
+        if !old_spaces.is_empty() {
+            let mut p = redis::pipe();
+            for ns in &old_spaces {
+                p.del(holdings_key(
+                    &self.redis.cfg.key_prefix,
+                    &self.node,
+                    old_epoch,
+                    ns,
+                ))
+                .ignore();
+            }
+            self.exec(&p).await?;
         }
         Ok(sent)
     }
@@ -350,9 +412,13 @@ impl Publisher {
 
     /// Removes the lease so lookups stop naming this node at once.
     async fn leave(&mut self) {
-        let k = node_key(&self.redis.cfg.key_prefix, &self.node);
+        let prefix = &self.redis.cfg.key_prefix;
         let mut p = redis::pipe();
-        p.del(k).ignore();
+        p.del(node_key(prefix, &self.node)).ignore();
+        for ns in &self.spaces {
+            p.del(holdings_key(prefix, &self.node, self.epoch, ns))
+                .ignore();
+        }
         if let Err(e) = self.exec(&p).await {
             tracing::debug!(error = %e, "could not remove the node lease at shutdown");
         }
@@ -404,43 +470,54 @@ impl IndexReader {
         keys: &[BlockKey],
     ) -> Result<Vec<Vec<(String, Tier)>>, IndexError> {
         let mut redis = self.redis.lock().await;
+        let mut p = redis::pipe();
+        p.smembers(nodes_key(&self.prefix));
+        let (mut names,): (Vec<String>,) = redis.query(&p).await?;
+        names.retain(|n| !n.is_empty() && n.len() <= 128);
+        names.sort();
+        let mut p = redis::pipe();
+        for n in &names {
+            p.hget(node_key(&self.prefix, n), "epoch");
+        }
+        let epochs: Vec<Option<String>> = if names.is_empty() {
+            Vec::new()
+        } else {
+            redis.query(&p).await?
+        };
+        let live: Vec<(String, u64)> = names
+            .into_iter()
+            .zip(epochs)
+            .filter_map(|(n, e)| Some((n, e?.parse().ok()?)))
+            .collect();
         let mut out = Vec::new();
-        let mut epochs: HashMap<String, Option<String>> = HashMap::new();
+        if live.is_empty() {
+            return Ok(out);
+        }
+        let tiers = [Tier::Dram, Tier::Disk, Tier::S3];
         for chunk in keys.chunks(self.batch.max(1)) {
-            let mut p = redis::pipe();
-            for k in chunk {
-                p.hgetall(block_key(&self.prefix, ns, k));
-            }
-            let maps: Vec<HashMap<String, String>> = redis.query(&p).await?;
-            let unknown: Vec<String> = maps
+            let fields: Vec<String> = chunk
                 .iter()
-                .flat_map(|m| m.keys())
-                .filter_map(|f| parse_field(f).map(|(n, _)| n.to_string()))
-                .filter(|n| !epochs.contains_key(n))
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
+                .flat_map(|k| tiers.iter().map(move |t| copy_field(k, *t)))
                 .collect();
-            if !unknown.is_empty() {
-                let mut p = redis::pipe();
-                for n in &unknown {
-                    p.hget(node_key(&self.prefix, n), "epoch");
-                }
-                let got: Vec<Option<String>> = redis.query(&p).await?;
-                epochs.extend(unknown.into_iter().zip(got));
+            let mut p = redis::pipe();
+            for (n, e) in &live {
+                p.cmd("HMGET")
+                    .arg(holdings_key(&self.prefix, n, *e, ns))
+                    .arg(&fields);
             }
+            let got: Vec<Vec<Option<String>>> = redis.query(&p).await?;
             let mut ended = false;
-            for m in maps {
-                let mut live: Vec<(String, Tier)> = m
-                    .iter()
-                    .filter_map(|(f, v)| {
-                        let (node, tier) = parse_field(f)?;
-                        let current = epochs.get(node)?.as_deref()?;
-                        (current == v).then(|| (node.to_string(), tier))
-                    })
-                    .collect();
-                live.sort();
-                ended |= live.is_empty();
-                out.push(live);
+            for (i, _) in chunk.iter().enumerate() {
+                let mut hs = Vec::new();
+                for ((n, _), vals) in live.iter().zip(&got) {
+                    for (j, t) in tiers.iter().enumerate() {
+                        if vals.get(i * tiers.len() + j).is_some_and(Option::is_some) {
+                            hs.push((n.clone(), *t));
+                        }
+                    }
+                }
+                ended |= hs.is_empty();
+                out.push(hs);
             }
             if ended {
                 break;
@@ -448,16 +525,6 @@ impl IndexReader {
         }
         Ok(out)
     }
-}
-
-/// `<node>|<tier>` → (node, tier); None for fields kvd does not write.
-fn parse_field(f: &str) -> Option<(&str, Tier)> {
-    let (node, tier) = f.rsplit_once('|')?;
-    if node.is_empty() || node.len() > 128 {
-        return None;
-    }
-    let tier = Tier::ALL.into_iter().find(|t| t.name() == tier)?;
-    Some((node, tier))
 }
 
 /// Folds per-key holders into a lookup answer: the chain's prefix held anywhere, and each
@@ -624,22 +691,16 @@ mod tests {
     }
 
     #[test]
-    fn fields_kvd_did_not_write_are_ignored() {
-        assert_eq!(parse_field("n1|disk"), Some(("n1", Tier::Disk)));
-        assert_eq!(parse_field("a|b|dram"), Some(("a|b", Tier::Dram)));
-        assert_eq!(parse_field("n1|floppy"), None);
-        assert_eq!(parse_field("|dram"), None);
-        assert_eq!(parse_field("nobar"), None);
-    }
-
-    #[test]
     fn key_layout() {
         let ns = NamespaceId([0xab; 16]);
         let key = BlockKey([1; 32]);
-        let k = block_key("kvd", &ns, &key);
-        assert_eq!(k.len(), "kvd:blk:".len() + 32 + 1 + 64);
-        assert!(k.starts_with("kvd:blk:abab"));
-        assert_eq!(holder_field("n1", Tier::Disk), "n1|disk");
+        let k = holdings_key("kvd", "n1", 42, &ns);
+        assert_eq!(k, format!("kvd:res:n1:42:{}", "ab".repeat(16)));
+        assert_eq!(
+            copy_field(&key, Tier::Disk),
+            format!("{}|disk", "01".repeat(32))
+        );
         assert_eq!(node_key("kvd", "n1"), "kvd:node:n1");
+        assert_eq!(nodes_key("kvd"), "kvd:nodes");
     }
 }

@@ -16,6 +16,10 @@
 //! IO becomes several device requests, as many as the pages' physical layout makes it, which
 //! on request-bound devices changes throughput more than anything either side does.
 //!
+//! `kvd-bench index` starts a private redis-server and measures kvd's publishing to the
+//! cluster index (blocks/s, against the same fields written one command per round trip) and
+//! the latency of cluster lookups of a key chain through kvd.
+//!
 //! `kvd-bench footprint` is a diagnostic for the read ratio: fio reads into its `--qd`
 //! buffers again and again, a cache into a different DRAM slot per block. It runs fio's
 //! random reads beside a bare io_uring loop doing the same reads into `qd` reused buffers and
@@ -30,7 +34,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use kvd_benches::{fill, percentile_us, Record};
-use kvd_client::{BlockKey, Client, NamespaceDesc, Options, PutOutcome};
+use kvd_client::{BlockKey, Client, NamespaceDesc, NamespaceId, Options, PutOutcome};
 
 /// Benchmarks for kvd; every figure comes with a same-run reference and a ratio.
 #[derive(Debug, Parser)]
@@ -49,6 +53,28 @@ enum Cmd {
     /// Diagnostic: the same random reads into fio's few reused buffers vs a cache's many
     /// distinct ones, to tell the machine's memory-footprint cost from the cache's own.
     Footprint(FootprintArgs),
+    /// Cluster index: kvd's batched publishing to Redis vs one command per round trip, and
+    /// cluster lookup latency of a key chain.
+    Index(IndexArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct IndexArgs {
+    /// Blocks to publish (4 KiB each).
+    #[arg(long, default_value_t = 50_000)]
+    blocks: usize,
+    /// Keys per cluster lookup.
+    #[arg(long, default_value_t = 256)]
+    chain: usize,
+    /// Cluster lookups to time.
+    #[arg(long, default_value_t = 500)]
+    lookups: usize,
+    /// redis-server binary started on a free 127.0.0.1 port for the run.
+    #[arg(long, default_value = "redis-server")]
+    redis_server: PathBuf,
+    /// Print one JSON object per line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -199,7 +225,10 @@ mod tempfile_dir {
 
     impl Dir {
         pub fn new() -> std::io::Result<Self> {
-            let p = std::env::temp_dir().join(format!("kvd-bench-{}", std::process::id()));
+            Dir::with_suffix("daemon")
+        }
+        pub fn with_suffix(s: &str) -> std::io::Result<Self> {
+            let p = std::env::temp_dir().join(format!("kvd-bench-{}-{s}", std::process::id()));
             std::fs::create_dir_all(&p)?;
             Ok(Dir(p))
         }
@@ -997,10 +1026,211 @@ fn footprint(a: FootprintArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A private redis-server on a free loopback port, stopped on drop.
+struct RedisServer {
+    child: Child,
+    port: u16,
+    _dir: tempfile_dir::Dir,
+}
+
+impl RedisServer {
+    fn start(bin: &std::path::Path, port: u16) -> anyhow::Result<RedisServer> {
+        let dir =
+            tempfile_dir::Dir::with_suffix("redis").context("creating a temporary directory")?;
+        let child = Command::new(bin)
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| {
+                format!("starting {} (apt-get install redis-server)", bin.display())
+            })?;
+        let r = RedisServer {
+            child,
+            port,
+            _dir: dir,
+        };
+        let t = Instant::now();
+        while r.connect().is_err() {
+            if t.elapsed() > Duration::from_secs(10) {
+                bail!("redis-server on port {port} did not answer within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(r)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn connect(&self) -> redis::RedisResult<redis::Connection> {
+        redis::Client::open(self.url())?.get_connection()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The epoch in the bench node's lease, once it exists.
+fn bench_epoch(c: &mut redis::Connection) -> anyhow::Result<Option<u64>> {
+    let e: Option<String> = redis::cmd("HGET")
+        .arg("kvd:node:bench")
+        .arg("epoch")
+        .query(c)?;
+    Ok(e.and_then(|e| e.parse().ok()))
+}
+
+/// Blocks the bench node has published in `ns` (fields of its current holdings hash), and
+/// whether it is in the node set.
+fn published(c: &mut redis::Connection, ns: &NamespaceId) -> anyhow::Result<(usize, bool)> {
+    let Some(epoch) = bench_epoch(c)? else {
+        return Ok((0, false));
+    };
+    let n: usize = redis::cmd("HLEN")
+        .arg(format!("kvd:res:bench:{epoch}:{}", ns.to_hex()))
+        .query(c)?;
+    let member: bool = redis::cmd("SISMEMBER")
+        .arg("kvd:nodes")
+        .arg("bench")
+        .query(c)?;
+    Ok((n, member))
+}
+
+/// `kvd-bench index`: N blocks are put while the index's Redis is down, then Redis comes up
+/// and kvd publishes them all (its republish path: the same pipelined batches as live
+/// changes); the rate is N over the time from the node's lease appearing to the last block
+/// appearing. The reference writes the same fields into the same hash with one command per
+/// block and round trip, from this process to the same server. Then cluster lookups of a
+/// `--chain`-key chain through kvd, p50/p99.
+fn index(a: IndexArgs) -> anyhow::Result<()> {
+    let n = a.blocks.max(1);
+    let port = free_port()?;
+    let block = vec![0x5Au8; 4096];
+    let arena = n * 4096 + (64 << 20);
+    let sets = vec![
+        format!("index.redis_urls=redis://127.0.0.1:{port}"),
+        "index.node_id=bench".into(),
+        "index.timeout_ms=200".into(),
+    ];
+    let (_daemon, socket) = spawn_daemon_with(arena, 1 << 20, &sets)?;
+    let client = Client::connect_with(
+        &socket,
+        Options {
+            name: "kvd-bench".into(),
+            admin: true,
+            ..Options::default()
+        },
+    )?;
+    let ns = client.open_namespace(&NamespaceDesc::new(
+        "kvd-bench-index",
+        "bytes",
+        "opaque",
+        16,
+    ))?;
+    let keys: Vec<BlockKey> = (0..n).map(|i| key(4096, i)).collect();
+    for chunk in keys.chunks(256) {
+        let items: Vec<(BlockKey, &[u8])> = chunk.iter().map(|k| (*k, &block[..])).collect();
+        client.put_many(&ns, &items)?;
+    }
+    if !a.json {
+        println!("kvd-bench index: {n} blocks, Redis on 127.0.0.1:{port}");
+    }
+    // kvd publishes everything once Redis answers.
+    let redis = RedisServer::start(&a.redis_server, port)?;
+    let mut c = redis.connect()?;
+    let wait_start = Instant::now();
+    let mut first = None;
+    loop {
+        if first.is_none() && bench_epoch(&mut c)?.is_some() {
+            first = Some(Instant::now());
+        }
+        let (k, _) = published(&mut c, &ns.id)?;
+        if k >= n {
+            break;
+        }
+        if wait_start.elapsed() > Duration::from_secs(300) {
+            bail!("kvd published {k} of {n} blocks within 5 minutes");
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let batched = n as f64 / first.map_or(wait_start, |f| f).elapsed().as_secs_f64();
+    // Reference: the same fields into a hash of the same shape, one command per block.
+    let field = |k: &BlockKey| format!("{}|dram", k.to_hex());
+    let t = Instant::now();
+    for k in &keys {
+        redis::cmd("HSET")
+            .arg("ref:res:bench")
+            .arg(field(k))
+            .arg("1")
+            .query::<()>(&mut c)?;
+    }
+    let naive = n as f64 / t.elapsed().as_secs_f64();
+    let ratio = batched / naive;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"tier": "index", "op": "publish", "blocks": n,
+                "blocks_per_s": batched, "naive_blocks_per_s": naive, "ratio": ratio})
+        );
+    } else {
+        println!(
+            "index publish     {n:>8} blocks   kvd {batched:>10.0} blocks/s   one per round trip {naive:>9.0} blocks/s   ratio {ratio:>6.1}"
+        );
+    }
+    // Lookups go through kvd: its index reader asks Redis for the chain.
+    let chain = &keys[..a.chain.clamp(1, n)];
+    let t = Instant::now();
+    while !published(&mut c, &ns.id)?.1 {
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("the node did not join the node set within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut lat = Vec::with_capacity(a.lookups);
+    for _ in 0..a.lookups.max(1) {
+        let t = Instant::now();
+        let r = client.cluster_lookup(&ns.id, chain)?;
+        lat.push(t.elapsed().as_nanos() as u64);
+        if r.prefix_len as usize != chain.len() || !r.cluster {
+            bail!("a lookup saw {} of {} blocks", r.prefix_len, chain.len());
+        }
+    }
+    lat.sort_unstable();
+    let (p50, p99) = (percentile_us(&lat, 50.0), percentile_us(&lat, 99.0));
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"tier": "index", "op": "cluster_lookup", "chain": chain.len(),
+                "p50_us": p50, "p99_us": p99, "ops": lat.len()})
+        );
+    } else {
+        println!(
+            "index lookup      chain {:>5} keys   p50 {p50:>8.1} µs   p99 {p99:>8.1} µs",
+            chain.len()
+        );
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Dram(a) => dram(a),
         Cmd::Disk(a) => disk(a),
         Cmd::Footprint(a) => footprint(a),
+        Cmd::Index(a) => index(a),
     }
 }
