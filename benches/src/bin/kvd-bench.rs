@@ -266,6 +266,18 @@ unsafe fn libc_kill(pid: u32) {
     }
 }
 
+/// The bench's admin connection to a daemon it spawned.
+fn admin_client(socket: &std::path::Path) -> anyhow::Result<Client> {
+    Ok(Client::connect_with(
+        socket,
+        Options {
+            name: "kvd-bench".into(),
+            admin: true,
+            ..Options::default()
+        },
+    )?)
+}
+
 fn spawn_daemon(arena: usize, max_block: usize) -> anyhow::Result<(Spawned, PathBuf)> {
     spawn_daemon_with(arena, max_block, &[])
 }
@@ -700,14 +712,7 @@ fn disk(a: DiskArgs) -> anyhow::Result<()> {
         if huge { "explicit" } else { "off" }
     ));
     let (_daemon, socket) = spawn_daemon_with(arena, max, &sets)?;
-    let client = Client::connect_with(
-        &socket,
-        Options {
-            name: "kvd-bench".into(),
-            admin: true,
-            ..Options::default()
-        },
-    )?;
+    let client = admin_client(&socket)?;
     let ns = client.open_namespace(&NamespaceDesc::new("kvd-bench", "bytes", "opaque", 16))?;
     let st = client
         .stats()?
@@ -1127,14 +1132,7 @@ fn index(a: IndexArgs) -> anyhow::Result<()> {
         "index.timeout_ms=200".into(),
     ];
     let (_daemon, socket) = spawn_daemon_with(arena, 1 << 20, &sets)?;
-    let client = Client::connect_with(
-        &socket,
-        Options {
-            name: "kvd-bench".into(),
-            admin: true,
-            ..Options::default()
-        },
-    )?;
+    let client = admin_client(&socket)?;
     let ns = client.open_namespace(&NamespaceDesc::new(
         "kvd-bench-index",
         "bytes",
