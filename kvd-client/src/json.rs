@@ -50,5 +50,10 @@ pub fn status_json(s: &StatsReport) -> Value {
             "drain_pending": d.drain_pending,
             "degraded": if d.degraded.is_empty() { Value::Null } else { json!(d.degraded) },
         })),
+        "index": s.index.as_ref().map(|x| json!({
+            "endpoint": x.endpoint, "node": x.node, "connected": x.connected, "epoch": x.epoch,
+            "published": x.published, "republishes": x.republishes, "outages": x.outages,
+            "last_error": if x.last_error.is_empty() { Value::Null } else { json!(x.last_error) },
+        })),
     })
 }

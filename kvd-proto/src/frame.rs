@@ -307,6 +307,29 @@ pub struct StatsReport {
     pub clients: Vec<ClientInfo>,
     /// Disk tier, when configured.
     pub disk: Option<DiskReport>,
+    /// Cluster index publisher, when one is configured.
+    pub index: Option<IndexReport>,
+}
+
+/// State of the cluster index publisher.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IndexReport {
+    /// Redis endpoints (host and port only, never credentials).
+    pub endpoint: String,
+    /// This node's name in the index.
+    pub node: String,
+    /// The last publishing round reached Redis.
+    pub connected: bool,
+    /// Epoch the node publishes under (0 before the first publish).
+    pub epoch: u64,
+    /// Residency changes sent (republished blocks included).
+    pub published: u64,
+    /// Times the node republished everything under a new epoch.
+    pub republishes: u64,
+    /// Times Redis became unreachable.
+    pub outages: u64,
+    /// The last error, empty if none yet.
+    pub last_error: String,
 }
 
 /// One resident block, as listed or inspected.
@@ -705,6 +728,29 @@ fn disk_numbers(d: &DiskReport) -> [u64; 18] {
     ]
 }
 
+fn put_index(w: &mut Writer, x: &IndexReport) {
+    w.str(&x.endpoint);
+    w.str(&x.node);
+    w.u8(u8::from(x.connected));
+    for v in [x.epoch, x.published, x.republishes, x.outages] {
+        w.u64(v);
+    }
+    w.str(&x.last_error);
+}
+
+fn get_index(r: &mut Reader<'_>) -> Result<IndexReport, DecodeError> {
+    Ok(IndexReport {
+        endpoint: r.str("index endpoint", MAX_TEXT)?,
+        node: r.str("index node", MAX_TEXT)?,
+        connected: r.bool("index connected")?,
+        epoch: r.u64("index epoch")?,
+        published: r.u64("index published")?,
+        republishes: r.u64("index republishes")?,
+        outages: r.u64("index outages")?,
+        last_error: r.str("index last error", MAX_TEXT)?,
+    })
+}
+
 fn put_disk(w: &mut Writer, d: &DiskReport) {
     w.str(&d.path);
     w.str(&d.engine);
@@ -844,6 +890,10 @@ impl Response {
                 if let Some(d) = &s.disk {
                     put_disk(&mut w, d);
                 }
+                w.u8(u8::from(s.index.is_some()));
+                if let Some(x) = &s.index {
+                    put_index(&mut w, x);
+                }
             }
             Response::ClusterResult(c) => {
                 w = begin(tag::CLUSTER_RESULT, request_id);
@@ -976,6 +1026,7 @@ impl Response {
                     });
                 }
                 let disk = opt(&mut r, "disk flag", get_disk)?;
+                let index = opt(&mut r, "index flag", get_index)?;
                 Response::Stats(Box::new(StatsReport {
                     daemon_version,
                     uptime_ms,
@@ -983,6 +1034,7 @@ impl Response {
                     namespaces,
                     clients,
                     disk,
+                    index,
                 }))
             }
             tag::BLOCKS => {
@@ -1108,6 +1160,23 @@ mod tests {
     }
 
     fn arb_response() -> impl Strategy<Value = Response> {
+        let index = (
+            arb_text(),
+            arb_text(),
+            any::<bool>(),
+            any::<[u64; 4]>(),
+            arb_text(),
+        )
+            .prop_map(|(endpoint, node, connected, n, last_error)| IndexReport {
+                endpoint,
+                node,
+                connected,
+                epoch: n[0],
+                published: n[1],
+                republishes: n[2],
+                outages: n[3],
+                last_error,
+            });
         let disk = (
             arb_text(),
             arb_text(),
@@ -1236,18 +1305,20 @@ mod tests {
                 prop::collection::vec(tier_stats, 0..4),
                 prop::collection::vec(ns_stats, 0..3),
                 prop::collection::vec(client, 0..3),
-                prop::option::of(disk)
+                prop::option::of(disk),
+                prop::option::of(index)
             )
-                .prop_map(|(v, up, tiers, namespaces, clients, disk)| Response::Stats(
-                    Box::new(StatsReport {
+                .prop_map(|(v, up, tiers, namespaces, clients, disk, index)| {
+                    Response::Stats(Box::new(StatsReport {
                         daemon_version: v,
                         uptime_ms: up,
                         tiers,
                         namespaces,
                         clients,
-                        disk
-                    })
-                )),
+                        disk,
+                        index,
+                    }))
+                }),
             (prop::collection::vec(block, 0..5), any::<bool>())
                 .prop_map(|(blocks, more)| Response::Blocks { blocks, more }),
             (

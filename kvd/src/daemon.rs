@@ -671,6 +671,7 @@ impl Daemon {
             namespaces,
             clients,
             disk,
+            index: self.index.as_ref().map(|r| r.report()),
         }
     }
 }

@@ -23,12 +23,13 @@
 //! logs one warning per outage, and republishes under a new epoch once Redis is back.
 //! Without `index.redis_urls` nothing here runs and kvd says so once at start.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use std::collections::{BTreeMap, HashSet};
 
-use kvd_proto::frame::{ClusterLookup, NodeHolding, TierCounts};
+use kvd_proto::frame::{ClusterLookup, IndexReport, NodeHolding, TierCounts};
 use kvd_proto::{BlockKey, NamespaceId, Tier};
 use redis::aio::MultiplexedConnection;
 use redis::cluster_async::ClusterConnection;
@@ -112,6 +113,17 @@ fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What the publisher has done, for `kvd-ctl status`.
+#[derive(Debug, Default)]
+pub struct IndexStatus {
+    connected: AtomicBool,
+    epoch: AtomicU64,
+    published: AtomicU64,
+    republishes: AtomicU64,
+    outages: AtomicU64,
+    last_error: parking_lot::Mutex<String>,
 }
 
 /// One Redis server or a cluster.
@@ -231,11 +243,13 @@ struct Publisher {
     /// Namespaces with a holdings hash under the current epoch (their expiry is refreshed
     /// with the lease).
     spaces: HashSet<NamespaceId>,
+    status: Arc<IndexStatus>,
 }
 
 impl Publisher {
-    fn new(cfg: IndexConfig) -> Publisher {
+    fn new(cfg: IndexConfig, status: Arc<IndexStatus>) -> Publisher {
         Publisher {
+            status,
             node: node_id(&cfg),
             redis: Redis::new(cfg),
             started_ms: unix_ms(),
@@ -327,6 +341,10 @@ impl Publisher {
         if due {
             self.last_heartbeat = Some(Instant::now());
         }
+        self.status
+            .published
+            .fetch_add(changes.len() as u64, Ordering::Relaxed);
+        self.status.connected.store(true, Ordering::Relaxed);
         Ok(())
     }
 
@@ -336,6 +354,8 @@ impl Publisher {
         drop(take_changes(daemon));
         let (old_epoch, old_spaces) = (self.epoch, std::mem::take(&mut self.spaces));
         self.epoch = unix_ms().max(self.epoch + 1);
+        self.status.epoch.store(self.epoch, Ordering::Relaxed);
+        self.status.republishes.fetch_add(1, Ordering::Relaxed);
         self.last_heartbeat = None;
         self.publish(&[]).await?;
         let mut sent = 0u64;
@@ -429,6 +449,9 @@ impl Publisher {
 /// waits behind a publishing round.
 pub struct IndexReader {
     redis: tokio::sync::Mutex<Redis>,
+    /// What the publisher has done.
+    pub status: Arc<IndexStatus>,
+    endpoint: String,
     node: String,
     prefix: String,
     batch: usize,
@@ -450,6 +473,8 @@ impl IndexReader {
     /// A reader for `cfg`; `None` when no index is configured.
     pub fn new(cfg: &IndexConfig) -> Option<IndexReader> {
         cfg.enabled().then(|| IndexReader {
+            status: Arc::default(),
+            endpoint: Redis::new(cfg.clone()).endpoint,
             node: node_id(cfg),
             prefix: cfg.key_prefix.clone(),
             batch: LOOKUP_CHUNK.min(cfg.batch_commands as usize),
@@ -460,6 +485,21 @@ impl IndexReader {
     /// This node's name in the index.
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// The publisher's state, for the stats.
+    pub fn report(&self) -> IndexReport {
+        let s = &self.status;
+        IndexReport {
+            endpoint: self.endpoint.clone(),
+            node: self.node.clone(),
+            connected: s.connected.load(Ordering::Relaxed),
+            epoch: s.epoch.load(Ordering::Relaxed),
+            published: s.published.load(Ordering::Relaxed),
+            republishes: s.republishes.load(Ordering::Relaxed),
+            outages: s.outages.load(Ordering::Relaxed),
+            last_error: s.last_error.lock().clone(),
+        }
     }
 
     /// For each leading key of the chain, the live (node, tier) pairs holding it; stops after
@@ -607,7 +647,12 @@ pub async fn run(daemon: Arc<Daemon>, stop: Arc<tokio::sync::Notify>) {
         return;
     }
     let interval = Duration::from_millis(u64::from(cfg.publish_interval_ms));
-    let mut p = Publisher::new(cfg);
+    let status = daemon
+        .index
+        .as_ref()
+        .map(|r| r.status.clone())
+        .unwrap_or_default();
+    let mut p = Publisher::new(cfg, status.clone());
     let mut down_since: Option<Instant> = None;
     loop {
         tokio::select! {
@@ -622,7 +667,10 @@ pub async fn run(daemon: Arc<Daemon>, stop: Arc<tokio::sync::Notify>) {
                 }
             }
             Err(e) => {
+                status.connected.store(false, Ordering::Relaxed);
+                *status.last_error.lock() = e.to_string();
                 if down_since.is_none() {
+                    status.outages.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "cluster index unavailable; serving from the \
                         local index, will republish when it is back");
                     down_since = Some(Instant::now());

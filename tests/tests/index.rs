@@ -173,6 +173,15 @@ fn residency_follows_puts_deletes_demotions_outages_and_restarts() {
         .expect("pttl");
     assert!(ttl > 0 && ttl <= 2000, "the lease expires: pttl {ttl}");
 
+    // The report is updated just after Redis answers: wait for it rather than race it.
+    let x = wait_for("the index report", Duration::from_secs(10), || {
+        let x = c.stats().expect("stats").index.expect("index report");
+        (x.connected && x.published >= 6).then_some(x)
+    });
+    assert!(x.epoch > 0 && x.republishes == 1, "{x:?}");
+    assert_eq!(x.node, "node-a");
+    assert!(d.ctl(&["status"]).contains("node node-a  connected"));
+
     c.delete(&ns.id, &[key(0)]).expect("delete");
     expect_holders(&redis, &ns, 0, "node-a", &[]);
     c.drain(Some(ns.id)).expect("drain");
@@ -189,6 +198,10 @@ fn residency_follows_puts_deletes_demotions_outages_and_restarts() {
     put(&c, &ns, 10..12);
     assert!(c.get(&ns, &key(10)).expect("get").is_some());
     d.expect_log("cluster index unavailable");
+    let x = c.stats().expect("stats").index.expect("index report");
+    assert!(!x.connected && x.outages == 1, "{x:?}");
+    assert!(x.last_error.contains(&format!("127.0.0.1:{port}")), "{x:?}");
+    assert!(d.ctl(&["status"]).contains("UNREACHABLE"));
     let redis = Redis::start(Some(port)).expect("redis again");
     for (i, want) in [
         (1, &["node-a|disk"][..]),
@@ -199,6 +212,8 @@ fn residency_follows_puts_deletes_demotions_outages_and_restarts() {
     }
     assert_ne!(redis.epoch("node-a").expect("epoch"), old_epoch);
     d.expect_log("cluster index reachable again");
+    let x = c.stats().expect("stats").index.expect("index report");
+    assert!(x.connected && x.republishes == 2, "{x:?}");
     let warned = d.log_text().matches("cluster index unavailable").count();
     assert_eq!(warned, 1, "one warning per outage");
 
@@ -226,7 +241,10 @@ fn residency_follows_puts_deletes_demotions_outages_and_restarts() {
 
 #[test]
 fn without_redis_configured_kvd_says_local_index_only() {
-    Daemon::start(&[]).expect_log("no cluster index configured");
+    let d = Daemon::start(&[]);
+    d.expect_log("no cluster index configured");
+    assert!(d.admin().stats().expect("stats").index.is_none());
+    assert!(d.ctl(&["status"]).contains("index none configured"));
 }
 
 /// The namespace's blocks a node holds, per `where` from `c`: (node, prefix_len, local).

@@ -227,6 +227,33 @@ fn print_status(s: &StatsReport) {
             println!("      DEGRADED: {}", d.degraded);
         }
     }
+    match &s.index {
+        None => {
+            println!();
+            println!("index none configured (local index only)");
+        }
+        Some(x) => {
+            println!();
+            println!(
+                "index {}  node {}  {}  epoch {}",
+                x.endpoint,
+                x.node,
+                if x.connected {
+                    "connected"
+                } else {
+                    "UNREACHABLE (serving from the local index)"
+                },
+                x.epoch
+            );
+            println!(
+                "      published {} changes  republished {} times  outages {}",
+                x.published, x.republishes, x.outages
+            );
+            if !x.last_error.is_empty() {
+                println!("      last error: {}", x.last_error);
+            }
+        }
+    }
     println!();
     println!(
         "{:<32} {:<20} {:>8} {:>10} {:>7} {:>6} {:>6} {:>9}",
