@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::{
-    BlockKey, Client, ClientError, Lookup, Namespace, NamespaceDesc, NamespaceId, Options,
-    PutOutcome, Result, StatsReport,
+    BlockKey, Client, ClientError, ClusterLookup, Lookup, Namespace, NamespaceDesc, NamespaceId,
+    Options, PutOutcome, Result, StatsReport,
 };
 
 /// Async kvd client (clone freely; clones share one connection).
@@ -47,6 +47,16 @@ impl AsyncClient {
     pub async fn lookup(&self, ns: NamespaceId, keys: Vec<BlockKey>) -> Result<Lookup> {
         let c = self.inner.clone();
         blocking(move || c.lookup(&ns, &keys)).await
+    }
+
+    /// See [`Client::cluster_lookup`].
+    pub async fn cluster_lookup(
+        &self,
+        ns: NamespaceId,
+        keys: Vec<BlockKey>,
+    ) -> Result<ClusterLookup> {
+        let c = self.inner.clone();
+        blocking(move || c.cluster_lookup(&ns, &keys)).await
     }
 
     /// See [`Client::put`].

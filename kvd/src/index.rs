@@ -264,27 +264,40 @@ impl Publisher {
         self.redis.query::<()>(p).await
     }
 
-    /// Adds the lease refresh, and the expiry of this epoch's holdings, to `p`.
-    fn lease(&self, p: &mut Pipeline) {
+    /// Refreshes the lease and the expiry of this epoch's holdings. A lease that had vanished
+    /// although this epoch already wrote it (Redis flushed, evicted or failed over to a
+    /// replica without it, or this process stalled past the TTL) means the holdings may be
+    /// gone too: everything is republished under a new epoch.
+    async fn heartbeat(&mut self) -> Result<(), IndexError> {
         let prefix = &self.redis.cfg.key_prefix;
         let ttl = i64::from(self.redis.cfg.lease_ttl_ms);
         let k = node_key(prefix, &self.node);
-        p.sadd(nodes_key(prefix), &self.node).ignore();
-        p.hset_multiple(
-            &k,
-            &[
-                ("epoch", self.epoch.to_string()),
-                ("version", crate::daemon::VERSION.to_string()),
-                ("started_unix_ms", self.started_ms.to_string()),
-            ],
-        )
-        .ignore()
-        .pexpire(&k, ttl)
-        .ignore();
+        let mut p = redis::pipe();
+        p.sadd(nodes_key(prefix), &self.node);
+        // HSET (not HMSET) answers how many fields were new: all of them when the lease had
+        // vanished.
+        p.cmd("HSET")
+            .arg(&k)
+            .arg("epoch")
+            .arg(self.epoch)
+            .arg("version")
+            .arg(crate::daemon::VERSION)
+            .arg("started_unix_ms")
+            .arg(self.started_ms);
+        p.pexpire(&k, ttl);
         for ns in &self.spaces {
-            p.pexpire(holdings_key(prefix, &self.node, self.epoch, ns), ttl)
-                .ignore();
+            p.pexpire(holdings_key(prefix, &self.node, self.epoch, ns), ttl);
         }
+        // Nothing ignored, so a single server and a cluster answer alike: SADD, HSET, ...
+        let r: Vec<i64> = self.redis.query(&p).await?;
+        let fresh = r.get(1).copied().unwrap_or(0) > 0;
+        if fresh && self.last_heartbeat.is_some() && !self.resync {
+            tracing::warn!(node = %self.node, epoch = self.epoch,
+                "this node's lease had vanished from the cluster index; republishing everything");
+            self.resync = true;
+        }
+        self.last_heartbeat = Some(Instant::now());
+        Ok(())
     }
 
     /// Sends `changes` (and a heartbeat when due): consecutive changes of one namespace and
@@ -330,16 +343,12 @@ impl Publisher {
                 (n, fields_in) = (0, 0);
             }
         }
-        if due {
-            // After the changes, so a hash created in this round gets its expiry refreshed.
-            self.lease(&mut p);
-            n += 1;
-        }
         if n > 0 {
             self.exec(&p).await?;
         }
         if due {
-            self.last_heartbeat = Some(Instant::now());
+            // After the changes, so a hash created in this round gets its expiry refreshed.
+            self.heartbeat().await?;
         }
         self.status
             .published

@@ -217,6 +217,15 @@ fn residency_follows_puts_deletes_demotions_outages_and_restarts() {
     let warned = d.log_text().matches("cluster index unavailable").count();
     assert_eq!(warned, 1, "one warning per outage");
 
+    // Redis loses the data while the connection stays up (FLUSHALL; an eviction or a
+    // failover to an empty replica looks the same): the next heartbeat notices the missing
+    // lease and the node republishes.
+    let before = redis.epoch("node-a").expect("epoch");
+    redis.cli(&["FLUSHALL"]);
+    d.expect_log("lease had vanished");
+    expect_holders(&redis, &ns, 2, "node-a", &["node-a|disk", "node-a|dram"]);
+    assert_ne!(redis.epoch("node-a").expect("epoch"), before);
+
     // kill -9 and restart: the old epoch's fields stop counting, the disk copies come back.
     let before = redis.epoch("node-a").expect("epoch");
     d.kill9();
@@ -324,6 +333,11 @@ fn where_names_every_node_holding_a_prefix_until_its_lease_ends() {
         },
     );
     assert!(!redis.cli(&["KEYS", "kvd:res:node-b:*"]).trim().is_empty());
+    assert!(
+        !b.log_contains("vanished") && !b.log_contains("unavailable"),
+        "no spurious republish: {}",
+        b.log_text()
+    );
 }
 
 #[test]
