@@ -326,11 +326,12 @@ impl Publisher {
                 .map(|c| copy_field(&c.key, c.tier));
             if stored {
                 let pairs: Vec<(String, &str)> = fields.map(|f| (f, "1")).collect();
+                // The hash may be new (first copy, or every copy had gone): it expires with
+                // the lease from the start, or a node dying now would leave it forever.
                 p.hset_multiple(&k, &pairs).ignore();
-                if self.spaces.insert(ns) {
-                    p.pexpire(&k, ttl).ignore();
-                    n += 1;
-                }
+                p.pexpire(&k, ttl).ignore();
+                self.spaces.insert(ns);
+                n += 1;
             } else {
                 p.hdel(&k, fields.collect::<Vec<_>>()).ignore();
             }

@@ -172,6 +172,17 @@ fn residency_follows_puts_deletes_demotions_outages_and_restarts() {
         .parse()
         .expect("pttl");
     assert!(ttl > 0 && ttl <= 2000, "the lease expires: pttl {ttl}");
+    let epoch = redis.epoch("node-a").expect("epoch");
+    let holdings = format!("kvd:res:node-a:{epoch}:{}", ns.id.to_hex());
+    let ttl: i64 = redis
+        .cli(&["PTTL", &holdings])
+        .trim()
+        .parse()
+        .expect("pttl");
+    assert!(
+        ttl > 0 && ttl <= 2000,
+        "the holdings expire with it: pttl {ttl}"
+    );
 
     // The report is updated just after Redis answers: wait for it rather than race it.
     let x = wait_for("the index report", Duration::from_secs(10), || {
