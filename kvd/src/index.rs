@@ -2,7 +2,9 @@
 //! tier, so a router or another node can find a prefix anywhere in the cluster.
 //!
 //! Schema (every key under `index.key_prefix`, `kvd` by default):
-//! - `kvd:nodes` — set of the node names that have published (a reader's starting point).
+//! - `kvd:nodes` — sorted set of the node names that have published, scored by their last
+//!   heartbeat (unix ms); a reader's starting point. Names silent for [`FORGET_NODE_MS`] are
+//!   dropped by whichever node heartbeats next.
 //! - `kvd:node:<node>` — lease hash `{epoch, version, started_unix_ms}`, expiring
 //!   `lease_ttl_ms` after the last heartbeat (one every `lease_ttl_ms / 4` at most).
 //! - `kvd:res:<node>:<epoch>:<namespace hex>` — hash of what the node holds in that
@@ -92,6 +94,10 @@ pub fn holdings_key(prefix: &str, node: &str, epoch: u64, ns: &NamespaceId) -> S
 pub fn node_key(prefix: &str, node: &str) -> String {
     format!("{prefix}:node:{node}")
 }
+
+/// A node whose heartbeat is this old leaves the node set (its lease and holdings expired
+/// long before).
+pub const FORGET_NODE_MS: u64 = 24 * 3600 * 1000;
 
 /// Redis key of the set of node names.
 pub fn nodes_key(prefix: &str) -> String {
@@ -272,8 +278,9 @@ impl Publisher {
         let prefix = &self.redis.cfg.key_prefix;
         let ttl = i64::from(self.redis.cfg.lease_ttl_ms);
         let k = node_key(prefix, &self.node);
+        let now = unix_ms();
         let mut p = redis::pipe();
-        p.sadd(nodes_key(prefix), &self.node);
+        p.zadd(nodes_key(prefix), &self.node, now);
         // HSET (not HMSET) answers how many fields were new: all of them when the lease had
         // vanished.
         p.cmd("HSET")
@@ -288,7 +295,8 @@ impl Publisher {
         for ns in &self.spaces {
             p.pexpire(holdings_key(prefix, &self.node, self.epoch, ns), ttl);
         }
-        // Nothing ignored, so a single server and a cluster answer alike: SADD, HSET, ...
+        p.zrembyscore(nodes_key(prefix), 0, now.saturating_sub(FORGET_NODE_MS));
+        // Nothing ignored, so a single server and a cluster answer alike: ZADD, HSET, ...
         let r: Vec<i64> = self.redis.query(&p).await?;
         let fresh = r.get(1).copied().unwrap_or(0) > 0;
         if fresh && self.last_heartbeat.is_some() && !self.resync {
@@ -521,7 +529,7 @@ impl IndexReader {
     ) -> Result<Vec<Vec<(String, Tier)>>, IndexError> {
         let mut redis = self.redis.lock().await;
         let mut p = redis::pipe();
-        p.smembers(nodes_key(&self.prefix));
+        p.zrange(nodes_key(&self.prefix), 0, -1);
         let (mut names,): (Vec<String>,) = redis.query(&p).await?;
         names.retain(|n| !n.is_empty() && n.len() <= 128);
         names.sort();

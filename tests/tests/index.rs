@@ -294,6 +294,8 @@ fn where_names_every_node_holding_a_prefix_until_its_lease_ends() {
     let nsa = ca.open_namespace(&test_namespace("where")).expect("ns a");
     let nsb = cb.open_namespace(&test_namespace("where")).expect("ns b");
     assert_eq!(nsa.id, nsb.id);
+    // A name left by a node gone for days: forgotten at the next heartbeat.
+    redis.cli(&["ZADD", "kvd:nodes", "1", "ghost"]);
     put(&ca, &nsa, 0..4);
     put(&cb, &nsb, 0..2);
     let want = (
@@ -307,6 +309,17 @@ fn where_names_every_node_holding_a_prefix_until_its_lease_ends() {
     wait_for("b to see a's blocks", Duration::from_secs(10), || {
         (where_nodes(&cb, &nsb, 6) == want).then_some(())
     });
+    wait_for("the ghost to be forgotten", Duration::from_secs(10), || {
+        redis
+            .cli(&["ZSCORE", "kvd:nodes", "ghost"])
+            .trim()
+            .is_empty()
+            .then_some(())
+    });
+    assert!(!redis
+        .cli(&["ZSCORE", "kvd:nodes", "node-a"])
+        .trim()
+        .is_empty());
 
     // The CLI says the same.
     let out = b.ctl(&[

@@ -1108,10 +1108,11 @@ fn published(c: &mut redis::Connection, ns: &NamespaceId) -> anyhow::Result<(usi
     let n: usize = redis::cmd("HLEN")
         .arg(format!("kvd:res:bench:{epoch}:{}", ns.to_hex()))
         .query(c)?;
-    let member: bool = redis::cmd("SISMEMBER")
+    let score: Option<f64> = redis::cmd("ZSCORE")
         .arg("kvd:nodes")
         .arg("bench")
         .query(c)?;
+    let member = score.is_some();
     Ok((n, member))
 }
 
