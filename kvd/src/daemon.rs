@@ -511,12 +511,9 @@ impl Daemon {
         (n, tiers)
     }
 
-    /// Like [`lookup`](Self::lookup) for a namespace that may not be open here: then only
-    /// the disk tier can hold its blocks.
-    pub fn lookup_id(&self, id: &NamespaceId, keys: &[BlockKey]) -> (u32, TierCounts) {
-        if let Some(ns) = self.namespaces().into_iter().find(|n| n.id == *id) {
-            return self.lookup(&ns, keys);
-        }
+    /// Like [`lookup`](Self::lookup) for a namespace not open on this node: only the disk
+    /// tier can hold its blocks.
+    pub fn lookup_on_disk(&self, id: &NamespaceId, keys: &[BlockKey]) -> (u32, TierCounts) {
         let mut tiers = TierCounts::default();
         let on_disk = self.disk.as_ref().map_or(0, |d| {
             d.presence(id, keys).iter().take_while(|&&b| b).count()

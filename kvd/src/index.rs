@@ -490,13 +490,16 @@ const LOOKUP_CHUNK: usize = 256;
 impl IndexReader {
     /// A reader for `cfg`; `None` when no index is configured.
     pub fn new(cfg: &IndexConfig) -> Option<IndexReader> {
-        cfg.enabled().then(|| IndexReader {
-            status: Arc::default(),
-            endpoint: Redis::new(cfg.clone()).endpoint,
-            node: node_id(cfg),
-            prefix: cfg.key_prefix.clone(),
-            batch: LOOKUP_CHUNK.min(cfg.batch_commands as usize),
-            redis: tokio::sync::Mutex::new(Redis::new(cfg.clone())),
+        cfg.enabled().then(|| {
+            let redis = Redis::new(cfg.clone());
+            IndexReader {
+                status: Arc::default(),
+                endpoint: redis.endpoint.clone(),
+                node: node_id(cfg),
+                prefix: cfg.key_prefix.clone(),
+                batch: LOOKUP_CHUNK.min(cfg.batch_commands as usize),
+                redis: tokio::sync::Mutex::new(redis),
+            }
         })
     }
 
@@ -590,7 +593,8 @@ impl IndexReader {
 /// what the index says about the answering node (its catalogs are fresher than what it has
 /// published).
 pub fn summarize(holders: &[Vec<(String, Tier)>], local: Option<NodeHolding>) -> ClusterLookup {
-    let mut runs: BTreeMap<&str, (u32, TierCounts, bool)> = BTreeMap::new();
+    // Per node: its leading run so far, and where those blocks are.
+    let mut runs: BTreeMap<&str, (u32, TierCounts)> = BTreeMap::new();
     let mut prefix_len = 0u32;
     for (i, hs) in holders.iter().enumerate() {
         if hs.is_empty() {
@@ -605,13 +609,12 @@ pub fn summarize(holders: &[Vec<(String, Tier)>], local: Option<NodeHolding>) ->
             }
         }
         for (n, t) in fastest {
-            let r = runs.entry(n).or_insert((0, TierCounts::default(), true));
-            // A node's run continues only while it held every earlier key.
-            if r.2 && r.0 as usize == i {
+            let r = runs.entry(n).or_default();
+            // A run continues only while the node held every earlier key: once it missed
+            // one, its length stays behind `i` for good.
+            if r.0 as usize == i {
                 r.0 += 1;
                 r.1.add(t);
-            } else {
-                r.2 = false;
             }
         }
     }

@@ -357,10 +357,15 @@ async fn cluster_lookup(
     ns: &NamespaceId,
     keys: &[BlockKey],
 ) -> Result<ClusterLookup, OpError> {
-    if daemon.namespace_for(conn, ns).is_err() {
-        daemon.require_admin(conn, "a cluster lookup in a namespace not opened here")?;
-    }
-    let (prefix_len, tiers) = daemon.lookup_id(ns, keys);
+    let (prefix_len, tiers) = match daemon.namespace_for(conn, ns) {
+        Ok(open) => daemon.lookup(&open, keys),
+        // Admins are answered for any namespace open on this node (namespace_for found none),
+        // so here only the disk tier can hold its blocks.
+        Err(_) => {
+            daemon.require_admin(conn, "a cluster lookup in a namespace not opened here")?;
+            daemon.lookup_on_disk(ns, keys)
+        }
+    };
     let local = |node: &str| NodeHolding {
         node: node.to_string(),
         prefix_len,
