@@ -55,5 +55,13 @@ pub fn status_json(s: &StatsReport) -> Value {
             "published": x.published, "republishes": x.republishes, "outages": x.outages,
             "last_error": if x.last_error.is_empty() { Value::Null } else { json!(x.last_error) },
         })),
+        "events": s.events.as_ref().map(|x| json!({
+            "endpoint": x.endpoint,
+            "replay_endpoint": if x.replay_endpoint.is_empty() { Value::Null } else { json!(x.replay_endpoint) },
+            "topic_prefix": x.topic_prefix, "form": x.form, "batches": x.batches,
+            "events": x.events, "skipped_no_lineage": x.skipped, "resyncs": x.resyncs,
+            "next_seq": x.next_seq, "lineage_blocks": x.lineage_blocks,
+            "last_error": if x.last_error.is_empty() { Value::Null } else { json!(x.last_error) },
+        })),
     })
 }

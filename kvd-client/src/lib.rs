@@ -85,6 +85,9 @@ pub struct Namespace {
     pub id: NamespaceId,
     /// Ring handle.
     pub handle: u32,
+    /// The daemon publishes KV events: send [`Client::lineage`] for blocks before storing
+    /// them, so their events carry tokens.
+    pub events: bool,
     arena: Arc<ArenaMap>,
 }
 
@@ -272,6 +275,7 @@ impl Client {
             ns,
             handle,
             arena_bytes,
+            events,
         } = resp
         else {
             return Err(unexpected("NamespaceOpened", &resp));
@@ -292,6 +296,7 @@ impl Client {
         Ok(Namespace {
             id: ns,
             handle,
+            events,
             arena: Arc::new(ArenaMap { map, header }),
         })
     }
@@ -319,6 +324,32 @@ impl Client {
             (Response::ClusterResult(r), _) => Ok(r),
             (r, _) => Err(unexpected("ClusterResult", &r)),
         }
+    }
+
+    /// Tells the daemon the tokens and parents of a chain of blocks about to be stored, for
+    /// their KV events: `keys[0]`'s parent is `parent`, every other key's the one before it;
+    /// `tokens` holds the namespace's `block_tokens` ids per key. Returns how many blocks
+    /// were recorded (0 when the daemon publishes no events: see [`Namespace::events`]).
+    pub fn lineage(
+        &self,
+        ns: &NamespaceId,
+        parent: Option<BlockKey>,
+        keys: &[BlockKey],
+        tokens: &[u32],
+    ) -> Result<u32> {
+        if keys.len() > kvd_proto::frame::MAX_KEYS || tokens.len() > kvd_proto::frame::MAX_TOKENS {
+            return Err(ClientError::Invalid(format!(
+                "a lineage holds at most {} keys and {} tokens; split the chain",
+                kvd_proto::frame::MAX_KEYS,
+                kvd_proto::frame::MAX_TOKENS
+            )));
+        }
+        self.count(Request::Lineage {
+            ns: *ns,
+            parent,
+            keys: keys.to_vec(),
+            tokens: tokens.to_vec(),
+        })
     }
 
     fn count(&self, req: Request) -> Result<u32> {

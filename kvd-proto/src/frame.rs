@@ -40,6 +40,7 @@ mod tag {
     pub const EVICT: u8 = 10;
     pub const DRAIN: u8 = 11;
     pub const CLUSTER_LOOKUP: u8 = 12;
+    pub const LINEAGE: u8 = 13;
 
     pub const WELCOME: u8 = 64;
     pub const NS_OPENED: u8 = 65;
@@ -131,7 +132,24 @@ pub enum Request {
         /// Chain of keys, first block first.
         keys: Vec<BlockKey>,
     },
+    /// What a chain of blocks holds: their tokens and parent, for KV events (a consumer such
+    /// as llm-d drops a `BlockStored` event without them). Sent by the engine's scheduler
+    /// before the blocks are stored, when [`Response::NamespaceOpened::events`] says the
+    /// daemon publishes events. Answered with [`Response::Count`] of blocks recorded.
+    Lineage {
+        /// Namespace.
+        ns: NamespaceId,
+        /// Key of the block before `keys[0]`; `None` when `keys[0]` starts the sequence.
+        parent: Option<BlockKey>,
+        /// Chain of keys, first block first: the parent of `keys[i]` is `keys[i - 1]`.
+        keys: Vec<BlockKey>,
+        /// Token ids of the chain, `block_tokens` per key, in order (≤ [`MAX_TOKENS`]).
+        tokens: Vec<u32>,
+    },
 }
+
+/// Most token ids in one [`Request::Lineage`].
+pub const MAX_TOKENS: usize = 512 * 1024;
 
 /// Most nodes one [`ClusterLookup`] names.
 pub const MAX_NODES: usize = 4096;
@@ -309,6 +327,35 @@ pub struct StatsReport {
     pub disk: Option<DiskReport>,
     /// Cluster index publisher, when one is configured.
     pub index: Option<IndexReport>,
+    /// KV event publisher, when one is configured.
+    pub events: Option<EventsReport>,
+}
+
+/// State of the KV event publisher.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EventsReport {
+    /// PUB endpoint (bound or connected to).
+    pub endpoint: String,
+    /// ROUTER replay endpoint; empty when none.
+    pub replay_endpoint: String,
+    /// Topic prefix, `kv@<pod>@` (the model follows).
+    pub topic_prefix: String,
+    /// `map` or `array`.
+    pub form: String,
+    /// Event batches sent (one ZMQ message each).
+    pub batches: u64,
+    /// Events sent.
+    pub events: u64,
+    /// Stored blocks not announced because the engine never sent their tokens and parent.
+    pub skipped: u64,
+    /// Times the publisher cleared and re-announced everything after losing changes.
+    pub resyncs: u64,
+    /// Sequence number of the next batch.
+    pub next_seq: u64,
+    /// Blocks whose lineage is remembered.
+    pub lineage_blocks: u64,
+    /// The last error, empty if none yet.
+    pub last_error: String,
 }
 
 /// State of the cluster index publisher.
@@ -430,6 +477,9 @@ pub enum Response {
         handle: u32,
         /// Size of the arena mapping in bytes.
         arena_bytes: u64,
+        /// The daemon publishes KV events: the engine should send [`Request::Lineage`] for
+        /// the blocks it is about to store.
+        events: bool,
     },
     /// Result of a lookup.
     LookupResult {
@@ -611,6 +661,25 @@ impl Request {
                 put_ns(&mut w, ns);
                 put_keys(&mut w, keys);
             }
+            Request::Lineage {
+                ns,
+                parent,
+                keys,
+                tokens,
+            } => {
+                w = begin(tag::LINEAGE, request_id);
+                put_ns(&mut w, ns);
+                w.u8(u8::from(parent.is_some()));
+                if let Some(p) = parent {
+                    w.key(p);
+                }
+                put_keys(&mut w, keys);
+                let tokens = &tokens[..tokens.len().min(MAX_TOKENS)];
+                w.count(tokens.len());
+                for t in tokens {
+                    w.u32(*t);
+                }
+            }
         }
         end(w)
     }
@@ -656,6 +725,15 @@ impl Request {
             tag::CLUSTER_LOOKUP => Request::ClusterLookup {
                 ns: get_ns(&mut r)?,
                 keys: get_keys(&mut r)?,
+            },
+            tag::LINEAGE => Request::Lineage {
+                ns: get_ns(&mut r)?,
+                parent: opt(&mut r, "lineage parent flag", |r| r.key("parent"))?,
+                keys: get_keys(&mut r)?,
+                tokens: {
+                    let n = r.count("tokens", MAX_TOKENS, 4)?;
+                    (0..n).map(|_| r.u32("token")).collect::<Result<_, _>>()?
+                },
             },
             other => {
                 return Err(DecodeError::UnknownTag {
@@ -736,6 +814,39 @@ fn put_index(w: &mut Writer, x: &IndexReport) {
         w.u64(v);
     }
     w.str(&x.last_error);
+}
+
+fn put_events(w: &mut Writer, x: &EventsReport) {
+    for t in [&x.endpoint, &x.replay_endpoint, &x.topic_prefix, &x.form] {
+        w.str(t);
+    }
+    for v in [
+        x.batches,
+        x.events,
+        x.skipped,
+        x.resyncs,
+        x.next_seq,
+        x.lineage_blocks,
+    ] {
+        w.u64(v);
+    }
+    w.str(&x.last_error);
+}
+
+fn get_events(r: &mut Reader<'_>) -> Result<EventsReport, DecodeError> {
+    Ok(EventsReport {
+        endpoint: r.str("events endpoint", MAX_TEXT)?,
+        replay_endpoint: r.str("events replay endpoint", MAX_TEXT)?,
+        topic_prefix: r.str("events topic", MAX_TEXT)?,
+        form: r.str("events form", MAX_TEXT)?,
+        batches: r.u64("events batches")?,
+        events: r.u64("events events")?,
+        skipped: r.u64("events skipped")?,
+        resyncs: r.u64("events resyncs")?,
+        next_seq: r.u64("events seq")?,
+        lineage_blocks: r.u64("events lineage")?,
+        last_error: r.str("events last error", MAX_TEXT)?,
+    })
 }
 
 fn get_index(r: &mut Reader<'_>) -> Result<IndexReport, DecodeError> {
@@ -835,11 +946,13 @@ impl Response {
                 ns,
                 handle,
                 arena_bytes,
+                events,
             } => {
                 w = begin(tag::NS_OPENED, request_id);
                 put_ns(&mut w, ns);
                 w.u32(*handle);
                 w.u64(*arena_bytes);
+                w.u8(u8::from(*events));
             }
             Response::LookupResult { prefix_len, tiers } => {
                 w = begin(tag::LOOKUP_RESULT, request_id);
@@ -893,6 +1006,10 @@ impl Response {
                 w.u8(u8::from(s.index.is_some()));
                 if let Some(x) = &s.index {
                     put_index(&mut w, x);
+                }
+                w.u8(u8::from(s.events.is_some()));
+                if let Some(x) = &s.events {
+                    put_events(&mut w, x);
                 }
             }
             Response::ClusterResult(c) => {
@@ -956,6 +1073,7 @@ impl Response {
                 ns: get_ns(&mut r)?,
                 handle: r.u32("handle")?,
                 arena_bytes: r.u64("arena_bytes")?,
+                events: r.bool("events")?,
             },
             tag::LOOKUP_RESULT => {
                 let prefix_len = r.u32("prefix_len")?;
@@ -1027,6 +1145,7 @@ impl Response {
                 }
                 let disk = opt(&mut r, "disk flag", get_disk)?;
                 let index = opt(&mut r, "index flag", get_index)?;
+                let events = opt(&mut r, "events flag", get_events)?;
                 Response::Stats(Box::new(StatsReport {
                     daemon_version,
                     uptime_ms,
@@ -1035,6 +1154,7 @@ impl Response {
                     clients,
                     disk,
                     index,
+                    events,
                 }))
             }
             tag::BLOCKS => {
@@ -1156,10 +1276,41 @@ mod tests {
                 .prop_map(|(ns, keys)| Request::Evict { ns, keys }),
             prop::option::of(arb_ns()).prop_map(|ns| Request::Drain { ns }),
             (arb_ns(), arb_keys()).prop_map(|(ns, keys)| Request::ClusterLookup { ns, keys }),
+            (
+                arb_ns(),
+                prop::option::of(arb_key()),
+                arb_keys(),
+                prop::collection::vec(any::<u32>(), 0..300)
+            )
+                .prop_map(|(ns, parent, keys, tokens)| Request::Lineage {
+                    ns,
+                    parent,
+                    keys,
+                    tokens
+                }),
         ]
     }
 
     fn arb_response() -> impl Strategy<Value = Response> {
+        let events = (
+            [arb_text(), arb_text(), arb_text(), arb_text(), arb_text()],
+            any::<[u64; 6]>(),
+        )
+            .prop_map(
+                |([endpoint, replay, topic, form, last_error], n)| EventsReport {
+                    endpoint,
+                    replay_endpoint: replay,
+                    topic_prefix: topic,
+                    form,
+                    batches: n[0],
+                    events: n[1],
+                    skipped: n[2],
+                    resyncs: n[3],
+                    next_seq: n[4],
+                    lineage_blocks: n[5],
+                    last_error,
+                },
+            );
         let index = (
             arb_text(),
             arb_text(),
@@ -1287,13 +1438,14 @@ mod tests {
                     max_block_bytes: b / 3,
                     lease_timeout_ms: e / 2,
                 }),
-            (arb_ns(), any::<u32>(), any::<u64>()).prop_map(|(ns, handle, arena_bytes)| {
-                Response::NamespaceOpened {
+            (arb_ns(), any::<u32>(), any::<u64>(), any::<bool>()).prop_map(
+                |(ns, handle, arena_bytes, events)| Response::NamespaceOpened {
                     ns,
                     handle,
                     arena_bytes,
+                    events,
                 }
-            }),
+            ),
             (any::<u32>(), any::<[u32; 4]>()).prop_map(|(p, t)| Response::LookupResult {
                 prefix_len: p,
                 tiers: TierCounts(t)
@@ -1306,19 +1458,23 @@ mod tests {
                 prop::collection::vec(ns_stats, 0..3),
                 prop::collection::vec(client, 0..3),
                 prop::option::of(disk),
-                prop::option::of(index)
+                prop::option::of(index),
+                prop::option::of(events)
             )
-                .prop_map(|(v, up, tiers, namespaces, clients, disk, index)| {
-                    Response::Stats(Box::new(StatsReport {
-                        daemon_version: v,
-                        uptime_ms: up,
-                        tiers,
-                        namespaces,
-                        clients,
-                        disk,
-                        index,
-                    }))
-                }),
+                .prop_map(
+                    |(v, up, tiers, namespaces, clients, disk, index, events)| {
+                        Response::Stats(Box::new(StatsReport {
+                            daemon_version: v,
+                            uptime_ms: up,
+                            tiers,
+                            namespaces,
+                            clients,
+                            disk,
+                            index,
+                            events,
+                        }))
+                    }
+                ),
             (prop::collection::vec(block, 0..5), any::<bool>())
                 .prop_map(|(blocks, more)| Response::Blocks { blocks, more }),
             (

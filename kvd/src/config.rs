@@ -244,8 +244,8 @@ pub struct IndexConfig {
     pub publish_interval_ms: u32,
     /// Most commands in one pipeline.
     pub batch_commands: u32,
-    /// Most changes a tier keeps between two publishing rounds; beyond it the node
-    /// republishes everything it holds under a new epoch.
+    /// Most changes a tier keeps between two publishing rounds (of the index or the KV
+    /// events); beyond it the node republishes everything it holds.
     pub journal_changes: u32,
     /// Timeout of one Redis connection attempt or pipeline.
     pub timeout_ms: u32,
@@ -286,6 +286,77 @@ impl IndexConfig {
     /// Whether a cluster index is configured.
     pub fn enabled(&self) -> bool {
         !self.redis_urls.is_empty()
+    }
+}
+
+/// How KV events are laid out on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventForm {
+    /// Events as msgpack maps with a `type` field (vLLM ≥ 0.28, llm-d).
+    Map,
+    /// Events as positional arrays, the type name first (vLLM before 0.28).
+    Array,
+}
+
+/// vLLM-format KV events over ZMQ, for prefix-cache-aware routers (llm-d).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    /// ZMQ endpoint of the PUB socket; empty: no events. Like vLLM, an endpoint with `*`
+    /// (`tcp://*:5557`) or an `ipc://` one is bound, any other (`tcp://router:5557`) is
+    /// connected to (a subscriber that binds, as llm-d's does).
+    pub endpoint: String,
+    /// ZMQ endpoint bound by a ROUTER socket that replays recent batches to a subscriber
+    /// that missed some (it sends the first sequence number it wants); empty: none.
+    pub replay_endpoint: String,
+    /// Pod part of the topic `kv@<pod>@<model>`: in Kubernetes, the vLLM pod's `ip:port`
+    /// the router scores (downward API); empty: this host's name.
+    pub pod: String,
+    /// Map (default) or array events.
+    pub form: EventForm,
+    /// `medium` of blocks in DRAM.
+    pub medium_dram: String,
+    /// `medium` of blocks on the disk tier.
+    pub medium_disk: String,
+    /// `medium` of blocks in the object store.
+    pub medium_s3: String,
+    /// `medium` of blocks in GPU memory.
+    pub medium_gpu: String,
+    /// Data-parallel rank put in every batch.
+    pub dp_rank: u32,
+    /// How often recorded changes are turned into a batch of events.
+    pub publish_interval_ms: u32,
+    /// Batches kept for replay.
+    pub replay_batches: u32,
+    /// Blocks whose tokens and parent (sent by the engine) are remembered for their events;
+    /// the oldest are forgotten first. About `32 + 4 × block_tokens` bytes each.
+    pub lineage_blocks: u32,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            replay_endpoint: String::new(),
+            pod: String::new(),
+            form: EventForm::Map,
+            medium_dram: "CPU".into(),
+            medium_disk: "DISK".into(),
+            medium_s3: "OBJECT_STORE".into(),
+            medium_gpu: "GPU".into(),
+            dp_rank: 0,
+            publish_interval_ms: 20,
+            replay_batches: 10_000,
+            lineage_blocks: 1 << 17,
+        }
+    }
+}
+
+impl EventsConfig {
+    /// Whether KV events are published.
+    pub fn enabled(&self) -> bool {
+        !self.endpoint.is_empty()
     }
 }
 
@@ -332,6 +403,8 @@ pub struct Config {
     pub disk: DiskConfig,
     /// Cluster index.
     pub index: IndexConfig,
+    /// KV events.
+    pub events: EventsConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -376,7 +449,7 @@ pub enum ConfigError {
     },
 }
 
-const SECTIONS: [&str; 6] = ["server", "ring", "dram", "disk", "index", "log"];
+const SECTIONS: [&str; 7] = ["server", "ring", "dram", "disk", "index", "events", "log"];
 
 fn parse_value(raw: &str) -> toml::Value {
     let doc = format!("v = {raw}");
@@ -488,6 +561,12 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Whether residency changes are published anywhere (cluster index or KV events), so
+    /// the tiers must journal them.
+    pub fn publishes_residency(&self) -> bool {
+        self.index.enabled() || self.events.enabled()
+    }
+
     /// Checks ranges and relations between keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key, why: String| Err(ConfigError::Invalid { key, why });
@@ -530,6 +609,46 @@ impl Config {
         }
         if !(100..=60_000).contains(&x.timeout_ms) {
             return bad("index.timeout_ms", "must be in 100..=60000".into());
+        }
+        let e = &self.events;
+        for (key, v) in [
+            ("events.endpoint", &e.endpoint),
+            ("events.replay_endpoint", &e.replay_endpoint),
+        ] {
+            if !(v.is_empty() || v.starts_with("tcp://") || v.starts_with("ipc://")) {
+                return bad(key, format!("{v:?} is not a tcp:// or ipc:// ZMQ endpoint"));
+            }
+        }
+        if !e.replay_endpoint.is_empty() && e.endpoint.is_empty() {
+            return bad(
+                "events.replay_endpoint",
+                "needs events.endpoint (replay of what is never published)".into(),
+            );
+        }
+        if e.pod.len() > 256 || e.pod.contains('@') {
+            return bad(
+                "events.pod",
+                "must be at most 256 bytes, without '@'".into(),
+            );
+        }
+        for (key, v) in [
+            ("events.medium_dram", &e.medium_dram),
+            ("events.medium_disk", &e.medium_disk),
+            ("events.medium_s3", &e.medium_s3),
+            ("events.medium_gpu", &e.medium_gpu),
+        ] {
+            if v.is_empty() || v.len() > 64 {
+                return bad(key, "must be 1 to 64 bytes".into());
+            }
+        }
+        if !(1..=60_000).contains(&e.publish_interval_ms) {
+            return bad("events.publish_interval_ms", "must be in 1..=60000".into());
+        }
+        if !(1..=1 << 20).contains(&e.replay_batches) {
+            return bad("events.replay_batches", "must be in 1..=1048576".into());
+        }
+        if !(1024..=1 << 26).contains(&e.lineage_blocks) {
+            return bad("events.lineage_blocks", "must be in 1024..=67108864".into());
         }
         if self.server.socket_path.as_os_str().is_empty() {
             return bad("server.socket_path", "must not be empty".into());
@@ -753,6 +872,15 @@ mod tests {
             ("disk.io_depth=0", "disk.io_depth"),
             ("disk.capacity_bytes=1MiB", "disk.region_bytes"),
             ("disk.admission=sometimes", "sometimes"),
+            ("events.endpoint=http://x:1", "events.endpoint"),
+            (
+                "events.replay_endpoint=tcp://127.0.0.1:9",
+                "events.replay_endpoint",
+            ),
+            ("events.form=columns", "columns"),
+            ("events.pod=a@b", "events.pod"),
+            ("events.medium_disk=", "events.medium_disk"),
+            ("events.lineage_blocks=1", "events.lineage_blocks"),
         ] {
             let e = load("", &[], &[set]).unwrap_err().to_string();
             assert!(e.contains(key), "{set}: {e}");

@@ -169,6 +169,8 @@ pub struct Daemon {
     pub disk: Option<Arc<DiskTier>>,
     /// Lookups in the cluster index, when one is configured.
     pub index: Option<Arc<crate::index::IndexReader>>,
+    /// KV events (lineages and publisher state), when configured.
+    pub events: Option<Arc<crate::events::Events>>,
     drains: Arc<Mutex<DrainSet>>,
     demoter: Mutex<Option<JoinHandle<()>>>,
     start: Instant,
@@ -191,16 +193,18 @@ impl Daemon {
         };
         if let Some(disk) = &disk {
             register_arenas(&cfg, disk, &mut pool);
-            if cfg.index.enabled() {
+            if cfg.publishes_residency() {
                 disk.record_changes(cfg.index.journal_changes as usize);
             }
         }
         let drains = Arc::new(Mutex::new(DrainSet::default()));
         let index = crate::index::IndexReader::new(&cfg.index).map(Arc::new);
+        let events = crate::events::Events::new(&cfg.events).map(Arc::new);
         let d = Arc::new(Daemon {
             cfg,
             disk: disk.clone(),
             index,
+            events,
             drains: drains.clone(),
             demoter: Mutex::new(None),
             start: Instant::now(),
@@ -346,6 +350,42 @@ impl Daemon {
         self.clients.lock().remove(&conn.id);
     }
 
+    /// Remembers the tokens and parents of a chain of blocks for their KV events; without
+    /// events configured it does nothing (the engine was told so when it opened the
+    /// namespace) and answers 0.
+    pub fn record_lineage(
+        &self,
+        ns: &Namespace,
+        parent: Option<BlockKey>,
+        keys: &[BlockKey],
+        tokens: &[u32],
+    ) -> Result<u32, OpError> {
+        let Some(events) = &self.events else {
+            return Ok(0);
+        };
+        let per = ns.desc.block_tokens as usize;
+        if tokens.len() != keys.len().saturating_mul(per) {
+            return Err(OpError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "lineage of {} blocks carries {} tokens; the namespace has {per} per block",
+                    keys.len(),
+                    tokens.len()
+                ),
+            ));
+        }
+        let space = crate::lineage::Space {
+            model: ns.desc.model.as_str().into(),
+            lora: (!ns.desc.lora.is_empty()).then(|| ns.desc.lora.as_str().into()),
+            block_tokens: ns.desc.block_tokens,
+        };
+        let n = events
+            .lineage
+            .lock()
+            .record(ns.id, space, parent, keys, tokens);
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
     /// Opens `desc` on `conn`, binding an arena on first use. Returns the namespace and the
     /// handle for ring descriptors.
     pub fn open_namespace(
@@ -392,7 +432,7 @@ impl Daemon {
                         self.cfg.dram.high_watermark,
                         self.cfg.dram.low_watermark,
                     );
-                    if self.cfg.index.enabled() {
+                    if self.cfg.publishes_residency() {
                         store.record_changes(self.cfg.index.journal_changes as usize);
                     }
                     tracing::info!(ns = %id, model = %desc.model, tenant = %desc.tenant, "namespace opened");
@@ -669,6 +709,7 @@ impl Daemon {
             clients,
             disk,
             index: self.index.as_ref().map(|r| r.report()),
+            events: self.events.as_ref().map(|e| e.report()),
         }
     }
 }

@@ -19,8 +19,8 @@
 //! the moment it takes a new epoch — it then republishes everything under that epoch and
 //! removes the old hashes.
 //!
-//! Changes come from the tiers' [`Journal`](crate::residency::Journal)s, taken every
-//! `publish_interval_ms` and sent as pipelines of at most `batch_commands` commands, never
+//! Changes come from the tiers' [`Journal`](crate::residency::Journal)s through
+//! [`residency::run`], taken every `publish_interval_ms` and sent as pipelines of at most `batch_commands` commands, never
 //! from the request path. When Redis is unreachable kvd keeps serving from its local index,
 //! logs one warning per outage, and republishes under a new epoch once Redis is back.
 //! Without `index.redis_urls` nothing here runs and kvd says so once at start.
@@ -39,7 +39,8 @@ use redis::{Pipeline, RedisError};
 
 use crate::config::IndexConfig;
 use crate::daemon::Daemon;
-use crate::residency::Change;
+use crate::residency::{self, Batch, Change};
+use tokio::sync::mpsc;
 
 /// Why publishing stopped for now (the loop retries; nothing here is fatal).
 #[derive(Debug, thiserror::Error)]
@@ -78,8 +79,14 @@ pub fn node_id(cfg: &IndexConfig) -> String {
     if !cfg.node_id.is_empty() {
         return cfg.node_id.clone();
     }
+    host_name()
+}
+
+/// The host name, with the characters that separate parts of index keys and event topics
+/// (`|`, ` `, `@`) replaced by `_`.
+pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().replace(['|', ' '], "_"))
+        .map(|h| h.trim().replace(['|', ' ', '@'], "_"))
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "kvd".into())
@@ -367,9 +374,14 @@ impl Publisher {
     }
 
     /// Takes a new epoch, announces it, and publishes everything the node holds under it.
-    async fn republish(&mut self, daemon: &Daemon) -> Result<u64, IndexError> {
-        // Changes recorded so far are covered by the snapshot below; later ones follow it.
-        drop(take_changes(daemon));
+    async fn republish(
+        &mut self,
+        daemon: &Daemon,
+        rx: &mut mpsc::Receiver<Batch>,
+    ) -> Result<u64, IndexError> {
+        // Changes recorded so far are covered by the snapshot below; later ones follow it
+        // (and one taken meanwhile, replayed after it, sets a field as it already is).
+        drop(residency::drain(rx));
         let (old_epoch, old_spaces) = (self.epoch, std::mem::take(&mut self.spaces));
         self.epoch = unix_ms().max(self.epoch + 1);
         self.status.epoch.store(self.epoch, Ordering::Relaxed);
@@ -421,10 +433,14 @@ impl Publisher {
     }
 
     /// One publishing round: connect if needed, republish if needed, else send the changes.
-    async fn round(&mut self, daemon: &Daemon) -> Result<(), IndexError> {
+    async fn round(
+        &mut self,
+        daemon: &Daemon,
+        rx: &mut mpsc::Receiver<Batch>,
+    ) -> Result<(), IndexError> {
         if self.resync {
             let t = Instant::now();
-            let n = self.republish(daemon).await?;
+            let n = self.republish(daemon, rx).await?;
             self.resync = false;
             tracing::info!(
                 endpoint = %self.redis.endpoint,
@@ -436,7 +452,7 @@ impl Publisher {
             );
             return Ok(());
         }
-        let (changes, lost) = take_changes(daemon);
+        let (changes, lost) = residency::drain(rx);
         if lost {
             tracing::warn!(
                 "more residency changes than index.journal_changes between two rounds; \
@@ -643,30 +659,13 @@ pub fn summarize(holders: &[Vec<(String, Tier)>], local: Option<NodeHolding>) ->
     }
 }
 
-/// Changes recorded by every tier since the last call, and whether any were lost.
-fn take_changes(daemon: &Daemon) -> (Vec<Change>, bool) {
-    let mut all = Vec::new();
-    let mut lost = false;
-    for ns in daemon.namespaces() {
-        let t = ns.store.lock().take_changes();
-        lost |= t.lost;
-        all.extend(t.changes);
-    }
-    if let Some(disk) = &daemon.disk {
-        let t = disk.take_changes();
-        lost |= t.lost;
-        all.extend(t.changes);
-    }
-    (all, lost)
-}
-
-/// Publishes residency until `stop` fires; returns at once when no index is configured.
-pub async fn run(daemon: Arc<Daemon>, stop: Arc<tokio::sync::Notify>) {
+/// Publishes the residency changes arriving on `rx` until `stop` fires.
+pub async fn run(
+    daemon: Arc<Daemon>,
+    mut rx: mpsc::Receiver<Batch>,
+    stop: Arc<tokio::sync::Notify>,
+) {
     let cfg = daemon.cfg.index.clone();
-    if !cfg.enabled() {
-        tracing::info!("no cluster index configured (index.redis_urls): local index only");
-        return;
-    }
     let interval = Duration::from_millis(u64::from(cfg.publish_interval_ms));
     let status = daemon
         .index
@@ -680,7 +679,7 @@ pub async fn run(daemon: Arc<Daemon>, stop: Arc<tokio::sync::Notify>) {
             _ = stop.notified() => break,
             _ = tokio::time::sleep(interval) => {}
         }
-        match p.round(&daemon).await {
+        match p.round(&daemon, &mut rx).await {
             Ok(()) => {
                 if let Some(t) = down_since.take() {
                     tracing::info!(endpoint = %p.redis.endpoint, after_ms = t.elapsed().as_millis() as u64,
@@ -698,7 +697,7 @@ pub async fn run(daemon: Arc<Daemon>, stop: Arc<tokio::sync::Notify>) {
                 }
                 p.resync = true;
                 // While away, changes are not kept: the republish covers them.
-                drop(take_changes(&daemon));
+                drop(residency::drain(&mut rx));
                 tokio::select! {
                     _ = stop.notified() => break,
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}

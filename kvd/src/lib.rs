@@ -1,10 +1,12 @@
 //! kvd daemon library: everything the `kvd` binary runs, split so tests can drive it in-process.
 //!
-//! Logical layer (no IO): [`alloc`], [`store`] and [`residency`] (changes for the cluster
-//! index). Physical layer: [`arena`] (shared memory), [`disk`] (the NVMe tier),
-//! [`ring_service`] (data plane), [`server`] (control plane). [`demoter`] moves blocks down the
-//! tiers in the background; [`index`] publishes what the node holds to the cluster index
-//! (Redis/Valkey). [`daemon`] ties them together and [`config`] describes it all.
+//! Logical layer (no IO): [`alloc`], [`store`], [`residency`] (changes for the cluster
+//! index and the events) and [`lineage`] (the tokens behind blocks, for events). Physical
+//! layer: [`arena`] (shared memory), [`disk`] (the NVMe tier), [`ring_service`] (data plane),
+//! [`server`] (control plane). [`demoter`] moves blocks down the tiers in the background;
+//! [`index`] publishes what the node holds to the cluster index (Redis/Valkey) and
+//! [`events`] as vLLM-format KV events over ZMQ. [`daemon`] ties them together and
+//! [`config`] describes it all.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -14,7 +16,9 @@ pub mod config;
 pub mod daemon;
 pub mod demoter;
 pub mod disk;
+pub mod events;
 pub mod index;
+pub mod lineage;
 pub mod residency;
 pub mod ring_service;
 pub mod server;

@@ -97,8 +97,43 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let stop = Arc::new(tokio::sync::Notify::new());
     let server = tokio::spawn(kvd::server::serve(daemon.clone(), listener, stop.clone()));
-    let index_stop = Arc::new(tokio::sync::Notify::new());
-    let index = tokio::spawn(kvd::index::run(daemon.clone(), index_stop.clone()));
+    // Residency changes fan out to the cluster index and the KV events, each on its own
+    // bounded channel, so neither waits for the other.
+    let mut subs = Vec::new();
+    let mut publishers = Vec::new();
+    let mut interval_ms = u32::MAX;
+    if daemon.cfg.index.enabled() {
+        let (sub, rx) = kvd::residency::channel();
+        subs.push(sub);
+        interval_ms = interval_ms.min(daemon.cfg.index.publish_interval_ms);
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(kvd::index::run(daemon.clone(), rx, stop.clone()));
+        publishers.push((stop, task));
+    } else {
+        tracing::info!("no cluster index configured (index.redis_urls): local index only");
+    }
+    if let Some(events) = &daemon.events {
+        let (sub, rx) = kvd::residency::channel();
+        subs.push(sub);
+        interval_ms = interval_ms.min(daemon.cfg.events.publish_interval_ms);
+        let ev_stop = Arc::new(tokio::sync::Notify::new());
+        match kvd::events::start(daemon.clone(), events.clone(), rx, ev_stop.clone()).await {
+            Ok(task) => publishers.push((ev_stop, task)),
+            Err(e) => {
+                stop.notify_one();
+                let _ = server.await;
+                let _ = std::fs::remove_file(&path);
+                return Err(e.into());
+            }
+        }
+    }
+    let feed_stop = Arc::new(tokio::sync::Notify::new());
+    let feed = tokio::spawn(kvd::residency::run(
+        daemon.clone(),
+        subs,
+        std::time::Duration::from_millis(u64::from(interval_ms.min(60_000))),
+        feed_stop.clone(),
+    ));
     tracing::info!(socket = %path.display(), version = kvd::daemon::VERSION, "kvd ready");
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
@@ -106,8 +141,12 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     stop.notify_one();
     let _ = server.await;
-    index_stop.notify_one();
-    let _ = index.await;
+    feed_stop.notify_one();
+    let _ = feed.await;
+    for (stop, task) in publishers {
+        stop.notify_one();
+        let _ = task.await;
+    }
     daemon.stop_background();
     let _ = std::fs::remove_file(&path);
     tracing::info!("kvd stopped");

@@ -1,15 +1,23 @@
 //! Residency changes — "this node now holds / no longer holds block K of namespace N in tier
-//! T" — recorded where they happen, for the cluster index to publish.
+//! T" — recorded where they happen, for the cluster index and the KV events to publish.
 //!
 //! The tiers' catalogs (the DRAM store, the disk tier's index) push a [`Change`] into their
-//! [`Journal`] under the lock they already hold; the index publisher takes the batch from
-//! time to time and sends it to Redis. Nothing here does IO, so recording costs a `Vec` push.
-//! A journal is bounded: when the publisher cannot keep up (or Redis is away) it stops
-//! recording and remembers that it lost changes, and the publisher then republishes the
-//! node's whole state under a new epoch instead of replaying a partial history. A journal
-//! made with [`Journal::off`] (no index configured) records nothing.
+//! [`Journal`] under the lock they already hold; the [`run`] task takes them from time to
+//! time and hands the same batch to every publisher (Redis, ZMQ events) through a bounded
+//! channel each. Nothing on the tiers' side does IO, so recording costs a `Vec` push.
+//! A journal is bounded, and so is each publisher's channel: when a publisher cannot keep
+//! up (or its server is away) changes are dropped and the publisher is told so
+//! ([`Batch::lost`]); it then republishes the node's whole state instead of replaying a
+//! partial history. A journal made with [`Journal::off`] (nothing to publish to) records
+//! nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use kvd_proto::{BlockKey, NamespaceId, Tier};
+use tokio::sync::mpsc;
+
+use crate::daemon::Daemon;
 
 /// One residency change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +106,95 @@ impl Journal {
             changes: std::mem::take(&mut self.changes),
             lost: std::mem::replace(&mut self.lost, false),
         }
+    }
+}
+
+/// Changes handed to one publisher.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    /// In the order they happened (per tier).
+    pub changes: Arc<[Change]>,
+    /// Changes before these were dropped: the publisher must resynchronise.
+    pub lost: bool,
+}
+
+/// Batches a publisher's channel holds before further ones are dropped (and it is told).
+pub const FEED_BATCHES: usize = 256;
+
+/// One publisher's end of the feed.
+pub struct Subscriber {
+    tx: mpsc::Sender<Batch>,
+    lost: bool,
+}
+
+/// A publisher's channel: the [`Subscriber`] goes to [`run`], the receiver to the publisher.
+pub fn channel() -> (Subscriber, mpsc::Receiver<Batch>) {
+    let (tx, rx) = mpsc::channel(FEED_BATCHES);
+    (Subscriber { tx, lost: false }, rx)
+}
+
+/// Everything waiting in a publisher's channel, as one list, and whether any was lost.
+pub fn drain(rx: &mut mpsc::Receiver<Batch>) -> (Vec<Change>, bool) {
+    let (mut all, mut lost) = (Vec::new(), false);
+    while let Ok(b) = rx.try_recv() {
+        lost |= b.lost;
+        all.extend_from_slice(&b.changes);
+    }
+    (all, lost)
+}
+
+/// Changes recorded by every tier since the last call, and whether any were lost.
+pub fn take_changes(daemon: &Daemon) -> (Vec<Change>, bool) {
+    let mut all = Vec::new();
+    let mut lost = false;
+    for ns in daemon.namespaces() {
+        let t = ns.store.lock().take_changes();
+        lost |= t.lost;
+        all.extend(t.changes);
+    }
+    if let Some(disk) = &daemon.disk {
+        let t = disk.take_changes();
+        lost |= t.lost;
+        all.extend(t.changes);
+    }
+    (all, lost)
+}
+
+/// Hands the tiers' changes to every subscriber every `interval`, until `stop` fires or
+/// every publisher has gone.
+pub async fn run(
+    daemon: Arc<Daemon>,
+    mut subs: Vec<Subscriber>,
+    interval: Duration,
+    stop: Arc<tokio::sync::Notify>,
+) {
+    while !subs.is_empty() {
+        tokio::select! {
+            _ = stop.notified() => break,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let (changes, lost) = take_changes(&daemon);
+        if changes.is_empty() && !lost && !subs.iter().any(|s| s.lost) {
+            continue;
+        }
+        let changes: Arc<[Change]> = changes.into();
+        subs.retain_mut(|s| {
+            let b = Batch {
+                changes: changes.clone(),
+                lost: lost || s.lost,
+            };
+            match s.tx.try_send(b) {
+                Ok(()) => {
+                    s.lost = false;
+                    true
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    s.lost = true;
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
     }
 }
 

@@ -415,6 +415,7 @@ fn dispatch(
                     ns: ns.id,
                     handle,
                     arena_bytes: ns.arena.total_bytes(),
+                    events: daemon.events.is_some(),
                 },
                 Some(fd),
             )
@@ -471,6 +472,16 @@ fn dispatch(
             daemon.require_admin(conn, "drain")?;
             let n = daemon.drain(ns)?;
             (Response::Count(u32::try_from(n).unwrap_or(u32::MAX)), None)
+        }
+        Request::Lineage {
+            ns,
+            parent,
+            keys,
+            tokens,
+        } => {
+            let ns = daemon.namespace_for(conn, &ns)?;
+            let n = daemon.record_lineage(&ns, parent, &keys, &tokens)?;
+            (Response::Count(n), None)
         }
         Request::ClusterLookup { .. } => {
             return Err(OpError::new(

@@ -458,7 +458,26 @@ class KvdConnector(KVConnectorBase_V1):
         meta.saves.append(
             BlockTransfer(req_id, st.tenant, st.lora, keys[start:full], st.block_ids[start:full])
         )
+        self._send_lineage(st, keys, start, full)
         st.saved_blocks = full
+
+    def _send_lineage(self, st: _ReqState, keys: list[bytes], start: int, full: int) -> None:
+        """Tells kvd the tokens and parent of the blocks about to be saved, before the workers
+        store them, when kvd publishes KV events (a router drops an event without tokens)."""
+        got = self._namespace(st.tenant, st.lora)
+        if got is None:
+            return
+        client, ns = got
+        if not ns.events:
+            return
+        b = self._block
+        tokens = list(st.request.all_token_ids[start * b : full * b])
+        parent = keys[start - 1] if start > 0 else None
+        try:
+            client.lineage(ns, parent, keys[start:full], tokens)
+        except KvdError as e:
+            # Events are advisory: the blocks are still saved, their events skipped.
+            self._link.failed(e)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._reqs.pop(request.request_id, None)

@@ -217,6 +217,12 @@ impl Namespace {
         self.inner.arena_bytes()
     }
 
+    /// Whether the daemon publishes KV events (then send `Client.lineage` before storing).
+    #[getter]
+    fn events(&self) -> bool {
+        self.inner.events
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "Namespace(id={}, model={:?}, dtype={:?}, layout={:?}, block_tokens={}, tp={}/{}, \
@@ -359,6 +365,26 @@ impl Client {
         let keys = keys_of(&keys)?;
         let id = self.ns(ns)?.id;
         py.detach(|| self.inner.unpin(&id, &keys)).map_err(to_py)
+    }
+
+    /// Tells the daemon the token ids and parent of a chain of blocks about to be stored, for
+    /// their KV events: `keys[0]`'s parent is `parent` (None for a first block), every other
+    /// key's the one before it; `tokens` holds `block_tokens` ids per key. Returns how many
+    /// blocks were recorded (0 when the daemon publishes no events).
+    #[pyo3(signature = (ns, parent, keys, tokens))]
+    fn lineage(
+        &self,
+        py: Python<'_>,
+        ns: &Namespace,
+        parent: Option<Vec<u8>>,
+        keys: Vec<Vec<u8>>,
+        tokens: Vec<u32>,
+    ) -> PyResult<u32> {
+        let keys = keys_of(&keys)?;
+        let parent = parent.as_deref().map(key_of).transpose()?;
+        let id = self.ns(ns)?.id;
+        py.detach(|| self.inner.lineage(&id, parent, &keys, &tokens))
+            .map_err(to_py)
     }
 
     /// Deletes blocks; returns how many were found.

@@ -285,6 +285,10 @@ fn bad_config_fails_at_start_naming_the_key() {
         ("dram.arena_bites=1", "arena_bites"),
         ("ring.entries=3", "ring.entries"),
         ("dram.huge_pages=maybe", "maybe"),
+        (
+            "events.endpoint=ipc:///nonexistent-kvd-dir/ev.ipc",
+            "KV events: cannot bind ipc:///nonexistent-kvd-dir/ev.ipc",
+        ),
     ] {
         let out = Command::new(bin("kvd"))
             .args(["--socket", "/tmp/kvd-never.sock", "--set", set])

@@ -254,6 +254,32 @@ fn print_status(s: &StatsReport) {
             }
         }
     }
+    if let Some(x) = &s.events {
+        println!(
+            "events {}  topic {}<model>  {} form{}",
+            x.endpoint,
+            x.topic_prefix,
+            x.form,
+            if x.replay_endpoint.is_empty() {
+                String::new()
+            } else {
+                format!("  replay {}", x.replay_endpoint)
+            }
+        );
+        println!(
+            "      {} batches  {} events  next seq {}  resyncs {}  lineage of {} blocks",
+            x.batches, x.events, x.next_seq, x.resyncs, x.lineage_blocks
+        );
+        if x.skipped > 0 {
+            println!(
+                "      {} stored blocks not announced: the engine sent no tokens for them",
+                x.skipped
+            );
+        }
+        if !x.last_error.is_empty() {
+            println!("      last error: {}", x.last_error);
+        }
+    }
     println!();
     println!(
         "{:<32} {:<20} {:>8} {:>10} {:>7} {:>6} {:>6} {:>9}",

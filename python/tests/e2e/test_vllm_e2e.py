@@ -46,11 +46,62 @@ def model_dir():
     return build(str(cache / "tiny-llama-h128-l2"))
 
 
+class EventSink:
+    """A ZMQ SUB bound on loopback, as llm-d's indexer binds, collecting kvd's KV events."""
+
+    def __init__(self):
+        import threading
+
+        import zmq
+
+        self._zmq = zmq
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"kv@")
+        self.sock.setsockopt(zmq.LINGER, 0)
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.payloads: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            if self.sock.poll(100):
+                _topic, _seq, payload = self.sock.recv_multipart()
+                self.payloads.append(payload)
+
+    def stored(self):
+        """Every BlockStored event so far, decoded by vLLM's own decoder."""
+        import msgspec
+        from vllm.distributed.kv_events import BlockStored, KVEventBatch
+
+        batches = [msgspec.msgpack.decode(p, type=KVEventBatch) for p in list(self.payloads)]
+        return [e for b in batches for e in b.events if isinstance(e, BlockStored)]
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+        self.ctx.term()
+
+
 @pytest.fixture(scope="module")
-def kvd_daemon(tmp_path_factory):
+def events():
+    sink = EventSink()
+    yield sink
+    sink.close()
+
+
+@pytest.fixture(scope="module")
+def kvd_daemon(tmp_path_factory, events):
     import tempfile
 
-    d = Daemon(Path(tempfile.mkdtemp(prefix="kvde2e-", dir="/tmp")) / "kvd.sock", [])
+    d = Daemon(
+        Path(tempfile.mkdtemp(prefix="kvde2e-", dir="/tmp")) / "kvd.sock",
+        [f"events.endpoint={events.endpoint}", "events.pod=10.1.2.3:8000"],
+    )
     d.start()
     yield d
     d.stop()
@@ -121,6 +172,33 @@ def test_engine_a_stores_blocks_and_matches_a_run_without_connector(model_dir, k
     blocks = stored_blocks(kvd_daemon)
     assert len(blocks) == 8, blocks
     assert all(b["tier"] == "dram" and b["len"] > 0 for b in blocks)
+
+
+def test_kv_events_carry_the_engines_tokens_and_vllms_own_block_hashes(kvd_daemon, events):
+    # The connector sent each saved block's tokens and parent before storing it, so kvd's
+    # BlockStored events are complete: a router can hash the tokens itself.
+    deadline = time.monotonic() + 10
+    while sum(len(e.block_hashes) for e in events.stored()) < 8:
+        assert time.monotonic() < deadline, events.stored()
+        time.sleep(0.05)
+    stored = events.stored()
+    keys = {int.from_bytes(bytes.fromhex(b["key"])[24:], "big") for b in stored_blocks(kvd_daemon)}
+    assert {x for e in stored for x in e.block_hashes} == keys
+    by_first = {tuple(e.token_ids[:BLOCK]): e for e in stored if e.parent_block_hash is None}
+    p1, p3 = by_first[tuple(P1[:BLOCK])], by_first[tuple(P3[:BLOCK])]
+    chains = {}
+    for e in stored:
+        chains.setdefault(e.parent_block_hash, e)
+    # Follow each chain from its first event: the tokens are the prompt's, block by block.
+    for first, prompt, n in ((p1, P1, 5), (p3, P3, 3)):
+        toks, hashes, e = [], [], first
+        while e is not None:
+            toks += e.token_ids
+            hashes += e.block_hashes
+            e = chains.get(hashes[-1])
+        assert toks == prompt[: n * BLOCK] and len(hashes) == n
+    assert all(e.block_size == BLOCK and e.medium == "CPU" for e in stored)
+    assert json.loads(kvd_daemon.ctl("status", "--json"))["events"]["skipped_no_lineage"] == 0
 
 
 def test_fresh_engine_b_loads_external_hits_with_identical_output(model_dir, kvd_daemon, results):
