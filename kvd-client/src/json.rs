@@ -55,6 +55,13 @@ pub fn status_json(s: &StatsReport) -> Value {
             "published": x.published, "republishes": x.republishes, "outages": x.outages,
             "last_error": if x.last_error.is_empty() { Value::Null } else { json!(x.last_error) },
         })),
+        "peer": s.peer.as_ref().map(|x| json!({
+            "advertise": x.advertise, "served_blocks": x.served_blocks,
+            "served_bytes": x.served_bytes, "fetched_blocks": x.fetched_blocks,
+            "fetched_bytes": x.fetched_bytes, "fetch_failures": x.fetch_failures,
+            "checksum_failures": x.checksum_failures, "bad_requests": x.bad_requests,
+            "last_error": if x.last_error.is_empty() { Value::Null } else { json!(x.last_error) },
+        })),
         "events": s.events.as_ref().map(|x| json!({
             "endpoint": x.endpoint,
             "replay_endpoint": if x.replay_endpoint.is_empty() { Value::Null } else { json!(x.replay_endpoint) },

@@ -329,6 +329,31 @@ pub struct StatsReport {
     pub index: Option<IndexReport>,
     /// KV event publisher, when one is configured.
     pub events: Option<EventsReport>,
+    /// Peer fetch data port, when one is configured.
+    pub peer: Option<PeerReport>,
+}
+
+/// State of the peer fetch data port.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PeerReport {
+    /// Address other nodes dial.
+    pub advertise: String,
+    /// Blocks sent to peers.
+    pub served_blocks: u64,
+    /// Bytes sent to peers.
+    pub served_bytes: u64,
+    /// Blocks fetched from peers into DRAM.
+    pub fetched_blocks: u64,
+    /// Bytes fetched from peers.
+    pub fetched_bytes: u64,
+    /// Fetches that failed (peer unreachable, missing, timed out, refused by DRAM).
+    pub fetch_failures: u64,
+    /// Fetched blocks whose checksum did not match (dropped).
+    pub checksum_failures: u64,
+    /// Peer connections dropped for a malformed or oversized request.
+    pub bad_requests: u64,
+    /// The last error, empty if none yet.
+    pub last_error: String,
 }
 
 /// State of the KV event publisher.
@@ -833,6 +858,36 @@ fn put_events(w: &mut Writer, x: &EventsReport) {
     w.str(&x.last_error);
 }
 
+fn put_peer(w: &mut Writer, x: &PeerReport) {
+    w.str(&x.advertise);
+    for v in [
+        x.served_blocks,
+        x.served_bytes,
+        x.fetched_blocks,
+        x.fetched_bytes,
+        x.fetch_failures,
+        x.checksum_failures,
+        x.bad_requests,
+    ] {
+        w.u64(v);
+    }
+    w.str(&x.last_error);
+}
+
+fn get_peer(r: &mut Reader<'_>) -> Result<PeerReport, DecodeError> {
+    Ok(PeerReport {
+        advertise: r.str("peer advertise", MAX_TEXT)?,
+        served_blocks: r.u64("peer served")?,
+        served_bytes: r.u64("peer served bytes")?,
+        fetched_blocks: r.u64("peer fetched")?,
+        fetched_bytes: r.u64("peer fetched bytes")?,
+        fetch_failures: r.u64("peer failures")?,
+        checksum_failures: r.u64("peer checksum failures")?,
+        bad_requests: r.u64("peer bad requests")?,
+        last_error: r.str("peer last error", MAX_TEXT)?,
+    })
+}
+
 fn get_events(r: &mut Reader<'_>) -> Result<EventsReport, DecodeError> {
     Ok(EventsReport {
         endpoint: r.str("events endpoint", MAX_TEXT)?,
@@ -1011,6 +1066,10 @@ impl Response {
                 if let Some(x) = &s.events {
                     put_events(&mut w, x);
                 }
+                w.u8(u8::from(s.peer.is_some()));
+                if let Some(x) = &s.peer {
+                    put_peer(&mut w, x);
+                }
             }
             Response::ClusterResult(c) => {
                 w = begin(tag::CLUSTER_RESULT, request_id);
@@ -1146,6 +1205,7 @@ impl Response {
                 let disk = opt(&mut r, "disk flag", get_disk)?;
                 let index = opt(&mut r, "index flag", get_index)?;
                 let events = opt(&mut r, "events flag", get_events)?;
+                let peer = opt(&mut r, "peer flag", get_peer)?;
                 Response::Stats(Box::new(StatsReport {
                     daemon_version,
                     uptime_ms,
@@ -1155,6 +1215,7 @@ impl Response {
                     disk,
                     index,
                     events,
+                    peer,
                 }))
             }
             tag::BLOCKS => {
@@ -1292,6 +1353,18 @@ mod tests {
     }
 
     fn arb_response() -> impl Strategy<Value = Response> {
+        let peer =
+            (arb_text(), any::<[u64; 7]>(), arb_text()).prop_map(|(advertise, n, e)| PeerReport {
+                advertise,
+                served_blocks: n[0],
+                served_bytes: n[1],
+                fetched_blocks: n[2],
+                fetched_bytes: n[3],
+                fetch_failures: n[4],
+                checksum_failures: n[5],
+                bad_requests: n[6],
+                last_error: e,
+            });
         let events = (
             [arb_text(), arb_text(), arb_text(), arb_text(), arb_text()],
             any::<[u64; 6]>(),
@@ -1459,10 +1532,11 @@ mod tests {
                 prop::collection::vec(client, 0..3),
                 prop::option::of(disk),
                 prop::option::of(index),
-                prop::option::of(events)
+                prop::option::of(events),
+                prop::option::of(peer)
             )
                 .prop_map(
-                    |(v, up, tiers, namespaces, clients, disk, index, events)| {
+                    |(v, up, tiers, namespaces, clients, disk, index, events, peer)| {
                         Response::Stats(Box::new(StatsReport {
                             daemon_version: v,
                             uptime_ms: up,
@@ -1472,6 +1546,7 @@ mod tests {
                             disk,
                             index,
                             events,
+                            peer,
                         }))
                     }
                 ),

@@ -3,7 +3,8 @@
 //! Everything a client and the daemon must agree on lives here so both sides compile against one
 //! definition: 32-byte block keys and the canonical key chain ([`key`]), namespace descriptors
 //! and their ids ([`namespace`]), the length-prefixed control frames spoken on the Unix socket
-//! ([`frame`]), and the byte layout of the shared-memory ring and arena ([`ring`], [`arena`]).
+//! ([`frame`]), the byte layout of the shared-memory ring and arena ([`ring`], [`arena`]), and
+//! the TCP data port one daemon fetches blocks from another with ([`peer`]).
 //! Every decoder here takes untrusted bytes and returns a typed [`DecodeError`] instead of
 //! panicking; the property tests and the fuzz targets hold it to that.
 
@@ -14,6 +15,7 @@ pub mod codec;
 pub mod frame;
 pub mod key;
 pub mod namespace;
+pub mod peer;
 pub mod ring;
 
 pub use codec::DecodeError;

@@ -170,6 +170,29 @@ impl Arena {
         true
     }
 
+    /// The bytes of a block, for sending them; `None` when the range is outside the arena.
+    ///
+    /// # Safety
+    /// The caller holds the block (committed, so no client writes it; leased, so it is not
+    /// freed and reused) for as long as the slice lives.
+    pub unsafe fn block(&self, offset: u64, len: u64) -> Option<&[u8]> {
+        let (o, l) = self.range(offset, len)?;
+        // SAFETY: inside the mapping (checked); the caller holds the block (above).
+        Some(unsafe { self.map.slice(o, l) })
+    }
+
+    /// The bytes of a reserved slot, for filling it; `None` when outside the arena.
+    ///
+    /// # Safety
+    /// The slot is reserved by the caller and not committed: nobody else reads or writes it
+    /// while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slot_mut(&self, offset: u64, len: u64) -> Option<&mut [u8]> {
+        let (o, l) = self.range(offset, len)?;
+        // SAFETY: inside the mapping (checked); the slot is the caller's alone (above).
+        Some(unsafe { self.map.slice_mut(o, l) })
+    }
+
     /// `[offset, offset + len)` as mapping offsets, when it lies inside the arena.
     fn range(&self, offset: u64, len: u64) -> Option<(usize, usize)> {
         let (o, l) = (usize::try_from(offset).ok()?, usize::try_from(len).ok()?);

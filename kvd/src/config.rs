@@ -360,6 +360,46 @@ impl EventsConfig {
     }
 }
 
+/// Peer fetch: blocks served to, and fetched from, other kvd nodes over TCP.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Address the data port listens on (`0.0.0.0:7071` in a pod, `127.0.0.1:N` in tests);
+    /// empty: this node neither serves nor fetches blocks.
+    pub listen: String,
+    /// `host:port` other nodes dial, published in this node's lease in the cluster index;
+    /// empty: the listen address (which must then name a host, not `0.0.0.0`).
+    pub advertise: String,
+    /// A lookup that misses locally fetches the blocks the cluster index says a peer holds.
+    pub fetch_on_lookup: bool,
+    /// Most blocks fetched at once by one lookup (one connection each).
+    pub fetch_concurrency: u32,
+    /// Most peer connections served at once; more wait to be accepted.
+    pub max_connections: u32,
+    /// Timeout of a connection attempt, and of each block's transfer.
+    pub timeout_ms: u32,
+}
+
+impl Default for PeerConfig {
+    fn default() -> Self {
+        Self {
+            listen: String::new(),
+            advertise: String::new(),
+            fetch_on_lookup: true,
+            fetch_concurrency: 4,
+            max_connections: 64,
+            timeout_ms: 5000,
+        }
+    }
+}
+
+impl PeerConfig {
+    /// Whether the data port is on.
+    pub fn enabled(&self) -> bool {
+        !self.listen.is_empty()
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -405,6 +445,8 @@ pub struct Config {
     pub index: IndexConfig,
     /// KV events.
     pub events: EventsConfig,
+    /// Peer fetch.
+    pub peer: PeerConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -449,7 +491,9 @@ pub enum ConfigError {
     },
 }
 
-const SECTIONS: [&str; 7] = ["server", "ring", "dram", "disk", "index", "events", "log"];
+const SECTIONS: [&str; 8] = [
+    "server", "ring", "dram", "disk", "index", "events", "peer", "log",
+];
 
 fn parse_value(raw: &str) -> toml::Value {
     let doc = format!("v = {raw}");
@@ -649,6 +693,38 @@ impl Config {
         }
         if !(1024..=1 << 26).contains(&e.lineage_blocks) {
             return bad("events.lineage_blocks", "must be in 1024..=67108864".into());
+        }
+        let p = &self.peer;
+        if p.enabled() && p.listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad(
+                "peer.listen",
+                format!("{:?} is not an ip:port address", p.listen),
+            );
+        }
+        if p.enabled() {
+            let shown = if p.advertise.is_empty() {
+                &p.listen
+            } else {
+                &p.advertise
+            };
+            let unspecified = shown
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| a.ip().is_unspecified() || a.port() == 0);
+            if unspecified || !shown.contains(':') {
+                return bad(
+                    "peer.advertise",
+                    format!("{shown:?} is not an address other nodes can dial (host:port); set peer.advertise"),
+                );
+            }
+        }
+        if !(1..=256).contains(&p.fetch_concurrency) {
+            return bad("peer.fetch_concurrency", "must be in 1..=256".into());
+        }
+        if !(1..=65_536).contains(&p.max_connections) {
+            return bad("peer.max_connections", "must be in 1..=65536".into());
+        }
+        if !(100..=600_000).contains(&p.timeout_ms) {
+            return bad("peer.timeout_ms", "must be in 100..=600000".into());
         }
         if self.server.socket_path.as_os_str().is_empty() {
             return bad("server.socket_path", "must not be empty".into());
@@ -881,6 +957,9 @@ mod tests {
             ("events.pod=a@b", "events.pod"),
             ("events.medium_disk=", "events.medium_disk"),
             ("events.lineage_blocks=1", "events.lineage_blocks"),
+            ("peer.listen=nowhere", "peer.listen"),
+            ("peer.listen=0.0.0.0:7071", "peer.advertise"),
+            ("peer.fetch_concurrency=0", "peer.fetch_concurrency"),
         ] {
             let e = load("", &[], &[set]).unwrap_err().to_string();
             assert!(e.contains(key), "{set}: {e}");

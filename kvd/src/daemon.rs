@@ -171,6 +171,8 @@ pub struct Daemon {
     pub index: Option<Arc<crate::index::IndexReader>>,
     /// KV events (lineages and publisher state), when configured.
     pub events: Option<Arc<crate::events::Events>>,
+    /// Peer fetch (data port and fetcher), when configured.
+    pub peer: Option<Arc<crate::peer::Peer>>,
     drains: Arc<Mutex<DrainSet>>,
     demoter: Mutex<Option<JoinHandle<()>>>,
     start: Instant,
@@ -200,11 +202,13 @@ impl Daemon {
         let drains = Arc::new(Mutex::new(DrainSet::default()));
         let index = crate::index::IndexReader::new(&cfg.index).map(Arc::new);
         let events = crate::events::Events::new(&cfg.events).map(Arc::new);
+        let peer = crate::peer::Peer::new(&cfg.peer).map(Arc::new);
         let d = Arc::new(Daemon {
             cfg,
             disk: disk.clone(),
             index,
             events,
+            peer,
             drains: drains.clone(),
             demoter: Mutex::new(None),
             start: Instant::now(),
@@ -710,6 +714,7 @@ impl Daemon {
             disk,
             index: self.index.as_ref().map(|r| r.report()),
             events: self.events.as_ref().map(|e| e.report()),
+            peer: self.peer.as_ref().map(|p| p.report()),
         }
     }
 }

@@ -5,7 +5,8 @@
 //! - `kvd:nodes` — sorted set of the node names that have published, scored by their last
 //!   heartbeat (unix ms); a reader's starting point. Names silent for [`FORGET_NODE_MS`] are
 //!   dropped by whichever node heartbeats next.
-//! - `kvd:node:<node>` — lease hash `{epoch, version, started_unix_ms}`, expiring
+//! - `kvd:node:<node>` — lease hash `{epoch, version, started_unix_ms, peer}` (`peer`: the
+//!   node's data port for peer fetch, empty without one), expiring
 //!   `lease_ttl_ms` after the last heartbeat (one every `lease_ttl_ms / 4` at most).
 //! - `kvd:res:<node>:<epoch>:<namespace hex>` — hash of what the node holds in that
 //!   namespace under that epoch: one field per copy, `<key hex>|<tier>` (`dram`, `disk`).
@@ -29,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use kvd_proto::frame::{ClusterLookup, IndexReport, NodeHolding, TierCounts};
 use kvd_proto::{BlockKey, NamespaceId, Tier};
@@ -256,13 +257,16 @@ struct Publisher {
     /// Namespaces with a holdings hash under the current epoch (their expiry is refreshed
     /// with the lease).
     spaces: HashSet<NamespaceId>,
+    /// This node's data port for peer fetch, published in the lease; empty when it has none.
+    peer_addr: String,
     status: Arc<IndexStatus>,
 }
 
 impl Publisher {
-    fn new(cfg: IndexConfig, status: Arc<IndexStatus>) -> Publisher {
+    fn new(cfg: IndexConfig, status: Arc<IndexStatus>, peer_addr: String) -> Publisher {
         Publisher {
             status,
+            peer_addr,
             node: node_id(&cfg),
             redis: Redis::new(cfg),
             started_ms: unix_ms(),
@@ -297,7 +301,9 @@ impl Publisher {
             .arg("version")
             .arg(crate::daemon::VERSION)
             .arg("started_unix_ms")
-            .arg(self.started_ms);
+            .arg(self.started_ms)
+            .arg("peer")
+            .arg(&self.peer_addr);
         p.pexpire(&k, ttl);
         for ns in &self.spaces {
             p.pexpire(holdings_key(prefix, &self.node, self.epoch, ns), ttl);
@@ -539,6 +545,28 @@ impl IndexReader {
         }
     }
 
+    /// The data-port address each of `nodes` published in its lease (nodes without one, or
+    /// whose lease expired, are left out).
+    pub async fn peer_addrs(
+        &self,
+        nodes: &[String],
+    ) -> Result<HashMap<String, String>, IndexError> {
+        if nodes.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut redis = self.redis.lock().await;
+        let mut p = redis::pipe();
+        for n in nodes {
+            p.hget(node_key(&self.prefix, n), "peer");
+        }
+        let addrs: Vec<Option<String>> = redis.query(&p).await?;
+        Ok(nodes
+            .iter()
+            .zip(addrs)
+            .filter_map(|(n, a)| Some((n.clone(), a.filter(|a| !a.is_empty() && a.len() <= 256)?)))
+            .collect())
+    }
+
     /// For each leading key of the chain, the live (node, tier) pairs holding it; stops after
     /// the first chunk that contains a key nobody holds.
     pub async fn holders(
@@ -672,7 +700,12 @@ pub async fn run(
         .as_ref()
         .map(|r| r.status.clone())
         .unwrap_or_default();
-    let mut p = Publisher::new(cfg, status.clone());
+    let peer_addr = daemon
+        .peer
+        .as_ref()
+        .map(|p| p.advertise().to_owned())
+        .unwrap_or_default();
+    let mut p = Publisher::new(cfg, status.clone(), peer_addr);
     let mut down_since: Option<Instant> = None;
     loop {
         tokio::select! {

@@ -127,6 +127,25 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         }
     }
+    if daemon.peer.is_some() {
+        let listener = match kvd::peer::bind(&daemon.cfg.peer).await {
+            Ok(l) => l,
+            Err(e) => {
+                stop.notify_one();
+                let _ = server.await;
+                let _ = std::fs::remove_file(&path);
+                return Err(e).with_context(|| {
+                    format!("binding the peer data port {}", daemon.cfg.peer.listen)
+                });
+            }
+        };
+        tracing::info!(listen = %daemon.cfg.peer.listen,
+            advertise = %daemon.peer.as_ref().map(|p| p.advertise()).unwrap_or_default(),
+            "peer data port ready");
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(kvd::peer::serve(daemon.clone(), listener, stop.clone()));
+        publishers.push((stop, task));
+    }
     let feed_stop = Arc::new(tokio::sync::Notify::new());
     let feed = tokio::spawn(kvd::residency::run(
         daemon.clone(),

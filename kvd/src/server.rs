@@ -271,6 +271,18 @@ async fn serve_connection(
                 None,
                 true,
             ),
+            (Request::Lookup { ns, keys }, true)
+                if daemon.peer.as_ref().is_some_and(|p| p.fetches()) =>
+            {
+                // Blocks a peer holds are fetched before answering: this awaits the network.
+                match daemon.namespace_for(conn, ns) {
+                    Ok(ns) => {
+                        let (prefix_len, tiers) = crate::peer::lookup(daemon, &ns, keys).await;
+                        (Response::LookupResult { prefix_len, tiers }, None, false)
+                    }
+                    Err(e) => (error(e), None, false),
+                }
+            }
             (Request::ClusterLookup { ns, keys }, true) => {
                 match cluster_lookup(daemon, conn, ns, keys).await {
                     Ok(r) => (Response::ClusterResult(r), None, false),

@@ -575,6 +575,28 @@ impl NsStore {
         hit
     }
 
+    /// Publishes a block fetched from a peer into `slot` (already verified against
+    /// `checksum`): stored and sealed, with no disk copy yet. False when the key was stored
+    /// meanwhile (the slot is freed and that copy stays).
+    pub fn commit_verified(
+        &mut self,
+        key: &BlockKey,
+        slot: Slot,
+        len: u64,
+        checksum: u64,
+        now_ms: u64,
+    ) -> bool {
+        match self.commit(key, slot, len, now_ms) {
+            Committed::Stored(i) => {
+                let e = &mut self.entries[i as usize];
+                e.checksum = checksum;
+                e.set(SEALED, true);
+                true
+            }
+            Committed::Duplicate => false,
+        }
+    }
+
     /// Length of the longest prefix of `keys` that is stored.
     pub fn lookup(&self, keys: &[BlockKey]) -> usize {
         keys.iter().take_while(|k| self.find(k).is_some()).count()

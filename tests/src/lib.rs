@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use kvd_client::{Client, Options};
 
+pub mod redis;
+
 /// Directory holding the workspace's binaries.
 pub fn bin_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("KVD_BIN_DIR") {

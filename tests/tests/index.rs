@@ -3,73 +3,20 @@
 //! Redis outage and republishing under a new epoch after it and after a restart.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use kvd_client::{BlockKey, Client, Namespace};
+use kvd_tests::redis::Redis;
 use kvd_tests::{pattern, test_namespace, wait_for, Daemon};
 
-/// A private redis-server on a free loopback port, in a fresh working directory; killed on
-/// drop.
-struct Redis {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
+/// What the index tests read from Redis the way a lookup does.
+trait IndexView {
+    fn epoch(&self, node: &str) -> Option<String>;
+    fn holders(&self, ns: &Namespace, key: &BlockKey, node: &str) -> Vec<String>;
 }
 
-impl Redis {
-    /// Starts redis-server, or returns None (test skipped) where it is not installed.
-    fn start(port: Option<u16>) -> Option<Redis> {
-        Redis::start_with(port, &[])
-    }
-
-    /// Same, with extra server arguments.
-    fn start_with(port: Option<u16>, extra: &[&str]) -> Option<Redis> {
-        if Command::new("redis-server")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            eprintln!("SKIPPED: redis-server not installed (scripts/system-deps.sh installs it)");
-            return None;
-        }
-        let port = port.unwrap_or_else(free_port);
-        let dir = tempfile::tempdir().expect("redis dir");
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        let r = Redis {
-            child,
-            port,
-            _dir: dir,
-        };
-        wait_for("redis-server to answer", Duration::from_secs(10), || {
-            (r.cli(&["PING"]).trim() == "PONG").then_some(())
-        });
-        Some(r)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Runs redis-cli against it; stdout.
-    fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "--raw"])
-            .args(args)
-            .output()
-            .expect("run redis-cli");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
+impl IndexView for Redis {
     /// The epoch in `node`'s lease, if the lease exists.
     fn epoch(&self, node: &str) -> Option<String> {
         let e = self.cli(&["HGET", &format!("kvd:node:{node}"), "epoch"]);
@@ -93,20 +40,6 @@ impl Redis {
         }
         out
     }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 fn key(i: u64) -> BlockKey {

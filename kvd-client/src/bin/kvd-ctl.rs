@@ -254,6 +254,26 @@ fn print_status(s: &StatsReport) {
             }
         }
     }
+    if let Some(x) = &s.peer {
+        println!(
+            "peer   {}  served {} blocks ({})  fetched {} blocks ({})  failed {}",
+            x.advertise,
+            x.served_blocks,
+            human_bytes(x.served_bytes),
+            x.fetched_blocks,
+            human_bytes(x.fetched_bytes),
+            x.fetch_failures
+        );
+        if x.checksum_failures > 0 || x.bad_requests > 0 {
+            println!(
+                "      {} fetched blocks failed their checksum (dropped)  {} bad requests refused",
+                x.checksum_failures, x.bad_requests
+            );
+        }
+        if !x.last_error.is_empty() {
+            println!("      last error: {}", x.last_error);
+        }
+    }
     if let Some(x) = &s.events {
         println!(
             "events {}  topic {}<model>  {} form{}",

@@ -1,0 +1,600 @@
+//! Peer fetch: blocks move between the kvd daemons of a cluster over TCP, so a node that
+//! misses a prefix locally loads it from the node that has it instead of recomputing it —
+//! the prefill → decode path of disaggregated serving (a prefill node stores, a decode node
+//! loads).
+//!
+//! Serving side: a data port ([`serve`]) answers [`kvd_proto::peer`] requests with the
+//! block's bytes straight from the DRAM arena under a read lease (a disk-only block is read
+//! into DRAM first, verified, as a local GET would). A block is only ever served from the
+//! namespace asked for. A malformed or oversized request gets the connection closed and one
+//! log line; connections are bounded by `peer.max_connections`.
+//!
+//! Fetching side: a lookup that misses locally ([`lookup`]) asks the cluster index which
+//! nodes hold the rest of the chain, and where they listen (published in their lease), then
+//! fetches the blocks in chain order, `peer.fetch_concurrency` at a time, each into a
+//! reserved DRAM slot; the checksum the peer sent is verified over the received bytes before
+//! the block is committed, so a wrong byte is never stored. The first block that cannot be
+//! fetched ends the walk, and the lookup answers with what is now held locally.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{self, StreamExt};
+use kvd_proto::frame::{PeerReport, TierCounts};
+use kvd_proto::peer::{self as wire, Status, PEER_MAGIC, REPLY_HEADER};
+use kvd_proto::{BlockKey, NamespaceId, Tier};
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use twox_hash::XxHash3_64;
+
+use crate::alloc::Slot;
+use crate::config::PeerConfig;
+use crate::daemon::{Daemon, Namespace};
+use crate::disk::ReadOutcome;
+use crate::store::ReserveError;
+
+/// Idle connections kept per peer for later fetches.
+const IDLE_PER_PEER: usize = 16;
+/// A served connection with no request for this long is closed.
+const IDLE_SERVE: Duration = Duration::from_secs(120);
+
+/// Why a block could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// Connecting, sending or receiving failed.
+    #[error("peer {addr}: {source}")]
+    Io {
+        /// Peer.
+        addr: String,
+        /// OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The peer does not hold it (any more).
+    #[error("peer {0} does not hold the block")]
+    Missing(String),
+    /// The peer holds it but cannot read it now.
+    #[error("peer {0} could not read the block now")]
+    Unavailable(String),
+    /// The reply made no sense (unknown status, zero or oversized length).
+    #[error("peer {addr} sent a bad reply: {what}")]
+    Protocol {
+        /// Peer.
+        addr: String,
+        /// What was wrong.
+        what: String,
+    },
+    /// The bytes did not match the checksum the peer sent.
+    #[error("block from peer {0} failed its checksum; dropped")]
+    Checksum(String),
+    /// No DRAM slot for it (everything pinned or being read).
+    #[error("no DRAM room for a fetched block")]
+    NoRoom,
+    /// The transfer took longer than `peer.timeout_ms`.
+    #[error("peer {0}: timed out")]
+    Timeout(String),
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    served_blocks: AtomicU64,
+    served_bytes: AtomicU64,
+    fetched_blocks: AtomicU64,
+    fetched_bytes: AtomicU64,
+    fetch_failures: AtomicU64,
+    checksum_failures: AtomicU64,
+    bad_requests: AtomicU64,
+}
+
+/// The daemon's peer-fetch state: configuration, counters, idle connections to peers.
+#[derive(Debug)]
+pub struct Peer {
+    cfg: PeerConfig,
+    advertise: String,
+    counters: Counters,
+    last_error: Mutex<String>,
+    idle: Mutex<HashMap<String, Vec<TcpStream>>>,
+}
+
+impl Peer {
+    /// Present when `peer.listen` is set.
+    pub fn new(cfg: &PeerConfig) -> Option<Peer> {
+        cfg.enabled().then(|| Peer {
+            advertise: if cfg.advertise.is_empty() {
+                cfg.listen.clone()
+            } else {
+                cfg.advertise.clone()
+            },
+            cfg: cfg.clone(),
+            counters: Counters::default(),
+            last_error: Mutex::new(String::new()),
+            idle: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The address published for other nodes.
+    pub fn advertise(&self) -> &str {
+        &self.advertise
+    }
+
+    /// State for `kvd-ctl status`.
+    pub fn report(&self) -> PeerReport {
+        let c = &self.counters;
+        PeerReport {
+            advertise: self.advertise.clone(),
+            served_blocks: c.served_blocks.load(Ordering::Relaxed),
+            served_bytes: c.served_bytes.load(Ordering::Relaxed),
+            fetched_blocks: c.fetched_blocks.load(Ordering::Relaxed),
+            fetched_bytes: c.fetched_bytes.load(Ordering::Relaxed),
+            fetch_failures: c.fetch_failures.load(Ordering::Relaxed),
+            checksum_failures: c.checksum_failures.load(Ordering::Relaxed),
+            bad_requests: c.bad_requests.load(Ordering::Relaxed),
+            last_error: self.last_error.lock().clone(),
+        }
+    }
+
+    /// Whether lookups fetch from peers.
+    pub fn fetches(&self) -> bool {
+        self.cfg.fetch_on_lookup
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(u64::from(self.cfg.timeout_ms))
+    }
+
+    async fn connect(&self, addr: &str) -> Result<TcpStream, FetchError> {
+        if let Some(s) = self.idle.lock().get_mut(addr).and_then(Vec::pop) {
+            return Ok(s);
+        }
+        let io = |source| FetchError::Io {
+            addr: addr.to_owned(),
+            source,
+        };
+        let mut s = tokio::time::timeout(self.timeout(), TcpStream::connect(addr))
+            .await
+            .map_err(|_| FetchError::Timeout(addr.to_owned()))?
+            .map_err(io)?;
+        s.set_nodelay(true).map_err(io)?;
+        s.write_all(&PEER_MAGIC).await.map_err(io)?;
+        Ok(s)
+    }
+
+    fn give_back(&self, addr: &str, s: TcpStream) {
+        let mut idle = self.idle.lock();
+        let v = idle.entry(addr.to_owned()).or_default();
+        if v.len() < IDLE_PER_PEER {
+            v.push(s);
+        }
+    }
+
+    /// Fetches one block from `addr` into this node's DRAM; returns its length.
+    async fn fetch(
+        &self,
+        now_ms: u64,
+        ns: &Arc<Namespace>,
+        addr: &str,
+        key: &BlockKey,
+    ) -> Result<u64, FetchError> {
+        let r = tokio::time::timeout(self.timeout(), self.fetch_inner(now_ms, ns, addr, key)).await;
+        let r = r.unwrap_or_else(|_| Err(FetchError::Timeout(addr.to_owned())));
+        match &r {
+            Ok(len) => {
+                self.counters.fetched_blocks.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .fetched_bytes
+                    .fetch_add(*len, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.counters.fetch_failures.fetch_add(1, Ordering::Relaxed);
+                if matches!(e, FetchError::Checksum(_)) {
+                    self.counters
+                        .checksum_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, key = %key, "peer fetch");
+                } else {
+                    tracing::debug!(error = %e, key = %key, "peer fetch failed");
+                }
+                *self.last_error.lock() = e.to_string();
+            }
+        }
+        r
+    }
+
+    async fn fetch_inner(
+        &self,
+        now_ms: u64,
+        ns: &Arc<Namespace>,
+        addr: &str,
+        key: &BlockKey,
+    ) -> Result<u64, FetchError> {
+        let io = |source| FetchError::Io {
+            addr: addr.to_owned(),
+            source,
+        };
+        let mut s = self.connect(addr).await?;
+        s.write_all(&wire::encode_fetch(&ns.id, key))
+            .await
+            .map_err(io)?;
+        let mut h = [0u8; REPLY_HEADER];
+        s.read_exact(&mut h).await.map_err(io)?;
+        let (status, len, checksum) = wire::decode_reply(&h);
+        match status {
+            Some(Status::Found) => {}
+            Some(Status::Missing) => {
+                self.give_back(addr, s);
+                return Err(FetchError::Missing(addr.to_owned()));
+            }
+            Some(Status::Unavailable) => {
+                self.give_back(addr, s);
+                return Err(FetchError::Unavailable(addr.to_owned()));
+            }
+            None => {
+                return Err(FetchError::Protocol {
+                    addr: addr.to_owned(),
+                    what: format!("status {}", h[0]),
+                })
+            }
+        }
+        let max = ns.store.lock().max_block();
+        if len == 0 || len > max {
+            return Err(FetchError::Protocol {
+                addr: addr.to_owned(),
+                what: format!("block of {len} bytes (this node takes 1..={max})"),
+            });
+        }
+        let reserved = ns.store.lock().reserve(key, len);
+        let slot = match reserved {
+            Ok(slot) => slot,
+            // Stored here meanwhile; the bytes in flight are not read, so the connection
+            // is not reused.
+            Err(ReserveError::Exists) => return Ok(0),
+            Err(_) => return Err(FetchError::NoRoom),
+        };
+        let mut guard = Reservation {
+            ns: ns.clone(),
+            slot: Some(slot),
+        };
+        // SAFETY: the slot is reserved by this task and not committed, so nobody else reads
+        // or writes it until it is committed or aborted (by `guard`, also when this future
+        // is dropped mid-transfer); `ns` keeps the arena mapped meanwhile.
+        let Some(buf) = (unsafe { ns.arena.slot_mut(slot.offset, len) }) else {
+            return Err(FetchError::NoRoom);
+        };
+        s.read_exact(buf).await.map_err(io)?;
+        let mut hasher = XxHash3_64::new();
+        if !ns.arena.hash_range(&mut hasher, slot.offset, len)
+            || std::hash::Hasher::finish(&hasher) != checksum
+        {
+            return Err(FetchError::Checksum(addr.to_owned()));
+        }
+        guard.slot = None;
+        ns.store
+            .lock()
+            .commit_verified(key, slot, len, checksum, now_ms);
+        self.give_back(addr, s);
+        Ok(len)
+    }
+}
+
+/// A reserved slot that is given back unless committed.
+struct Reservation {
+    ns: Arc<Namespace>,
+    slot: Option<Slot>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(s) = self.slot.take() {
+            self.ns.store.lock().abort(s);
+        }
+    }
+}
+
+/// Binds the data port.
+pub async fn bind(cfg: &PeerConfig) -> Result<TcpListener, io::Error> {
+    let addr: SocketAddr = cfg
+        .listen
+        .parse()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{e}")))?;
+    TcpListener::bind(addr).await
+}
+
+/// Serves peers on `listener` until `stop` fires.
+pub async fn serve(daemon: Arc<Daemon>, listener: TcpListener, stop: Arc<tokio::sync::Notify>) {
+    let Some(peer) = daemon.peer.clone() else {
+        return;
+    };
+    let permits = Arc::new(tokio::sync::Semaphore::new(
+        peer.cfg.max_connections as usize,
+    ));
+    loop {
+        let permit = tokio::select! {
+            _ = stop.notified() => break,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let accepted = tokio::select! {
+            _ = stop.notified() => break,
+            a = listener.accept() => a,
+        };
+        let (stream, addr) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "peer data port: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            serve_conn(&daemon, stream, addr).await;
+        });
+    }
+}
+
+/// Why a served connection ended early.
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error("{0}")]
+    Frame(#[from] wire::PeerFrameError),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+async fn serve_conn(daemon: &Arc<Daemon>, mut s: TcpStream, addr: SocketAddr) {
+    let _ = s.set_nodelay(true);
+    match serve_requests(daemon, &mut s).await {
+        Ok(()) => {}
+        Err(ServeError::Frame(e)) => {
+            if let Some(p) = &daemon.peer {
+                p.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+                *p.last_error.lock() = format!("{addr}: {e}");
+            }
+            tracing::warn!(peer = %addr, error = %e, "peer data port: bad request; disconnecting");
+        }
+        Err(ServeError::Io(e)) => {
+            tracing::debug!(peer = %addr, error = %e, "peer connection ended");
+        }
+    }
+}
+
+async fn serve_requests(daemon: &Arc<Daemon>, s: &mut TcpStream) -> Result<(), ServeError> {
+    let mut magic = [0u8; 8];
+    match tokio::time::timeout(IDLE_SERVE, s.read_exact(&mut magic)).await {
+        Ok(r) => {
+            r?;
+        }
+        Err(_) => return Ok(()),
+    }
+    if magic != PEER_MAGIC {
+        return Err(wire::PeerFrameError::BadMagic.into());
+    }
+    let mut body = [0u8; wire::MAX_REQUEST];
+    loop {
+        let mut len = [0u8; 4];
+        match tokio::time::timeout(IDLE_SERVE, s.read_exact(&mut len)).await {
+            Err(_) => return Ok(()),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(r) => {
+                r?;
+            }
+        }
+        let n = wire::check_len(len)?;
+        s.read_exact(&mut body[..n]).await?;
+        let (ns, key) = wire::decode_fetch(&body[..n])?;
+        serve_block(daemon, s, ns, key).await?;
+    }
+}
+
+/// A read lease on a served block, released when dropped.
+struct Lease {
+    ns: Arc<Namespace>,
+    entry: u32,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.ns.store.lock().release(self.entry);
+    }
+}
+
+async fn serve_block(
+    daemon: &Arc<Daemon>,
+    s: &mut TcpStream,
+    ns_id: NamespaceId,
+    key: BlockKey,
+) -> io::Result<()> {
+    let ns = daemon.namespaces().into_iter().find(|n| n.id == ns_id);
+    let Some(ns) = ns else {
+        return s
+            .write_all(&wire::encode_reply(Status::Missing, 0, 0))
+            .await;
+    };
+    let now = daemon.now_ms();
+    let mut hit = ns.store.lock().get(&key, now);
+    if hit.is_none() {
+        let (d, n) = (daemon.clone(), ns.clone());
+        hit = tokio::task::spawn_blocking(move || read_from_disk(&d, &n, &key))
+            .await
+            .ok()
+            .flatten();
+    }
+    let Some(hit) = hit else {
+        let on_disk = daemon
+            .disk
+            .as_ref()
+            .is_some_and(|d| d.presence(&ns_id, &[key])[0]);
+        let status = if on_disk {
+            Status::Unavailable
+        } else {
+            Status::Missing
+        };
+        return s.write_all(&wire::encode_reply(status, 0, 0)).await;
+    };
+    let lease = Lease {
+        ns: ns.clone(),
+        entry: hit.entry,
+    };
+    let checksum = if hit.sealed {
+        hit.checksum
+    } else {
+        let mut h = XxHash3_64::new();
+        ns.arena.hash_range(&mut h, hit.offset, hit.len);
+        std::hash::Hasher::finish(&h)
+    };
+    // SAFETY: `lease` holds the block (committed, so no client writes it; leased, so it is
+    // not freed and reused) until the bytes are sent; `ns` keeps the arena mapped.
+    let Some(buf) = (unsafe { ns.arena.block(hit.offset, hit.len) }) else {
+        return s
+            .write_all(&wire::encode_reply(Status::Unavailable, 0, 0))
+            .await;
+    };
+    s.write_all(&wire::encode_reply(Status::Found, hit.len, checksum))
+        .await?;
+    s.write_all(buf).await?;
+    drop(lease);
+    if let Some(p) = &daemon.peer {
+        p.counters.served_blocks.fetch_add(1, Ordering::Relaxed);
+        p.counters
+            .served_bytes
+            .fetch_add(hit.len, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Reads a disk-only block into DRAM (verified, as a local GET would) and leases it.
+fn read_from_disk(
+    daemon: &Daemon,
+    ns: &Arc<Namespace>,
+    key: &BlockKey,
+) -> Option<crate::store::Hit> {
+    use std::os::unix::fs::FileExt;
+    let disk = daemon.disk.as_ref()?;
+    let ticket = disk.begin_read(&ns.id, key)?;
+    let reserved = ns.store.lock().reserve(key, ticket.len);
+    let slot = match reserved {
+        Ok(s) => s,
+        Err(e) => {
+            disk.end_read(&ns.id, key, &ticket, ReadOutcome::Abandoned);
+            return match e {
+                ReserveError::Exists => ns.store.lock().get(key, daemon.now_ms()),
+                _ => None,
+            };
+        }
+    };
+    // Whole 4 KiB units, as O_DIRECT wants (slots are 4 KiB-aligned multiples of 4 KiB).
+    let len = crate::disk::format::align_up(ticket.len);
+    // SAFETY: the slot is reserved by this thread and not committed, so nobody else touches
+    // it until it is promoted or aborted below; `ns` keeps the arena mapped.
+    let buf = (len <= slot.cap)
+        .then(|| unsafe { ns.arena.slot_mut(slot.offset, len) })
+        .flatten();
+    let Some(buf) = buf else {
+        ns.store.lock().abort(slot);
+        disk.end_read(&ns.id, key, &ticket, ReadOutcome::Abandoned);
+        return None;
+    };
+    let outcome = match ticket.file.read_exact_at(buf, ticket.offset) {
+        Err(e) => {
+            tracing::warn!(error = %e, "disk read for a peer failed");
+            ReadOutcome::Failed
+        }
+        Ok(()) => {
+            let mut h = XxHash3_64::new();
+            if ns.arena.hash_range(&mut h, slot.offset, ticket.len)
+                && std::hash::Hasher::finish(&h) == ticket.checksum
+            {
+                ReadOutcome::Verified
+            } else {
+                ReadOutcome::Corrupt
+            }
+        }
+    };
+    let current = disk.end_read(&ns.id, key, &ticket, outcome);
+    if outcome != ReadOutcome::Verified || !current {
+        ns.store.lock().abort(slot);
+        return None;
+    }
+    ns.store
+        .lock()
+        .promote(key, slot, ticket.len, ticket.checksum, daemon.now_ms())
+}
+
+/// A lookup that fetches from peers what the cluster index says they hold beyond the local
+/// prefix, then answers from the local tiers.
+pub async fn lookup(
+    daemon: &Arc<Daemon>,
+    ns: &Arc<Namespace>,
+    keys: &[BlockKey],
+) -> (u32, TierCounts) {
+    let (prefix, tiers) = daemon.lookup(ns, keys);
+    let (Some(peer), Some(index)) = (&daemon.peer, &daemon.index) else {
+        return (prefix, tiers);
+    };
+    let rest = &keys[(prefix as usize).min(keys.len())..];
+    if rest.is_empty() || !peer.fetches() {
+        return (prefix, tiers);
+    }
+    let holders = match index.holders(&ns.id, rest).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::debug!(error = %e, "lookup: cluster index unavailable; local answer");
+            return (prefix, tiers);
+        }
+    };
+    let me = index.node();
+    let mut nodes: Vec<String> = holders
+        .iter()
+        .flatten()
+        .filter(|(n, _)| n != me)
+        .map(|(n, _)| n.clone())
+        .collect();
+    nodes.sort();
+    nodes.dedup();
+    if nodes.is_empty() {
+        return (prefix, tiers);
+    }
+    let addrs = match index.peer_addrs(&nodes).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::debug!(error = %e, "lookup: cannot read peer addresses; local answer");
+            return (prefix, tiers);
+        }
+    };
+    // Each block from a peer that holds it, in DRAM if one does, the previous block's
+    // source when it can (its connection is warm).
+    let mut plan: Vec<(BlockKey, String)> = Vec::new();
+    let mut last: Option<String> = None;
+    for (key, hs) in rest.iter().zip(&holders) {
+        let mut cands: Vec<&(String, Tier)> = hs
+            .iter()
+            .filter(|(n, _)| n != me && addrs.contains_key(n))
+            .collect();
+        cands.sort_by_key(|c| (c.1 as u8, Some(&c.0) != last.as_ref()));
+        let Some((node, _)) = cands.first() else {
+            break;
+        };
+        last = Some(node.clone());
+        plan.push((*key, addrs[node].clone()));
+    }
+    let now = daemon.now_ms();
+    let conc = peer.cfg.fetch_concurrency as usize;
+    let mut fetches = stream::iter(plan)
+        .map(|(key, addr)| {
+            let (peer, ns) = (peer.clone(), ns.clone());
+            async move { peer.fetch(now, &ns, &addr, &key).await }
+        })
+        .buffered(conc);
+    while let Some(r) = fetches.next().await {
+        if r.is_err() {
+            break;
+        }
+    }
+    drop(fetches);
+    daemon.lookup(ns, keys)
+}

@@ -1,0 +1,264 @@
+//! Peer fetch end to end: two real daemons on one machine (own sockets, data dirs and data
+//! ports on 127.0.0.1) sharing a real `redis-server` as the cluster index. A block put on
+//! node A is read through node B byte for byte (from A's DRAM and from A's disk); a peer
+//! sending wrong bytes is never believed; garbage on the data port is refused; lookups keep
+//! answering locally while Redis or the peer is gone.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use kvd_client::{BlockKey, Client, Namespace};
+use kvd_proto::peer as wire;
+use kvd_tests::redis::{free_port, Redis};
+use kvd_tests::{pattern, test_namespace, wait_for, Daemon};
+
+fn key(i: u64) -> BlockKey {
+    let mut k = [0u8; 32];
+    k[..8].copy_from_slice(&i.to_le_bytes());
+    k[31] = 0x9E;
+    BlockKey(k)
+}
+
+fn len_of(i: u64) -> usize {
+    20_000 + (i as usize % 5) * 7_777
+}
+
+fn sets(redis: &Redis, node: &str, disk: &Path, port: u16) -> Vec<String> {
+    vec![
+        format!("index.redis_urls={}", redis.url()),
+        format!("index.node_id={node}"),
+        "index.lease_ttl_ms=2000".into(),
+        "index.timeout_ms=500".into(),
+        format!("peer.listen=127.0.0.1:{port}"),
+        "peer.timeout_ms=2000".into(),
+        format!("disk.path={}", disk.display()),
+        "disk.capacity_bytes=64MiB".into(),
+        "disk.region_bytes=16MiB".into(),
+        "disk.admission=always".into(),
+        "disk.demote_watermark=1.0".into(),
+    ]
+}
+
+fn start(sets: &[String]) -> Daemon {
+    let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
+    Daemon::start(&refs)
+}
+
+fn keys(r: std::ops::Range<u64>) -> Vec<BlockKey> {
+    r.map(key).collect()
+}
+
+/// Waits until the cluster index (as seen from `c`) says `n` leading blocks are held.
+fn published(c: &Client, ns: &Namespace, n: u64) {
+    wait_for(
+        &format!("{n} blocks in the cluster index"),
+        Duration::from_secs(10),
+        || {
+            let r = c.cluster_lookup(&ns.id, &keys(0..n)).ok()?;
+            (r.cluster && r.prefix_len as u64 == n).then_some(())
+        },
+    );
+}
+
+#[test]
+fn a_block_put_on_node_a_is_read_through_node_b_byte_for_byte() {
+    let Some(mut redis) = Redis::start(None) else {
+        return;
+    };
+    let (da, db) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let mut a = start(&sets(&redis, "node-a", da.path(), free_port()));
+    let b = start(&sets(&redis, "node-b", db.path(), free_port()));
+    let (ca, cb) = (a.admin(), b.admin());
+    let nsa = ca.open_namespace(&test_namespace("peer")).expect("ns a");
+    let nsb = cb.open_namespace(&test_namespace("peer")).expect("ns b");
+    for i in 0..8 {
+        ca.put(&nsa, &key(i), &pattern(3, i, len_of(i)))
+            .expect("put");
+    }
+    // Blocks 6 and 7 leave A's DRAM: A serves them from its disk.
+    a.ctl(&["drain"]);
+    let evicted = ca.evict(Some(nsa.id), &keys(6..8)).expect("evict");
+    assert_eq!(evicted, 2);
+    published(&cb, &nsb, 8);
+
+    // B's lookup misses locally, fetches all 8 from A, and answers 8 held locally.
+    let t = Instant::now();
+    let l = cb.lookup(&nsb.id, &keys(0..8)).expect("lookup");
+    assert_eq!(l.prefix_len, 8, "{l:?}");
+    eprintln!("8 blocks fetched through the lookup in {:?}", t.elapsed());
+    for i in 0..8 {
+        let lease = cb.get(&nsb, &key(i)).expect("get").expect("held on b");
+        assert_eq!(&lease[..], &pattern(3, i, len_of(i))[..], "block {i}");
+    }
+    let pb = cb.stats().expect("stats b").peer.expect("peer report b");
+    assert_eq!((pb.fetched_blocks, pb.fetch_failures), (8, 0), "{pb:?}");
+    let pa = ca.stats().expect("stats a").peer.expect("peer report a");
+    assert_eq!(pa.served_blocks, 8, "{pa:?}");
+    let wanted: u64 = (0..8).map(|i| len_of(i) as u64).sum();
+    assert_eq!(pb.fetched_bytes, wanted);
+    assert!(b.ctl(&["status"]).contains("fetched 8 blocks"));
+
+    // A chain with a hole: fetched up to the hole, no further.
+    ca.put(&nsa, &key(8), &pattern(3, 8, 5000)).expect("put");
+    ca.put(&nsa, &key(10), &pattern(3, 10, 5000)).expect("put");
+    published(&cb, &nsb, 9);
+    assert_eq!(
+        cb.lookup(&nsb.id, &keys(0..11)).expect("lookup").prefix_len,
+        9
+    );
+
+    // Redis killed mid-run: lookups answer locally at once, and fetch again once it is back.
+    let port = redis.port;
+    ca.put(&nsa, &key(9), &pattern(3, 9, 5000)).expect("put");
+    ca.put(&nsa, &key(11), &pattern(3, 11, 5000)).expect("put");
+    published(&cb, &nsb, 12);
+    drop(redis);
+    let t = Instant::now();
+    let l = cb
+        .lookup(&nsb.id, &keys(0..12))
+        .expect("lookup while redis is down");
+    assert_eq!(l.prefix_len, 9);
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let r = cb.cluster_lookup(&nsb.id, &keys(0..12)).expect("where");
+    assert!(!r.cluster, "{r:?}");
+    redis = Redis::start(Some(port)).expect("redis again");
+    b.expect_log("cluster index reachable again");
+    wait_for(
+        "a fetch after redis came back",
+        Duration::from_secs(15),
+        || {
+            let l = cb.lookup(&nsb.id, &keys(0..12)).ok()?;
+            (l.prefix_len == 12).then_some(())
+        },
+    );
+    ca.put(&nsa, &key(12), &pattern(3, 12, 5000)).expect("put");
+    published(&cb, &nsb, 13);
+
+    // Node A killed: its lease still names it for up to 2 s, but its port refuses; the
+    // lookup answers what B holds, promptly, and counts the failure.
+    a.kill9();
+    let t = Instant::now();
+    let l = cb.lookup(&nsb.id, &keys(0..13)).expect("lookup");
+    assert_eq!(l.prefix_len, 12);
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let pb = cb.stats().expect("stats").peer.expect("peer");
+    assert!(
+        pb.fetch_failures >= 1 && !pb.last_error.is_empty(),
+        "{pb:?}"
+    );
+    drop(redis);
+}
+
+/// Sends raw bytes to a data port; returns what came back before the peer closed (or
+/// stopped talking for 2 s).
+fn exchange(port: u16, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    s.write_all(bytes).expect("send");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+#[test]
+fn garbage_and_oversized_requests_are_refused_and_another_namespace_gets_nothing() {
+    let port = free_port();
+    let listen = format!("peer.listen=127.0.0.1:{port}");
+    let d = Daemon::start(&[&listen]);
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("peer-bad")).expect("ns");
+    let other = c
+        .open_namespace(&test_namespace("peer-other"))
+        .expect("other ns");
+    c.put(&ns, &key(1), &pattern(9, 1, 12_345)).expect("put");
+
+    // Not a kvd peer at all.
+    assert!(exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").is_empty());
+    d.expect_log("bad greeting");
+    // An oversized frame: refused before its body is read.
+    let mut big = wire::PEER_MAGIC.to_vec();
+    big.extend_from_slice(&(64u32 << 20).to_be_bytes());
+    big.extend_from_slice(&[0u8; 1024]);
+    assert!(exchange(port, &big).is_empty());
+    d.expect_log("longer than 256");
+    // An unknown request.
+    let mut unknown = wire::PEER_MAGIC.to_vec();
+    unknown.extend_from_slice(&3u32.to_be_bytes());
+    unknown.extend_from_slice(&[42, 0, 0]);
+    assert!(exchange(port, &unknown).is_empty());
+    d.expect_log("unknown request tag 42");
+
+    // The same key asked for under another namespace: Missing, no bytes. Then under its
+    // own: the block, with its checksum.
+    let mut both = wire::PEER_MAGIC.to_vec();
+    both.extend_from_slice(&wire::encode_fetch(&other.id, &key(1)));
+    both.extend_from_slice(&wire::encode_fetch(&ns.id, &key(1)));
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(&both).expect("send");
+    let mut h = [0u8; wire::REPLY_HEADER];
+    s.read_exact(&mut h).expect("first reply");
+    assert_eq!(wire::decode_reply(&h), (Some(wire::Status::Missing), 0, 0));
+    s.read_exact(&mut h).expect("second reply");
+    let (status, len, _checksum) = wire::decode_reply(&h);
+    assert_eq!((status, len), (Some(wire::Status::Found), 12_345));
+    let mut body = vec![0u8; 12_345];
+    s.read_exact(&mut body).expect("block");
+    assert_eq!(body, pattern(9, 1, 12_345));
+    drop(s);
+
+    let p = c.stats().expect("stats").peer.expect("peer");
+    assert_eq!((p.bad_requests, p.served_blocks), (3, 1), "{p:?}");
+    assert_eq!(
+        d.log_text().matches("bad request; disconnecting").count(),
+        3
+    );
+    // The daemon serves its own clients throughout.
+    assert!(c.get(&ns, &key(1)).expect("get").is_some());
+}
+
+/// A fake peer registered in the index that answers every fetch with bytes that do not
+/// match the checksum it announces: the block must never enter the cache.
+#[test]
+fn a_peer_sending_wrong_bytes_is_never_believed() {
+    let Some(redis) = Redis::start(None) else {
+        return;
+    };
+    let db = tempfile::tempdir().expect("b");
+    let b = start(&sets(&redis, "node-b", db.path(), free_port()));
+    let cb = b.admin();
+    let ns = cb.open_namespace(&test_namespace("liar")).expect("ns");
+    let liar = std::net::TcpListener::bind("127.0.0.1:0").expect("bind liar");
+    let liar_addr = liar.local_addr().expect("addr").to_string();
+    std::thread::spawn(move || {
+        for s in liar.incoming().take(4) {
+            let Ok(mut s) = s else { continue };
+            let mut req = [0u8; 8 + wire::FETCH_FRAME];
+            if s.read_exact(&mut req).is_ok() {
+                let _ = s.write_all(&wire::encode_reply(wire::Status::Found, 4096, 12345));
+                let _ = s.write_all(&[0xAB; 4096]);
+            }
+        }
+    });
+    // Register "liar" as a live node holding block 0 in DRAM.
+    let epoch = "7";
+    redis.cli(&["ZADD", "kvd:nodes", &format!("{}", u64::MAX / 2), "liar"]);
+    redis.cli(&["HSET", "kvd:node:liar", "epoch", epoch, "peer", &liar_addr]);
+    redis.cli(&["PEXPIRE", "kvd:node:liar", "60000"]);
+    let h = format!("kvd:res:liar:{epoch}:{}", ns.id.to_hex());
+    redis.cli(&["HSET", &h, &format!("{}|dram", key(0).to_hex()), "1"]);
+
+    let l = cb.lookup(&ns.id, &keys(0..1)).expect("lookup");
+    assert_eq!(l.prefix_len, 0);
+    assert!(cb.get(&ns, &key(0)).expect("get").is_none());
+    let p = cb.stats().expect("stats").peer.expect("peer");
+    assert_eq!((p.checksum_failures, p.fetched_blocks), (1, 0), "{p:?}");
+    b.expect_log("failed its checksum");
+}
