@@ -6,6 +6,7 @@
 
 use serde::Serialize;
 
+pub mod tcp;
 pub mod uring;
 
 /// One result line of `kvd-bench --json`.

@@ -23,7 +23,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::stream::{self, StreamExt};
 use kvd_proto::frame::{PeerReport, TierCounts};
 use kvd_proto::peer::{self as wire, Status, PEER_MAGIC, REPLY_HEADER};
 use kvd_proto::{BlockKey, NamespaceId, Tier};
@@ -40,6 +39,12 @@ use crate::store::ReserveError;
 
 /// Idle connections kept per peer for later fetches.
 const IDLE_PER_PEER: usize = 16;
+/// Socket buffer asked for on data connections (the kernel caps it at its rmem/wmem max).
+const SOCKET_BUFFER: u32 = 4 << 20;
+/// Requests outstanding on one fetching connection.
+const PIPELINE: usize = 4;
+/// Received bytes are hashed in pieces of this size, each while it is still in cache.
+const HASH_PIECE: usize = 256 << 10;
 /// A served connection with no request for this long is closed.
 const IDLE_SERVE: Duration = Duration::from_secs(120);
 
@@ -155,7 +160,21 @@ impl Peer {
             addr: addr.to_owned(),
             source,
         };
-        let mut s = tokio::time::timeout(self.timeout(), TcpStream::connect(addr))
+        let dial = async {
+            let sa = tokio::net::lookup_host(addr)
+                .await?
+                .next()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;
+            let sock = if sa.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            // Room for a few blocks in flight: fewer wake-ups per block on both sides.
+            sock.set_recv_buffer_size(SOCKET_BUFFER)?;
+            sock.connect(sa).await
+        };
+        let mut s = tokio::time::timeout(self.timeout(), dial)
             .await
             .map_err(|_| FetchError::Timeout(addr.to_owned()))?
             .map_err(io)?;
@@ -172,17 +191,10 @@ impl Peer {
         }
     }
 
-    /// Fetches one block from `addr` into this node's DRAM; returns its length.
-    async fn fetch(
-        &self,
-        now_ms: u64,
-        ns: &Arc<Namespace>,
-        addr: &str,
-        key: &BlockKey,
-    ) -> Result<u64, FetchError> {
-        let r = tokio::time::timeout(self.timeout(), self.fetch_inner(now_ms, ns, addr, key)).await;
-        let r = r.unwrap_or_else(|_| Err(FetchError::Timeout(addr.to_owned())));
-        match &r {
+    fn count(&self, key: &BlockKey, r: &Result<u64, FetchError>) {
+        match r {
+            // 0: this node came to hold the block meanwhile; nothing was fetched.
+            Ok(0) => {}
             Ok(len) => {
                 self.counters.fetched_blocks.fetch_add(1, Ordering::Relaxed);
                 self.counters
@@ -202,11 +214,70 @@ impl Peer {
                 *self.last_error.lock() = e.to_string();
             }
         }
-        r
     }
 
-    async fn fetch_inner(
+    /// Fetches `keys` from `addr` in order over one connection, with up to [`PIPELINE`]
+    /// requests outstanding so the peer never waits for the next one; stops at the first
+    /// failure. Returns how many were fetched (or found already held).
+    async fn fetch_run(
         &self,
+        now_ms: u64,
+        ns: &Arc<Namespace>,
+        addr: &str,
+        keys: &[BlockKey],
+    ) -> usize {
+        let mut s = match self.connect(addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(k) = keys.first() {
+                    self.count(k, &Err(e));
+                }
+                return 0;
+            }
+        };
+        let (mut sent, mut done) = (0, 0);
+        while done < keys.len() {
+            while sent < keys.len() && sent - done < PIPELINE {
+                let r = s.write_all(&wire::encode_fetch(&ns.id, &keys[sent])).await;
+                if let Err(source) = r {
+                    self.count(
+                        &keys[done],
+                        &Err(FetchError::Io {
+                            addr: addr.to_owned(),
+                            source,
+                        }),
+                    );
+                    return done;
+                }
+                sent += 1;
+            }
+            let r = tokio::time::timeout(
+                self.timeout(),
+                self.receive(&mut s, now_ms, ns, addr, &keys[done]),
+            )
+            .await
+            .unwrap_or_else(|_| Err(FetchError::Timeout(addr.to_owned())));
+            self.count(&keys[done], &r);
+            match r {
+                Ok(_) => done += 1,
+                // The connection is still in step (the reply was read whole) when the peer
+                // said it lacks the block; not after anything else.
+                Err(FetchError::Missing(_) | FetchError::Unavailable(_)) if sent == done + 1 => {
+                    self.give_back(addr, s);
+                    return done;
+                }
+                Err(_) => return done,
+            }
+        }
+        self.give_back(addr, s);
+        done
+    }
+
+    /// Reads one reply and stores its block: the length stored (0 when this node came to
+    /// hold the block meanwhile; its bytes are read and dropped).
+    async fn receive(
+        &self,
+        s: &mut TcpStream,
         now_ms: u64,
         ns: &Arc<Namespace>,
         addr: &str,
@@ -216,23 +287,13 @@ impl Peer {
             addr: addr.to_owned(),
             source,
         };
-        let mut s = self.connect(addr).await?;
-        s.write_all(&wire::encode_fetch(&ns.id, key))
-            .await
-            .map_err(io)?;
         let mut h = [0u8; REPLY_HEADER];
         s.read_exact(&mut h).await.map_err(io)?;
         let (status, len, checksum) = wire::decode_reply(&h);
         match status {
             Some(Status::Found) => {}
-            Some(Status::Missing) => {
-                self.give_back(addr, s);
-                return Err(FetchError::Missing(addr.to_owned()));
-            }
-            Some(Status::Unavailable) => {
-                self.give_back(addr, s);
-                return Err(FetchError::Unavailable(addr.to_owned()));
-            }
+            Some(Status::Missing) => return Err(FetchError::Missing(addr.to_owned())),
+            Some(Status::Unavailable) => return Err(FetchError::Unavailable(addr.to_owned())),
             None => {
                 return Err(FetchError::Protocol {
                     addr: addr.to_owned(),
@@ -250,9 +311,18 @@ impl Peer {
         let reserved = ns.store.lock().reserve(key, len);
         let slot = match reserved {
             Ok(slot) => slot,
-            // Stored here meanwhile; the bytes in flight are not read, so the connection
-            // is not reused.
-            Err(ReserveError::Exists) => return Ok(0),
+            Err(ReserveError::Exists) => {
+                // Stored here meanwhile: the bytes are read past, keeping the connection in
+                // step with the requests still outstanding.
+                let mut left = len;
+                let mut scratch = vec![0u8; HASH_PIECE.min(len as usize)];
+                while left > 0 {
+                    let n = (left as usize).min(scratch.len());
+                    s.read_exact(&mut scratch[..n]).await.map_err(io)?;
+                    left -= n as u64;
+                }
+                return Ok(0);
+            }
             Err(_) => return Err(FetchError::NoRoom),
         };
         let mut guard = Reservation {
@@ -265,18 +335,19 @@ impl Peer {
         let Some(buf) = (unsafe { ns.arena.slot_mut(slot.offset, len) }) else {
             return Err(FetchError::NoRoom);
         };
-        s.read_exact(buf).await.map_err(io)?;
+        // Hashed piece by piece as it arrives, while each piece is still in the CPU's cache.
         let mut hasher = XxHash3_64::new();
-        if !ns.arena.hash_range(&mut hasher, slot.offset, len)
-            || std::hash::Hasher::finish(&hasher) != checksum
-        {
+        for piece in buf.chunks_mut(HASH_PIECE) {
+            s.read_exact(piece).await.map_err(io)?;
+            std::hash::Hasher::write(&mut hasher, piece);
+        }
+        if std::hash::Hasher::finish(&hasher) != checksum {
             return Err(FetchError::Checksum(addr.to_owned()));
         }
         guard.slot = None;
         ns.store
             .lock()
             .commit_verified(key, slot, len, checksum, now_ms);
-        self.give_back(addr, s);
         Ok(len)
     }
 }
@@ -301,7 +372,16 @@ pub async fn bind(cfg: &PeerConfig) -> Result<TcpListener, io::Error> {
         .listen
         .parse()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{e}")))?;
-    TcpListener::bind(addr).await
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    // Inherited by accepted connections: a whole block fits in the send buffer.
+    sock.set_send_buffer_size(SOCKET_BUFFER)?;
+    sock.bind(addr)?;
+    sock.listen(1024)
 }
 
 /// Serves peers on `listener` until `stop` fires.
@@ -582,19 +662,31 @@ pub async fn lookup(
         last = Some(node.clone());
         plan.push((*key, addrs[node].clone()));
     }
+    // Block i goes to lane i % conc; each lane fetches its blocks in order over pipelined
+    // connections (one per run of blocks from the same peer), all lanes at once. Blocks past
+    // a failure may still arrive (they are valid blocks); the answer is the local prefix.
     let now = daemon.now_ms();
-    let conc = peer.cfg.fetch_concurrency as usize;
-    let mut fetches = stream::iter(plan)
-        .map(|(key, addr)| {
-            let (peer, ns) = (peer.clone(), ns.clone());
-            async move { peer.fetch(now, &ns, &addr, &key).await }
-        })
-        .buffered(conc);
-    while let Some(r) = fetches.next().await {
-        if r.is_err() {
-            break;
+    let conc = (peer.cfg.fetch_concurrency as usize).min(plan.len()).max(1);
+    let lanes = (0..conc).map(|lane| {
+        let mine: Vec<(BlockKey, String)> = plan.iter().skip(lane).step_by(conc).cloned().collect();
+        let (peer, ns) = (peer.clone(), ns.clone());
+        async move {
+            let mut i = 0;
+            while i < mine.len() {
+                let addr = mine[i].1.clone();
+                let run: Vec<BlockKey> = mine[i..]
+                    .iter()
+                    .take_while(|(_, a)| *a == addr)
+                    .map(|(k, _)| *k)
+                    .collect();
+                let n = run.len();
+                if peer.fetch_run(now, &ns, &addr, &run).await < n {
+                    break;
+                }
+                i += n;
+            }
         }
-    }
-    drop(fetches);
+    });
+    futures_util::future::join_all(lanes).await;
     daemon.lookup(ns, keys)
 }

@@ -56,6 +56,33 @@ enum Cmd {
     /// Cluster index: kvd's batched publishing to Redis vs one command per round trip, and
     /// cluster lookup latency of a key chain.
     Index(IndexArgs),
+    /// Peer fetch: node B's lookup pulling blocks from node A over the data port (two
+    /// private daemons and a private redis-server) vs a plain TCP copy of the same bytes.
+    Peer(PeerArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct PeerArgs {
+    /// Block sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1MiB,4MiB")]
+    sizes: Vec<String>,
+    /// Bytes fetched per size and round.
+    #[arg(long, default_value = "256MiB")]
+    total: String,
+    /// Measured rounds per size (after a warm-up round that also checks every byte);
+    /// medians are reported, with the median of the per-round ratios.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Blocks node B fetches at once (peer.fetch_concurrency), and connections of the TCP
+    /// reference.
+    #[arg(long, default_value_t = 4)]
+    concurrency: u32,
+    /// redis-server binary started on a free 127.0.0.1 port for the run.
+    #[arg(long, default_value = "redis-server")]
+    redis_server: PathBuf,
+    /// Print one JSON object per line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -224,8 +251,11 @@ mod tempfile_dir {
     pub struct Dir(PathBuf);
 
     impl Dir {
+        /// A fresh directory for one spawned daemon (several may run at once).
         pub fn new() -> std::io::Result<Self> {
-            Dir::with_suffix("daemon")
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Dir::with_suffix(&format!("daemon{n}"))
         }
         pub fn with_suffix(s: &str) -> std::io::Result<Self> {
             let p = std::env::temp_dir().join(format!("kvd-bench-{}-{s}", std::process::id()));
@@ -1225,8 +1255,121 @@ fn index(a: IndexArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Socket buffer kvd's data connections ask for (kvd/src/peer.rs), given to the reference.
+const PEER_SOCKET_BUFFER: u32 = 4 << 20;
+
+/// `kvd-bench peer`: node A holds `--total` bytes of blocks; each round node B's DRAM is
+/// emptied and one lookup of the whole chain on B fetches them all from A (index query, data
+/// port, checksum verification, commit into B's arena). The reference copies the same bytes
+/// between two buffers over the same number of loopback TCP connections, in the same run,
+/// with the kernel's autotuned socket buffers and with kvd's, and the faster counts.
+fn peer(a: PeerArgs) -> anyhow::Result<()> {
+    let (sizes, total, max) = parse_sizes(&a.sizes, &a.total)?;
+    let conc = a.concurrency.clamp(1, 256);
+    let port = free_port()?;
+    let _redis = RedisServer::start(&a.redis_server, port)?;
+    let arena = total + 2 * max + (64 << 20);
+    let node = |name: &str, peer_port: u16| {
+        vec![
+            format!("index.redis_urls=redis://127.0.0.1:{port}"),
+            format!("index.node_id={name}"),
+            "index.timeout_ms=1000".to_string(),
+            format!("peer.listen=127.0.0.1:{peer_port}"),
+            format!("peer.fetch_concurrency={conc}"),
+            "peer.timeout_ms=30000".to_string(),
+        ]
+    };
+    let (_a, sock_a) = spawn_daemon_with(arena, max, &node("bench-a", free_port()?))?;
+    let (_b, sock_b) = spawn_daemon_with(arena, max, &node("bench-b", free_port()?))?;
+    let (ca, cb) = (admin_client(&sock_a)?, admin_client(&sock_b)?);
+    let desc = NamespaceDesc::new("kvd-bench-peer", "bytes", "opaque", 16);
+    let (nsa, nsb) = (ca.open_namespace(&desc)?, cb.open_namespace(&desc)?);
+    if !a.json {
+        println!(
+            "kvd-bench peer: {} per size and round, {conc} at a time, Redis on 127.0.0.1:{port}",
+            a.total
+        );
+    }
+    for &size in &sizes {
+        let n = (total / size).max(1);
+        let mut src = vec![0u8; n * size];
+        for (i, b) in src.chunks_mut(size).enumerate() {
+            fill(b, (size * 1_000_003 + i) as u64);
+        }
+        let keys: Vec<BlockKey> = (0..n).map(|i| key(size, i)).collect();
+        for (ks, bs) in keys.chunks(16).zip(src.chunks(16 * size)) {
+            let items: Vec<(BlockKey, &[u8])> = ks.iter().copied().zip(bs.chunks(size)).collect();
+            ca.put_many(&nsa, &items)?;
+        }
+        let t = Instant::now();
+        loop {
+            let r = cb.cluster_lookup(&nsb.id, &keys)?;
+            if r.cluster && r.prefix_len as usize == n {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("node A's {n} blocks did not appear in the index within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut dst = vec![1u8; src.len()];
+        let (mut kvd_g, mut ref_g, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..=a.rounds {
+            cb.evict(Some(nsb.id), &[])?;
+            cb.flush()?;
+            let t = Instant::now();
+            let l = cb.lookup(&nsb.id, &keys)?;
+            let kvd = gbps(src.len(), t.elapsed());
+            if l.prefix_len as usize != n {
+                bail!("node B fetched {} of {n} blocks", l.prefix_len);
+            }
+            if round == 0 {
+                for (k, want) in keys.iter().zip(src.chunks(size)) {
+                    let lease = cb.get(&nsb, k)?.context("a fetched block is not held")?;
+                    if &lease[..] != want {
+                        bail!("a block fetched from node A differs from what was put");
+                    }
+                }
+            }
+            // The better of the kernel's autotuned buffers and kvd's fixed ones.
+            let mut reference = 0f64;
+            for buffers in [None, Some(PEER_SOCKET_BUFFER)] {
+                dst.fill(0);
+                let t = kvd_benches::tcp::copy(&src, &mut dst, size, conc as usize, buffers)?;
+                if dst != src {
+                    bail!("the TCP reference copied wrong bytes");
+                }
+                reference = reference.max(gbps(src.len(), t));
+            }
+            if round > 0 {
+                kvd_g.push(kvd);
+                ref_g.push(reference);
+                ratios.push(kvd / reference);
+            }
+        }
+        let (kvd, reference, ratio) = (median(kvd_g), median(ref_g), median(ratios));
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({"tier": "peer", "op": "fetch", "size_bytes": size,
+                    "blocks": n, "concurrency": conc, "gbps": kvd, "tcp_gbps": reference,
+                    "ratio": ratio, "rounds": a.rounds})
+            );
+        } else {
+            println!(
+                "peer  fetch  {:>8} KiB  x{n:<5} kvd {kvd:>6.2} GB/s  plain TCP {reference:>6.2} GB/s  ratio {ratio:>5.2}",
+                size / 1024
+            );
+        }
+        ca.delete(&nsa.id, &keys)?;
+        cb.delete(&nsb.id, &keys)?;
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
+        Cmd::Peer(a) => peer(a),
         Cmd::Dram(a) => dram(a),
         Cmd::Disk(a) => disk(a),
         Cmd::Footprint(a) => footprint(a),
