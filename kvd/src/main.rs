@@ -139,6 +139,12 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                 });
             }
         };
+        if daemon.index.is_none() {
+            tracing::info!(
+                "peer data port without a cluster index ([index]): this node \
+                serves its blocks to peers but cannot find any to fetch from"
+            );
+        }
         tracing::info!(listen = %daemon.cfg.peer.listen,
             advertise = %daemon.peer.as_ref().map(|p| p.advertise()).unwrap_or_default(),
             "peer data port ready");

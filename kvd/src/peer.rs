@@ -465,9 +465,17 @@ async fn serve_requests(daemon: &Arc<Daemon>, s: &mut TcpStream) -> Result<(), S
             }
         }
         let n = wire::check_len(len)?;
-        s.read_exact(&mut body[..n]).await?;
+        let limit = daemon.peer.as_ref().map_or(IDLE_SERVE, |p| p.timeout());
+        let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "peer too slow");
+        tokio::time::timeout(limit, s.read_exact(&mut body[..n]))
+            .await
+            .map_err(|_| timed_out())??;
         let (ns, key) = wire::decode_fetch(&body[..n])?;
-        serve_block(daemon, s, ns, key).await?;
+        // A peer that stops reading must not hold the block's lease (and a connection) for
+        // ever: each block is sent within peer.timeout_ms or the connection is dropped.
+        tokio::time::timeout(limit, serve_block(daemon, s, ns, key))
+            .await
+            .map_err(|_| timed_out())??;
     }
 }
 

@@ -262,3 +262,43 @@ fn a_peer_sending_wrong_bytes_is_never_believed() {
     assert_eq!((p.checksum_failures, p.fetched_blocks), (1, 0), "{p:?}");
     b.expect_log("failed its checksum");
 }
+
+/// A peer that asks for a block and stops reading holds its read lease (and a connection)
+/// only until peer.timeout_ms: then the daemon drops it and the block is evictable again.
+#[test]
+fn a_peer_that_stops_reading_loses_its_lease_after_the_timeout() {
+    let port = free_port();
+    let listen = format!("peer.listen=127.0.0.1:{port}");
+    let d = Daemon::start(&[
+        &listen,
+        "peer.timeout_ms=500",
+        "dram.max_block_bytes=32MiB",
+        "dram.arena_bytes=256MiB",
+    ]);
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("peer-slow")).expect("ns");
+    // Larger than what the socket buffers on both sides can absorb.
+    let big = pattern(5, 1, 30 << 20);
+    c.put(&ns, &key(1), &big).expect("put");
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let mut req = wire::PEER_MAGIC.to_vec();
+    req.extend_from_slice(&wire::encode_fetch(&ns.id, &key(1)));
+    s.write_all(&req).expect("send");
+    let readers = || -> u32 {
+        c.inspect(&key(1))
+            .expect("inspect")
+            .iter()
+            .map(|b| b.readers)
+            .sum()
+    };
+    wait_for(
+        "the stalled send to hold the block",
+        Duration::from_secs(5),
+        || (readers() == 1).then_some(()),
+    );
+    wait_for("the lease to be dropped", Duration::from_secs(10), || {
+        (readers() == 0).then_some(())
+    });
+    assert_eq!(c.evict(Some(ns.id), &[key(1)]).expect("evict"), 1);
+    drop(s);
+}
