@@ -562,11 +562,7 @@ impl NsStore {
         checksum: u64,
         now_ms: u64,
     ) -> Option<Hit> {
-        if let Committed::Stored(i) = self.commit(key, slot, len, now_ms) {
-            let e = &mut self.entries[i as usize];
-            e.checksum = checksum;
-            e.set(SEALED | ON_DISK, true);
-        }
+        self.commit_sealed(key, slot, len, checksum, now_ms, ON_DISK);
         let hit = self.get(key, now_ms);
         if hit.is_some() {
             // `get` counted a DRAM hit; this read was a DRAM miss served by the disk.
@@ -586,15 +582,26 @@ impl NsStore {
         checksum: u64,
         now_ms: u64,
     ) -> bool {
-        match self.commit(key, slot, len, now_ms) {
-            Committed::Stored(i) => {
-                let e = &mut self.entries[i as usize];
-                e.checksum = checksum;
-                e.set(SEALED, true);
-                true
-            }
-            Committed::Duplicate => false,
-        }
+        self.commit_sealed(key, slot, len, checksum, now_ms, 0)
+    }
+
+    /// Commits a block whose checksum is already known (sealed at once, with `flags`).
+    fn commit_sealed(
+        &mut self,
+        key: &BlockKey,
+        slot: Slot,
+        len: u64,
+        checksum: u64,
+        now_ms: u64,
+        flags: u8,
+    ) -> bool {
+        let Committed::Stored(i) = self.commit(key, slot, len, now_ms) else {
+            return false;
+        };
+        let e = &mut self.entries[i as usize];
+        e.checksum = checksum;
+        e.set(SEALED | flags, true);
+        true
     }
 
     /// Length of the longest prefix of `keys` that is stored.

@@ -223,3 +223,21 @@ pub fn pattern(seed: u64, index: u64, len: usize) -> Vec<u8> {
 pub fn test_namespace(model: &str) -> kvd_client::NamespaceDesc {
     kvd_client::NamespaceDesc::new(model, "bfloat16", "LBHNC", 32)
 }
+
+/// `--set` values for a disk tier in `path`: `capacity` of 16 MiB regions, every block
+/// admitted, demotion starting above `demote_watermark` of DRAM (1.0: only on drain).
+pub fn disk_sets(path: &Path, capacity: &str, demote_watermark: &str) -> Vec<String> {
+    vec![
+        format!("disk.path={}", path.display()),
+        format!("disk.capacity_bytes={capacity}"),
+        "disk.region_bytes=16MiB".into(),
+        "disk.admission=always".into(),
+        format!("disk.demote_watermark={demote_watermark}"),
+    ]
+}
+
+/// [`Daemon::start`] with owned `--set` values.
+pub fn start_with(sets: &[String]) -> Daemon {
+    let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
+    Daemon::start(&refs)
+}

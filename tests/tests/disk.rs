@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kvd_client::{BlockKey, Client, PutOutcome, Tier};
-use kvd_tests::{bin, pattern, test_namespace, wait_for, Daemon};
+use kvd_tests::{bin, pattern, start_with as start, test_namespace, wait_for, Daemon};
 
 fn key(i: u64) -> BlockKey {
     let mut k = [0u8; 32];
@@ -22,19 +22,9 @@ fn len_of(i: u64) -> usize {
 
 const SEED: u64 = 42;
 
+/// A 128 MiB disk tier every block is written to as soon as it is sealed.
 fn disk_sets(path: &Path) -> Vec<String> {
-    vec![
-        format!("disk.path={}", path.display()),
-        "disk.capacity_bytes=128MiB".into(),
-        "disk.region_bytes=16MiB".into(),
-        "disk.admission=always".into(),
-        "disk.demote_watermark=0".into(),
-    ]
-}
-
-fn start(sets: &[String]) -> Daemon {
-    let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
-    Daemon::start(&refs)
+    kvd_tests::disk_sets(path, "128MiB", "0")
 }
 
 fn disk_blocks(c: &Client) -> u64 {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kvd_client::{BlockKey, Client, Namespace};
 use kvd_tests::redis::Redis;
-use kvd_tests::{pattern, test_namespace, wait_for, Daemon};
+use kvd_tests::{pattern, start_with as start, test_namespace, wait_for, Daemon};
 
 /// What the index tests read from Redis the way a lookup does.
 trait IndexView {
@@ -56,17 +56,10 @@ fn sets(redis: &Redis, node: &str, disk: &Path) -> Vec<String> {
         "index.publish_interval_ms=20".into(),
         "index.lease_ttl_ms=2000".into(),
         "index.timeout_ms=500".into(),
-        format!("disk.path={}", disk.display()),
-        "disk.capacity_bytes=64MiB".into(),
-        "disk.region_bytes=16MiB".into(),
-        "disk.admission=always".into(),
-        "disk.demote_watermark=1.0".into(),
     ]
-}
-
-fn start(sets: &[String]) -> Daemon {
-    let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
-    Daemon::start(&refs)
+    .into_iter()
+    .chain(kvd_tests::disk_sets(disk, "64MiB", "1.0"))
+    .collect()
 }
 
 fn put(c: &Client, ns: &Namespace, range: std::ops::Range<u64>) {

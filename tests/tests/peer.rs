@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use kvd_client::{BlockKey, Client, Namespace};
 use kvd_proto::peer as wire;
 use kvd_tests::redis::{free_port, Redis};
-use kvd_tests::{pattern, test_namespace, wait_for, Daemon};
+use kvd_tests::{pattern, start_with as start, test_namespace, wait_for, Daemon};
 
 fn key(i: u64) -> BlockKey {
     let mut k = [0u8; 32];
@@ -33,17 +33,10 @@ fn sets(redis: &Redis, node: &str, disk: &Path, port: u16) -> Vec<String> {
         "index.timeout_ms=500".into(),
         format!("peer.listen=127.0.0.1:{port}"),
         "peer.timeout_ms=2000".into(),
-        format!("disk.path={}", disk.display()),
-        "disk.capacity_bytes=64MiB".into(),
-        "disk.region_bytes=16MiB".into(),
-        "disk.admission=always".into(),
-        "disk.demote_watermark=1.0".into(),
     ]
-}
-
-fn start(sets: &[String]) -> Daemon {
-    let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
-    Daemon::start(&refs)
+    .into_iter()
+    .chain(kvd_tests::disk_sets(disk, "64MiB", "1.0"))
+    .collect()
 }
 
 fn keys(r: std::ops::Range<u64>) -> Vec<BlockKey> {
