@@ -400,6 +400,15 @@ impl PeerConfig {
     }
 }
 
+/// Prometheus metrics and health endpoints.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the HTTP endpoint (`/metrics`, `/healthz`, `/readyz`), e.g. `127.0.0.1:9464`
+    /// or the pod's `0.0.0.0:9464`; empty: none.
+    pub listen: String,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -447,6 +456,8 @@ pub struct Config {
     pub events: EventsConfig,
     /// Peer fetch.
     pub peer: PeerConfig,
+    /// Metrics and health endpoints.
+    pub metrics: MetricsConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -491,8 +502,8 @@ pub enum ConfigError {
     },
 }
 
-const SECTIONS: [&str; 8] = [
-    "server", "ring", "dram", "disk", "index", "events", "peer", "log",
+const SECTIONS: [&str; 9] = [
+    "server", "ring", "dram", "disk", "index", "events", "peer", "metrics", "log",
 ];
 
 fn parse_value(raw: &str) -> toml::Value {
@@ -716,6 +727,10 @@ impl Config {
                     format!("{shown:?} is not an address other nodes can dial (host:port); set peer.advertise"),
                 );
             }
+        }
+        let m = &self.metrics.listen;
+        if !m.is_empty() && m.parse::<std::net::SocketAddr>().is_err() {
+            return bad("metrics.listen", format!("{m:?} is not an ip:port address"));
         }
         if !(1..=256).contains(&p.fetch_concurrency) {
             return bad("peer.fetch_concurrency", "must be in 1..=256".into());
@@ -960,6 +975,7 @@ mod tests {
             ("peer.listen=nowhere", "peer.listen"),
             ("peer.listen=0.0.0.0:7071", "peer.advertise"),
             ("peer.fetch_concurrency=0", "peer.fetch_concurrency"),
+            ("metrics.listen=localhost", "metrics.listen"),
         ] {
             let e = load("", &[], &[set]).unwrap_err().to_string();
             assert!(e.contains(key), "{set}: {e}");

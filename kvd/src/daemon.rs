@@ -173,6 +173,8 @@ pub struct Daemon {
     pub events: Option<Arc<crate::events::Events>>,
     /// Peer fetch (data port and fetcher), when configured.
     pub peer: Option<Arc<crate::peer::Peer>>,
+    /// Latency histograms of the operations served (for `/metrics`).
+    pub latency: crate::metrics::OpLatency,
     drains: Arc<Mutex<DrainSet>>,
     demoter: Mutex<Option<JoinHandle<()>>>,
     start: Instant,
@@ -209,6 +211,7 @@ impl Daemon {
             index,
             events,
             peer,
+            latency: Default::default(),
             drains: drains.clone(),
             demoter: Mutex::new(None),
             start: Instant::now(),

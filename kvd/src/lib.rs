@@ -5,7 +5,8 @@
 //! layer: [`arena`] (shared memory), [`disk`] (the NVMe tier), [`ring_service`] (data plane),
 //! [`server`] (control plane). [`demoter`] moves blocks down the tiers in the background;
 //! [`index`] publishes what the node holds to the cluster index (Redis/Valkey) and
-//! [`events`] as vLLM-format KV events over ZMQ; [`peer`] moves blocks between nodes.
+//! [`events`] as vLLM-format KV events over ZMQ; [`peer`] moves blocks between nodes;
+//! [`metrics`] serves Prometheus metrics and health probes.
 //! [`daemon`] ties them together and [`config`] describes it all.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -19,6 +20,7 @@ pub mod disk;
 pub mod events;
 pub mod index;
 pub mod lineage;
+pub mod metrics;
 pub mod peer;
 pub mod residency;
 pub mod ring_service;

@@ -152,6 +152,21 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         let task = tokio::spawn(kvd::peer::serve(daemon.clone(), listener, stop.clone()));
         publishers.push((stop, task));
     }
+    if !daemon.cfg.metrics.listen.is_empty() {
+        let listener = match kvd::metrics::bind(&daemon.cfg.metrics.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                stop.notify_one();
+                let _ = server.await;
+                let _ = std::fs::remove_file(&path);
+                return Err(e.into());
+            }
+        };
+        tracing::info!(listen = %daemon.cfg.metrics.listen, "metrics: /metrics /healthz /readyz");
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(kvd::metrics::serve(daemon.clone(), listener, stop.clone()));
+        publishers.push((stop, task));
+    }
     let feed_stop = Arc::new(tokio::sync::Notify::new());
     let feed = tokio::spawn(kvd::residency::run(
         daemon.clone(),

@@ -42,6 +42,7 @@ use crate::daemon::{Conn, Daemon, Namespace};
 use crate::disk::engine::{IoKind, IoOp};
 use crate::disk::format::align_up;
 use crate::disk::{ReadOutcome, ReadTicket};
+use crate::metrics::Op as TimedOp;
 use crate::store::{Committed, ReserveError};
 
 /// Most reservations plus leases one connection may hold.
@@ -231,8 +232,9 @@ impl Session {
                     self.reservations.insert(sub.arg0, r);
                     return Ok(Some(c));
                 }
-                let now = self.daemon.now_ms();
+                let (now, t) = (self.daemon.now_ms(), Instant::now());
                 let out = r.ns.store.lock().commit(&r.key, r.slot, len, now);
+                self.daemon.latency.since(TimedOp::Commit, t);
                 match out {
                     Committed::Duplicate => c.status = Status::Exists as u16,
                     Committed::Stored(entry) => {
@@ -256,12 +258,16 @@ impl Session {
                         return Ok(Some(c));
                     }
                 };
+                let t = Instant::now();
                 let hit = ns.store.lock().get(&sub.key, self.daemon.now_ms());
                 if let Some(d) = &self.daemon.disk {
                     d.record_sighting(&ns.id, &sub.key);
                 }
                 match hit {
-                    Some(h) => self.lease(&mut c, ns, h),
+                    Some(h) => {
+                        self.lease(&mut c, ns, h);
+                        self.daemon.latency.since(TimedOp::Get, t);
+                    }
                     None => return Ok(self.get_from_disk(ns, sub, c)),
                 }
             }
@@ -446,6 +452,7 @@ impl Session {
         if let Some(h) = hit {
             c.status = Status::Ok as u16;
             self.lease(&mut c, p.ns, h);
+            self.daemon.latency.since(TimedOp::GetDisk, p.started);
         }
         Some(c)
     }

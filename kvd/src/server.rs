@@ -277,7 +277,9 @@ async fn serve_connection(
                 // Blocks a peer holds are fetched before answering: this awaits the network.
                 match daemon.namespace_for(conn, ns) {
                     Ok(ns) => {
+                        let t = std::time::Instant::now();
                         let (prefix_len, tiers) = crate::peer::lookup(daemon, &ns, keys).await;
+                        daemon.latency.since(crate::metrics::Op::Lookup, t);
                         (Response::LookupResult { prefix_len, tiers }, None, false)
                     }
                     Err(e) => (error(e), None, false),
@@ -433,8 +435,10 @@ fn dispatch(
             )
         }
         Request::Lookup { ns, keys } => {
+            let t = std::time::Instant::now();
             let ns = daemon.namespace_for(conn, &ns)?;
             let (prefix_len, tiers) = daemon.lookup(&ns, &keys);
+            daemon.latency.since(crate::metrics::Op::Lookup, t);
             (Response::LookupResult { prefix_len, tiers }, None)
         }
         Request::Pin { ns, keys } => {
