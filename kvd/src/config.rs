@@ -72,6 +72,10 @@ pub struct ServerConfig {
     pub max_clients: u32,
     /// Largest control frame accepted.
     pub max_frame_bytes: ByteSize,
+    /// On SIGTERM, after the last client is closed, DRAM blocks without a disk copy are
+    /// written to the disk tier for at most this long (0: not at all). Keep it below the
+    /// pod's terminationGracePeriodSeconds.
+    pub shutdown_drain_ms: u32,
 }
 
 impl Default for ServerConfig {
@@ -84,6 +88,7 @@ impl Default for ServerConfig {
             admin_uids: Vec::new(),
             max_clients: 64,
             max_frame_bytes: ByteSize(1 << 20),
+            shutdown_drain_ms: 20_000,
         }
     }
 }

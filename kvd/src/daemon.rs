@@ -182,6 +182,8 @@ pub struct Daemon {
     clients: Mutex<HashMap<u64, Arc<Conn>>>,
     next_client: AtomicU64,
     shutting_down: AtomicBool,
+    /// The background threads stop (set after the shutdown drain).
+    stopping: AtomicBool,
     euid: u32,
 }
 
@@ -222,6 +224,7 @@ impl Daemon {
             clients: Mutex::new(HashMap::new()),
             next_client: AtomicU64::new(1),
             shutting_down: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             euid: nix::unistd::geteuid().as_raw(),
         });
         if let Some(disk) = disk {
@@ -242,6 +245,7 @@ impl Daemon {
     /// flushes the disk catalog.
     pub fn stop_background(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
+        self.stopping.store(true, Ordering::SeqCst);
         if let Some(t) = self.demoter.lock().take() {
             let _ = t.join();
         }
@@ -296,6 +300,38 @@ impl Daemon {
     /// Whether shutdown began.
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Whether the background threads must stop (after the shutdown drain).
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// The shutdown drain: every DRAM block without a disk copy is written to the disk
+    /// tier, waiting at most `deadline`. Returns (queued, left unwritten); nothing without a
+    /// disk tier.
+    pub async fn drain_for_shutdown(&self, deadline: std::time::Duration) -> (u64, u64) {
+        let (Some(disk), false) = (&self.disk, deadline.is_zero()) else {
+            return (0, 0);
+        };
+        let Ok(n) = self.drain(None) else {
+            return (0, 0);
+        };
+        let t = Instant::now();
+        let left = || {
+            self.namespaces()
+                .iter()
+                .map(|ns| ns.store.lock().without_disk_copy())
+                .sum::<u64>()
+        };
+        while n > 0 && t.elapsed() < deadline {
+            if left() == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        disk.drain_pending().store(0, Ordering::Relaxed);
+        (n, left())
     }
 
     /// Begins shutdown: every connection is closed.

@@ -62,7 +62,8 @@ pub fn run(daemon: Weak<Daemon>, disk: Arc<DiskTier>, drains: Arc<Mutex<DrainSet
     let mut last_rates = Instant::now();
     loop {
         let Some(d) = daemon.upgrade() else { return };
-        if d.is_shutting_down() {
+        // Not on is_shutting_down: the shutdown drain runs after the clients are closed.
+        if d.is_stopping() {
             return;
         }
         if last_rates.elapsed() >= Duration::from_secs(1) {
@@ -173,7 +174,7 @@ fn demote(
     loop {
         let mut outcomes: Vec<(u32, DemotionOutcome)> = Vec::new();
         let mut ops = Vec::new();
-        if d.is_shutting_down() {
+        if d.is_stopping() {
             // Finish what is in flight, start nothing new.
             exhausted = true;
         }

@@ -181,6 +181,23 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     stop.notify_one();
     let _ = server.await;
+    // Clients are gone: what only DRAM holds goes to disk (bounded), so a restart finds it.
+    let deadline = std::time::Duration::from_millis(u64::from(daemon.cfg.server.shutdown_drain_ms));
+    let t = std::time::Instant::now();
+    match daemon.drain_for_shutdown(deadline).await {
+        (0, _) => {}
+        (n, 0) => tracing::info!(
+            blocks = n,
+            ms = t.elapsed().as_millis() as u64,
+            "shutdown drain: DRAM blocks written to disk"
+        ),
+        (n, left) => tracing::warn!(
+            blocks = n,
+            left,
+            ms = t.elapsed().as_millis() as u64,
+            "shutdown drain: deadline (server.shutdown_drain_ms) passed; these blocks are lost"
+        ),
+    }
     feed_stop.notify_one();
     let _ = feed.await;
     for (stop, task) in publishers {

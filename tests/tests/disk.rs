@@ -633,3 +633,50 @@ fn a_filesystem_without_o_direct_falls_back_to_psync_with_a_warning() {
         assert_eq!((disk.engine.as_str(), disk.direct_io), ("psync", false));
     });
 }
+
+/// SIGTERM writes what only DRAM holds to disk before exiting, so a restart finds every
+/// block; with `server.shutdown_drain_ms = 0` it does not.
+#[test]
+fn sigterm_drains_dram_to_disk_before_exiting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Demotion only on drain: before SIGTERM, nothing is on disk.
+    let sets = kvd_tests::disk_sets(dir.path(), "128MiB", "1.0");
+    let mut d = start(&sets);
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("sigterm")).expect("open");
+    put_range(&c, &ns, 0..24);
+    assert_eq!(disk_blocks(&c), 0);
+    drop(ns);
+    drop(c);
+    let status = d.terminate(Duration::from_secs(30)).expect("exits");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        d.log_text()
+            .contains("shutdown drain: DRAM blocks written to disk"),
+        "{}",
+        d.log_text()
+    );
+    let d = start(&sets);
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("sigterm")).expect("open");
+    assert_eq!(disk_blocks(&c), 24);
+    for i in 0..24 {
+        assert!(check(&c, &ns, i), "block {i} lost across SIGTERM");
+    }
+
+    // Without the drain, DRAM-only blocks are gone after a restart (as configured).
+    let mut no_drain = sets.clone();
+    no_drain.push("server.shutdown_drain_ms=0".into());
+    drop((ns, c, d));
+    let mut d = start(&no_drain);
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("sigterm")).expect("open");
+    put_range(&c, &ns, 100..104);
+    drop((ns, c));
+    d.terminate(Duration::from_secs(30)).expect("exits");
+    let d = start(&no_drain);
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("sigterm")).expect("open");
+    assert!(!check(&c, &ns, 100));
+    assert!(check(&c, &ns, 0), "drained blocks stay");
+}
