@@ -51,7 +51,8 @@ impl DrainSet {
         self.all || self.some.contains(ns)
     }
 
-    fn is_empty(&self) -> bool {
+    /// No drain is asked for.
+    pub fn is_empty(&self) -> bool {
         !self.all && self.some.is_empty()
     }
 }
