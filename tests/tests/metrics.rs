@@ -147,3 +147,61 @@ fn bad_metrics_address_fails_the_start() {
         "{err}"
     );
 }
+
+/// Every series the example Grafana dashboard queries exists in a daemon's /metrics (with
+/// every optional part on), so the dashboard does not silently show "no data".
+#[test]
+fn the_grafana_dashboard_only_queries_series_kvd_exports() {
+    let Some(redis) = kvd_tests::redis::Redis::start(None) else {
+        return;
+    };
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../config/grafana/kvd-dashboard.json"
+    ))
+    .expect("dashboard");
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
+    let mut names = std::collections::BTreeSet::new();
+    for p in dash["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().expect("targets") {
+            let expr = t["expr"].as_str().expect("expr");
+            for tok in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if tok.starts_with("kvd_") {
+                    names.insert(tok.to_owned());
+                }
+            }
+        }
+    }
+    assert!(names.len() >= 15, "{names:?}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut sets = kvd_tests::disk_sets(dir.path(), "64MiB", "0");
+    sets.extend([
+        format!("metrics.listen=127.0.0.1:{port}"),
+        format!("index.redis_urls={}", redis.url()),
+        format!("peer.listen=127.0.0.1:{}", free_port()),
+        format!(
+            "events.endpoint=ipc://{}",
+            dir.path().join("ev.ipc").display()
+        ),
+    ]);
+    let d = kvd_tests::start_with(&sets);
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("dash")).expect("ns");
+    c.put(&ns, &key(1), &pattern(2, 1, 8000)).expect("put");
+    let _ = c.get(&ns, &key(1)).expect("get");
+    c.lookup(&ns.id, &[key(1)]).expect("lookup");
+    let (code, body) = get(port, "/metrics");
+    assert_eq!(code, 200);
+    for n in &names {
+        let present = body.lines().any(|l| {
+            l.strip_prefix(n.as_str())
+                .is_some_and(|r| r.starts_with([' ', '{']))
+        });
+        assert!(
+            present,
+            "the dashboard queries {n}, which /metrics does not have:\n{body}"
+        );
+    }
+}
