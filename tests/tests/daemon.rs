@@ -346,3 +346,57 @@ fn kvd_ctl_commands_in_json_and_tables() {
         .expect("run");
     assert!(String::from_utf8_lossy(&out.stderr).contains("64 hex digits"));
 }
+
+#[test]
+fn kvd_ctl_top_runs_live_in_a_terminal_and_once_as_text() {
+    let d = Daemon::start(&[]);
+    let c = d.admin();
+    let ns = c
+        .open_namespace(&test_namespace("top-model"))
+        .expect("open");
+    c.put(&ns, &key(1), &[7u8; 10_000]).expect("put");
+    let once = d.ctl(&["top", "--once", "--interval-ms", "200"]);
+    for want in ["kvd top", "dram", "top-model", "HIT RATE", "kvd-ctl"] {
+        assert!(once.contains(want), "{want} missing:\n{once}");
+    }
+    // Live, in a real terminal: tmux runs it, its screen is read back, q quits.
+    if Command::new("tmux").arg("-V").output().is_err() {
+        eprintln!("SKIPPED: tmux not installed (scripts/system-deps.sh installs it)");
+        return;
+    }
+    let server = format!("kvdtop{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(["-L", &server])
+            .args(args)
+            .output()
+            .expect("run tmux")
+    };
+    let cmd = format!(
+        "{} --socket {} top --interval-ms 200",
+        bin("kvd-ctl").display(),
+        d.socket.display()
+    );
+    let started = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "top",
+        "-x",
+        "120",
+        "-y",
+        "40",
+        &cmd,
+    ]);
+    assert!(started.status.success(), "{started:?}");
+    kvd_tests::wait_for("top's screen", Duration::from_secs(15), || {
+        let out = tmux(&["capture-pane", "-p", "-t", "top"]);
+        let screen = String::from_utf8_lossy(&out.stdout).into_owned();
+        (screen.contains("top-model") && screen.contains("tiers")).then_some(())
+    });
+    tmux(&["send-keys", "-t", "top", "q"]);
+    kvd_tests::wait_for("top to quit on q", Duration::from_secs(10), || {
+        (!tmux(&["has-session", "-t", "top"]).status.success()).then_some(())
+    });
+    let _ = tmux(&["kill-server"]);
+}

@@ -10,6 +10,8 @@ use kvd_client::json::{block_json, status_json};
 use kvd_client::{BlockInfo, BlockKey, Client, NamespaceId, Options, StatsReport};
 use serde_json::json;
 
+mod top;
+
 /// Inspect and operate the kvd KV-cache daemon on this node.
 ///
 /// Connects to the daemon's control socket (--socket, $KVD_SOCKET, default /run/kvd/kvd.sock)
@@ -94,6 +96,15 @@ enum Cmd {
         all: bool,
         /// Keys to evict.
         keys: Vec<String>,
+    },
+    /// Live view of tiers, hit rates, throughput, namespaces and clients (q to quit).
+    Top {
+        /// Refresh interval in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// Print one frame as text (two samples an interval apart) and exit.
+        #[arg(long)]
+        once: bool,
     },
     /// Copy every DRAM block that has no disk copy yet to the disk tier (e.g. before a node
     /// is drained), with a progress bar; returns when all are on disk. Needs a disk tier.
@@ -497,6 +508,10 @@ fn main() -> anyhow::Result<()> {
             } else {
                 println!("evicted {n} blocks");
             }
+        }
+        Cmd::Top { interval_ms, once } => {
+            let interval = std::time::Duration::from_millis((*interval_ms).clamp(100, 60_000));
+            top::run(&client, interval, *once)?;
         }
         Cmd::Drain { ns, timeout_s } => {
             let ns = ns.as_deref().map(parse_ns).transpose()?;
