@@ -6,11 +6,13 @@
 //! [`server`] (control plane). [`demoter`] moves blocks down the tiers in the background;
 //! [`index`] publishes what the node holds to the cluster index (Redis/Valkey) and
 //! [`events`] as vLLM-format KV events over ZMQ; [`peer`] moves blocks between nodes;
-//! [`metrics`] serves Prometheus metrics and health probes.
+//! [`metrics`] serves Prometheus metrics and health probes ([`accept`]: the bounded accept
+//! loop of the TCP endpoints).
 //! [`daemon`] ties them together and [`config`] describes it all.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod accept;
 pub mod alloc;
 pub mod arena;
 pub mod config;

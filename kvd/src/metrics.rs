@@ -585,19 +585,9 @@ const MAX_CONNECTIONS: usize = 16;
 pub async fn serve(daemon: Arc<Daemon>, listener: TcpListener, stop: Arc<tokio::sync::Notify>) {
     let metrics = Arc::new(Metrics::new(&daemon));
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            _ = stop.notified() => break,
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
-        let accepted = tokio::select! {
-            _ = stop.notified() => break,
-            a = listener.accept() => a,
-        };
-        let Ok((stream, _)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
+    while let Some((stream, _, permit)) =
+        crate::accept::next("metrics", &listener, &permits, &stop).await
+    {
         let (daemon, metrics) = (daemon.clone(), metrics.clone());
         tokio::spawn(async move {
             let _permit = permit;

@@ -392,23 +392,9 @@ pub async fn serve(daemon: Arc<Daemon>, listener: TcpListener, stop: Arc<tokio::
     let permits = Arc::new(tokio::sync::Semaphore::new(
         peer.cfg.max_connections as usize,
     ));
-    loop {
-        let permit = tokio::select! {
-            _ = stop.notified() => break,
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
-        let accepted = tokio::select! {
-            _ = stop.notified() => break,
-            a = listener.accept() => a,
-        };
-        let (stream, addr) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "peer data port: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    while let Some((stream, addr, permit)) =
+        crate::accept::next("peer data port", &listener, &permits, &stop).await
+    {
         let daemon = daemon.clone();
         tokio::spawn(async move {
             let _permit = permit;
