@@ -179,8 +179,10 @@ unsafe fn pair<'a>(
     Ok((c, ns))
 }
 
-fn done(r: Result<KvdStatus, KvdStatus>) -> KvdStatus {
-    r.unwrap_or_else(|s| s)
+/// Runs the body of an entry point: its error status (message already set) is returned as
+/// is, and a panic becomes `KVD_STATUS_PANIC`.
+fn call(f: impl FnOnce() -> Result<KvdStatus, KvdStatus>) -> KvdStatus {
+    guard(|| f().unwrap_or_else(|s| s))
 }
 
 /// The message of the last failed call on this thread ("" if none). The pointer stays
@@ -203,27 +205,25 @@ pub unsafe extern "C" fn kvd_connect(
     name: *const c_char,
     out: *mut *mut KvdClient,
 ) -> KvdStatus {
-    guard(|| {
-        done((|| {
-            if out.is_null() {
-                return Err(fail(KvdStatus::InvalidArgument, "out is NULL"));
-            }
-            // SAFETY: the caller's contract on `socket` and `name`.
-            let (socket, name) = unsafe { (opt_str(socket, "socket")?, opt_str(name, "name")?) };
-            let path = socket
-                .map(str::to_owned)
-                .or_else(|| std::env::var("KVD_SOCKET").ok())
-                .unwrap_or_else(|| kvd_client::DEFAULT_SOCKET.to_owned());
-            let mut opts = Options::default();
-            if let Some(n) = name {
-                opts.name = n.to_owned();
-            }
-            let inner = Client::connect_with(&path, opts).map_err(|e| from_client(&e))?;
-            let b = Box::into_raw(Box::new(KvdClient { inner }));
-            // SAFETY: `out` is non-null and writable (the caller's contract).
-            unsafe { out.write(b) };
-            Ok(KvdStatus::Ok)
-        })())
+    call(|| {
+        if out.is_null() {
+            return Err(fail(KvdStatus::InvalidArgument, "out is NULL"));
+        }
+        // SAFETY: the caller's contract on `socket` and `name`.
+        let (socket, name) = unsafe { (opt_str(socket, "socket")?, opt_str(name, "name")?) };
+        let path = socket
+            .map(str::to_owned)
+            .or_else(|| std::env::var("KVD_SOCKET").ok())
+            .unwrap_or_else(|| kvd_client::DEFAULT_SOCKET.to_owned());
+        let mut opts = Options::default();
+        if let Some(n) = name {
+            opts.name = n.to_owned();
+        }
+        let inner = Client::connect_with(&path, opts).map_err(|e| from_client(&e))?;
+        let b = Box::into_raw(Box::new(KvdClient { inner }));
+        // SAFETY: `out` is non-null and writable (the caller's contract).
+        unsafe { out.write(b) };
+        Ok(KvdStatus::Ok)
     })
 }
 
@@ -261,36 +261,34 @@ pub unsafe extern "C" fn kvd_open_namespace(
     tenant: *const c_char,
     out: *mut *mut KvdNamespace,
 ) -> KvdStatus {
-    guard(|| {
-        done((|| {
-            if c.is_null() || out.is_null() {
-                return Err(fail(KvdStatus::InvalidArgument, "client or out is NULL"));
-            }
-            // SAFETY: live client and valid strings (the caller's contract).
-            let (c, model, dtype, layout, lora, tenant) = unsafe {
-                (
-                    &*c,
-                    req_str(model, "model")?,
-                    req_str(dtype, "dtype")?,
-                    req_str(layout, "layout")?,
-                    opt_str(lora, "lora")?,
-                    opt_str(tenant, "tenant")?,
-                )
-            };
-            let mut desc = NamespaceDesc::new(model, dtype, layout, block_tokens);
-            desc.tp_rank = tp_rank;
-            desc.tp_size = tp_size;
-            desc.lora = lora.unwrap_or_default().to_owned();
-            desc.tenant = tenant.unwrap_or_default().to_owned();
-            let inner = c.inner.open_namespace(&desc).map_err(|e| from_client(&e))?;
-            let b = Box::into_raw(Box::new(KvdNamespace {
-                inner,
-                client_id: c.inner.info().client_id,
-            }));
-            // SAFETY: `out` is non-null and writable (the caller's contract).
-            unsafe { out.write(b) };
-            Ok(KvdStatus::Ok)
-        })())
+    call(|| {
+        if c.is_null() || out.is_null() {
+            return Err(fail(KvdStatus::InvalidArgument, "client or out is NULL"));
+        }
+        // SAFETY: live client and valid strings (the caller's contract).
+        let (c, model, dtype, layout, lora, tenant) = unsafe {
+            (
+                &*c,
+                req_str(model, "model")?,
+                req_str(dtype, "dtype")?,
+                req_str(layout, "layout")?,
+                opt_str(lora, "lora")?,
+                opt_str(tenant, "tenant")?,
+            )
+        };
+        let mut desc = NamespaceDesc::new(model, dtype, layout, block_tokens);
+        desc.tp_rank = tp_rank;
+        desc.tp_size = tp_size;
+        desc.lora = lora.unwrap_or_default().to_owned();
+        desc.tenant = tenant.unwrap_or_default().to_owned();
+        let inner = c.inner.open_namespace(&desc).map_err(|e| from_client(&e))?;
+        let b = Box::into_raw(Box::new(KvdNamespace {
+            inner,
+            client_id: c.inner.info().client_id,
+        }));
+        // SAFETY: `out` is non-null and writable (the caller's contract).
+        unsafe { out.write(b) };
+        Ok(KvdStatus::Ok)
     })
 }
 
@@ -337,21 +335,19 @@ pub unsafe extern "C" fn kvd_put(
     data: *const u8,
     len: usize,
 ) -> KvdStatus {
-    guard(|| {
-        done((|| {
-            // SAFETY: the caller's contract on the handles and the key.
-            let ((c, ns), key) = unsafe { (pair(c, ns)?, key_at(key)?) };
-            if data.is_null() || len == 0 {
-                return Err(fail(KvdStatus::InvalidArgument, "data is NULL or empty"));
-            }
-            // SAFETY: `len` readable bytes at `data` (the caller's contract).
-            let src = unsafe { std::slice::from_raw_parts(data, len) };
-            match c.inner.put(&ns.inner, &key, src) {
-                Ok(PutOutcome::Stored) => Ok(KvdStatus::Ok),
-                Ok(PutOutcome::Exists) => Ok(KvdStatus::Exists),
-                Err(e) => Err(from_client(&e)),
-            }
-        })())
+    call(|| {
+        // SAFETY: the caller's contract on the handles and the key.
+        let ((c, ns), key) = unsafe { (pair(c, ns)?, key_at(key)?) };
+        if data.is_null() || len == 0 {
+            return Err(fail(KvdStatus::InvalidArgument, "data is NULL or empty"));
+        }
+        // SAFETY: `len` readable bytes at `data` (the caller's contract).
+        let src = unsafe { std::slice::from_raw_parts(data, len) };
+        match c.inner.put(&ns.inner, &key, src) {
+            Ok(PutOutcome::Stored) => Ok(KvdStatus::Ok),
+            Ok(PutOutcome::Exists) => Ok(KvdStatus::Exists),
+            Err(e) => Err(from_client(&e)),
+        }
     })
 }
 
@@ -372,36 +368,34 @@ pub unsafe extern "C" fn kvd_get(
     cap: usize,
     len: *mut usize,
 ) -> KvdStatus {
-    guard(|| {
-        done((|| {
-            // SAFETY: the caller's contract on the handles and the key.
-            let ((c, ns), key) = unsafe { (pair(c, ns)?, key_at(key)?) };
-            if len.is_null() || (out.is_null() && cap > 0) {
-                return Err(fail(KvdStatus::InvalidArgument, "out or len is NULL"));
-            }
-            let Some(lease) = c.inner.get(&ns.inner, &key).map_err(|e| from_client(&e))? else {
-                return Ok(KvdStatus::NotFound);
-            };
-            let n = lease.len();
-            // SAFETY: `len` is writable (the caller's contract).
-            unsafe { len.write(n) };
-            if n > cap {
-                return Ok(fail(
-                    KvdStatus::TooSmall,
-                    format!("the block holds {n} bytes, the buffer {cap}"),
-                ));
-            }
-            // SAFETY: `out` has `cap` ≥ `n` writable bytes (the caller's contract).
-            let dst = unsafe { std::slice::from_raw_parts_mut(out, n) };
-            dst.copy_from_slice(&lease);
-            if lease.verify() == Some(false) {
-                return Err(fail(
-                    KvdStatus::Error,
-                    "the block failed its checksum; do not use the copied bytes",
-                ));
-            }
-            Ok(KvdStatus::Ok)
-        })())
+    call(|| {
+        // SAFETY: the caller's contract on the handles and the key.
+        let ((c, ns), key) = unsafe { (pair(c, ns)?, key_at(key)?) };
+        if len.is_null() || (out.is_null() && cap > 0) {
+            return Err(fail(KvdStatus::InvalidArgument, "out or len is NULL"));
+        }
+        let Some(lease) = c.inner.get(&ns.inner, &key).map_err(|e| from_client(&e))? else {
+            return Ok(KvdStatus::NotFound);
+        };
+        let n = lease.len();
+        // SAFETY: `len` is writable (the caller's contract).
+        unsafe { len.write(n) };
+        if n > cap {
+            return Ok(fail(
+                KvdStatus::TooSmall,
+                format!("the block holds {n} bytes, the buffer {cap}"),
+            ));
+        }
+        // SAFETY: `out` has `cap` ≥ `n` writable bytes (the caller's contract).
+        let dst = unsafe { std::slice::from_raw_parts_mut(out, n) };
+        dst.copy_from_slice(&lease);
+        if lease.verify() == Some(false) {
+            return Err(fail(
+                KvdStatus::Error,
+                "the block failed its checksum; do not use the copied bytes",
+            ));
+        }
+        Ok(KvdStatus::Ok)
     })
 }
 
@@ -419,21 +413,19 @@ pub unsafe extern "C" fn kvd_lookup(
     n: usize,
     prefix: *mut u32,
 ) -> KvdStatus {
-    guard(|| {
-        done((|| {
-            // SAFETY: the caller's contract on the handles and the keys.
-            let ((c, ns), keys) = unsafe { (pair(c, ns)?, keys_at(keys, n)?) };
-            if prefix.is_null() {
-                return Err(fail(KvdStatus::InvalidArgument, "prefix is NULL"));
-            }
-            let l = c
-                .inner
-                .lookup(&ns.inner.id, &keys)
-                .map_err(|e| from_client(&e))?;
-            // SAFETY: writable (the caller's contract).
-            unsafe { prefix.write(l.prefix_len) };
-            Ok(KvdStatus::Ok)
-        })())
+    call(|| {
+        // SAFETY: the caller's contract on the handles and the keys.
+        let ((c, ns), keys) = unsafe { (pair(c, ns)?, keys_at(keys, n)?) };
+        if prefix.is_null() {
+            return Err(fail(KvdStatus::InvalidArgument, "prefix is NULL"));
+        }
+        let l = c
+            .inner
+            .lookup(&ns.inner.id, &keys)
+            .map_err(|e| from_client(&e))?;
+        // SAFETY: writable (the caller's contract).
+        unsafe { prefix.write(l.prefix_len) };
+        Ok(KvdStatus::Ok)
     })
 }
 
@@ -450,20 +442,18 @@ pub unsafe extern "C" fn kvd_delete(
     n: usize,
     deleted: *mut u32,
 ) -> KvdStatus {
-    guard(|| {
-        done((|| {
-            // SAFETY: the caller's contract on the handles and the keys.
-            let ((c, ns), keys) = unsafe { (pair(c, ns)?, keys_at(keys, n)?) };
-            let k = c
-                .inner
-                .delete(&ns.inner.id, &keys)
-                .map_err(|e| from_client(&e))?;
-            if !deleted.is_null() {
-                // SAFETY: writable when non-null (the caller's contract).
-                unsafe { deleted.write(k) };
-            }
-            Ok(KvdStatus::Ok)
-        })())
+    call(|| {
+        // SAFETY: the caller's contract on the handles and the keys.
+        let ((c, ns), keys) = unsafe { (pair(c, ns)?, keys_at(keys, n)?) };
+        let k = c
+            .inner
+            .delete(&ns.inner.id, &keys)
+            .map_err(|e| from_client(&e))?;
+        if !deleted.is_null() {
+            // SAFETY: writable when non-null (the caller's contract).
+            unsafe { deleted.write(k) };
+        }
+        Ok(KvdStatus::Ok)
     })
 }
 
@@ -481,28 +471,26 @@ pub unsafe extern "C" fn kvd_chain_key(
     n: usize,
     out: *mut u8,
 ) -> KvdStatus {
-    guard(|| {
-        done((|| {
-            if out.is_null() || (tokens.is_null() && n > 0) {
-                return Err(fail(KvdStatus::InvalidArgument, "tokens or out is NULL"));
-            }
-            let parent = if parent.is_null() {
-                None
-            } else {
-                // SAFETY: 32 readable bytes (the caller's contract).
-                Some(unsafe { key_at(parent)? })
-            };
-            let toks = if n == 0 {
-                &[][..]
-            } else {
-                // SAFETY: `n` readable u32 (the caller's contract).
-                unsafe { std::slice::from_raw_parts(tokens, n) }
-            };
-            let k = kvd_proto::key::chain_key(parent.as_ref(), toks, &[]);
-            // SAFETY: 32 writable bytes (the caller's contract).
-            unsafe { std::ptr::copy_nonoverlapping(k.0.as_ptr(), out, 32) };
-            Ok(KvdStatus::Ok)
-        })())
+    call(|| {
+        if out.is_null() || (tokens.is_null() && n > 0) {
+            return Err(fail(KvdStatus::InvalidArgument, "tokens or out is NULL"));
+        }
+        let parent = if parent.is_null() {
+            None
+        } else {
+            // SAFETY: 32 readable bytes (the caller's contract).
+            Some(unsafe { key_at(parent)? })
+        };
+        let toks = if n == 0 {
+            &[][..]
+        } else {
+            // SAFETY: `n` readable u32 (the caller's contract).
+            unsafe { std::slice::from_raw_parts(tokens, n) }
+        };
+        let k = kvd_proto::key::chain_key(parent.as_ref(), toks, &[]);
+        // SAFETY: 32 writable bytes (the caller's contract).
+        unsafe { std::ptr::copy_nonoverlapping(k.0.as_ptr(), out, 32) };
+        Ok(KvdStatus::Ok)
     })
 }
 
