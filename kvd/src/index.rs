@@ -505,6 +505,16 @@ impl std::fmt::Debug for IndexReader {
     }
 }
 
+/// What the index says about a chain: who holds each leading block, and where the nodes
+/// listen for peer fetch.
+#[derive(Debug, Default)]
+pub struct Holders {
+    /// For each leading key, the live (node, tier) pairs holding it.
+    pub per_key: Vec<Vec<(String, Tier)>>,
+    /// Each live node's data-port address, when it published one.
+    pub peers: HashMap<String, String>,
+}
+
 /// Keys asked of Redis per round trip in a lookup; the walk stops at the first chunk with a
 /// block nobody holds.
 const LOOKUP_CHUNK: usize = 256;
@@ -545,35 +555,14 @@ impl IndexReader {
         }
     }
 
-    /// The data-port address each of `nodes` published in its lease (nodes without one, or
-    /// whose lease expired, are left out).
-    pub async fn peer_addrs(
-        &self,
-        nodes: &[String],
-    ) -> Result<HashMap<String, String>, IndexError> {
-        if nodes.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let mut redis = self.redis.lock().await;
-        let mut p = redis::pipe();
-        for n in nodes {
-            p.hget(node_key(&self.prefix, n), "peer");
-        }
-        let addrs: Vec<Option<String>> = redis.query(&p).await?;
-        Ok(nodes
-            .iter()
-            .zip(addrs)
-            .filter_map(|(n, a)| Some((n.clone(), a.filter(|a| !a.is_empty() && a.len() <= 256)?)))
-            .collect())
-    }
-
-    /// For each leading key of the chain, the live (node, tier) pairs holding it; stops after
-    /// the first chunk that contains a key nobody holds.
+    /// For each leading key of the chain, the live (node, tier) pairs holding it (stopping
+    /// after the first chunk that contains a key nobody holds), and the data-port address
+    /// each live node published in its lease (nodes without one are left out of the map).
     pub async fn holders(
         &self,
         ns: &NamespaceId,
         keys: &[BlockKey],
-    ) -> Result<Vec<Vec<(String, Tier)>>, IndexError> {
+    ) -> Result<Holders, IndexError> {
         let mut redis = self.redis.lock().await;
         let mut p = redis::pipe();
         p.zrange(nodes_key(&self.prefix), 0, -1);
@@ -582,19 +571,27 @@ impl IndexReader {
         names.sort();
         let mut p = redis::pipe();
         for n in &names {
-            p.hget(node_key(&self.prefix, n), "epoch");
+            p.cmd("HMGET")
+                .arg(node_key(&self.prefix, n))
+                .arg("epoch")
+                .arg("peer");
         }
-        let epochs: Vec<Option<String>> = if names.is_empty() {
+        let leases: Vec<(Option<String>, Option<String>)> = if names.is_empty() {
             Vec::new()
         } else {
             redis.query(&p).await?
         };
-        let live: Vec<(String, u64)> = names
-            .into_iter()
-            .zip(epochs)
-            .filter_map(|(n, e)| Some((n, e?.parse().ok()?)))
-            .collect();
-        let mut out = Vec::new();
+        let mut out = Holders::default();
+        let mut live: Vec<(String, u64)> = Vec::new();
+        for (n, (epoch, peer)) in names.into_iter().zip(leases) {
+            let Some(epoch) = epoch.and_then(|e| e.parse().ok()) else {
+                continue;
+            };
+            if let Some(a) = peer.filter(|a| !a.is_empty() && a.len() <= 256) {
+                out.peers.insert(n.clone(), a);
+            }
+            live.push((n, epoch));
+        }
         if live.is_empty() {
             return Ok(out);
         }
@@ -622,7 +619,7 @@ impl IndexReader {
                     }
                 }
                 ended |= hs.is_empty();
-                out.push(hs);
+                out.per_key.push(hs);
             }
             if ended {
                 break;

@@ -80,6 +80,63 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(run(cfg))
 }
 
+/// A background task and the notifier that stops it.
+type Task = (Arc<tokio::sync::Notify>, tokio::task::JoinHandle<()>);
+
+/// Starts what runs beside the control socket: the cluster index and KV event publishers
+/// (each fed residency changes on its own bounded channel, so neither waits for the other),
+/// the peer data port and the metrics endpoint. Returns the publishers' feed ends, the tasks,
+/// and how often the feed must run.
+async fn start_publishers(
+    daemon: &Arc<Daemon>,
+) -> anyhow::Result<(Vec<kvd::residency::Subscriber>, Vec<Task>, u32)> {
+    let mut subs = Vec::new();
+    let mut tasks: Vec<Task> = Vec::new();
+    let mut interval_ms = u32::MAX;
+    if daemon.cfg.index.enabled() {
+        let (sub, rx) = kvd::residency::channel();
+        subs.push(sub);
+        interval_ms = interval_ms.min(daemon.cfg.index.publish_interval_ms);
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(kvd::index::run(daemon.clone(), rx, stop.clone()));
+        tasks.push((stop, task));
+    } else {
+        tracing::info!("no cluster index configured (index.redis_urls): local index only");
+    }
+    if let Some(events) = &daemon.events {
+        let (sub, rx) = kvd::residency::channel();
+        subs.push(sub);
+        interval_ms = interval_ms.min(daemon.cfg.events.publish_interval_ms);
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let task = kvd::events::start(daemon.clone(), events.clone(), rx, stop.clone()).await?;
+        tasks.push((stop, task));
+    }
+    if let Some(peer) = &daemon.peer {
+        let listener = kvd::peer::bind(&daemon.cfg.peer)
+            .await
+            .with_context(|| format!("binding the peer data port {}", daemon.cfg.peer.listen))?;
+        if daemon.index.is_none() {
+            tracing::info!(
+                "peer data port without a cluster index ([index]): this node \
+                serves its blocks to peers but cannot find any to fetch from"
+            );
+        }
+        tracing::info!(listen = %daemon.cfg.peer.listen, advertise = %peer.advertise(),
+            "peer data port ready");
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(kvd::peer::serve(daemon.clone(), listener, stop.clone()));
+        tasks.push((stop, task));
+    }
+    if !daemon.cfg.metrics.listen.is_empty() {
+        let listener = kvd::metrics::bind(&daemon.cfg.metrics.listen).await?;
+        tracing::info!(listen = %daemon.cfg.metrics.listen, "metrics: /metrics /healthz /readyz");
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(kvd::metrics::serve(daemon.clone(), listener, stop.clone()));
+        tasks.push((stop, task));
+    }
+    Ok((subs, tasks, interval_ms))
+}
+
 async fn run(cfg: Config) -> anyhow::Result<()> {
     // Handlers first: once the socket accepts, a SIGTERM must mean a clean shutdown.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -95,78 +152,17 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             return Err(e).context("starting the tiers");
         }
     };
+    // Every TCP/ZMQ endpoint is bound before the control socket serves, so a bad address
+    // fails the start with nothing to wind down but the socket file.
+    let (subs, publishers, interval_ms) = match start_publishers(&daemon).await {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+    };
     let stop = Arc::new(tokio::sync::Notify::new());
     let server = tokio::spawn(kvd::server::serve(daemon.clone(), listener, stop.clone()));
-    // Residency changes fan out to the cluster index and the KV events, each on its own
-    // bounded channel, so neither waits for the other.
-    let mut subs = Vec::new();
-    let mut publishers = Vec::new();
-    let mut interval_ms = u32::MAX;
-    if daemon.cfg.index.enabled() {
-        let (sub, rx) = kvd::residency::channel();
-        subs.push(sub);
-        interval_ms = interval_ms.min(daemon.cfg.index.publish_interval_ms);
-        let stop = Arc::new(tokio::sync::Notify::new());
-        let task = tokio::spawn(kvd::index::run(daemon.clone(), rx, stop.clone()));
-        publishers.push((stop, task));
-    } else {
-        tracing::info!("no cluster index configured (index.redis_urls): local index only");
-    }
-    if let Some(events) = &daemon.events {
-        let (sub, rx) = kvd::residency::channel();
-        subs.push(sub);
-        interval_ms = interval_ms.min(daemon.cfg.events.publish_interval_ms);
-        let ev_stop = Arc::new(tokio::sync::Notify::new());
-        match kvd::events::start(daemon.clone(), events.clone(), rx, ev_stop.clone()).await {
-            Ok(task) => publishers.push((ev_stop, task)),
-            Err(e) => {
-                stop.notify_one();
-                let _ = server.await;
-                let _ = std::fs::remove_file(&path);
-                return Err(e.into());
-            }
-        }
-    }
-    if daemon.peer.is_some() {
-        let listener = match kvd::peer::bind(&daemon.cfg.peer).await {
-            Ok(l) => l,
-            Err(e) => {
-                stop.notify_one();
-                let _ = server.await;
-                let _ = std::fs::remove_file(&path);
-                return Err(e).with_context(|| {
-                    format!("binding the peer data port {}", daemon.cfg.peer.listen)
-                });
-            }
-        };
-        if daemon.index.is_none() {
-            tracing::info!(
-                "peer data port without a cluster index ([index]): this node \
-                serves its blocks to peers but cannot find any to fetch from"
-            );
-        }
-        tracing::info!(listen = %daemon.cfg.peer.listen,
-            advertise = %daemon.peer.as_ref().map(|p| p.advertise()).unwrap_or_default(),
-            "peer data port ready");
-        let stop = Arc::new(tokio::sync::Notify::new());
-        let task = tokio::spawn(kvd::peer::serve(daemon.clone(), listener, stop.clone()));
-        publishers.push((stop, task));
-    }
-    if !daemon.cfg.metrics.listen.is_empty() {
-        let listener = match kvd::metrics::bind(&daemon.cfg.metrics.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                stop.notify_one();
-                let _ = server.await;
-                let _ = std::fs::remove_file(&path);
-                return Err(e.into());
-            }
-        };
-        tracing::info!(listen = %daemon.cfg.metrics.listen, "metrics: /metrics /healthz /readyz");
-        let stop = Arc::new(tokio::sync::Notify::new());
-        let task = tokio::spawn(kvd::metrics::serve(daemon.clone(), listener, stop.clone()));
-        publishers.push((stop, task));
-    }
     let feed_stop = Arc::new(tokio::sync::Notify::new());
     let feed = tokio::spawn(kvd::residency::run(
         daemon.clone(),

@@ -599,8 +599,8 @@ fn read_from_disk(
         .promote(key, slot, ticket.len, ticket.checksum, daemon.now_ms())
 }
 
-/// A lookup that fetches from peers what the cluster index says they hold beyond the local
-/// prefix, then answers from the local tiers.
+/// A lookup: with peer fetch on, what the cluster index says peers hold beyond the local
+/// prefix is fetched first; the answer is always from the local tiers.
 pub async fn lookup(
     daemon: &Arc<Daemon>,
     ns: &Arc<Namespace>,
@@ -621,30 +621,12 @@ pub async fn lookup(
             return (prefix, tiers);
         }
     };
-    let me = index.node();
-    let mut nodes: Vec<String> = holders
-        .iter()
-        .flatten()
-        .filter(|(n, _)| n != me)
-        .map(|(n, _)| n.clone())
-        .collect();
-    nodes.sort();
-    nodes.dedup();
-    if nodes.is_empty() {
-        return (prefix, tiers);
-    }
-    let addrs = match index.peer_addrs(&nodes).await {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::debug!(error = %e, "lookup: cannot read peer addresses; local answer");
-            return (prefix, tiers);
-        }
-    };
+    let (me, addrs) = (index.node(), &holders.peers);
     // Each block from a peer that holds it, in DRAM if one does, the previous block's
     // source when it can (its connection is warm).
     let mut plan: Vec<(BlockKey, String)> = Vec::new();
     let mut last: Option<String> = None;
-    for (key, hs) in rest.iter().zip(&holders) {
+    for (key, hs) in rest.iter().zip(&holders.per_key) {
         let mut cands: Vec<&(String, Tier)> = hs
             .iter()
             .filter(|(n, _)| n != me && addrs.contains_key(n))
@@ -655,6 +637,9 @@ pub async fn lookup(
         };
         last = Some(node.clone());
         plan.push((*key, addrs[node].clone()));
+    }
+    if plan.is_empty() {
+        return (prefix, tiers);
     }
     // Block i goes to lane i % conc; each lane fetches its blocks in order over pipelined
     // connections (one per run of blocks from the same peer), all lanes at once. Blocks past

@@ -271,10 +271,9 @@ async fn serve_connection(
                 None,
                 true,
             ),
-            (Request::Lookup { ns, keys }, true)
-                if daemon.peer.as_ref().is_some_and(|p| p.fetches()) =>
-            {
-                // Blocks a peer holds are fetched before answering: this awaits the network.
+            (Request::Lookup { ns, keys }, true) => {
+                // With peer fetch on, blocks a peer holds are fetched before answering (this
+                // awaits the network); otherwise it is the local answer.
                 match daemon.namespace_for(conn, ns) {
                     Ok(ns) => {
                         let t = std::time::Instant::now();
@@ -395,7 +394,10 @@ async fn cluster_lookup(
         });
     };
     match index.holders(ns, keys).await {
-        Ok(h) => Ok(crate::index::summarize(&h, Some(local(index.node())))),
+        Ok(h) => Ok(crate::index::summarize(
+            &h.per_key,
+            Some(local(index.node())),
+        )),
         Err(e) => {
             tracing::debug!(error = %e, "cluster lookup answered from the local view only");
             Ok(ClusterLookup {
@@ -433,13 +435,6 @@ fn dispatch(
                 },
                 Some(fd),
             )
-        }
-        Request::Lookup { ns, keys } => {
-            let t = std::time::Instant::now();
-            let ns = daemon.namespace_for(conn, &ns)?;
-            let (prefix_len, tiers) = daemon.lookup(&ns, &keys);
-            daemon.latency.since(crate::metrics::Op::Lookup, t);
-            (Response::LookupResult { prefix_len, tiers }, None)
         }
         Request::Pin { ns, keys } => {
             let ns = daemon.namespace_for(conn, &ns)?;
@@ -499,10 +494,10 @@ fn dispatch(
             let n = daemon.record_lineage(&ns, parent, &keys, &tokens)?;
             (Response::Count(n), None)
         }
-        Request::ClusterLookup { .. } => {
+        Request::Lookup { .. } | Request::ClusterLookup { .. } => {
             return Err(OpError::new(
                 ErrorCode::Internal,
-                "cluster lookups are answered before dispatch",
+                "lookups are answered before dispatch",
             ))
         }
     })
