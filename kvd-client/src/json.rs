@@ -48,6 +48,8 @@ pub fn status_json(s: &StatsReport) -> Value {
             "reclaimed_blocks": d.reclaimed_blocks, "checksum_failures": d.checksum_failures,
             "io_errors": d.io_errors, "dropped_at_start": d.dropped_at_start,
             "drain_pending": d.drain_pending,
+            "warm_pending": d.warm_pending,
+            "warmed": d.warmed,
             "degraded": if d.degraded.is_empty() { Value::Null } else { json!(d.degraded) },
         })),
         "index": s.index.as_ref().map(|x| json!({

@@ -398,6 +398,14 @@ impl Client {
         self.count(Request::Drain { ns })
     }
 
+    /// Starts reading blocks held only on disk back into DRAM (of one open namespace, or all),
+    /// most recently used first, as many as fit without evicting; returns how many blocks that
+    /// is. Progress: `stats().disk.warm_pending`. Admin only; an error when the daemon has no
+    /// disk tier, the namespace is not open, or a warm is already running.
+    pub fn warm(&self, ns: Option<NamespaceId>) -> Result<u32> {
+        self.count(Request::Warm { ns })
+    }
+
     /// Daemon statistics.
     pub fn stats(&self) -> Result<StatsReport> {
         match self.call(&Request::Stats)? {

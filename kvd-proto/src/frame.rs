@@ -41,6 +41,7 @@ mod tag {
     pub const DRAIN: u8 = 11;
     pub const CLUSTER_LOOKUP: u8 = 12;
     pub const LINEAGE: u8 = 13;
+    pub const WARM: u8 = 14;
 
     pub const WELCOME: u8 = 64;
     pub const NS_OPENED: u8 = 65;
@@ -121,6 +122,14 @@ pub enum Request {
     /// (admin). Answers with the number of blocks queued; progress is
     /// [`DiskReport::drain_pending`] in the stats.
     Drain {
+        /// Only this namespace.
+        ns: Option<NamespaceId>,
+    },
+    /// Reads blocks held only on disk back into DRAM, most recently used first, as many as
+    /// fit below each namespace's eviction low watermark, in the background (admin). Only
+    /// namespaces open in DRAM can be warmed. Answers with the number of blocks queued;
+    /// progress is [`DiskReport::warm_pending`] in the stats.
+    Warm {
         /// Only this namespace.
         ns: Option<NamespaceId>,
     },
@@ -289,6 +298,10 @@ pub struct DiskReport {
     pub dropped_at_start: u64,
     /// Blocks queued by a drain and not yet written.
     pub drain_pending: u64,
+    /// Blocks queued by a warm and not yet read into DRAM.
+    pub warm_pending: u64,
+    /// Blocks read into DRAM by warms since start.
+    pub warmed: u64,
     /// Why the tier is degraded; empty when healthy.
     pub degraded: String,
 }
@@ -681,6 +694,13 @@ impl Request {
                     put_ns(&mut w, ns);
                 }
             }
+            Request::Warm { ns } => {
+                w = begin(tag::WARM, request_id);
+                w.u8(u8::from(ns.is_some()));
+                if let Some(ns) = ns {
+                    put_ns(&mut w, ns);
+                }
+            }
             Request::ClusterLookup { ns, keys } => {
                 w = begin(tag::CLUSTER_LOOKUP, request_id);
                 put_ns(&mut w, ns);
@@ -746,6 +766,9 @@ impl Request {
             },
             tag::DRAIN => Request::Drain {
                 ns: opt(&mut r, "drain ns flag", get_ns)?,
+            },
+            tag::WARM => Request::Warm {
+                ns: opt(&mut r, "warm ns flag", get_ns)?,
             },
             tag::CLUSTER_LOOKUP => Request::ClusterLookup {
                 ns: get_ns(&mut r)?,
@@ -925,6 +948,8 @@ fn put_disk(w: &mut Writer, d: &DiskReport) {
         w.u64(v);
     }
     w.u64(d.drain_pending);
+    w.u64(d.warm_pending);
+    w.u64(d.warmed);
     w.str(&d.degraded);
 }
 
@@ -967,6 +992,8 @@ fn get_disk(r: &mut Reader<'_>) -> Result<DiskReport, DecodeError> {
         io_errors: n[16],
         dropped_at_start: n[17],
         drain_pending: r.u64("drain_pending")?,
+        warm_pending: r.u64("warm_pending")?,
+        warmed: r.u64("warmed")?,
         degraded: r.str("degraded", MAX_TEXT)?,
     })
 }
@@ -1336,6 +1363,7 @@ mod tests {
             (prop::option::of(arb_ns()), arb_keys())
                 .prop_map(|(ns, keys)| Request::Evict { ns, keys }),
             prop::option::of(arb_ns()).prop_map(|ns| Request::Drain { ns }),
+            prop::option::of(arb_ns()).prop_map(|ns| Request::Warm { ns }),
             (arb_ns(), arb_keys()).prop_map(|(ns, keys)| Request::ClusterLookup { ns, keys }),
             (
                 arb_ns(),
@@ -1433,6 +1461,8 @@ mod tests {
                     io_errors: n[16],
                     dropped_at_start: n[17],
                     drain_pending: n[2],
+                    warm_pending: n[3],
+                    warmed: n[4],
                     degraded,
                 },
             );

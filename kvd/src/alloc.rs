@@ -99,6 +99,12 @@ impl SlabAllocator {
         self.chunk_bytes * self.chunks.len() as u64
     }
 
+    /// Bytes of the slot a block of `len` bytes takes (its size class); None when too large.
+    pub fn slot_size(&self, len: u64) -> Option<u64> {
+        self.class_of(len.max(1))
+            .map(|c| self.classes[usize::from(c)])
+    }
+
     fn class_of(&self, len: u64) -> Option<u8> {
         let i = self.classes.partition_point(|&c| c < len);
         if i < self.classes.len() {

@@ -18,10 +18,12 @@ use std::thread::JoinHandle;
 
 use crate::demoter::DrainSet;
 use crate::disk::engine::RegisterError;
-use crate::disk::{DiskError, DiskTier};
+use crate::disk::{DiskError, DiskTier, ReadOutcome};
+use crate::store::ReserveError;
 use kvd_proto::{BlockKey, NamespaceDesc, NamespaceId, Tier};
 use kvd_shm::ring::RingWaker;
 use parking_lot::{Mutex, RwLock};
+use twox_hash::XxHash3_64;
 
 use crate::alloc::SlabAllocator;
 use crate::arena::{Arena, ArenaError};
@@ -176,6 +178,8 @@ pub struct Daemon {
     /// Latency histograms of the operations served (for `/metrics`).
     pub latency: crate::metrics::OpLatency,
     drains: Arc<Mutex<DrainSet>>,
+    /// Whether a warm thread runs (one at a time).
+    warming: AtomicBool,
     demoter: Mutex<Option<JoinHandle<()>>>,
     start: Instant,
     registry: Mutex<Registry>,
@@ -215,6 +219,7 @@ impl Daemon {
             peer,
             latency: Default::default(),
             drains: drains.clone(),
+            warming: AtomicBool::new(false),
             demoter: Mutex::new(None),
             start: Instant::now(),
             registry: Mutex::new(Registry {
@@ -272,6 +277,192 @@ impl Daemon {
         disk.drain_pending().store(n, Ordering::Relaxed);
         self.drains.lock().add(only);
         Ok(n)
+    }
+
+    /// Reads a disk-only block into DRAM (verified, as a local GET would) and leases it
+    /// (release the lease with the store's `release`). Blocking: a pread of the block. With
+    /// `may_evict` false, only free DRAM is used.
+    pub fn read_into_dram(
+        &self,
+        ns: &Arc<Namespace>,
+        key: &BlockKey,
+        may_evict: bool,
+    ) -> Option<crate::store::Hit> {
+        use std::os::unix::fs::FileExt;
+        let disk = self.disk.as_ref()?;
+        let ticket = disk.begin_read(&ns.id, key)?;
+        let reserved = if may_evict {
+            ns.store.lock().reserve(key, ticket.len)
+        } else {
+            ns.store.lock().reserve_without_evicting(key, ticket.len)
+        };
+        let slot = match reserved {
+            Ok(s) => s,
+            Err(e) => {
+                disk.end_read(&ns.id, key, &ticket, ReadOutcome::Abandoned);
+                return match e {
+                    ReserveError::Exists => ns.store.lock().get(key, self.now_ms()),
+                    _ => None,
+                };
+            }
+        };
+        // Whole 4 KiB units, as O_DIRECT wants (slots are 4 KiB-aligned multiples of 4 KiB).
+        let len = crate::disk::format::align_up(ticket.len);
+        // SAFETY: the slot is reserved by this thread and not committed, so nobody else touches
+        // it until it is promoted or aborted below; `ns` keeps the arena mapped.
+        let buf = (len <= slot.cap)
+            .then(|| unsafe { ns.arena.slot_mut(slot.offset, len) })
+            .flatten();
+        let Some(buf) = buf else {
+            ns.store.lock().abort(slot);
+            disk.end_read(&ns.id, key, &ticket, ReadOutcome::Abandoned);
+            return None;
+        };
+        let outcome = match ticket.file.read_exact_at(buf, ticket.offset) {
+            Err(e) => {
+                tracing::warn!(error = %e, "disk read into DRAM failed");
+                ReadOutcome::Failed
+            }
+            Ok(()) => {
+                let mut h = XxHash3_64::new();
+                if ns.arena.hash_range(&mut h, slot.offset, ticket.len)
+                    && std::hash::Hasher::finish(&h) == ticket.checksum
+                {
+                    ReadOutcome::Verified
+                } else {
+                    ReadOutcome::Corrupt
+                }
+            }
+        };
+        let current = disk.end_read(&ns.id, key, &ticket, outcome);
+        if outcome != ReadOutcome::Verified || !current {
+            ns.store.lock().abort(slot);
+            return None;
+        }
+        ns.store
+            .lock()
+            .promote(key, slot, ticket.len, ticket.checksum, self.now_ms())
+    }
+
+    /// Queues a warm: blocks of the open namespaces (or one) held only on disk are read back
+    /// into DRAM on a background thread, most recently used first, as many as fit below each
+    /// namespace's eviction low watermark (a warm never evicts to make room). Returns how
+    /// many blocks were queued.
+    pub fn warm(self: &Arc<Self>, only: Option<NamespaceId>) -> Result<u64, OpError> {
+        let Some(disk) = &self.disk else {
+            return Err(OpError::new(
+                ErrorCode::BadRequest,
+                "no disk tier is configured (disk.capacity_bytes = 0): nothing to warm from",
+            ));
+        };
+        let namespaces: Vec<Arc<Namespace>> = self
+            .namespaces()
+            .into_iter()
+            .filter(|ns| only.is_none_or(|o| o == ns.id))
+            .collect();
+        if let (Some(o), true) = (only, namespaces.is_empty()) {
+            return Err(OpError::new(
+                ErrorCode::UnknownNamespace,
+                format!(
+                    "namespace {o} is not open in DRAM: it gets an arena when an engine opens \
+                    it; warm it after that"
+                ),
+            ));
+        }
+        if self
+            .warming
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            let left = disk.warm_counters().0.load(Ordering::Relaxed);
+            return Err(OpError::new(
+                ErrorCode::BadRequest,
+                format!("a warm is already running ({left} blocks left); wait for it"),
+            ));
+        }
+        let low = self.cfg.dram.low_watermark;
+        let mut plan: Vec<(Arc<Namespace>, Vec<BlockKey>)> = Vec::new();
+        for ns in namespaces {
+            let on_disk = disk.blocks_by_recency(&ns.id);
+            let st = ns.store.lock();
+            let budget = (st.capacity_bytes() as f64 * low) as u64;
+            let mut used = st.used_bytes();
+            let mut keys = Vec::new();
+            for (key, len) in on_disk {
+                if st.contains(&key) {
+                    continue;
+                }
+                let Some(need) = st.slot_size(len) else {
+                    continue;
+                };
+                if used + need > budget {
+                    break;
+                }
+                used += need;
+                keys.push(key);
+            }
+            drop(st);
+            if !keys.is_empty() {
+                plan.push((ns, keys));
+            }
+        }
+        let total: u64 = plan.iter().map(|(_, k)| k.len() as u64).sum();
+        let (pending, _) = disk.warm_counters();
+        pending.store(total, Ordering::Relaxed);
+        if total == 0 {
+            self.warming.store(false, Ordering::SeqCst);
+            return Ok(0);
+        }
+        let d = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("kvd-warm".into())
+            .spawn(move || d.run_warm(plan));
+        if let Err(e) = spawned {
+            pending.store(0, Ordering::Relaxed);
+            self.warming.store(false, Ordering::SeqCst);
+            return Err(OpError::new(
+                ErrorCode::Internal,
+                format!("could not start the warm thread: {e}"),
+            ));
+        }
+        Ok(total)
+    }
+
+    /// The warm thread: reads each planned block into DRAM (verified) and lets it go at once,
+    /// so it stays as an ordinary cached block. Stops early when kvd shuts down.
+    fn run_warm(&self, plan: Vec<(Arc<Namespace>, Vec<BlockKey>)>) {
+        let Some(disk) = &self.disk else {
+            return;
+        };
+        let (pending, warmed) = disk.warm_counters();
+        let t = Instant::now();
+        let (mut done, mut missed) = (0u64, 0u64);
+        'all: for (ns, keys) in plan {
+            for key in keys {
+                if self.is_shutting_down() {
+                    break 'all;
+                }
+                match self.read_into_dram(&ns, &key, false) {
+                    Some(hit) => {
+                        ns.store.lock().release(hit.entry);
+                        warmed.fetch_add(1, Ordering::Relaxed);
+                        done += 1;
+                    }
+                    // Reclaimed, deleted or corrupt meanwhile (counted by the disk tier), or
+                    // DRAM full of pinned or leased blocks.
+                    None => missed += 1,
+                }
+                pending.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        pending.store(0, Ordering::Relaxed);
+        self.warming.store(false, Ordering::SeqCst);
+        tracing::info!(
+            warmed = done,
+            missed,
+            ms = t.elapsed().as_millis() as u64,
+            "warm finished"
+        );
     }
 
     /// Deletes blocks from every tier; returns how many keys any tier held.

@@ -349,6 +349,22 @@ fn encode_stats(s: &StatsReport, encoder: &mut DescriptorEncoder) -> Result<(), 
         )?;
         family(
             encoder,
+            "kvd_disk_warm_pending",
+            "Blocks queued by a warm (kvd-ctl warm), not yet read into DRAM.",
+            None,
+            Gauge,
+            &one(d.warm_pending),
+        )?;
+        family(
+            encoder,
+            "kvd_disk_warmed_blocks",
+            "Blocks read from disk into DRAM by warms.",
+            None,
+            Counter,
+            &one(d.warmed),
+        )?;
+        family(
+            encoder,
             "kvd_degraded",
             "1 while a tier is degraded (see kvd-ctl status for why).",
             None,

@@ -34,7 +34,6 @@ use twox_hash::XxHash3_64;
 use crate::alloc::Slot;
 use crate::config::PeerConfig;
 use crate::daemon::{Daemon, Namespace};
-use crate::disk::ReadOutcome;
 use crate::store::ReserveError;
 
 /// Idle connections kept per peer for later fetches.
@@ -493,7 +492,7 @@ async fn serve_block(
     let mut hit = ns.store.lock().get(&key, now);
     if hit.is_none() {
         let (d, n) = (daemon.clone(), ns.clone());
-        hit = tokio::task::spawn_blocking(move || read_from_disk(&d, &n, &key))
+        hit = tokio::task::spawn_blocking(move || d.read_into_dram(&n, &key, true))
             .await
             .ok()
             .flatten();
@@ -539,64 +538,6 @@ async fn serve_block(
             .fetch_add(hit.len, Ordering::Relaxed);
     }
     Ok(())
-}
-
-/// Reads a disk-only block into DRAM (verified, as a local GET would) and leases it.
-fn read_from_disk(
-    daemon: &Daemon,
-    ns: &Arc<Namespace>,
-    key: &BlockKey,
-) -> Option<crate::store::Hit> {
-    use std::os::unix::fs::FileExt;
-    let disk = daemon.disk.as_ref()?;
-    let ticket = disk.begin_read(&ns.id, key)?;
-    let reserved = ns.store.lock().reserve(key, ticket.len);
-    let slot = match reserved {
-        Ok(s) => s,
-        Err(e) => {
-            disk.end_read(&ns.id, key, &ticket, ReadOutcome::Abandoned);
-            return match e {
-                ReserveError::Exists => ns.store.lock().get(key, daemon.now_ms()),
-                _ => None,
-            };
-        }
-    };
-    // Whole 4 KiB units, as O_DIRECT wants (slots are 4 KiB-aligned multiples of 4 KiB).
-    let len = crate::disk::format::align_up(ticket.len);
-    // SAFETY: the slot is reserved by this thread and not committed, so nobody else touches
-    // it until it is promoted or aborted below; `ns` keeps the arena mapped.
-    let buf = (len <= slot.cap)
-        .then(|| unsafe { ns.arena.slot_mut(slot.offset, len) })
-        .flatten();
-    let Some(buf) = buf else {
-        ns.store.lock().abort(slot);
-        disk.end_read(&ns.id, key, &ticket, ReadOutcome::Abandoned);
-        return None;
-    };
-    let outcome = match ticket.file.read_exact_at(buf, ticket.offset) {
-        Err(e) => {
-            tracing::warn!(error = %e, "disk read for a peer failed");
-            ReadOutcome::Failed
-        }
-        Ok(()) => {
-            let mut h = XxHash3_64::new();
-            if ns.arena.hash_range(&mut h, slot.offset, ticket.len)
-                && std::hash::Hasher::finish(&h) == ticket.checksum
-            {
-                ReadOutcome::Verified
-            } else {
-                ReadOutcome::Corrupt
-            }
-        }
-    };
-    let current = disk.end_read(&ns.id, key, &ticket, outcome);
-    if outcome != ReadOutcome::Verified || !current {
-        ns.store.lock().abort(slot);
-        return None;
-    }
-    ns.store
-        .lock()
-        .promote(key, slot, ticket.len, ticket.checksum, daemon.now_ms())
 }
 
 /// A lookup: with peer fetch on, what the cluster index says peers hold beyond the local

@@ -413,7 +413,7 @@ async fn cluster_lookup(
 }
 
 fn dispatch(
-    daemon: &Daemon,
+    daemon: &Arc<Daemon>,
     conn: &Conn,
     req: Request,
 ) -> Result<(Response, Option<OwnedFd>), OpError> {
@@ -482,6 +482,11 @@ fn dispatch(
         Request::Drain { ns } => {
             daemon.require_admin(conn, "drain")?;
             let n = daemon.drain(ns)?;
+            (Response::Count(u32::try_from(n).unwrap_or(u32::MAX)), None)
+        }
+        Request::Warm { ns } => {
+            daemon.require_admin(conn, "warm")?;
+            let n = daemon.warm(ns)?;
             (Response::Count(u32::try_from(n).unwrap_or(u32::MAX)), None)
         }
         Request::Lineage {

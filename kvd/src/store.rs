@@ -301,6 +301,25 @@ impl NsStore {
 
     /// Reserves a slot for `len` bytes of `key`, evicting LRU blocks if needed.
     pub fn reserve(&mut self, key: &BlockKey, len: u64) -> Result<Slot, ReserveError> {
+        self.reserve_with(key, len, true)
+    }
+
+    /// Reserves a slot for `len` bytes of `key` only where free space allows (nothing is
+    /// evicted): `CacheFull` otherwise, without counting a rejection.
+    pub fn reserve_without_evicting(
+        &mut self,
+        key: &BlockKey,
+        len: u64,
+    ) -> Result<Slot, ReserveError> {
+        self.reserve_with(key, len, false)
+    }
+
+    fn reserve_with(
+        &mut self,
+        key: &BlockKey,
+        len: u64,
+        may_evict: bool,
+    ) -> Result<Slot, ReserveError> {
         if self.find(key).is_some() {
             return Err(ReserveError::Exists);
         }
@@ -311,6 +330,9 @@ impl NsStore {
             if let Some(s) = self.alloc.alloc(len) {
                 self.reserved += 1;
                 return Ok(s);
+            }
+            if !may_evict {
+                return Err(ReserveError::CacheFull);
             }
             if !self.evict_lru() {
                 self.counters.full_rejections += 1;
@@ -775,6 +797,10 @@ impl NsStore {
     /// Bytes managed.
     pub fn capacity_bytes(&self) -> u64 {
         self.alloc.capacity_bytes()
+    }
+    /// Bytes of the slot a block of `len` bytes would take.
+    pub fn slot_size(&self, len: u64) -> Option<u64> {
+        self.alloc.slot_size(len)
     }
     /// Largest block accepted.
     pub fn max_block(&self) -> u64 {

@@ -680,3 +680,109 @@ fn sigterm_drains_dram_to_disk_before_exiting() {
     assert!(!check(&c, &ns, 100));
     assert!(check(&c, &ns, 0), "drained blocks stay");
 }
+
+/// Length of every block of the warm test.
+const WARM_LEN: usize = 100 << 10;
+
+#[test]
+fn kvd_ctl_warm_reads_disk_blocks_into_dram_most_recent_first_without_evicting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sets = disk_sets(dir.path());
+    let n = 300u64;
+    let mut d = start(&sets);
+    {
+        let c = d.admin();
+        let ns = c.open_namespace(&test_namespace("warm")).expect("open");
+        // One size (one slab class), so all 300 fit in the first run's DRAM at once.
+        for i in 0..n {
+            c.put(&ns, &key(i), &pattern(SEED, i, WARM_LEN))
+                .expect("put");
+        }
+        wait_for("every block on disk", Duration::from_secs(30), || {
+            (disk_blocks(&c) == n).then_some(())
+        });
+    }
+    assert!(d
+        .terminate(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+
+    // Restarted with a smaller arena: DRAM is empty and cannot hold all 30 MiB.
+    let mut small = sets.clone();
+    small.push("dram.arena_bytes=16MiB".into());
+    let d = start(&small);
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("warm")).expect("open");
+    let ns_hex = ns.id.to_hex();
+    let v: serde_json::Value =
+        serde_json::from_str(&d.ctl(&["warm", "--ns", &ns_hex, "--json"])).expect("json");
+    let warmed = v["warmed"].as_u64().expect("warmed count");
+    assert!(warmed > 20 && warmed < n, "{v}");
+
+    let s = c.stats().expect("stats");
+    let nss = s.namespaces.iter().find(|x| x.ns == ns.id).expect("ns");
+    assert_eq!(nss.blocks, warmed, "every queued block is in DRAM");
+    assert_eq!(nss.evictions, 0, "a warm never evicts");
+    assert!(
+        nss.used_bytes as f64 <= nss.arena_bytes as f64 * 0.9,
+        "warmed past the low watermark: {} of {}",
+        nss.used_bytes,
+        nss.arena_bytes
+    );
+    let disk = s.disk.expect("disk");
+    assert_eq!((disk.warmed, disk.warm_pending), (warmed, 0));
+    assert_eq!(disk.checksum_failures, 0);
+    // Most recently written first: the last block is warm, the first is not.
+    let in_dram = |i: u64| {
+        c.inspect(&key(i))
+            .expect("inspect")
+            .iter()
+            .any(|b| b.tier == Tier::Dram)
+    };
+    assert!(in_dram(n - 1) && !in_dram(0));
+    // The warm blocks are served from DRAM, byte for byte: no disk reads.
+    let hits_before = disk.hits;
+    let warm_ones: Vec<u64> = (0..n).filter(|&i| in_dram(i)).collect();
+    assert_eq!(warm_ones.len() as u64, warmed);
+    for &i in &warm_ones {
+        let lease = c
+            .get(&ns, &key(i))
+            .expect("get")
+            .expect("warmed block served");
+        assert!(
+            lease[..] == pattern(SEED, i, WARM_LEN)[..],
+            "block {i}: wrong bytes"
+        );
+    }
+    assert_eq!(
+        c.stats().expect("stats").disk.expect("disk").hits,
+        hits_before
+    );
+
+    // Nothing more fits: a second warm queues nothing; status and metrics-facing JSON agree.
+    let v: serde_json::Value = serde_json::from_str(&d.ctl(&["warm", "--json"])).expect("json");
+    assert_eq!(v["warmed"], 0, "{v}");
+    let s: serde_json::Value = serde_json::from_str(&d.ctl(&["status", "--json"])).expect("json");
+    assert_eq!(s["disk"]["warmed"], warmed, "{s}");
+    assert!(d
+        .ctl(&["status"])
+        .contains(&format!("warm: {warmed} blocks")));
+
+    // A namespace that is not open: a clear error, non-zero exit.
+    let other = test_namespace("never-opened").id().to_hex();
+    let out = Command::new(bin("kvd-ctl"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["warm", "--ns", &other])
+        .output()
+        .expect("run kvd-ctl");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not open in DRAM"), "{err}");
+}
+
+#[test]
+fn warm_without_a_disk_tier_is_a_clear_error() {
+    let d = start(&[]);
+    let err = d.admin().warm(None).expect_err("no disk tier");
+    assert!(err.to_string().contains("no disk tier"), "{err}");
+}

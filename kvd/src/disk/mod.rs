@@ -152,6 +152,8 @@ struct Counters {
     io_errors: AtomicU64,
     dropped_at_start: AtomicU64,
     drain_pending: AtomicU64,
+    warm_pending: AtomicU64,
+    warmed: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -1111,6 +1113,25 @@ impl DiskTier {
         &self.counters.drain_pending
     }
 
+    /// Blocks queued by a warm and not yet read, and blocks warmed since start.
+    pub fn warm_counters(&self) -> (&AtomicU64, &AtomicU64) {
+        (&self.counters.warm_pending, &self.counters.warmed)
+    }
+
+    /// The blocks of `ns` on disk with their lengths, most recently read or written first.
+    pub fn blocks_by_recency(&self, ns: &NamespaceId) -> Vec<(BlockKey, u64)> {
+        let mut v: Vec<(u64, BlockKey, u64)> = self
+            .state
+            .lock()
+            .index
+            .iter()
+            .filter(|((n, _), _)| n == ns)
+            .map(|((_, k), l)| (l.last_unix_ms.max(l.stored_unix_ms), *k, l.len))
+            .collect();
+        v.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        v.into_iter().map(|(_, k, len)| (k, len)).collect()
+    }
+
     /// Updates the read/write rates (call about once a second).
     pub fn sample_rates(&self) {
         let mut r = self.rates.lock();
@@ -1190,6 +1211,8 @@ impl DiskTier {
             io_errors: l(&c.io_errors),
             dropped_at_start: l(&c.dropped_at_start),
             drain_pending: l(&c.drain_pending),
+            warm_pending: l(&c.warm_pending),
+            warmed: l(&c.warmed),
             degraded: s
                 .degraded
                 .clone()

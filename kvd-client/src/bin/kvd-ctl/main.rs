@@ -116,6 +116,18 @@ enum Cmd {
         #[arg(long, default_value_t = 3600)]
         timeout_s: u64,
     },
+    /// Read blocks held only on disk back into DRAM, most recently used first, as many as fit
+    /// below each namespace's eviction low watermark (it never evicts to make room), with a
+    /// progress bar; e.g. after a restart, before traffic returns. Only namespaces an engine
+    /// has opened can be warmed. Needs a disk tier.
+    Warm {
+        /// Only this namespace.
+        #[arg(long)]
+        ns: Option<String>,
+        /// Give up after this many seconds (the reads go on in the daemon).
+        #[arg(long, default_value_t = 3600)]
+        timeout_s: u64,
+    },
 }
 
 /// Blocks fetched per listing request.
@@ -233,6 +245,12 @@ fn print_status(s: &StatsReport) {
         );
         if d.drain_pending > 0 {
             println!("      drain: {} blocks still to write", d.drain_pending);
+        }
+        if d.warm_pending > 0 || d.warmed > 0 {
+            println!(
+                "      warm: {} blocks read into DRAM since start, {} still to read",
+                d.warmed, d.warm_pending
+            );
         }
         if !d.degraded.is_empty() {
             println!("      DEGRADED: {}", d.degraded);
@@ -515,44 +533,92 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Drain { ns, timeout_s } => {
             let ns = ns.as_deref().map(parse_ns).transpose()?;
-            drain(&client, ns, *timeout_s, cli.json)?;
+            follow(&client, Job::Drain, ns, *timeout_s, cli.json)?;
+        }
+        Cmd::Warm { ns, timeout_s } => {
+            let ns = ns.as_deref().map(parse_ns).transpose()?;
+            follow(&client, Job::Warm, ns, *timeout_s, cli.json)?;
         }
     }
     Ok(())
 }
 
-/// Starts a drain and follows it until every block is on disk.
-fn drain(
+/// A background job of the daemon that kvd-ctl follows to the end.
+#[derive(Clone, Copy)]
+enum Job {
+    Drain,
+    Warm,
+}
+
+impl Job {
+    fn start(self, client: &Client, ns: Option<NamespaceId>) -> kvd_client::Result<u32> {
+        match self {
+            Job::Drain => client.drain(ns),
+            Job::Warm => client.warm(ns),
+        }
+    }
+    /// Blocks the job still has to do, from the disk tier's report.
+    fn pending(self, d: &kvd_proto::frame::DiskReport) -> u64 {
+        match self {
+            Job::Drain => d.drain_pending,
+            Job::Warm => d.warm_pending,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Job::Drain => "drain",
+            Job::Warm => "warm",
+        }
+    }
+    fn doing(self) -> &'static str {
+        match self {
+            Job::Drain => "draining to disk",
+            Job::Warm => "warming DRAM",
+        }
+    }
+    fn done(self) -> (&'static str, &'static str) {
+        match self {
+            Job::Drain => ("drained", "to disk"),
+            Job::Warm => ("warmed", "into DRAM from disk"),
+        }
+    }
+}
+
+/// Starts a drain or a warm and follows it, with a progress bar, until no block is left.
+fn follow(
     client: &Client,
+    job: Job,
     ns: Option<NamespaceId>,
     timeout_s: u64,
     json_out: bool,
 ) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
-    let total = u64::from(client.drain(ns)?);
+    let total = u64::from(job.start(client, ns)?);
     let bar = if json_out || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         indicatif::ProgressBar::hidden()
     } else {
         indicatif::ProgressBar::new(total)
     };
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "draining to disk {bar:40} {pos}/{len} blocks  {per_sec}  eta {eta}",
-        )
+        indicatif::ProgressStyle::with_template(&format!(
+            "{} {{bar:40}} {{pos}}/{{len}} blocks  {{per_sec}}  eta {{eta}}",
+            job.doing()
+        ))
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    let (done_word, place) = job.done();
     let mut last_report = std::time::Instant::now();
     loop {
         let s = client.stats()?;
         let Some(d) = s.disk else {
             bail!("the daemon reports no disk tier");
         };
-        let left = d.drain_pending;
+        let left = job.pending(&d);
         let total_now = total.max(left);
         bar.set_length(total_now);
         bar.set_position(total_now - left);
         if !json_out && bar.is_hidden() && last_report.elapsed().as_secs() >= 2 {
-            eprintln!("drain: {left} blocks still to write");
+            eprintln!("{}: {left} of {total_now} blocks left", job.name());
             last_report = std::time::Instant::now();
         }
         if left == 0 {
@@ -561,10 +627,10 @@ fn drain(
             if json_out {
                 println!(
                     "{}",
-                    json!({"drained": total, "seconds": secs, "degraded": d.degraded})
+                    json!({done_word: total, "seconds": secs, "degraded": d.degraded})
                 );
             } else {
-                println!("drained {total} blocks to disk in {secs:.1} s");
+                println!("{done_word} {total} blocks {place} in {secs:.1} s");
                 if !d.degraded.is_empty() {
                     println!("warning: the disk tier is degraded: {}", d.degraded);
                 }
@@ -573,12 +639,15 @@ fn drain(
         }
         if start.elapsed().as_secs() >= timeout_s {
             bar.abandon();
-            bail!("drain not finished after {timeout_s} s ({left} blocks left; it goes on in kvd)");
+            bail!(
+                "{} not finished after {timeout_s} s ({left} blocks left; it goes on in kvd)",
+                job.name()
+            );
         }
         if !d.degraded.is_empty() && left > 0 && start.elapsed().as_secs() >= 10 {
             bar.abandon();
             bail!(
-                "the disk tier is degraded ({}); {left} blocks could not be drained",
+                "the disk tier is degraded ({}); {left} blocks could not be {done_word}",
                 d.degraded
             );
         }
