@@ -36,6 +36,7 @@ pub fn status_json(s: &StatsReport) -> Value {
         })).collect::<Vec<_>>(),
         "clients": s.clients.iter().map(|c| json!({
             "id": c.id, "name": c.name, "pid": c.pid, "uid": c.uid, "admin": c.admin, "ops": c.ops,
+            "sq_depth": c.sq_depth, "cq_depth": c.cq_depth,
         })).collect::<Vec<_>>(),
         "disk": s.disk.as_ref().map(|d| json!({
             "path": d.path, "engine": d.engine, "direct_io": d.direct_io,

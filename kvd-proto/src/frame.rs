@@ -321,6 +321,10 @@ pub struct ClientInfo {
     pub admin: bool,
     /// Ring operations completed.
     pub ops: u64,
+    /// Descriptors waiting in the client's submission queue (not yet taken by kvd).
+    pub sq_depth: u32,
+    /// Completions waiting in its completion queue (not yet reaped by the client).
+    pub cq_depth: u32,
 }
 
 /// Daemon-wide statistics.
@@ -1080,6 +1084,8 @@ impl Response {
                     w.u32(c.uid);
                     w.u8(u8::from(c.admin));
                     w.u64(c.ops);
+                    w.u32(c.sq_depth);
+                    w.u32(c.cq_depth);
                 }
                 w.u8(u8::from(s.disk.is_some()));
                 if let Some(d) = &s.disk {
@@ -1217,7 +1223,7 @@ impl Response {
                 for _ in 0..n {
                     namespaces.push(get_desc_stats(&mut r)?);
                 }
-                let n = r.count("clients", MAX_STATS_ITEMS, 27)?;
+                let n = r.count("clients", MAX_STATS_ITEMS, 35)?;
                 let mut clients = Vec::with_capacity(n);
                 for _ in 0..n {
                     clients.push(ClientInfo {
@@ -1227,6 +1233,8 @@ impl Response {
                         uid: r.u32("uid")?,
                         admin: r.bool("admin")?,
                         ops: r.u64("ops")?,
+                        sq_depth: r.u32("submission queue depth")?,
+                        cq_depth: r.u32("completion queue depth")?,
                     });
                 }
                 let disk = opt(&mut r, "disk flag", get_disk)?;
@@ -1504,6 +1512,8 @@ mod tests {
                 uid,
                 admin,
                 ops: id ^ 7,
+                sq_depth: pid % 257,
+                cq_depth: uid % 257,
             });
         let block = (
             arb_ns(),

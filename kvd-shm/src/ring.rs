@@ -241,7 +241,7 @@ pub struct DaemonRing {
     cq_tail: u32,
 }
 
-/// Lets another thread wake or close a daemon ring end.
+/// Lets another thread wake a daemon ring end, or look at how full its queues are.
 #[derive(Debug, Clone)]
 pub struct RingWaker(Arc<RingShared>);
 
@@ -251,6 +251,17 @@ impl RingWaker {
         let w = self.0.word(off::SQ_SLEEPING);
         w.store(0, Ordering::SeqCst);
         futex::wake(w, 1);
+    }
+
+    /// Entries waiting in the submission queue (submitted, not yet taken by the daemon) and
+    /// in the completion queue (posted, not yet reaped by the client): a snapshot of four
+    /// words, two of them written by the client, so each depth is clamped to the ring size.
+    pub fn depths(&self) -> (u32, u32) {
+        let w = |o| self.0.word(o).load(Ordering::Acquire);
+        let entries = self.0.entries();
+        let sq = w(off::SQ_TAIL).wrapping_sub(w(off::SQ_HEAD)).min(entries);
+        let cq = w(off::CQ_TAIL).wrapping_sub(w(off::CQ_HEAD)).min(entries);
+        (sq, cq)
     }
 }
 

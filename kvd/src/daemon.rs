@@ -909,13 +909,23 @@ impl Daemon {
             .clients
             .lock()
             .values()
-            .map(|c| ClientInfo {
-                id: c.id,
-                name: c.name.lock().clone(),
-                pid: c.pid,
-                uid: c.uid,
-                admin: c.admin.load(Ordering::Relaxed),
-                ops: c.ops.load(Ordering::Relaxed),
+            .map(|c| {
+                let (sq_depth, cq_depth) = c
+                    .waker
+                    .lock()
+                    .as_ref()
+                    .map(|w| w.depths())
+                    .unwrap_or_default();
+                ClientInfo {
+                    id: c.id,
+                    name: c.name.lock().clone(),
+                    pid: c.pid,
+                    uid: c.uid,
+                    admin: c.admin.load(Ordering::Relaxed),
+                    ops: c.ops.load(Ordering::Relaxed),
+                    sq_depth,
+                    cq_depth,
+                }
             })
             .collect();
         clients.sort_by_key(|c| c.id);

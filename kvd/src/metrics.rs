@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use kvd_proto::frame::StatsReport;
+use kvd_proto::frame::{ClientInfo, StatsReport};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue};
 use prometheus_client::metrics::family::Family;
@@ -271,6 +271,33 @@ fn encode_stats(s: &StatsReport, encoder: &mut DescriptorEncoder) -> Result<(), 
         None,
         Counter,
         &clients,
+    )?;
+    let depth = |f: &dyn Fn(&ClientInfo) -> u32| -> Vec<Sample<'_>> {
+        s.clients
+            .iter()
+            .map(|c| {
+                (
+                    vec![("client", Cow::Owned(c.id.to_string()))],
+                    u64::from(f(c)),
+                )
+            })
+            .collect()
+    };
+    family(
+        encoder,
+        "kvd_ring_submission_queue_depth",
+        "Descriptors waiting in a client's submission ring (submitted, not yet taken by kvd).",
+        None,
+        Gauge,
+        &depth(&|c| c.sq_depth),
+    )?;
+    family(
+        encoder,
+        "kvd_ring_completion_queue_depth",
+        "Completions waiting in a client's completion ring (not yet reaped by the client).",
+        None,
+        Gauge,
+        &depth(&|c| c.cq_depth),
     )?;
     family(
         encoder,

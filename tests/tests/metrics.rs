@@ -1,12 +1,16 @@
 //! The metrics endpoint of the real daemon, read over plain HTTP/1.1 as Prometheus and the
 //! kubelet's probes do: what `kvd-ctl status` knows, latency histograms of the operations
-//! served, health and readiness, and clear answers to requests it does not serve.
+//! served, ring queue depths, health and readiness (503 during the shutdown drain), clear
+//! answers to requests it does not serve, and a data path that stalled scrapers cannot hold up.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use kvd_client::BlockKey;
+use kvd_client::{BlockKey, Control};
+use kvd_proto::ring::{Op, Submission};
+use kvd_proto::{Request, Response};
+use kvd_shm::ClientRing;
 use kvd_tests::redis::free_port;
 use kvd_tests::{pattern, test_namespace, Daemon};
 
@@ -204,4 +208,156 @@ fn the_grafana_dashboard_only_queries_series_kvd_exports() {
             "the dashboard queries {n}, which /metrics does not have:\n{body}"
         );
     }
+}
+
+/// A raw client with its ring (no kvd-client): it can leave completions unreaped.
+fn raw_client(d: &Daemon) -> (Control, ClientRing, u32) {
+    let mut ctl = Control::connect(&d.socket).expect("connect");
+    let hello = Request::Hello {
+        protocol_version: kvd_proto::PROTOCOL_VERSION,
+        client_name: "slow-reaper".into(),
+        admin: false,
+    };
+    let (resp, fd) = ctl.call(&hello).expect("hello");
+    let Response::Welcome { ring_bytes, .. } = resp else {
+        panic!("{resp:?}")
+    };
+    let ring = ClientRing::from_fd(&fd.expect("ring fd"), ring_bytes as usize).expect("map");
+    let (resp, _) = ctl
+        .call(&Request::OpenNamespace(test_namespace("depth")))
+        .expect("open");
+    let Response::NamespaceOpened { handle, .. } = resp else {
+        panic!("{resp:?}")
+    };
+    (ctl, ring, handle)
+}
+
+#[test]
+fn ring_queue_depths_are_exported_per_client() {
+    let port = free_port();
+    let listen = format!("metrics.listen=127.0.0.1:{port}");
+    let d = Daemon::start(&[&listen]);
+    let (_ctl, mut ring, h) = raw_client(&d);
+    // Five submissions the client never reaps: kvd answers them all, and the answers wait
+    // in the completion queue.
+    for i in 0..5 {
+        assert!(ring.push(&Submission::new(Op::Nop, h, i)).expect("push"));
+    }
+    ring.notify();
+    let admin = d.admin();
+    let id = kvd_tests::wait_for("5 completions waiting", Duration::from_secs(10), || {
+        let s = admin.stats().ok()?;
+        let c = s.clients.iter().find(|c| c.name == "slow-reaper")?;
+        (c.cq_depth == 5 && c.sq_depth == 0).then_some(c.id)
+    });
+    let (_, body) = get(port, "/metrics");
+    let cq = format!("kvd_ring_completion_queue_depth{{client=\"{id}\"}}");
+    let sq = format!("kvd_ring_submission_queue_depth{{client=\"{id}\"}}");
+    assert_eq!(value(&body, &cq), Some(5.0), "{body}");
+    assert_eq!(value(&body, &sq), Some(0.0), "{body}");
+    let status: serde_json::Value =
+        serde_json::from_str(&d.ctl(&["status", "--json"])).expect("json");
+    let me = status["clients"]
+        .as_array()
+        .expect("clients")
+        .iter()
+        .find(|c| c["id"] == id)
+        .cloned()
+        .expect("listed");
+    assert_eq!(
+        (me["cq_depth"].clone(), me["sq_depth"].clone()),
+        (5.into(), 0.into())
+    );
+    // Reaped: the depth falls back to zero.
+    for _ in 0..5 {
+        ring.pop().expect("a completion");
+    }
+    let (_, body) = get(port, "/metrics");
+    assert_eq!(value(&body, &cq), Some(0.0), "{body}");
+}
+
+#[test]
+fn readiness_turns_503_while_the_shutdown_drain_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut sets = kvd_tests::disk_sets(dir.path(), "256MiB", "0.99");
+    sets.push(format!("metrics.listen=127.0.0.1:{port}"));
+    sets.push("dram.arena_bytes=128MiB".into());
+    let mut d = kvd_tests::start_with(&sets);
+    {
+        let c = d.admin();
+        let ns = c.open_namespace(&test_namespace("ready")).expect("ns");
+        // ~96 MiB that only DRAM holds: the shutdown drain has real work to do.
+        for i in 0..96 {
+            c.put(&ns, &key(i), &pattern(2, i, 1 << 20)).expect("put");
+        }
+        c.flush().expect("flush");
+    }
+    assert_eq!(get(port, "/readyz").0, 200);
+    let pid = d.child.id() as i32;
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let mut seen = Vec::new();
+    let t = std::time::Instant::now();
+    // Until the endpoint goes away with the process (bounded by the hang guard).
+    while t.elapsed() < Duration::from_secs(60) {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+            break;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        if let Some(code) = out.split_whitespace().nth(1) {
+            seen.push(code.to_owned());
+        }
+    }
+    assert!(seen.iter().any(|c| c == "503"), "never saw 503: {seen:?}");
+    let first = seen.iter().position(|c| c == "503").expect("a 503");
+    assert!(
+        seen[first..].iter().all(|c| c == "503"),
+        "ready again after shutdown began: {seen:?}"
+    );
+    assert!(d
+        .terminate(Duration::from_secs(30))
+        .is_some_and(|s| s.success()));
+    d.expect_log("shutdown drain: DRAM blocks written to disk");
+}
+
+#[test]
+fn stalled_scrapes_never_hold_up_the_data_path() {
+    let port = free_port();
+    let listen = format!("metrics.listen=127.0.0.1:{port}");
+    let d = Daemon::start(&[&listen]);
+    // More scrapers than the endpoint serves at once, each stuck halfway through its
+    // request head.
+    let stalled: Vec<TcpStream> = (0..24)
+        .filter_map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").ok()?;
+            Some(s)
+        })
+        .collect();
+    assert!(!stalled.is_empty());
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("stalled")).expect("ns");
+    for i in 0..200 {
+        let data = pattern(3, i, 64 << 10);
+        c.put(&ns, &key(i), &data).expect("put");
+        let got = c.get(&ns, &key(i)).expect("get").expect("hit");
+        assert!(got[..] == data[..], "block {i}");
+    }
+    assert_eq!(
+        c.lookup(&ns.id, &[key(0), key(199)])
+            .expect("lookup")
+            .prefix_len,
+        2
+    );
+    drop(stalled);
+    // And the endpoint itself recovers once they are gone.
+    let body = kvd_tests::wait_for("a scrape", Duration::from_secs(30), || {
+        let (code, body) = get(port, "/metrics");
+        (code == 200).then_some(body)
+    });
+    assert_eq!(value(&body, "kvd_tier_blocks{tier=\"dram\"}"), Some(200.0));
 }

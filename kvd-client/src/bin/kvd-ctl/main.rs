@@ -349,18 +349,19 @@ fn print_status(s: &StatsReport) {
     }
     println!();
     println!(
-        "{:<6} {:<24} {:>8} {:>6} {:>6} {:>10}",
-        "CLIENT", "NAME", "PID", "UID", "ADMIN", "RING OPS"
+        "{:<6} {:<24} {:>8} {:>6} {:>6} {:>10} {:>9}",
+        "CLIENT", "NAME", "PID", "UID", "ADMIN", "RING OPS", "SQ/CQ"
     );
     for c in &s.clients {
         println!(
-            "{:<6} {:<24} {:>8} {:>6} {:>6} {:>10}",
+            "{:<6} {:<24} {:>8} {:>6} {:>6} {:>10} {:>9}",
             c.id,
             c.name.chars().take(24).collect::<String>(),
             c.pid,
             c.uid,
             if c.admin { "yes" } else { "no" },
-            c.ops
+            c.ops,
+            format!("{}/{}", c.sq_depth, c.cq_depth)
         );
     }
 }

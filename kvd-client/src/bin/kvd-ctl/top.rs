@@ -222,6 +222,7 @@ pub fn draw(f: &mut Frame, v: &View) {
                 c.pid.to_string(),
                 c.ops.to_string(),
                 v.per_s(c.ops, old.map(|o| o.ops)),
+                format!("{}/{}", c.sq_depth, c.cq_depth),
             ])
         })
         .collect();
@@ -233,9 +234,10 @@ pub fn draw(f: &mut Frame, v: &View) {
             Constraint::Length(8),
             Constraint::Length(12),
             Constraint::Length(9),
+            Constraint::Length(9),
         ],
     )
-    .header(Row::new(["ID", "NAME", "PID", "RING OPS", "OPS/S"]).style(head))
+    .header(Row::new(["ID", "NAME", "PID", "RING OPS", "OPS/S", "SQ/CQ"]).style(head))
     .block(Block::bordered().title(" clients "));
 
     let n_status = status_lines.len() as u16 + 2;
@@ -348,6 +350,8 @@ mod tests {
                 uid: 0,
                 admin: false,
                 ops,
+                sq_depth: 3,
+                cq_depth: 0,
             }],
             disk: None,
             index: None,
@@ -370,7 +374,7 @@ mod tests {
         assert!(text.contains("99.5%"), "hit rate 2090/2100: {text}");
         assert!(text.contains("1.0k"), "2000 hits in 2 s: {text}");
         assert!(
-            text.contains("vllm-worker") && text.contains("2.0k"),
+            text.contains("vllm-worker") && text.contains("2.0k") && text.contains("3/0"),
             "{text}"
         );
     }
