@@ -41,6 +41,9 @@ use crate::daemon::Daemon;
 use crate::lineage::Lineage;
 use crate::residency::{self, Batch, Change};
 
+/// How long the publisher waits at shutdown for its last messages to be written.
+const SHUTDOWN_LINGER: Duration = Duration::from_millis(200);
+
 /// Most events in one batch (one ZMQ message).
 pub const EVENTS_PER_BATCH: usize = 512;
 /// Most blocks in one `BlockStored`/`BlockRemoved` event.
@@ -424,6 +427,36 @@ impl Publisher {
         }
     }
 
+    /// At shutdown: publishes what is still queued, then a `BlockRemoved` (DRAM medium) for
+    /// every block DRAM holds, since the DRAM tier goes away with the process. Disk copies
+    /// outlive it and are not withdrawn.
+    async fn announce_shutdown(&mut self, daemon: &Daemon, rx: &mut mpsc::Receiver<Batch>) {
+        if !self.connected {
+            return;
+        }
+        let (pending, lost) = residency::drain(rx);
+        if !lost {
+            self.publish(&pending).await;
+        }
+        let mut gone = Vec::new();
+        for ns in daemon.namespaces() {
+            let keys = ns.store.lock().live_keys();
+            gone.extend(keys.into_iter().map(|k| Change {
+                ns: ns.id,
+                key: k,
+                tier: Tier::Dram,
+                stored: false,
+            }));
+        }
+        let n = gone.len();
+        self.publish(&gone).await;
+        // The PUB socket's writer tasks send what is queued in the background and there is
+        // no flush to wait on: linger briefly (as a ZMQ socket's LINGER would) so the last
+        // batches leave before the runtime stops.
+        tokio::time::sleep(SHUTDOWN_LINGER).await;
+        tracing::info!(blocks = n, "KV events: DRAM copies withdrawn at shutdown");
+    }
+
     /// Clears every known model's topic and announces what the node holds again.
     async fn resync(&mut self, daemon: &Daemon, rx: &mut mpsc::Receiver<Batch>) {
         drop(residency::drain(rx));
@@ -642,9 +675,16 @@ async fn run(
             break;
         }
         tokio::select! {
-            _ = stop.notified() => break,
+            _ = stop.notified() => {
+                p.announce_shutdown(&daemon, &mut rx).await;
+                break;
+            }
             b = rx.recv() => {
-                let Some(b) = b else { break };
+                // The feed ends only at shutdown, after its last round.
+                let Some(b) = b else {
+                    p.announce_shutdown(&daemon, &mut rx).await;
+                    break;
+                };
                 if b.lost {
                     tracing::warn!("KV events: changes were lost (publisher behind); \
                         clearing and re-announcing");

@@ -160,8 +160,9 @@ pub fn take_changes(daemon: &Daemon) -> (Vec<Change>, bool) {
     (all, lost)
 }
 
-/// Hands the tiers' changes to every subscriber every `interval`, until `stop` fires or
-/// every publisher has gone.
+/// Hands the tiers' changes to every subscriber every `interval`, until `stop` fires (one
+/// last round then, so what the shutdown drain wrote is published) or every publisher has
+/// gone.
 pub async fn run(
     daemon: Arc<Daemon>,
     mut subs: Vec<Subscriber>,
@@ -169,33 +170,42 @@ pub async fn run(
     stop: Arc<tokio::sync::Notify>,
 ) {
     while !subs.is_empty() {
-        tokio::select! {
-            _ = stop.notified() => break,
-            _ = tokio::time::sleep(interval) => {}
+        let last = tokio::select! {
+            _ = stop.notified() => true,
+            _ = tokio::time::sleep(interval) => false,
+        };
+        fan_out(&daemon, &mut subs);
+        if last {
+            break;
         }
-        let (changes, lost) = take_changes(&daemon);
-        if changes.is_empty() && !lost && !subs.iter().any(|s| s.lost) {
-            continue;
-        }
-        let changes: Arc<[Change]> = changes.into();
-        subs.retain_mut(|s| {
-            let b = Batch {
-                changes: changes.clone(),
-                lost: lost || s.lost,
-            };
-            match s.tx.try_send(b) {
-                Ok(()) => {
-                    s.lost = false;
-                    true
-                }
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    s.lost = true;
-                    true
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-            }
-        });
     }
+}
+
+/// One round: the changes since the last one to every subscriber (a full channel marks the
+/// subscriber as having lost changes; a closed one is dropped).
+fn fan_out(daemon: &Daemon, subs: &mut Vec<Subscriber>) {
+    let (changes, lost) = take_changes(daemon);
+    if changes.is_empty() && !lost && !subs.iter().any(|s| s.lost) {
+        return;
+    }
+    let changes: Arc<[Change]> = changes.into();
+    subs.retain_mut(|s| {
+        let b = Batch {
+            changes: changes.clone(),
+            lost: lost || s.lost,
+        };
+        match s.tx.try_send(b) {
+            Ok(()) => {
+                s.lost = false;
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                s.lost = true;
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    });
 }
 
 #[cfg(test)]

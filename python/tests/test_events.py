@@ -336,3 +336,47 @@ def test_array_events_on_a_bound_ipc_endpoint_and_a_resync_after_lost_changes(tm
         d.stop()
         sub.sock.close()
         ctx.term()
+
+
+def test_sigterm_writes_dram_to_disk_then_withdraws_the_dram_copies(tmp_sock_dir):
+    """On SIGTERM the shutdown drain's disk copies are announced (medium DISK) and every DRAM
+    copy is withdrawn (BlockRemoved, medium CPU): the router must not send requests for a
+    DRAM tier that is gone, and may keep counting on the disk copies a restart serves."""
+    port = free_port()
+    ctx = zmq.Context()
+    sub = Sub(ctx, bind=f"tcp://127.0.0.1:{port}")
+    d = Daemon(
+        tmp_sock_dir / "kvd.sock",
+        [f"events.endpoint=tcp://127.0.0.1:{port}", f"events.pod={POD}", *disk_sets(tmp_sock_dir)],
+    )
+    d.start()
+    try:
+        wait_connected(d)
+        c = kvd.Client(str(d.socket), name="events")
+        handshake(c, sub)
+        ns = c.open_namespace(model=MODEL, dtype="bfloat16", layout="LBHNC", block_tokens=BLOCK)
+        tokens = list(range(5000, 5000 + 4 * BLOCK))
+        keys = kvd.chain_keys(tokens, BLOCK)
+        c.lineage(ns, None, keys, tokens)
+        for i, k in enumerate(keys):
+            assert c.put(ns, k, bytes([i]) * 8192)
+        sub.until(lambda evs: sum(len(e["block_hashes"]) for e in evs if e["medium"] == "CPU") >= 4)
+        d.stop()
+        assert d.proc.returncode == 0
+        evs = sub.until(
+            lambda evs: {h(k) for k in keys}
+            <= {x for e in evs if e["type"] == "BlockRemoved" and e["medium"] == "CPU" for x in e["block_hashes"]}
+        )
+        on_disk = [x for e in evs if e["type"] == "BlockStored" and e["medium"] == "DISK" for x in e["block_hashes"]]
+        assert sorted(on_disk) == sorted(h(k) for k in keys)
+        # The disk copies were announced before the DRAM copies were withdrawn, and nothing
+        # told the router to forget the disk copies.
+        kinds = [(e["type"], e["medium"]) for e in evs]
+        assert kinds.index(("BlockStored", "DISK")) < kinds.index(("BlockRemoved", "CPU"))
+        assert ("BlockRemoved", "DISK") not in kinds
+        assert not any(e["type"] == "AllBlocksCleared" for e in evs)
+        assert "DRAM copies withdrawn at shutdown" in d.log.read_text()
+    finally:
+        d.stop()
+        sub.sock.close()
+        ctx.term()
