@@ -22,6 +22,7 @@ pub fn status_json(s: &StatsReport) -> Value {
         "tiers": s.tiers.iter().map(|t| json!({
             "tier": t.tier.name(), "capacity_bytes": t.capacity_bytes, "used_bytes": t.used_bytes,
             "blocks": t.blocks, "hits": t.hits, "misses": t.misses, "evictions": t.evictions,
+            "bytes_in": t.bytes_in, "bytes_out": t.bytes_out,
             "hit_rate": if t.hits + t.misses == 0 { Value::Null }
                         else { json!(t.hits as f64 / (t.hits + t.misses) as f64) },
         })).collect::<Vec<_>>(),

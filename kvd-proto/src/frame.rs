@@ -220,6 +220,10 @@ pub struct TierStats {
     pub misses: u64,
     /// Blocks evicted.
     pub evictions: u64,
+    /// Bytes written into the tier.
+    pub bytes_in: u64,
+    /// Bytes read out of the tier.
+    pub bytes_out: u64,
 }
 
 /// Statistics of one namespace.
@@ -1066,6 +1070,8 @@ impl Response {
                         t.hits,
                         t.misses,
                         t.evictions,
+                        t.bytes_in,
+                        t.bytes_out,
                     ] {
                         w.u64(v);
                     }
@@ -1205,7 +1211,7 @@ impl Response {
             tag::STATS_REPORT => {
                 let daemon_version = r.str("daemon_version", MAX_TEXT)?;
                 let uptime_ms = r.u64("uptime_ms")?;
-                let n = r.count("tiers", MAX_STATS_ITEMS, 49)?;
+                let n = r.count("tiers", MAX_STATS_ITEMS, 65)?;
                 let mut tiers = Vec::with_capacity(n);
                 for _ in 0..n {
                     tiers.push(TierStats {
@@ -1216,6 +1222,8 @@ impl Response {
                         hits: r.u64("hits")?,
                         misses: r.u64("misses")?,
                         evictions: r.u64("evictions")?,
+                        bytes_in: r.u64("bytes_in")?,
+                        bytes_out: r.u64("bytes_out")?,
                     });
                 }
                 let n = r.count("namespaces", MAX_STATS_ITEMS, 16 + 24 + 80)?;
@@ -1474,7 +1482,7 @@ mod tests {
                     degraded,
                 },
             );
-        let tier_stats = (arb_tier(), any::<[u64; 6]>()).prop_map(|(tier, v)| TierStats {
+        let tier_stats = (arb_tier(), any::<[u64; 8]>()).prop_map(|(tier, v)| TierStats {
             tier,
             capacity_bytes: v[0],
             used_bytes: v[1],
@@ -1482,6 +1490,8 @@ mod tests {
             hits: v[3],
             misses: v[4],
             evictions: v[5],
+            bytes_in: v[6],
+            bytes_out: v[7],
         });
         let ns_stats =
             (arb_ns(), arb_desc(), any::<[u64; 10]>()).prop_map(|(ns, desc, v)| NamespaceStats {

@@ -879,6 +879,8 @@ impl Daemon {
             hits: 0,
             misses: 0,
             evictions: 0,
+            bytes_in: 0,
+            bytes_out: 0,
         };
         let mut namespaces = Vec::new();
         for ns in self.namespaces() {
@@ -902,6 +904,8 @@ impl Daemon {
             dram.hits += st.hits;
             dram.misses += st.misses;
             dram.evictions += st.evictions;
+            dram.bytes_in += s.counters.bytes_in;
+            dram.bytes_out += s.counters.bytes_out;
             namespaces.push(st);
         }
         dram.capacity_bytes = self.cfg.dram.arena_bytes.0 * u64::from(self.cfg.dram.max_namespaces);
@@ -940,6 +944,8 @@ impl Daemon {
                 hits: r.hits,
                 misses: r.misses,
                 evictions: r.reclaimed_blocks,
+                bytes_in: r.write_bytes,
+                bytes_out: r.read_bytes,
             });
         }
         StatsReport {

@@ -181,6 +181,22 @@ fn encode_stats(s: &StatsReport, encoder: &mut DescriptorEncoder) -> Result<(), 
     )?;
     family(
         encoder,
+        "kvd_tier_in",
+        "Bytes written into each tier (DRAM: stores, promotions, peer fetches; disk: writes).",
+        bytes,
+        Counter,
+        &per_tier(&|t| t.bytes_in),
+    )?;
+    family(
+        encoder,
+        "kvd_tier_out",
+        "Bytes read out of each tier (DRAM: read leases handed out; disk: verified reads).",
+        bytes,
+        Counter,
+        &per_tier(&|t| t.bytes_out),
+    )?;
+    family(
+        encoder,
         "kvd_uptime_seconds",
         "Seconds since the daemon started.",
         None,
@@ -667,6 +683,8 @@ mod tests {
                 hits: 3,
                 misses: 2,
                 evictions: 0,
+                bytes_in: 1 << 20,
+                bytes_out: 3 << 20,
             }],
             namespaces: vec![],
             clients: vec![],

@@ -144,6 +144,10 @@ pub struct Counters {
     pub evictions: u64,
     /// Reservations refused for lack of space.
     pub full_rejections: u64,
+    /// Bytes of blocks stored (puts, promotions from disk, peer fetches).
+    pub bytes_in: u64,
+    /// Bytes of blocks handed out to readers (each read lease counts its block once).
+    pub bytes_out: u64,
 }
 
 /// The catalog of one namespace's arena.
@@ -389,6 +393,7 @@ impl NsStore {
             hasher.hash_one(entries[j as usize].key)
         });
         self.live += 1;
+        self.counters.bytes_in += len;
         self.journal.record(self.ns, *key, Tier::Dram, true);
         self.push_mru(i);
         if self.alloc.used_bytes() > self.high_bytes {
@@ -440,6 +445,7 @@ impl NsStore {
         e.set(REJECTED | DISPLACED, false);
         self.leases += 1;
         self.counters.hits += 1;
+        self.counters.bytes_out += e.len;
         Some(Hit {
             entry: i,
             offset: e.offset,

@@ -91,6 +91,16 @@ fn metrics_health_and_readiness_over_http() {
         "{body}"
     );
     assert_eq!(
+        value(&body, "kvd_tier_in_bytes_total{tier=\"dram\"}"),
+        Some(3.0 * 10_000.0),
+        "{body}"
+    );
+    assert_eq!(
+        value(&body, "kvd_tier_out_bytes_total{tier=\"dram\"}"),
+        Some(3.0 * 10_000.0),
+        "{body}"
+    );
+    assert_eq!(
         value(&body, "kvd_op_duration_seconds_count{op=\"commit\"}"),
         Some(3.0),
         "{body}"

@@ -142,6 +142,8 @@ pub fn draw(f: &mut Frame, v: &View) {
                 v.per_s(t.hits, old.map(|o| o.hits)),
                 v.per_s(t.misses, old.map(|o| o.misses)),
                 v.per_s(t.evictions, old.map(|o| o.evictions)),
+                v.bytes_per_s(t.bytes_in, old.map(|o| o.bytes_in)),
+                v.bytes_per_s(t.bytes_out, old.map(|o| o.bytes_out)),
             ])
         })
         .collect();
@@ -157,11 +159,14 @@ pub fn draw(f: &mut Frame, v: &View) {
             Constraint::Length(9),
             Constraint::Length(9),
             Constraint::Length(9),
+            Constraint::Length(12),
+            Constraint::Length(12),
         ],
     )
     .header(
         Row::new([
-            "TIER", "CAPACITY", "USED", "USE%", "BLOCKS", "HIT RATE", "HITS/S", "MISS/S", "EVICT/S",
+            "TIER", "CAPACITY", "USED", "USE%", "BLOCKS", "HIT RATE", "HITS/S", "MISS/S",
+            "EVICT/S", "IN", "OUT",
         ])
         .style(head),
     )
@@ -341,6 +346,8 @@ mod tests {
                 hits,
                 misses: 10,
                 evictions: 0,
+                bytes_in: 64 << 20,
+                bytes_out: hits << 20,
             }],
             namespaces: vec![],
             clients: vec![ClientInfo {
@@ -367,8 +374,12 @@ mod tests {
             before: Some(report(90, 1_000)),
             elapsed: Duration::from_secs(2),
         };
-        let text = render_text(&v, 110, 30).unwrap();
+        let text = render_text(&v, 140, 30).unwrap();
         assert!(text.contains("kvd 9.9.9  up 61s  1 clients"), "{text}");
+        assert!(
+            text.contains("1000.0 MiB/s"),
+            "2000 MiB read in 2 s: {text}"
+        );
         assert!(text.contains("dram"), "{text}");
         assert!(text.contains("25.0%"), "used share: {text}");
         assert!(text.contains("99.5%"), "hit rate 2090/2100: {text}");
