@@ -34,8 +34,8 @@ step "clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy --manifest-path python/Cargo.toml --all-targets -- -D warnings
 
-step "build binaries (the integration tests start the real kvd)"
-cargo build --workspace --bins
+step "build binaries and libraries (the integration tests start the real kvd; the C test links libkvd_ffi.so)"
+cargo build --workspace
 
 step "tests (unit, property, integration)"
 KVD_BIN_DIR="$CARGO_TARGET_DIR/debug" cargo test --workspace 2>&1 | tee "$CARGO_TARGET_DIR/test.log"

@@ -25,7 +25,8 @@ fn c_program_puts_and_gets_through_a_running_daemon() {
     let lib = lib_dir();
     assert!(
         lib.join("libkvd_ffi.so").exists(),
-        "libkvd_ffi.so not found in {}",
+        "libkvd_ffi.so not found in {}: build it first (cargo build --workspace); \
+        `cargo test` alone does not refresh it",
         lib.display()
     );
     let out_dir = tempfile::tempdir().expect("tempdir");

@@ -116,6 +116,19 @@ def disk_sets(tmp: Path) -> list[str]:
     ]
 
 
+def events_sets(tmp: Path, port: int) -> list[str]:
+    """Map-form events to a subscriber bound on ``port``, and a disk tier."""
+    return [f"events.endpoint=tcp://127.0.0.1:{port}", f"events.pod={POD}", *disk_sets(tmp)]
+
+
+def flowing(d: Daemon, sub: Sub):
+    """Once events flow to ``sub``: a client and its namespace of MODEL."""
+    wait_connected(d)
+    c = kvd.Client(str(d.socket), name="events")
+    handshake(c, sub)
+    return c, c.open_namespace(model=MODEL, dtype="bfloat16", layout="LBHNC", block_tokens=BLOCK)
+
+
 def test_map_events_to_a_binding_subscriber_decode_with_vllms_own_decoder(tmp_sock_dir):
     from vllm.distributed.kv_events import (
         AllBlocksCleared,
@@ -129,19 +142,11 @@ def test_map_events_to_a_binding_subscriber_decode_with_vllms_own_decoder(tmp_so
     sub = Sub(ctx, bind=f"tcp://127.0.0.1:{port}")
     d = Daemon(
         tmp_sock_dir / "kvd.sock",
-        [
-            f"events.endpoint=tcp://127.0.0.1:{port}",
-            f"events.replay_endpoint=tcp://127.0.0.1:{replay_port}",
-            f"events.pod={POD}",
-            *disk_sets(tmp_sock_dir),
-        ],
+        [f"events.replay_endpoint=tcp://127.0.0.1:{replay_port}", *events_sets(tmp_sock_dir, port)],
     )
     d.start()
     try:
-        wait_connected(d)
-        c = kvd.Client(str(d.socket), name="events")
-        handshake(c, sub)
-        ns = c.open_namespace(model=MODEL, dtype="bfloat16", layout="LBHNC", block_tokens=BLOCK)
+        c, ns = flowing(d, sub)
         assert ns.events is True
         tokens = list(range(1000, 1000 + 3 * BLOCK))
         keys = kvd.chain_keys(tokens, BLOCK)
@@ -345,16 +350,10 @@ def test_sigterm_writes_dram_to_disk_then_withdraws_the_dram_copies(tmp_sock_dir
     port = free_port()
     ctx = zmq.Context()
     sub = Sub(ctx, bind=f"tcp://127.0.0.1:{port}")
-    d = Daemon(
-        tmp_sock_dir / "kvd.sock",
-        [f"events.endpoint=tcp://127.0.0.1:{port}", f"events.pod={POD}", *disk_sets(tmp_sock_dir)],
-    )
+    d = Daemon(tmp_sock_dir / "kvd.sock", events_sets(tmp_sock_dir, port))
     d.start()
     try:
-        wait_connected(d)
-        c = kvd.Client(str(d.socket), name="events")
-        handshake(c, sub)
-        ns = c.open_namespace(model=MODEL, dtype="bfloat16", layout="LBHNC", block_tokens=BLOCK)
+        c, ns = flowing(d, sub)
         tokens = list(range(5000, 5000 + 4 * BLOCK))
         keys = kvd.chain_keys(tokens, BLOCK)
         c.lineage(ns, None, keys, tokens)

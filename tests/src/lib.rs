@@ -219,6 +219,35 @@ pub fn pattern(seed: u64, index: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// A raw connection (no kvd-client) named `name` with its ring and the handle of namespace
+/// `model`: for sending what no well-behaved client sends, or not reaping what it should.
+pub fn raw_client(
+    d: &Daemon,
+    name: &str,
+    model: &str,
+) -> (kvd_client::Control, kvd_shm::ClientRing, u32) {
+    use kvd_proto::{Request, Response};
+    let mut ctl = kvd_client::Control::connect(&d.socket).expect("connect");
+    let hello = Request::Hello {
+        protocol_version: kvd_proto::PROTOCOL_VERSION,
+        client_name: name.into(),
+        admin: false,
+    };
+    let (resp, fd) = ctl.call(&hello).expect("hello");
+    let Response::Welcome { ring_bytes, .. } = resp else {
+        panic!("{resp:?}")
+    };
+    let ring =
+        kvd_shm::ClientRing::from_fd(&fd.expect("ring fd"), ring_bytes as usize).expect("map");
+    let (resp, _) = ctl
+        .call(&Request::OpenNamespace(test_namespace(model)))
+        .expect("open");
+    let Response::NamespaceOpened { handle, .. } = resp else {
+        panic!("{resp:?}")
+    };
+    (ctl, ring, handle)
+}
+
 /// The namespace every test client uses unless told otherwise.
 pub fn test_namespace(model: &str) -> kvd_client::NamespaceDesc {
     kvd_client::NamespaceDesc::new(model, "bfloat16", "LBHNC", 32)

@@ -10,29 +10,9 @@ use kvd_proto::PROTOCOL_VERSION;
 use kvd_shm::{ClientRing, RingError};
 use kvd_tests::{test_namespace, Daemon};
 
-fn hello() -> Request {
-    Request::Hello {
-        protocol_version: PROTOCOL_VERSION,
-        client_name: "raw".into(),
-        admin: false,
-    }
-}
-
 /// A raw connection with its ring, for sending what no well-behaved client sends.
 fn raw(d: &Daemon) -> (Control, ClientRing, u32) {
-    let mut ctl = Control::connect(&d.socket).expect("connect");
-    let (resp, fd) = ctl.call(&hello()).expect("hello");
-    let Response::Welcome { ring_bytes, .. } = resp else {
-        panic!("{resp:?}")
-    };
-    let ring = ClientRing::from_fd(&fd.expect("ring fd"), ring_bytes as usize).expect("map");
-    let (resp, _) = ctl
-        .call(&Request::OpenNamespace(test_namespace("raw")))
-        .expect("open");
-    let Response::NamespaceOpened { handle, .. } = resp else {
-        panic!("{resp:?}")
-    };
-    (ctl, ring, handle)
+    kvd_tests::raw_client(d, "raw", "raw")
 }
 
 fn submit(ring: &mut ClientRing, s: Submission) -> Result<kvd_proto::ring::Completion, RingError> {

@@ -7,10 +7,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use kvd_client::{BlockKey, Control};
+use kvd_client::BlockKey;
 use kvd_proto::ring::{Op, Submission};
-use kvd_proto::{Request, Response};
-use kvd_shm::ClientRing;
 use kvd_tests::redis::free_port;
 use kvd_tests::{pattern, test_namespace, Daemon};
 
@@ -220,34 +218,13 @@ fn the_grafana_dashboard_only_queries_series_kvd_exports() {
     }
 }
 
-/// A raw client with its ring (no kvd-client): it can leave completions unreaped.
-fn raw_client(d: &Daemon) -> (Control, ClientRing, u32) {
-    let mut ctl = Control::connect(&d.socket).expect("connect");
-    let hello = Request::Hello {
-        protocol_version: kvd_proto::PROTOCOL_VERSION,
-        client_name: "slow-reaper".into(),
-        admin: false,
-    };
-    let (resp, fd) = ctl.call(&hello).expect("hello");
-    let Response::Welcome { ring_bytes, .. } = resp else {
-        panic!("{resp:?}")
-    };
-    let ring = ClientRing::from_fd(&fd.expect("ring fd"), ring_bytes as usize).expect("map");
-    let (resp, _) = ctl
-        .call(&Request::OpenNamespace(test_namespace("depth")))
-        .expect("open");
-    let Response::NamespaceOpened { handle, .. } = resp else {
-        panic!("{resp:?}")
-    };
-    (ctl, ring, handle)
-}
-
 #[test]
 fn ring_queue_depths_are_exported_per_client() {
     let port = free_port();
     let listen = format!("metrics.listen=127.0.0.1:{port}");
     let d = Daemon::start(&[&listen]);
-    let (_ctl, mut ring, h) = raw_client(&d);
+    // A raw client (no kvd-client): it can leave completions unreaped.
+    let (_ctl, mut ring, h) = kvd_tests::raw_client(&d, "slow-reaper", "depth");
     // Five submissions the client never reaps: kvd answers them all, and the answers wait
     // in the completion queue.
     for i in 0..5 {
