@@ -73,7 +73,7 @@ fn main() -> anyhow::Result<()> {
     init_logging(&cfg);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        .thread_name("kvd-ctl-io")
+        .thread_name("kvd-io")
         .enable_all()
         .build()
         .context("starting the async runtime")?;
