@@ -33,12 +33,20 @@ cargo fmt --check --manifest-path python/Cargo.toml
 step "clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy --manifest-path python/Cargo.toml --all-targets -- -D warnings
+# The CUDA backend builds without a CUDA toolkit (the driver is loaded at run time).
+cargo clippy -p kvd-gpu --all-targets --features cuda -- -D warnings
 
 step "build binaries and libraries (the integration tests start the real kvd; the C test links libkvd_ffi.so)"
 cargo build --workspace
 
 step "tests (unit, property, integration)"
-KVD_BIN_DIR="$CARGO_TARGET_DIR/debug" cargo test --workspace 2>&1 | tee "$CARGO_TARGET_DIR/test.log"
+# kvd-gpu runs once, below, with its CUDA backend built in.
+KVD_BIN_DIR="$CARGO_TARGET_DIR/debug" cargo test --workspace --exclude kvd-gpu 2>&1 \
+  | tee "$CARGO_TARGET_DIR/test.log"
+
+step "GPU data movement (kvd-gpu with --features cuda; CUDA tests skip, saying why, without a driver)"
+cargo test -p kvd-gpu --features cuda -- --nocapture 2>&1 | tee -a "$CARGO_TARGET_DIR/test.log" \
+  | grep -E "^test result|SKIPPED|FAILED|panicked"
 
 step "kvd-bench smoke run (every byte verified; figures are not judged here)"
 out=$("$CARGO_TARGET_DIR/debug/kvd-bench" dram --spawn --total 8MiB --rounds 1 --lookups 50 --json)

@@ -1,0 +1,292 @@
+//! A backend whose "device" memory is ordinary host memory.
+//!
+//! Why: CI and most development machines have no GPU, yet the copy plans, pinning and the
+//! daemon's transfer paths must be exercised. This backend keeps the driver's rules — pinned
+//! ranges may not overlap and are unpinned by their start, copies must stay inside a device
+//! allocation — and fails the way a driver would, so a plan that would fault a GPU fails here.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use crate::{Backend, DevicePtr, GpuError, Run};
+
+/// Host memory standing in for a device.
+#[derive(Debug, Default)]
+pub struct HostBackend {
+    /// Device allocations by start address (the boxes never move).
+    allocs: Mutex<BTreeMap<u64, Box<[u8]>>>,
+    /// Pinned host ranges: start → length.
+    pinned: Mutex<BTreeMap<usize, usize>>,
+}
+
+impl HostBackend {
+    /// An empty backend.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The pinned ranges as (start, length), by start.
+    pub fn registrations(&self) -> Vec<(usize, usize)> {
+        self.pinned
+            .lock()
+            .map(|p| p.iter().map(|(&s, &l)| (s, l)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Checks that `[dev, dev + len)` lies inside one allocation; returns its address.
+    fn device_range(&self, dev: DevicePtr, len: usize) -> Result<*mut u8, GpuError> {
+        let allocs = self
+            .allocs
+            .lock()
+            .map_err(|_| GpuError::Invalid("host backend poisoned".into()))?;
+        let inside = allocs.range(..=dev).next_back().and_then(|(&start, b)| {
+            let end = start.checked_add(b.len() as u64)?;
+            (dev.checked_add(len as u64)? <= end).then_some(())
+        });
+        match inside {
+            Some(()) => Ok(dev as usize as *mut u8),
+            None => Err(GpuError::Driver {
+                call: "memcpy",
+                message: format!(
+                    "CUDA_ERROR_INVALID_VALUE: {len} bytes at {dev:#x} are not inside one device allocation"
+                ),
+            }),
+        }
+    }
+}
+
+impl Backend for HostBackend {
+    fn name(&self) -> String {
+        "host".into()
+    }
+
+    unsafe fn register_host(&self, ptr: *mut u8, len: usize) -> Result<(), GpuError> {
+        let start = ptr as usize;
+        let end = start
+            .checked_add(len)
+            .ok_or_else(|| GpuError::Invalid("range overflows".into()))?;
+        let mut p = self
+            .pinned
+            .lock()
+            .map_err(|_| GpuError::Invalid("host backend poisoned".into()))?;
+        let overlaps = p
+            .range(..end)
+            .next_back()
+            .is_some_and(|(&s, &l)| s + l > start);
+        if len == 0 || overlaps {
+            return Err(GpuError::Driver {
+                call: "cuMemHostRegister",
+                message: format!(
+                    "CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED: {len} bytes at {start:#x}"
+                ),
+            });
+        }
+        p.insert(start, len);
+        Ok(())
+    }
+
+    unsafe fn unregister_host(&self, ptr: *mut u8) -> Result<(), GpuError> {
+        let mut p = self
+            .pinned
+            .lock()
+            .map_err(|_| GpuError::Invalid("host backend poisoned".into()))?;
+        match p.remove(&(ptr as usize)) {
+            Some(_) => Ok(()),
+            None => Err(GpuError::Driver {
+                call: "cuMemHostUnregister",
+                message: format!("CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED: {ptr:p}"),
+            }),
+        }
+    }
+
+    fn alloc(&self, len: usize) -> Result<DevicePtr, GpuError> {
+        if len == 0 {
+            return Err(GpuError::Invalid("zero-byte device allocation".into()));
+        }
+        let b = vec![0u8; len].into_boxed_slice();
+        let addr = b.as_ptr() as u64;
+        self.allocs
+            .lock()
+            .map_err(|_| GpuError::Invalid("host backend poisoned".into()))?
+            .insert(addr, b);
+        Ok(addr)
+    }
+
+    unsafe fn free(&self, ptr: DevicePtr) -> Result<(), GpuError> {
+        let removed = self
+            .allocs
+            .lock()
+            .map_err(|_| GpuError::Invalid("host backend poisoned".into()))?
+            .remove(&ptr);
+        removed.map(drop).ok_or_else(|| GpuError::Driver {
+            call: "cuMemFree",
+            message: format!("CUDA_ERROR_INVALID_VALUE: {ptr:#x} is not an allocation"),
+        })
+    }
+
+    unsafe fn copy_d2h(&self, runs: &[Run]) -> Result<(), GpuError> {
+        let srcs = runs
+            .iter()
+            .map(|r| self.device_range(r.dev, r.len))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (r, src) in runs.iter().zip(srcs) {
+            // SAFETY: the source lies inside a live allocation (checked above); the caller
+            // guarantees the host range is valid for writes and not shared; a host range and
+            // an allocation of this backend never overlap.
+            unsafe { std::ptr::copy_nonoverlapping(src, r.host as *mut u8, r.len) };
+        }
+        Ok(())
+    }
+
+    unsafe fn copy_h2d(&self, runs: &[Run]) -> Result<(), GpuError> {
+        let dsts = runs
+            .iter()
+            .map(|r| self.device_range(r.dev, r.len))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (r, dst) in runs.iter().zip(dsts) {
+            // SAFETY: as in `copy_d2h`, with the roles of the two ranges swapped.
+            unsafe { std::ptr::copy_nonoverlapping(r.host as *const u8, dst, r.len) };
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{block_bytes, block_runs, Layer};
+    use proptest::prelude::*;
+
+    /// A paged "engine" KV cache of `layers` layers on `backend`, each page filled with
+    /// bytes derived from (layer, page, seed).
+    fn engine(
+        backend: &HostBackend,
+        layers: usize,
+        pages: u64,
+        page: u64,
+        stride: u64,
+    ) -> Vec<Layer> {
+        (0..layers)
+            .map(|_| {
+                let base = backend.alloc((pages * stride) as usize).unwrap();
+                Layer {
+                    base,
+                    stride,
+                    page,
+                    pages,
+                }
+            })
+            .collect()
+    }
+
+    fn fill(backend: &HostBackend, layers: &[Layer], seed: u64) {
+        for (li, l) in layers.iter().enumerate() {
+            for p in 0..l.pages {
+                let bytes: Vec<u8> = (0..l.page)
+                    .map(|i| (i ^ p.wrapping_mul(31) ^ (li as u64) << 3 ^ seed) as u8)
+                    .collect();
+                let run = Run {
+                    dev: l.base + p * l.stride,
+                    host: bytes.as_ptr() as usize,
+                    len: bytes.len(),
+                };
+                // SAFETY: `bytes` lives across the call; the device range is inside the layer.
+                unsafe { backend.copy_h2d(&[run]) }.unwrap();
+            }
+        }
+    }
+
+    fn read(backend: &HostBackend, l: &Layer, p: u64) -> Vec<u8> {
+        let mut out = vec![0u8; l.page as usize];
+        let run = Run {
+            dev: l.base + p * l.stride,
+            host: out.as_mut_ptr() as usize,
+            len: out.len(),
+        };
+        // SAFETY: `out` is ours and large enough; the device range is inside the layer.
+        unsafe { backend.copy_d2h(&[run]) }.unwrap();
+        out
+    }
+
+    proptest! {
+        /// Random pages of a random layout: gathered into arena slots, scattered into other
+        /// pages of a second engine, they arrive bit for bit.
+        #[test]
+        fn pages_round_trip_engine_to_arena_to_engine(
+            layers in 1usize..5,
+            page in prop::sample::select(vec![16u64, 256, 4096]),
+            pad in 0u64..3,
+            picks in prop::collection::vec((0u64..12, 0u64..12), 1..10),
+        ) {
+            let backend = HostBackend::new();
+            let stride = page * (1 + pad);
+            let a = engine(&backend, layers, 12, page, stride);
+            let b = engine(&backend, layers, 12, page, stride);
+            fill(&backend, &a, 7);
+            let per = block_bytes(&a) as usize;
+            let mut arena = vec![0u8; per * picks.len()];
+            let slots: Vec<usize> = (0..picks.len()).map(|i| arena.as_mut_ptr() as usize + i * per).collect();
+            let from: Vec<u64> = picks.iter().map(|p| p.0).collect();
+            let mut to: Vec<u64> = picks.iter().map(|p| p.1).collect();
+            to.sort_unstable();
+            to.dedup();
+            let gather = block_runs(&a, &from, &slots).unwrap();
+            // SAFETY: slots lie in `arena`, which nothing else touches meanwhile.
+            unsafe { backend.copy_d2h(&gather) }.unwrap();
+            let scatter = block_runs(&b, &to, &slots[..to.len()]).unwrap();
+            // SAFETY: as above.
+            unsafe { backend.copy_h2d(&scatter) }.unwrap();
+            for (i, &dst) in to.iter().enumerate() {
+                for li in 0..layers {
+                    prop_assert_eq!(read(&backend, &b[li], dst), read(&backend, &a[li], from[i]));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn copies_outside_an_allocation_fail_like_a_driver() {
+        let backend = HostBackend::new();
+        let dev = backend.alloc(4096).unwrap();
+        let mut buf = vec![0u8; 8192];
+        let run = Run {
+            dev,
+            host: buf.as_mut_ptr() as usize,
+            len: 4097,
+        };
+        // SAFETY: `buf` is ours; the backend refuses before copying.
+        let e = unsafe { backend.copy_d2h(&[run]) }.unwrap_err();
+        assert!(
+            e.to_string().contains("not inside one device allocation"),
+            "{e}"
+        );
+        // SAFETY: `dev` came from `alloc`.
+        unsafe { backend.free(dev) }.unwrap();
+        let run = Run {
+            dev,
+            host: buf.as_mut_ptr() as usize,
+            len: 1,
+        };
+        // SAFETY: as above.
+        assert!(unsafe { backend.copy_h2d(&[run]) }.is_err(), "freed memory");
+        // SAFETY: the backend refuses a pointer that is no longer an allocation.
+        assert!(unsafe { backend.free(dev) }.is_err(), "double free");
+    }
+
+    #[test]
+    fn overlapping_pins_are_refused() {
+        let backend = HostBackend::new();
+        let mut buf = vec![0u8; 16384];
+        let p = buf.as_mut_ptr();
+        // SAFETY: `buf` outlives every registration in this test.
+        unsafe {
+            backend.register_host(p, 8192).unwrap();
+            assert!(backend.register_host(p.add(4096), 8192).is_err());
+            backend.register_host(p.add(8192), 8192).unwrap();
+            assert!(backend.unregister_host(p.add(4096)).is_err());
+            backend.unregister_host(p).unwrap();
+            backend.unregister_host(p.add(8192)).unwrap();
+        }
+        assert!(backend.registrations().is_empty());
+    }
+}

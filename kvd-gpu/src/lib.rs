@@ -1,0 +1,96 @@
+//! GPU data movement for kvd, behind one trait so the daemon and its tests do not care which
+//! accelerator (if any) is present.
+//!
+//! Why a crate of its own: everything here talks to a driver through raw pointers, and the
+//! rest of kvd should see only safe, checked operations — pin a DRAM arena for DMA
+//! ([`register::pin_parallel`]), plan the copies of a batch of KV pages ([`plan::block_runs`]),
+//! and run them ([`Backend::copy_d2h`] / [`Backend::copy_h2d`]). Backends:
+//! - [`host::HostBackend`]: "device" memory that is ordinary host memory, with the driver's
+//!   rules enforced (no overlapping registrations, copies only inside allocations). Unit tests
+//!   and CI, which have no GPU, run every plan through it.
+//! - `cuda::CudaBackend` (feature `cuda`): the CUDA driver API through cudarc, loaded at run
+//!   time, so building needs no CUDA toolkit; opening it on a machine without libcuda is a
+//!   clear [`GpuError::Unavailable`], never a panic.
+
+pub mod host;
+pub mod plan;
+pub mod register;
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+/// An address in device memory (a `CUdeviceptr` on CUDA).
+pub type DevicePtr = u64;
+
+/// One contiguous copy of `len` bytes between device address `dev` and host address `host`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// Device address.
+    pub dev: DevicePtr,
+    /// Host address.
+    pub host: usize,
+    /// Bytes.
+    pub len: usize,
+}
+
+/// What can go wrong moving bytes to or from a device.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    /// No usable device or driver here (the message says which and why).
+    #[error("no GPU backend: {0}")]
+    Unavailable(String),
+    /// A driver call failed.
+    #[error("{call} failed: {message}")]
+    Driver {
+        /// The driver function.
+        call: &'static str,
+        /// The driver's error name and text.
+        message: String,
+    },
+    /// A request that cannot be right (out-of-range page, overlapping registration, ...).
+    #[error("invalid GPU request: {0}")]
+    Invalid(String),
+}
+
+/// A device and the driver calls kvd needs from it. Copies are synchronous from the caller's
+/// point of view: they are queued on the backend's own stream and waited for.
+pub trait Backend: Send + Sync {
+    /// A short description ("cuda:0 NVIDIA H100 80GB HBM3", "host").
+    fn name(&self) -> String;
+
+    /// Pins `[ptr, ptr + len)` for DMA (page-locked and mapped for the device).
+    ///
+    /// # Safety
+    /// The range must be mapped host memory that stays mapped until
+    /// [`unregister_host`](Self::unregister_host) is called with the same `ptr`.
+    unsafe fn register_host(&self, ptr: *mut u8, len: usize) -> Result<(), GpuError>;
+
+    /// Unpins a range pinned by [`register_host`](Self::register_host) starting at `ptr`.
+    ///
+    /// # Safety
+    /// `ptr` must start a range this backend registered, and no copy may be using it.
+    unsafe fn unregister_host(&self, ptr: *mut u8) -> Result<(), GpuError>;
+
+    /// Allocates `len` bytes of device memory.
+    fn alloc(&self, len: usize) -> Result<DevicePtr, GpuError>;
+
+    /// Frees an allocation made by [`alloc`](Self::alloc).
+    ///
+    /// # Safety
+    /// `ptr` must come from `alloc` on this backend and not be in use by a copy.
+    unsafe fn free(&self, ptr: DevicePtr) -> Result<(), GpuError>;
+
+    /// Copies every run from the device to the host and waits until all have landed.
+    ///
+    /// # Safety
+    /// Every run's device range must lie in device memory this backend can address, and its
+    /// host range must be valid for writes and not accessed by anyone else until this returns.
+    unsafe fn copy_d2h(&self, runs: &[Run]) -> Result<(), GpuError>;
+
+    /// Copies every run from the host to the device and waits until all have landed.
+    ///
+    /// # Safety
+    /// Every run's host range must be valid for reads and not written meanwhile; its device
+    /// range must lie in device memory this backend can address and not be in use.
+    unsafe fn copy_h2d(&self, runs: &[Run]) -> Result<(), GpuError>;
+}
