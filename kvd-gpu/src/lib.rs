@@ -52,6 +52,12 @@ pub enum GpuError {
     Invalid(String),
 }
 
+impl std::fmt::Debug for dyn Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
 /// A device and the driver calls kvd needs from it. Copies are synchronous from the caller's
 /// point of view: they are queued on the backend's own stream and waited for.
 pub trait Backend: Send + Sync {

@@ -13,16 +13,29 @@ use std::time::{Duration, Instant};
 
 use crate::{Backend, GpuError};
 
-/// The ranges `[offset, offset + len)` that cover `len` bytes in pieces of `chunk` (the last
-/// one shorter).
-pub fn chunks(len: usize, chunk: usize) -> Vec<(usize, usize)> {
+/// The ranges `(offset, len)` covering `len` bytes, cut at `origin + k * chunk` (so a unit
+/// of `chunk` bytes starting at `origin` is never split; the first and last pieces may be
+/// shorter). `chunk` 0: one piece.
+pub fn chunks(len: usize, origin: usize, chunk: usize) -> Vec<(usize, usize)> {
+    if len == 0 {
+        return Vec::new();
+    }
     if chunk == 0 {
         return vec![(0, len)];
     }
-    (0..len)
-        .step_by(chunk)
-        .map(|o| (o, chunk.min(len - o)))
-        .collect()
+    let mut out = Vec::new();
+    let mut at = 0;
+    let mut cut = origin % chunk;
+    while at < len {
+        if cut <= at {
+            cut += chunk;
+            continue;
+        }
+        let end = cut.min(len);
+        out.push((at, end - at));
+        at = end;
+    }
+    out
 }
 
 /// What pinning took.
@@ -73,22 +86,24 @@ impl Drop for Pinned {
     }
 }
 
-/// Pins `[base, base + len)` in chunks of `chunk` bytes (0: one call) from up to `threads`
-/// threads. On any failure every chunk pinned so far is unpinned and the error names the
-/// failing chunk's offset.
+/// Pins `[base, base + len)` in pieces cut at `origin + k * chunk` (see [`chunks`]; chunk 0:
+/// one call) from up to `threads` threads. On any failure every piece pinned so far is
+/// unpinned and the error names the failing piece's offset.
 ///
 /// # Safety
 /// The range must be mapped host memory that outlives the returned guard, and `chunk` must be
-/// a multiple of the unit copies never cross (kvd's allocator chunk).
+/// a multiple of the unit copies never cross (kvd's allocator chunk, whose first one starts
+/// at `origin`).
 pub unsafe fn pin_parallel(
     backend: Arc<dyn Backend>,
     base: *mut u8,
     len: usize,
+    origin: usize,
     chunk: usize,
     threads: usize,
 ) -> Result<Pinned, GpuError> {
     let t = Instant::now();
-    let parts = chunks(len, chunk);
+    let parts = chunks(len, origin, chunk);
     let threads = threads.clamp(1, parts.len().max(1));
     let next = AtomicUsize::new(0);
     let done: Mutex<Vec<usize>> = Mutex::new(Vec::with_capacity(parts.len()));
@@ -150,10 +165,22 @@ mod tests {
 
     #[test]
     fn chunks_cover_the_range_exactly() {
-        assert_eq!(chunks(10, 4), vec![(0, 4), (4, 4), (8, 2)]);
-        assert_eq!(chunks(8, 4), vec![(0, 4), (4, 4)]);
-        assert_eq!(chunks(8, 0), vec![(0, 8)]);
-        assert!(chunks(0, 4).is_empty());
+        assert_eq!(chunks(10, 0, 4), vec![(0, 4), (4, 4), (8, 2)]);
+        assert_eq!(chunks(8, 0, 4), vec![(0, 4), (4, 4)]);
+        assert_eq!(chunks(8, 0, 0), vec![(0, 8)]);
+        assert!(chunks(0, 0, 4).is_empty());
+        // An arena header of 3 bytes before 4-byte allocator chunks: cuts at 3, 7, 11.
+        assert_eq!(chunks(13, 3, 4), vec![(0, 3), (3, 4), (7, 4), (11, 2)]);
+        assert_eq!(chunks(13, 7, 4), vec![(0, 3), (3, 4), (7, 4), (11, 2)]);
+        for (len, origin, chunk) in [(100, 17, 9), (64, 0, 64), (65, 1, 64), (5, 9, 3)] {
+            let c = chunks(len, origin, chunk);
+            assert_eq!(c.iter().map(|p| p.1).sum::<usize>(), len);
+            assert!(c.windows(2).all(|w| w[0].0 + w[0].1 == w[1].0));
+            assert!(c
+                .iter()
+                .skip(1)
+                .all(|p| (p.0 + chunk - origin % chunk) % chunk == 0));
+        }
     }
 
     #[test]
@@ -162,7 +189,7 @@ mod tests {
         let mut arena = vec![0u8; 64 << 10];
         // SAFETY: `arena` outlives the guard (dropped below).
         let pinned =
-            unsafe { pin_parallel(host.clone(), arena.as_mut_ptr(), arena.len(), 8 << 10, 4) }
+            unsafe { pin_parallel(host.clone(), arena.as_mut_ptr(), arena.len(), 0, 8 << 10, 4) }
                 .unwrap();
         let r = pinned.report();
         assert_eq!((r.bytes, r.chunks, r.threads), (64 << 10, 8, 4));
@@ -183,8 +210,9 @@ mod tests {
         // SAFETY: `arena` outlives every registration made here.
         unsafe { host.register_host(arena.as_mut_ptr().add(40 << 10), 4096) }.unwrap();
         // SAFETY: `arena` outlives the call (nothing stays pinned by it on failure).
-        let e = unsafe { pin_parallel(host.clone(), arena.as_mut_ptr(), arena.len(), 8 << 10, 3) }
-            .unwrap_err();
+        let e =
+            unsafe { pin_parallel(host.clone(), arena.as_mut_ptr(), arena.len(), 0, 8 << 10, 3) }
+                .unwrap_err();
         assert!(e.to_string().contains("at offset 40960"), "{e}");
         assert_eq!(
             host.registrations().len(),

@@ -38,6 +38,15 @@ pub struct SlabAllocator {
     used_bytes: u64,
 }
 
+/// Bytes of one allocator chunk for blocks of at most `max_block` bytes (slots never cross a
+/// chunk boundary; chunks start at the arena's data offset).
+pub fn chunk_bytes_for(max_block: u64) -> u64 {
+    class_sizes(max_block.max(SLOT_ALIGN))
+        .last()
+        .copied()
+        .unwrap_or(SLOT_ALIGN)
+}
+
 fn class_sizes(max: u64) -> Vec<u64> {
     let mut out = Vec::new();
     let mut base = SLOT_ALIGN;

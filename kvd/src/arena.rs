@@ -38,6 +38,8 @@ pub struct Arena {
     /// Its registration with the disk IO engine, if any; declared first so it is released
     /// before the mapping goes.
     io: Option<Arc<Registered>>,
+    /// Its pinning for GPU DMA, if any; released before the mapping, like `io`.
+    gpu: Option<kvd_gpu::register::Pinned>,
     fd: OwnedFd,
     map: Mapping,
     data_offset: u64,
@@ -85,6 +87,7 @@ impl Arena {
         };
         Ok(Arena {
             io: None,
+            gpu: None,
             fd,
             map,
             data_offset,
@@ -129,6 +132,35 @@ impl Arena {
         let r = unsafe { engine.register(self.map.as_ptr(), self.map.len())? };
         self.io = Some(r);
         Ok(())
+    }
+
+    /// Pins the whole arena for DMA with `backend`, in pieces of `chunk` bytes (a multiple of
+    /// the allocator chunk) cut on allocator chunk boundaries, from `threads` threads.
+    pub fn pin_for_gpu(
+        &mut self,
+        backend: Arc<dyn kvd_gpu::Backend>,
+        chunk: u64,
+        threads: usize,
+    ) -> Result<kvd_gpu::register::PinReport, kvd_gpu::GpuError> {
+        let too_big = |_| kvd_gpu::GpuError::Invalid("arena offsets overflow usize".into());
+        let origin = usize::try_from(self.data_offset).map_err(too_big)?;
+        let chunk = usize::try_from(chunk).map_err(too_big)?;
+        // SAFETY: the mapping lives as long as `self`; the guard is kept in `self.gpu`,
+        // dropped before the mapping (field order); `chunk` is a multiple of the allocator
+        // chunk and the cuts start at the data offset, where the allocator's chunks start.
+        let pinned = unsafe {
+            kvd_gpu::register::pin_parallel(
+                backend,
+                self.map.as_ptr(),
+                self.map.len(),
+                origin,
+                chunk,
+                threads,
+            )?
+        };
+        let report = pinned.report();
+        self.gpu = Some(pinned);
+        Ok(report)
     }
 
     /// The memfd to pass to clients.

@@ -414,6 +414,46 @@ pub struct MetricsConfig {
     pub listen: String,
 }
 
+/// Which GPU driver kvd uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GpuBackendKind {
+    /// No GPU work.
+    Off,
+    /// NVIDIA, through the CUDA driver (kvd built with the `cuda` feature).
+    Cuda,
+    /// Host memory standing in for a device: exercises the GPU paths without one (tests).
+    Host,
+}
+
+/// GPU data movement.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GpuConfig {
+    /// Driver.
+    pub backend: GpuBackendKind,
+    /// Device ordinal.
+    pub device: u32,
+    /// Pin (page-lock and map for DMA) every DRAM arena at start.
+    pub pin_arenas: bool,
+    /// Size of one pinning call (rounded to whole allocator chunks).
+    pub pin_chunk_bytes: ByteSize,
+    /// Threads pinning at once.
+    pub pin_threads: u32,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        Self {
+            backend: GpuBackendKind::Off,
+            device: 0,
+            pin_arenas: true,
+            pin_chunk_bytes: ByteSize(1 << 30),
+            pin_threads: 8,
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -463,6 +503,8 @@ pub struct Config {
     pub peer: PeerConfig,
     /// Metrics and health endpoints.
     pub metrics: MetricsConfig,
+    /// GPU data movement.
+    pub gpu: GpuConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -507,8 +549,8 @@ pub enum ConfigError {
     },
 }
 
-const SECTIONS: [&str; 9] = [
-    "server", "ring", "dram", "disk", "index", "events", "peer", "metrics", "log",
+const SECTIONS: [&str; 10] = [
+    "server", "ring", "dram", "disk", "index", "events", "peer", "metrics", "gpu", "log",
 ];
 
 fn parse_value(raw: &str) -> toml::Value {
@@ -630,6 +672,21 @@ impl Config {
     /// Checks ranges and relations between keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key, why: String| Err(ConfigError::Invalid { key, why });
+        let g = &self.gpu;
+        if g.backend == GpuBackendKind::Cuda && !cfg!(feature = "cuda") {
+            return bad(
+                "gpu.backend",
+                "\"cuda\" needs a kvd built with the `cuda` feature (cargo build --features \
+                 cuda; no CUDA toolkit is needed to build)"
+                    .into(),
+            );
+        }
+        if !(1..=256).contains(&g.pin_threads) {
+            return bad("gpu.pin_threads", "must be between 1 and 256".into());
+        }
+        if g.pin_chunk_bytes.0 < 1 << 20 {
+            return bad("gpu.pin_chunk_bytes", "must be at least 1 MiB".into());
+        }
         let x = &self.index;
         if let Some(u) = x
             .redis_urls

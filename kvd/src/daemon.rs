@@ -104,6 +104,45 @@ impl Conn {
     }
 }
 
+/// Opens the GPU backend (if configured) and pins every arena for DMA, each in parallel
+/// pieces on allocator chunk boundaries; logs what it took.
+fn pin_arenas(cfg: &Config, arenas: &mut [Arena]) -> Result<Option<crate::gpu::Gpu>, StartError> {
+    let Some(backend) = crate::gpu::open(&cfg.gpu)? else {
+        return Ok(None);
+    };
+    let mut gpu = crate::gpu::Gpu {
+        backend: backend.clone(),
+        pinned_bytes: 0,
+        pin_time: std::time::Duration::ZERO,
+    };
+    if cfg.gpu.pin_arenas {
+        let chunk = crate::gpu::pin_chunk(
+            cfg.gpu.pin_chunk_bytes.0,
+            crate::alloc::chunk_bytes_for(cfg.dram.max_block_bytes.0),
+        );
+        let t = Instant::now();
+        let mut pieces = 0;
+        for a in arenas.iter_mut() {
+            let r = a.pin_for_gpu(backend.clone(), chunk, cfg.gpu.pin_threads as usize)?;
+            gpu.pinned_bytes += r.bytes as u64;
+            pieces += r.chunks;
+        }
+        gpu.pin_time = t.elapsed();
+        tracing::info!(
+            backend = %backend.name(),
+            arenas = arenas.len(),
+            bytes = gpu.pinned_bytes,
+            pieces,
+            threads = cfg.gpu.pin_threads,
+            elapsed_ms = gpu.pin_time.as_millis() as u64,
+            "DRAM arenas pinned for GPU DMA"
+        );
+    } else {
+        tracing::info!(backend = %backend.name(), "GPU backend open; arenas not pinned (gpu.pin_arenas)");
+    }
+    Ok(Some(gpu))
+}
+
 /// Registers arenas with the disk tier's IO engine (pinned once, so disk IOs skip pinning
 /// pages each time). Only pre-faulted arenas: registering faults every page in. Where the
 /// engine cannot, IOs take the plain path; that is logged once per process.
@@ -151,6 +190,9 @@ pub enum StartError {
     /// The disk tier could not be opened.
     #[error("cannot open the disk tier: {0}")]
     Disk(#[from] DiskError),
+    /// The GPU backend could not be opened or the arenas not pinned.
+    #[error("cannot start the GPU tier (gpu.backend): {0}")]
+    Gpu(#[from] kvd_gpu::GpuError),
     /// A background thread could not be started.
     #[error("cannot start the {what} thread: {source}")]
     Thread {
@@ -175,6 +217,8 @@ pub struct Daemon {
     pub events: Option<Arc<crate::events::Events>>,
     /// Peer fetch (data port and fetcher), when configured.
     pub peer: Option<Arc<crate::peer::Peer>>,
+    /// The GPU backend and the arenas' pinning, when configured.
+    pub gpu: Option<crate::gpu::Gpu>,
     /// Latency histograms of the operations served (for `/metrics`).
     pub latency: crate::metrics::OpLatency,
     drains: Arc<Mutex<DrainSet>>,
@@ -196,6 +240,7 @@ impl Daemon {
     /// starts its demotion thread.
     pub fn new(cfg: Config) -> Result<Arc<Daemon>, StartError> {
         let mut pool = Arena::create_pool(&cfg.dram, cfg.dram.max_namespaces)?;
+        let gpu = pin_arenas(&cfg, &mut pool)?;
         let disk = if cfg.disk.capacity_bytes.0 > 0 {
             Some(Arc::new(DiskTier::open(&cfg.disk)?))
         } else {
@@ -217,6 +262,7 @@ impl Daemon {
             index,
             events,
             peer,
+            gpu,
             latency: Default::default(),
             drains: drains.clone(),
             warming: AtomicBool::new(false),

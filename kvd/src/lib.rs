@@ -20,6 +20,7 @@ pub mod daemon;
 pub mod demoter;
 pub mod disk;
 pub mod events;
+pub mod gpu;
 pub mod index;
 pub mod lineage;
 pub mod metrics;

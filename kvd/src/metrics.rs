@@ -539,7 +539,26 @@ impl Collector for StatsCollector {
         let Some(daemon) = self.daemon.upgrade() else {
             return Ok(());
         };
-        encode_stats(&daemon.stats(), &mut encoder)
+        encode_stats(&daemon.stats(), &mut encoder)?;
+        if let Some(g) = &daemon.gpu {
+            family(
+                &mut encoder,
+                "kvd_gpu_pinned",
+                "DRAM pinned for GPU DMA at start (gpu.pin_arenas).",
+                Some(&Unit::Bytes),
+                MetricType::Gauge,
+                &[(vec![], g.pinned_bytes)],
+            )?;
+            family(
+                &mut encoder,
+                "kvd_gpu_pin",
+                "Wall time pinning the DRAM arenas took at start.",
+                Some(&Unit::Seconds),
+                MetricType::Gauge,
+                &[(vec![], g.pin_time.as_secs_f64())],
+            )?;
+        }
+        Ok(())
     }
 }
 

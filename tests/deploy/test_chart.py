@@ -62,6 +62,7 @@ FULL = {
         "disk": {"capacity_bytes": "100 GiB", "region_bytes": "256 MiB", "engine": "psync"},
         "index": {"key_prefix": "prod", "lease_ttl_ms": 15000},
         "events": {"endpoint": "tcp://kv-indexer.llm-d:5557", "form": "map"},
+        "gpu": {"backend": "host", "pin_threads": 4, "pin_chunk_bytes": "512 MiB"},
         "log": {"level": "kvd=debug,info", "format": "json"},
     },
     "disk": {"hostPath": "/mnt/nvme0/kvd"},

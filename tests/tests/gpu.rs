@@ -1,0 +1,66 @@
+//! The GPU tier's start against the real daemon: arenas pinned for DMA through the host
+//! stand-in backend (the same path as CUDA's, checked for overlapping or missing pins), the
+//! time and bytes exported, and a clear refusal of `gpu.backend = "cuda"` in a build without
+//! the `cuda` feature. On a machine with a GPU, `cargo test -p kvd-gpu --features cuda`
+//! runs the driver itself.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use kvd_client::BlockKey;
+use kvd_tests::redis::free_port;
+use kvd_tests::{pattern, test_namespace, Daemon};
+
+fn scrape(port: u16) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn arenas_are_pinned_at_start_and_the_time_is_exported() {
+    let port = free_port();
+    let listen = format!("metrics.listen=127.0.0.1:{port}");
+    // 64 MiB arenas (kvd_tests' default), 2 of them, in 16 MiB pieces from 4 threads.
+    let d = Daemon::start(&[
+        &listen,
+        "gpu.backend=host",
+        "gpu.pin_chunk_bytes=16MiB",
+        "gpu.pin_threads=4",
+    ]);
+    d.expect_log("DRAM arenas pinned for GPU DMA");
+    d.expect_log("bytes=134217728");
+    let body = scrape(port);
+    assert!(body.contains("kvd_gpu_pinned_bytes 134217728"), "{body}");
+    assert!(body.contains("kvd_gpu_pin_seconds "), "{body}");
+    // The data path is unchanged.
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("gpu")).expect("ns");
+    let data = pattern(9, 1, 1 << 20);
+    c.put(&ns, &BlockKey([9; 32]), &data).expect("put");
+    let got = c.get(&ns, &BlockKey([9; 32])).expect("get").expect("hit");
+    assert!(got[..] == data[..]);
+}
+
+#[test]
+fn cuda_without_the_cuda_feature_is_a_clear_startup_error() {
+    let out = std::process::Command::new(kvd_tests::bin("kvd"))
+        .args(["--check-config", "--set", "gpu.backend=cuda"])
+        .output()
+        .expect("run kvd");
+    if out.status.success() {
+        eprintln!("SKIPPED: this kvd was built with the cuda feature");
+        return;
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("gpu.backend") && err.contains("`cuda` feature"),
+        "{err}"
+    );
+}
