@@ -290,6 +290,23 @@ def test_full_render_wires_every_part():
     assert spec["nodeSelector"] == ds["nodeSelector"] and spec["tolerations"] == ds["tolerations"]
 
 
+def test_cuda_backend_sees_the_gpus_without_taking_one():
+    values = {"config": {"gpu": {"backend": "cuda"}}}
+    objs = objects(render(values))
+    for o in objs:
+        validate(o)
+    ds = by_kind(objs, "DaemonSet")[0]["spec"]["template"]["spec"]
+    assert ds["runtimeClassName"] == "nvidia"
+    c = kvd_container(objs)
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert not any("nvidia.com/gpu" in str(r) for r in c["resources"].values())
+    # Without the CUDA backend: neither.
+    objs = objects(render({}))
+    assert "runtimeClassName" not in by_kind(objs, "DaemonSet")[0]["spec"]["template"]["spec"]
+    assert "NVIDIA_VISIBLE_DEVICES" not in {e["name"] for e in kvd_container(objs)["env"]}
+
+
 @pytest.mark.parametrize("name,values", [("defaults", {}), ("full", FULL)])
 def test_rendered_config_is_accepted_by_kvd(name, values, tmp_path):
     objs = objects(render(values))
