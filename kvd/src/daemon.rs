@@ -116,10 +116,7 @@ fn pin_arenas(cfg: &Config, arenas: &mut [Arena]) -> Result<Option<crate::gpu::G
         pin_time: std::time::Duration::ZERO,
     };
     if cfg.gpu.pin_arenas {
-        let chunk = crate::gpu::pin_chunk(
-            cfg.gpu.pin_chunk_bytes.0,
-            crate::alloc::chunk_bytes_for(cfg.dram.max_block_bytes.0),
-        );
+        let chunk = pin_chunk(cfg);
         let t = Instant::now();
         let mut pieces = 0;
         for a in arenas.iter_mut() {
@@ -141,6 +138,14 @@ fn pin_arenas(cfg: &Config, arenas: &mut [Arena]) -> Result<Option<crate::gpu::G
         tracing::info!(backend = %backend.name(), "GPU backend open; arenas not pinned (gpu.pin_arenas)");
     }
     Ok(Some(gpu))
+}
+
+/// Bytes of one pinning call for this configuration's arenas.
+fn pin_chunk(cfg: &Config) -> u64 {
+    crate::gpu::pin_chunk(
+        cfg.gpu.pin_chunk_bytes.0,
+        crate::alloc::chunk_bytes_for(cfg.dram.max_block_bytes.0),
+    )
 }
 
 /// Registers arenas with the disk tier's IO engine (pinned once, so disk IOs skip pinning
@@ -765,6 +770,26 @@ impl Daemon {
                     .map_err(|e| OpError::new(ErrorCode::Internal, e.to_string()))?;
                 if let Some(disk) = &self.disk {
                     register_arenas(&self.cfg, disk, std::slice::from_mut(&mut arena));
+                }
+                // The fresh arena is pinned like the ones made at start.
+                if let (Some(g), true) = (&self.gpu, self.cfg.gpu.pin_arenas) {
+                    let r = arena
+                        .pin_for_gpu(
+                            g.backend.clone(),
+                            pin_chunk(&self.cfg),
+                            self.cfg.gpu.pin_threads as usize,
+                        )
+                        .map_err(|e| {
+                            OpError::new(
+                                ErrorCode::Internal,
+                                format!("pinning a new arena for GPU DMA: {e}"),
+                            )
+                        })?;
+                    tracing::info!(
+                        bytes = r.bytes,
+                        pieces = r.chunks,
+                        "new arena pinned for GPU DMA"
+                    );
                 }
                 tracing::info!(ns = %victim, "retired an empty, unused namespace for a new one");
                 Ok(arena)

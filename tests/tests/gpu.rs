@@ -49,6 +49,30 @@ fn arenas_are_pinned_at_start_and_the_time_is_exported() {
 }
 
 #[test]
+fn a_retired_namespace_arena_is_unpinned_and_its_fresh_one_pinned() {
+    // Two arenas; a third namespace retires an empty, unused one. The host backend refuses
+    // a pin overlapping a live one, so the old arena must have been unpinned on its way out
+    // (its address range is usually reused) and the new one pinned.
+    let d = Daemon::start(&["gpu.backend=host", "gpu.pin_chunk_bytes=16MiB"]);
+    {
+        let c = d.admin();
+        c.open_namespace(&test_namespace("a")).expect("a");
+        c.open_namespace(&test_namespace("b")).expect("b");
+    }
+    let c = d.admin();
+    // The first client's namespaces become unused once the daemon has seen it leave.
+    let ns = kvd_tests::wait_for("a fresh arena for c", Duration::from_secs(10), || {
+        c.open_namespace(&test_namespace("c")).ok()
+    });
+    d.expect_log("retired an empty, unused namespace for a new one");
+    d.expect_log("new arena pinned for GPU DMA");
+    let data = pattern(4, 2, 300_000);
+    c.put(&ns, &BlockKey([4; 32]), &data).expect("put");
+    let got = c.get(&ns, &BlockKey([4; 32])).expect("get").expect("hit");
+    assert!(got[..] == data[..]);
+}
+
+#[test]
 fn cuda_without_the_cuda_feature_is_a_clear_startup_error() {
     let out = std::process::Command::new(kvd_tests::bin("kvd"))
         .args(["--check-config", "--set", "gpu.backend=cuda"])
