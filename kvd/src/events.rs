@@ -441,12 +441,10 @@ impl Publisher {
         let mut gone = Vec::new();
         for ns in daemon.namespaces() {
             let keys = ns.store.lock().live_keys();
-            gone.extend(keys.into_iter().map(|k| Change {
-                ns: ns.id,
-                key: k,
-                tier: Tier::Dram,
-                stored: false,
-            }));
+            gone.extend(
+                keys.into_iter()
+                    .map(|k| Change::removed(ns.id, k, Tier::Dram)),
+            );
         }
         let n = gone.len();
         self.publish(&gone).await;
@@ -752,24 +750,9 @@ mod tests {
             Change::stored(ns, k(2), Tier::Dram),
             Change::stored(ns, k(3), Tier::Disk),
             Change::stored(ns, k(9), Tier::Dram),
-            Change {
-                ns,
-                key: k(1),
-                tier: Tier::Dram,
-                stored: false,
-            },
-            Change {
-                ns,
-                key: k(2),
-                tier: Tier::Dram,
-                stored: false,
-            },
-            Change {
-                ns,
-                key: k(3),
-                tier: Tier::Disk,
-                stored: false,
-            },
+            Change::removed(ns, k(1), Tier::Dram),
+            Change::removed(ns, k(2), Tier::Dram),
+            Change::removed(ns, k(3), Tier::Disk),
             Change::stored(NamespaceId([2; 16]), k(1), Tier::Dram),
         ];
         let (out, skipped) = to_events(&changes, &l, &media());

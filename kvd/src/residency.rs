@@ -42,6 +42,14 @@ impl Change {
             stored: true,
         }
     }
+
+    /// "No longer held in `tier`".
+    pub fn removed(ns: NamespaceId, key: BlockKey, tier: Tier) -> Change {
+        Change {
+            stored: false,
+            ..Change::stored(ns, key, tier)
+        }
+    }
 }
 
 /// Bounded list of changes not yet taken by the publisher.

@@ -248,6 +248,33 @@ pub fn raw_client(
     (ctl, ring, handle)
 }
 
+/// Sends `request` raw over TCP to 127.0.0.1:`port` (as Prometheus or a kubelet probe
+/// would); returns (status code, body).
+pub fn http_request(port: u16, request: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(request.as_bytes()).expect("send");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    (status, body)
+}
+
+/// `GET path` with [`http_request`].
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    http_request(
+        port,
+        &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+    )
+}
+
 /// The namespace every test client uses unless told otherwise.
 pub fn test_namespace(model: &str) -> kvd_client::NamespaceDesc {
     kvd_client::NamespaceDesc::new(model, "bfloat16", "LBHNC", 32)

@@ -4,24 +4,11 @@
 //! the `cuda` feature. On a machine with a GPU, `cargo test -p kvd-gpu --features cuda`
 //! runs the driver itself.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use kvd_client::BlockKey;
 use kvd_tests::redis::free_port;
 use kvd_tests::{pattern, test_namespace, Daemon};
-
-fn scrape(port: u16) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .expect("send");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
 
 #[test]
 fn arenas_are_pinned_at_start_and_the_time_is_exported() {
@@ -36,7 +23,7 @@ fn arenas_are_pinned_at_start_and_the_time_is_exported() {
     ]);
     d.expect_log("DRAM arenas pinned for GPU DMA");
     d.expect_log("bytes=134217728");
-    let body = scrape(port);
+    let (_, body) = kvd_tests::http_get(port, "/metrics");
     assert!(body.contains("kvd_gpu_pinned_bytes 134217728"), "{body}");
     assert!(body.contains("kvd_gpu_pin_seconds "), "{body}");
     // The data path is unchanged.

@@ -10,31 +10,7 @@ use std::time::Duration;
 use kvd_client::BlockKey;
 use kvd_proto::ring::{Op, Submission};
 use kvd_tests::redis::free_port;
-use kvd_tests::{pattern, test_namespace, Daemon};
-
-/// Sends `request` raw; returns (status code, body).
-fn http(port: u16, request: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    s.write_all(request.as_bytes()).expect("send");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
-    (status, body)
-}
-
-fn get(port: u16, path: &str) -> (u16, String) {
-    http(
-        port,
-        &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
-    )
-}
+use kvd_tests::{http_get as get, http_request as http, pattern, test_namespace, Daemon};
 
 /// The value of the sample line starting with `series` (name and labels), if present.
 fn value(body: &str, series: &str) -> Option<f64> {
