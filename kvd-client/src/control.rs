@@ -1,13 +1,13 @@
 //! Blocking control-socket connection: frames out, frames (and passed fds) in.
 
-use std::io::{IoSliceMut, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
 use kvd_proto::frame::{self, Request, Response, LEN_PREFIX, MAX_FRAME_BYTES};
-use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
 use crate::error::{ClientError, Result};
 
@@ -45,6 +45,16 @@ impl Control {
 
     /// Sends `req` and waits for its response, with any file descriptor passed alongside.
     pub fn call(&mut self, req: &Request) -> Result<(Response, Option<OwnedFd>)> {
+        self.call_with_fds(req, &[])
+    }
+
+    /// Like [`call`](Self::call), passing `fds` with the request (`SCM_RIGHTS` on the frame's
+    /// first bytes, where the daemon looks for them).
+    pub fn call_with_fds(
+        &mut self,
+        req: &Request,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(Response, Option<OwnedFd>)> {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
         let timeout = self.timeout;
@@ -62,8 +72,22 @@ impl Control {
             }
             other => other,
         };
+        let bytes = req.encode(id);
+        let mut sent = 0;
+        if !fds.is_empty() {
+            let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+            let cmsg = [ControlMessage::ScmRights(&raw)];
+            sent = sendmsg::<()>(
+                self.stream.as_raw_fd(),
+                &[IoSlice::new(&bytes)],
+                &cmsg,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(|e| timed_out(std::io::Error::from(e).into()))?;
+        }
         self.stream
-            .write_all(&req.encode(id))
+            .write_all(&bytes[sent..])
             .map_err(|e| timed_out(e.into()))?;
         loop {
             let (rid, resp, fd) = self.recv().map_err(timed_out)?;

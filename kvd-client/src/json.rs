@@ -66,6 +66,13 @@ pub fn status_json(s: &StatsReport) -> Value {
             "checksum_failures": x.checksum_failures, "bad_requests": x.bad_requests,
             "last_error": if x.last_error.is_empty() { Value::Null } else { json!(x.last_error) },
         })),
+        "gpu": s.gpu.as_ref().map(|x| json!({
+            "backend": x.backend, "pinned_bytes": x.pinned_bytes, "pin_ms": x.pin_ms,
+            "attachments": x.attachments, "saved_blocks": x.saved_blocks,
+            "loaded_blocks": x.loaded_blocks, "d2h_bytes": x.d2h_bytes, "h2d_bytes": x.h2d_bytes,
+            "copy_errors": x.copy_errors,
+            "last_error": if x.last_error.is_empty() { Value::Null } else { json!(x.last_error) },
+        })),
         "events": s.events.as_ref().map(|x| json!({
             "endpoint": x.endpoint,
             "replay_endpoint": if x.replay_endpoint.is_empty() { Value::Null } else { json!(x.replay_endpoint) },

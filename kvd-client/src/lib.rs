@@ -14,6 +14,7 @@
 mod asynch;
 mod control;
 mod error;
+pub mod gpu;
 pub mod json;
 
 use std::collections::HashMap;
@@ -25,6 +26,7 @@ use std::time::Duration;
 pub use asynch::AsyncClient;
 pub use control::Control;
 pub use error::{ClientError, Result};
+pub use gpu::GpuAttachment;
 pub use kvd_proto::frame::{
     BlockInfo, ClientInfo, ClusterLookup, DiskReport, NamespaceStats, NodeHolding, StatsReport,
     TierCounts, TierStats,

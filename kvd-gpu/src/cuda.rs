@@ -8,7 +8,7 @@
 use cudarc::driver::result;
 use cudarc::driver::sys;
 
-use crate::{Backend, DevicePtr, GpuError, Run};
+use crate::{Backend, DevicePtr, GpuError, Mapped, Run, Shared};
 
 /// One CUDA device: its primary context and a non-blocking stream for kvd's copies.
 pub struct CudaBackend {
@@ -144,6 +144,52 @@ impl Backend for CudaBackend {
         self.enter()?;
         // SAFETY: the caller guarantees `ptr` came from `alloc` and is unused.
         unsafe { result::free_sync(ptr) }.map_err(|e| driver("cuMemFree", e))
+    }
+
+    fn import(&self, shared: Shared<'_>) -> Result<Mapped, GpuError> {
+        let Shared::CudaIpc(handle) = shared else {
+            return Err(GpuError::Invalid(
+                "the CUDA backend maps CUDA IPC handles; a shared file descriptor needs the \
+                 host backend"
+                    .into(),
+            ));
+        };
+        self.enter()?;
+        let handle = sys::CUipcMemHandle_st {
+            reserved: handle.map(|b| b as std::ffi::c_char),
+        };
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: `ptr` is a valid out-pointer; the driver validates the handle's bytes.
+        unsafe {
+            sys::cuIpcOpenMemHandle_v2(
+                &mut ptr,
+                handle,
+                sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as std::ffi::c_uint,
+            )
+            .result()
+        }
+        .map_err(|e| driver("cuIpcOpenMemHandle", e))?;
+        let (mut base, mut size): (sys::CUdeviceptr, usize) = (0, 0);
+        // SAFETY: `ptr` was just mapped; both out-pointers are valid.
+        let range = unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, ptr).result() };
+        match range {
+            Ok(()) => Ok(Mapped {
+                base: ptr,
+                len: (base + size as u64).saturating_sub(ptr),
+            }),
+            Err(e) => {
+                // SAFETY: `ptr` was mapped above and nothing uses it yet.
+                let _ = unsafe { sys::cuIpcCloseMemHandle(ptr) };
+                Err(driver("cuMemGetAddressRange", e))
+            }
+        }
+    }
+
+    unsafe fn close_import(&self, base: DevicePtr) -> Result<(), GpuError> {
+        self.enter()?;
+        // SAFETY: the caller guarantees `base` is a live import no copy uses.
+        unsafe { sys::cuIpcCloseMemHandle(base).result() }
+            .map_err(|e| driver("cuIpcCloseMemHandle", e))
     }
 
     unsafe fn copy_d2h(&self, runs: &[Run]) -> Result<(), GpuError> {

@@ -4,11 +4,16 @@
 //! daemon's transfer paths must be exercised. This backend keeps the driver's rules — pinned
 //! ranges may not overlap and are unpinned by their start, copies must stay inside a device
 //! allocation — and fails the way a driver would, so a plan that would fault a GPU fails here.
+//! Memory shared by another process arrives as a sealed memfd ([`Shared::Fd`]) and is mapped
+//! here the way `cuIpcOpenMemHandle` maps a CUDA IPC handle, so daemon-driven copies between
+//! two processes run in CI too.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use crate::{Backend, DevicePtr, GpuError, Run};
+use kvd_shm::Mapping;
+
+use crate::{Backend, DevicePtr, GpuError, Mapped, Run, Shared};
 
 /// Host memory standing in for a device.
 #[derive(Debug, Default)]
@@ -17,6 +22,12 @@ pub struct HostBackend {
     allocs: Mutex<BTreeMap<u64, Box<[u8]>>>,
     /// Pinned host ranges: start → length.
     pinned: Mutex<BTreeMap<usize, usize>>,
+    /// Mappings of memory shared by other processes, by start address.
+    imports: Mutex<BTreeMap<u64, Mapping>>,
+}
+
+fn poisoned<T>(_: T) -> GpuError {
+    GpuError::Invalid("host backend poisoned".into())
 }
 
 impl HostBackend {
@@ -33,16 +44,35 @@ impl HostBackend {
             .unwrap_or_default()
     }
 
-    /// Checks that `[dev, dev + len)` lies inside one allocation; returns its address.
-    fn device_range(&self, dev: DevicePtr, len: usize) -> Result<*mut u8, GpuError> {
-        let allocs = self
-            .allocs
+    /// Imports currently mapped, as (start, length).
+    pub fn imports(&self) -> Vec<(u64, usize)> {
+        self.imports
             .lock()
-            .map_err(|_| GpuError::Invalid("host backend poisoned".into()))?;
-        let inside = allocs.range(..=dev).next_back().and_then(|(&start, b)| {
-            let end = start.checked_add(b.len() as u64)?;
+            .map(|m| m.iter().map(|(&s, m)| (s, m.len())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Checks that `[dev, dev + len)` lies inside one allocation or import; returns its
+    /// address.
+    fn device_range(&self, dev: DevicePtr, len: usize) -> Result<*mut u8, GpuError> {
+        let within = |start: u64, size: usize| {
+            let end = start.checked_add(size as u64)?;
             (dev.checked_add(len as u64)? <= end).then_some(())
-        });
+        };
+        let inside = {
+            let allocs = self.allocs.lock().map_err(poisoned)?;
+            let imports = self.imports.lock().map_err(poisoned)?;
+            allocs
+                .range(..=dev)
+                .next_back()
+                .and_then(|(&start, b)| within(start, b.len()))
+                .or_else(|| {
+                    imports
+                        .range(..=dev)
+                        .next_back()
+                        .and_then(|(&start, m)| within(start, m.len()))
+                })
+        };
         match inside {
             Some(()) => Ok(dev as usize as *mut u8),
             None => Err(GpuError::Driver {
@@ -122,6 +152,39 @@ impl Backend for HostBackend {
             call: "cuMemFree",
             message: format!("CUDA_ERROR_INVALID_VALUE: {ptr:#x} is not an allocation"),
         })
+    }
+
+    fn import(&self, shared: Shared<'_>) -> Result<Mapped, GpuError> {
+        let Shared::Fd { fd, len } = shared else {
+            return Err(GpuError::Invalid(
+                "the host backend maps shared memfds, not CUDA IPC handles".into(),
+            ));
+        };
+        let size = usize::try_from(len)
+            .map_err(|_| GpuError::Invalid(format!("cannot map {len} bytes")))?;
+        let owned = fd
+            .try_clone_to_owned()
+            .map_err(|e| GpuError::Invalid(format!("cannot duplicate the shared memfd: {e}")))?;
+        // Checks the memfd is sealed against shrinking and exactly `len` bytes, so no page of
+        // the mapping can go away under a copy (which would be SIGBUS in the daemon).
+        let m = Mapping::map_fd(&owned, size, false, false)
+            .map_err(|e| GpuError::Invalid(format!("the shared memfd: {e}")))?;
+        let base = m.as_ptr() as u64;
+        self.imports.lock().map_err(poisoned)?.insert(base, m);
+        Ok(Mapped { base, len })
+    }
+
+    unsafe fn close_import(&self, base: DevicePtr) -> Result<(), GpuError> {
+        match self.imports.lock().map_err(poisoned)?.remove(&base) {
+            Some(m) => {
+                drop(m); // unmapped; the caller guarantees no copy is using it
+                Ok(())
+            }
+            None => Err(GpuError::Driver {
+                call: "cuIpcCloseMemHandle",
+                message: format!("CUDA_ERROR_INVALID_VALUE: {base:#x} is not an import"),
+            }),
+        }
     }
 
     unsafe fn copy_d2h(&self, runs: &[Run]) -> Result<(), GpuError> {
@@ -271,6 +334,104 @@ mod tests {
         assert!(unsafe { backend.copy_h2d(&[run]) }.is_err(), "freed memory");
         // SAFETY: the backend refuses a pointer that is no longer an allocation.
         assert!(unsafe { backend.free(dev) }.is_err(), "double free");
+    }
+
+    /// A memfd of `len` bytes, sealed against shrinking when `seal`.
+    fn memfd(len: i64, seal: bool) -> std::os::fd::OwnedFd {
+        use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+        use nix::sys::memfd::{memfd_create, MFdFlags};
+        let fd = memfd_create("kvd-gpu-test", MFdFlags::MFD_ALLOW_SEALING).unwrap();
+        nix::unistd::ftruncate(&fd, len).unwrap();
+        if seal {
+            fcntl(&fd, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK)).unwrap();
+        }
+        fd
+    }
+
+    #[test]
+    fn shared_memfds_are_mapped_like_ipc_handles() {
+        use std::os::fd::AsFd;
+        let backend = HostBackend::new();
+        let unsealed = memfd(8192, false);
+        let e = backend
+            .import(Shared::Fd {
+                fd: unsealed.as_fd(),
+                len: 8192,
+            })
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("not sealed against shrinking"),
+            "{e}"
+        );
+        let fd = memfd(8192, true);
+        let e = backend
+            .import(Shared::Fd {
+                fd: fd.as_fd(),
+                len: 8193,
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("8192 bytes"), "{e}");
+        assert!(backend.imports().is_empty());
+        let e = backend.import(Shared::CudaIpc([0; 64])).unwrap_err();
+        assert!(e.to_string().contains("not CUDA IPC"), "{e}");
+
+        let m = backend
+            .import(Shared::Fd {
+                fd: fd.as_fd(),
+                len: 8192,
+            })
+            .unwrap();
+        assert_eq!(m.len, 8192);
+        // The owner's own view of the memory: what kvd writes through the import lands there.
+        let own = backend
+            .import(Shared::Fd {
+                fd: fd.as_fd(),
+                len: 8192,
+            })
+            .unwrap();
+        let src = vec![0xa5u8; 4096];
+        let mut back = vec![0u8; 4096];
+        // SAFETY: `src`/`back` are ours and outlive the calls; both device ranges lie inside
+        // the imports.
+        unsafe {
+            backend
+                .copy_h2d(&[Run {
+                    dev: m.base + 4096,
+                    host: src.as_ptr() as usize,
+                    len: 4096,
+                }])
+                .unwrap();
+            backend
+                .copy_d2h(&[Run {
+                    dev: own.base + 4096,
+                    host: back.as_mut_ptr() as usize,
+                    len: 4096,
+                }])
+                .unwrap();
+        }
+        assert_eq!(back, src);
+        let past = Run {
+            dev: m.base + 4096,
+            host: back.as_mut_ptr() as usize,
+            len: 4097,
+        };
+        // SAFETY: refused before copying.
+        assert!(unsafe { backend.copy_d2h(&[past]) }.is_err());
+        // SAFETY: `m` is a live import; no copy uses it.
+        unsafe { backend.close_import(m.base) }.unwrap();
+        assert_eq!(backend.imports().len(), 1);
+        let gone = Run {
+            dev: m.base,
+            host: back.as_mut_ptr() as usize,
+            len: 1,
+        };
+        if m.base != own.base {
+            // SAFETY: refused: no longer an import.
+            assert!(unsafe { backend.copy_d2h(&[gone]) }.is_err());
+        }
+        // SAFETY: closed already: refused.
+        assert!(unsafe { backend.close_import(m.base) }.is_err());
+        drop(backend); // unmaps `own`
     }
 
     #[test]

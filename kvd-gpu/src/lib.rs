@@ -3,7 +3,8 @@
 //!
 //! Why a crate of its own: everything here talks to a driver through raw pointers, and the
 //! rest of kvd should see only safe, checked operations — pin a DRAM arena for DMA
-//! ([`register::pin_parallel`]), plan the copies of a batch of KV pages ([`plan::block_runs`]),
+//! ([`register::pin_parallel`]), map an engine's KV tensors shared by another process
+//! ([`Backend::import`]), plan the copies of a batch of KV pages ([`plan::block_runs`]),
 //! and run them ([`Backend::copy_d2h`] / [`Backend::copy_h2d`]). Backends:
 //! - [`host::HostBackend`]: "device" memory that is ordinary host memory, with the driver's
 //!   rules enforced (no overlapping registrations, copies only inside allocations). Unit tests
@@ -31,6 +32,36 @@ pub struct Run {
     pub host: usize,
     /// Bytes.
     pub len: usize,
+}
+
+/// Memory another process shares with kvd so that kvd can copy KV pages to and from it
+/// itself (the engine's KV tensors).
+#[derive(Debug, Clone, Copy)]
+pub enum Shared<'a> {
+    /// A file descriptor of shareable memory and its length. The host backend maps a memfd
+    /// sealed against shrinking (`F_SEAL_SHRINK`), so the owner cannot pull pages from under
+    /// a copy.
+    Fd {
+        /// The descriptor (kvd keeps its own mapping; the caller may close it afterwards).
+        fd: std::os::fd::BorrowedFd<'a>,
+        /// Bytes to map from offset 0.
+        len: u64,
+    },
+    /// A CUDA IPC memory handle (`cuIpcGetMemHandle`, or torch's `_share_cuda_`) of a
+    /// device allocation in another process.
+    CudaIpc([u8; CUDA_IPC_HANDLE_BYTES]),
+}
+
+/// Size of a CUDA IPC memory handle.
+pub const CUDA_IPC_HANDLE_BYTES: usize = 64;
+
+/// A shared allocation mapped into this process: device addresses `[base, base + len)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mapped {
+    /// First device address of the mapping.
+    pub base: DevicePtr,
+    /// Bytes mapped.
+    pub len: u64,
 }
 
 /// What can go wrong moving bytes to or from a device.
@@ -85,6 +116,16 @@ pub trait Backend: Send + Sync {
     /// # Safety
     /// `ptr` must come from `alloc` on this backend and not be in use by a copy.
     unsafe fn free(&self, ptr: DevicePtr) -> Result<(), GpuError>;
+
+    /// Maps memory another process shared. Copies may then name device addresses inside the
+    /// returned range, until [`close_import`](Self::close_import).
+    fn import(&self, shared: Shared<'_>) -> Result<Mapped, GpuError>;
+
+    /// Unmaps a mapping made by [`import`](Self::import).
+    ///
+    /// # Safety
+    /// `base` must be the base of a live import of this backend, and no copy may be using it.
+    unsafe fn close_import(&self, base: DevicePtr) -> Result<(), GpuError>;
 
     /// Copies every run from the device to the host and waits until all have landed.
     ///

@@ -23,6 +23,12 @@ pub struct Layer {
     pub pages: u64,
 }
 
+/// Bytes from the start of page 0 to the end of the last page of a buffer of `pages` pages
+/// of `page` bytes, `stride` apart; `None` when that overflows or there are no pages.
+pub fn extent(pages: u64, stride: u64, page: u64) -> Option<u64> {
+    pages.checked_sub(1)?.checked_mul(stride)?.checked_add(page)
+}
+
 /// Bytes of one kvd block for these layers (one page of each).
 pub fn block_bytes(layers: &[Layer]) -> u64 {
     layers.iter().map(|l| l.page).sum()
@@ -44,12 +50,7 @@ pub fn block_runs(
         )));
     }
     for (i, l) in layers.iter().enumerate() {
-        let last_end = l
-            .pages
-            .checked_sub(1)
-            .and_then(|n| n.checked_mul(l.stride))
-            .and_then(|o| o.checked_add(l.page))
-            .and_then(|o| o.checked_add(l.base));
+        let last_end = extent(l.pages, l.stride, l.page).and_then(|o| o.checked_add(l.base));
         if l.page == 0 || l.stride < l.page || last_end.is_none() {
             return Err(GpuError::Invalid(format!(
                 "layer {i}: page {} B every {} B over {} pages at {:#x} is not a valid buffer",

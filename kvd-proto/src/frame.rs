@@ -11,6 +11,7 @@
 //! [`MAX_FRAME_BYTES`]; decoding never allocates more than the frame's own size.
 
 use crate::codec::{DecodeError, Reader, Writer};
+use crate::gpu::{self, BlockCode, GpuLayer, GpuReport, GpuShare};
 use crate::key::{BlockKey, KEY_LEN};
 use crate::namespace::{NamespaceDesc, NamespaceId};
 use crate::Tier;
@@ -42,6 +43,10 @@ mod tag {
     pub const CLUSTER_LOOKUP: u8 = 12;
     pub const LINEAGE: u8 = 13;
     pub const WARM: u8 = 14;
+    pub const GPU_ATTACH: u8 = 15;
+    pub const GPU_SAVE: u8 = 16;
+    pub const GPU_LOAD: u8 = 17;
+    pub const GPU_DETACH: u8 = 18;
 
     pub const WELCOME: u8 = 64;
     pub const NS_OPENED: u8 = 65;
@@ -50,6 +55,8 @@ mod tag {
     pub const STATS_REPORT: u8 = 68;
     pub const BLOCKS: u8 = 69;
     pub const CLUSTER_RESULT: u8 = 70;
+    pub const GPU_ATTACHED: u8 = 71;
+    pub const BLOCK_CODES: u8 = 72;
     pub const ERROR: u8 = 127;
 }
 
@@ -154,6 +161,50 @@ pub enum Request {
         keys: Vec<BlockKey>,
         /// Token ids of the chain, `block_tokens` per key, in order (≤ [`MAX_TOKENS`]).
         tokens: Vec<u32>,
+    },
+    /// Maps the engine's paged KV buffers into the daemon for daemon-driven transfers, bound
+    /// to this connection and namespace (dropped when either goes). `Fd` shares ride along
+    /// with `SCM_RIGHTS`, in order. Answered with [`Response::GpuAttached`].
+    GpuAttach {
+        /// Namespace the blocks belong to (open on this connection).
+        ns: NamespaceId,
+        /// The shared allocations.
+        shares: Vec<GpuShare>,
+        /// The layer buffers, in block layout order (a block is one page of each).
+        layers: Vec<GpuLayer>,
+    },
+    /// The daemon copies page `pages[i]` of every layer into a new block `keys[i]`.
+    /// Answered with [`Response::BlockCodes`] (`Done`, `Exists` or `NoRoom` per key).
+    GpuSave {
+        /// Attachment from [`Response::GpuAttached`].
+        attachment: u32,
+        /// Keys of the blocks.
+        keys: Vec<BlockKey>,
+        /// Engine page of each key.
+        pages: Vec<u32>,
+    },
+    /// The daemon copies block `keys[i]` into page `pages[i]` of layers
+    /// `first_layer .. first_layer + layers` (all layers when `layers` is 0). Answered with
+    /// [`Response::BlockCodes`] (`Done`, `Missing`, `Corrupt` or `BadSize` per key); only
+    /// `Done` pages were written.
+    GpuLoad {
+        /// Attachment from [`Response::GpuAttached`].
+        attachment: u32,
+        /// Keys of the blocks.
+        keys: Vec<BlockKey>,
+        /// Engine page of each key.
+        pages: Vec<u32>,
+        /// First layer to fill.
+        first_layer: u32,
+        /// Layers to fill; 0 for all.
+        layers: u32,
+        /// Verify each block's checksum before copying it.
+        verify: bool,
+    },
+    /// Unmaps an attachment. Answered with [`Response::Count`] (1, or 0 if unknown).
+    GpuDetach {
+        /// Attachment from [`Response::GpuAttached`].
+        attachment: u32,
     },
 }
 
@@ -352,6 +403,8 @@ pub struct StatsReport {
     pub events: Option<EventsReport>,
     /// Peer fetch data port, when one is configured.
     pub peer: Option<PeerReport>,
+    /// GPU tier, when a backend is configured.
+    pub gpu: Option<GpuReport>,
 }
 
 /// State of the peer fetch data port.
@@ -474,6 +527,8 @@ pub enum ErrorCode {
     ShuttingDown = 9,
     /// A bug or an OS failure inside the daemon.
     Internal = 10,
+    /// This daemon cannot do that (e.g. GPU transfers with `gpu.backend = off`).
+    Unsupported = 11,
 }
 
 impl ErrorCode {
@@ -490,6 +545,7 @@ impl ErrorCode {
             8 => NotFound,
             9 => ShuttingDown,
             10 => Internal,
+            11 => Unsupported,
             _ => return None,
         })
     }
@@ -547,6 +603,15 @@ pub enum Response {
     },
     /// Result of a cluster lookup.
     ClusterResult(ClusterLookup),
+    /// The engine's KV buffers are mapped.
+    GpuAttached {
+        /// Handle for [`Request::GpuSave`] / [`Request::GpuLoad`].
+        attachment: u32,
+        /// Bytes of one block (one page of every layer).
+        block_bytes: u64,
+    },
+    /// What a daemon-driven transfer did with each block, in request order.
+    BlockCodes(Vec<BlockCode>),
     /// Request failed.
     Error {
         /// Machine-readable code.
@@ -733,6 +798,42 @@ impl Request {
                     w.u32(*t);
                 }
             }
+            Request::GpuAttach { ns, shares, layers } => {
+                w = begin(tag::GPU_ATTACH, request_id);
+                put_ns(&mut w, ns);
+                gpu::put_shares(&mut w, shares);
+                gpu::put_layers(&mut w, layers);
+            }
+            Request::GpuSave {
+                attachment,
+                keys,
+                pages,
+            } => {
+                w = begin(tag::GPU_SAVE, request_id);
+                w.u32(*attachment);
+                put_keys(&mut w, keys);
+                gpu::put_pages(&mut w, pages, MAX_KEYS);
+            }
+            Request::GpuLoad {
+                attachment,
+                keys,
+                pages,
+                first_layer,
+                layers,
+                verify,
+            } => {
+                w = begin(tag::GPU_LOAD, request_id);
+                w.u32(*attachment);
+                put_keys(&mut w, keys);
+                gpu::put_pages(&mut w, pages, MAX_KEYS);
+                w.u32(*first_layer);
+                w.u32(*layers);
+                w.u8(u8::from(*verify));
+            }
+            Request::GpuDetach { attachment } => {
+                w = begin(tag::GPU_DETACH, request_id);
+                w.u32(*attachment);
+            }
         }
         end(w)
     }
@@ -790,6 +891,27 @@ impl Request {
                     let n = r.count("tokens", MAX_TOKENS, 4)?;
                     (0..n).map(|_| r.u32("token")).collect::<Result<_, _>>()?
                 },
+            },
+            tag::GPU_ATTACH => Request::GpuAttach {
+                ns: get_ns(&mut r)?,
+                shares: gpu::get_shares(&mut r)?,
+                layers: gpu::get_layers(&mut r)?,
+            },
+            tag::GPU_SAVE => Request::GpuSave {
+                attachment: r.u32("attachment")?,
+                keys: get_keys(&mut r)?,
+                pages: gpu::get_pages(&mut r, MAX_KEYS)?,
+            },
+            tag::GPU_LOAD => Request::GpuLoad {
+                attachment: r.u32("attachment")?,
+                keys: get_keys(&mut r)?,
+                pages: gpu::get_pages(&mut r, MAX_KEYS)?,
+                first_layer: r.u32("first layer")?,
+                layers: r.u32("layers")?,
+                verify: r.bool("verify")?,
+            },
+            tag::GPU_DETACH => Request::GpuDetach {
+                attachment: r.u32("attachment")?,
             },
             other => {
                 return Err(DecodeError::UnknownTag {
@@ -1109,6 +1231,10 @@ impl Response {
                 if let Some(x) = &s.peer {
                     put_peer(&mut w, x);
                 }
+                w.u8(u8::from(s.gpu.is_some()));
+                if let Some(x) = &s.gpu {
+                    gpu::put_report(&mut w, x);
+                }
             }
             Response::ClusterResult(c) => {
                 w = begin(tag::CLUSTER_RESULT, request_id);
@@ -1142,6 +1268,18 @@ impl Response {
                     w.u64(b.idle_ms);
                 }
                 w.u8(u8::from(*more));
+            }
+            Response::GpuAttached {
+                attachment,
+                block_bytes,
+            } => {
+                w = begin(tag::GPU_ATTACHED, request_id);
+                w.u32(*attachment);
+                w.u64(*block_bytes);
+            }
+            Response::BlockCodes(codes) => {
+                w = begin(tag::BLOCK_CODES, request_id);
+                gpu::put_codes(&mut w, codes, MAX_KEYS);
             }
             Response::Error { code, message } => {
                 w = begin(tag::ERROR, request_id);
@@ -1249,6 +1387,7 @@ impl Response {
                 let index = opt(&mut r, "index flag", get_index)?;
                 let events = opt(&mut r, "events flag", get_events)?;
                 let peer = opt(&mut r, "peer flag", get_peer)?;
+                let gpu = opt(&mut r, "gpu flag", |r| gpu::get_report(r, MAX_TEXT))?;
                 Response::Stats(Box::new(StatsReport {
                     daemon_version,
                     uptime_ms,
@@ -1259,6 +1398,7 @@ impl Response {
                     index,
                     events,
                     peer,
+                    gpu,
                 }))
             }
             tag::BLOCKS => {
@@ -1283,6 +1423,11 @@ impl Response {
                     more: r.bool("more")?,
                 }
             }
+            tag::GPU_ATTACHED => Response::GpuAttached {
+                attachment: r.u32("attachment")?,
+                block_bytes: r.u64("block bytes")?,
+            },
+            tag::BLOCK_CODES => Response::BlockCodes(gpu::get_codes(&mut r, MAX_KEYS)?),
             tag::ERROR => {
                 let c = r.u16("error code")?;
                 Response::Error {
@@ -1393,10 +1538,82 @@ mod tests {
                     keys,
                     tokens
                 }),
+            (
+                arb_ns(),
+                prop::collection::vec(
+                    prop_oneof![
+                        any::<u64>().prop_map(|len| GpuShare::Fd { len }),
+                        any::<[u8; 32]>().prop_map(|h| {
+                            let mut b = [0u8; 64];
+                            b[..32].copy_from_slice(&h);
+                            b[40] = h[0];
+                            GpuShare::CudaIpc(b)
+                        }),
+                    ],
+                    0..5
+                ),
+                prop::collection::vec(any::<(u32, [u64; 4])>(), 0..5)
+            )
+                .prop_map(|(ns, shares, layers)| Request::GpuAttach {
+                    ns,
+                    shares,
+                    layers: layers
+                        .into_iter()
+                        .map(|(share, [offset, stride, page, pages])| GpuLayer {
+                            share,
+                            offset,
+                            stride,
+                            page,
+                            pages
+                        })
+                        .collect()
+                }),
+            (
+                any::<u32>(),
+                arb_keys(),
+                prop::collection::vec(any::<u32>(), 0..40)
+            )
+                .prop_map(|(attachment, keys, pages)| Request::GpuSave {
+                    attachment,
+                    keys,
+                    pages
+                }),
+            (
+                any::<u32>(),
+                arb_keys(),
+                prop::collection::vec(any::<u32>(), 0..40),
+                any::<(u32, u32, bool)>()
+            )
+                .prop_map(
+                    |(attachment, keys, pages, (first_layer, layers, verify))| {
+                        Request::GpuLoad {
+                            attachment,
+                            keys,
+                            pages,
+                            first_layer,
+                            layers,
+                            verify,
+                        }
+                    }
+                ),
+            any::<u32>().prop_map(|attachment| Request::GpuDetach { attachment }),
         ]
     }
 
     fn arb_response() -> impl Strategy<Value = Response> {
+        let gpu =
+            (arb_text(), any::<[u64; 8]>(), arb_text()).prop_map(|(backend, n, e)| GpuReport {
+                backend,
+                pinned_bytes: n[0],
+                pin_ms: n[1],
+                attachments: n[2],
+                saved_blocks: n[3],
+                loaded_blocks: n[4],
+                d2h_bytes: n[5],
+                h2d_bytes: n[6],
+                copy_errors: n[7],
+                last_error: e,
+            });
         let peer =
             (arb_text(), any::<[u64; 7]>(), arb_text()).prop_map(|(advertise, n, e)| PeerReport {
                 advertise,
@@ -1574,6 +1791,12 @@ mod tests {
                 tiers: TierCounts(t)
             }),
             any::<u32>().prop_map(Response::Count),
+            any::<(u32, u64)>().prop_map(|(attachment, block_bytes)| Response::GpuAttached {
+                attachment,
+                block_bytes
+            }),
+            prop::collection::vec((0u8..6).prop_map(|v| BlockCode::from_u8(v).unwrap()), 0..40)
+                .prop_map(Response::BlockCodes),
             (
                 arb_text(),
                 any::<u64>(),
@@ -1583,10 +1806,11 @@ mod tests {
                 prop::option::of(disk),
                 prop::option::of(index),
                 prop::option::of(events),
-                prop::option::of(peer)
+                prop::option::of(peer),
+                prop::option::of(gpu)
             )
                 .prop_map(
-                    |(v, up, tiers, namespaces, clients, disk, index, events, peer)| {
+                    |(v, up, tiers, namespaces, clients, disk, index, events, peer, gpu)| {
                         Response::Stats(Box::new(StatsReport {
                             daemon_version: v,
                             uptime_ms: up,
@@ -1597,6 +1821,7 @@ mod tests {
                             index,
                             events,
                             peer,
+                            gpu,
                         }))
                     }
                 ),

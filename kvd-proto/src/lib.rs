@@ -4,7 +4,8 @@
 //! definition: 32-byte block keys and the canonical key chain ([`key`]), namespace descriptors
 //! and their ids ([`namespace`]), the length-prefixed control frames spoken on the Unix socket
 //! ([`frame`]), the byte layout of the shared-memory ring and arena ([`ring`], [`arena`]), and
-//! the TCP data port one daemon fetches blocks from another with ([`peer`]).
+//! the TCP data port one daemon fetches blocks from another with ([`peer`]), and how an engine
+//! shares its KV tensors for daemon-driven GPU transfers ([`gpu`]).
 //! Every decoder here takes untrusted bytes and returns a typed [`DecodeError`] instead of
 //! panicking; the property tests and the fuzz targets hold it to that.
 
@@ -13,6 +14,7 @@
 pub mod arena;
 pub mod codec;
 pub mod frame;
+pub mod gpu;
 pub mod key;
 pub mod namespace;
 pub mod peer;
@@ -27,7 +29,7 @@ pub use namespace::{NamespaceDesc, NamespaceId};
 ///
 /// The handshake refuses a peer with a different major version; bump it on any incompatible
 /// change of a frame, a descriptor or a layout.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Storage tiers, in order from fastest to slowest. The discriminant is the wire value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -114,6 +114,7 @@ fn pin_arenas(cfg: &Config, arenas: &mut [Arena]) -> Result<Option<crate::gpu::G
         backend: backend.clone(),
         pinned_bytes: 0,
         pin_time: std::time::Duration::ZERO,
+        counters: Default::default(),
     };
     if cfg.gpu.pin_arenas {
         let chunk = pin_chunk(cfg);
@@ -1029,6 +1030,7 @@ impl Daemon {
             index: self.index.as_ref().map(|r| r.report()),
             events: self.events.as_ref().map(|e| e.report()),
             peer: self.peer.as_ref().map(|p| p.report()),
+            gpu: self.gpu.as_ref().map(|g| g.report()),
         }
     }
 }

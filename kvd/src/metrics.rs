@@ -40,13 +40,19 @@ pub enum Op {
     GetDisk,
     /// A PUT's commit.
     Commit,
+    /// A daemon-driven save of engine pages (device to DRAM), the whole batch.
+    GpuSave,
+    /// A daemon-driven load into engine pages (DRAM to device), the whole batch.
+    GpuLoad,
 }
 
-const OPS: [(Op, &str); 4] = [
+const OPS: [(Op, &str); 6] = [
     (Op::Lookup, "lookup"),
     (Op::Get, "get"),
     (Op::GetDisk, "get_disk"),
     (Op::Commit, "commit"),
+    (Op::GpuSave, "gpu_save"),
+    (Op::GpuLoad, "gpu_load"),
 ];
 
 type OpLabels = Vec<(&'static str, &'static str)>;
@@ -55,7 +61,7 @@ type OpLabels = Vec<(&'static str, &'static str)>;
 #[derive(Debug)]
 pub struct OpLatency {
     family: Family<OpLabels, Histogram>,
-    each: [Histogram; 4],
+    each: [Histogram; OPS.len()],
 }
 
 impl Default for OpLatency {
@@ -557,6 +563,40 @@ impl Collector for StatsCollector {
                 MetricType::Gauge,
                 &[(vec![], g.pin_time.as_secs_f64())],
             )?;
+            let r = g.report();
+            family(
+                &mut encoder,
+                "kvd_gpu_attachments",
+                "Engine KV buffers mapped into kvd for daemon-driven transfers.",
+                None,
+                MetricType::Gauge,
+                &[(vec![], r.attachments)],
+            )?;
+            let dir = |d: &'static str| vec![("direction", Cow::Borrowed(d))];
+            family(
+                &mut encoder,
+                "kvd_gpu_blocks",
+                "Blocks moved by daemon-driven transfers (save: device to DRAM, load: DRAM to device).",
+                None,
+                MetricType::Counter,
+                &[(dir("save"), r.saved_blocks), (dir("load"), r.loaded_blocks)],
+            )?;
+            family(
+                &mut encoder,
+                "kvd_gpu_copy",
+                "Bytes copied by daemon-driven transfers.",
+                Some(&Unit::Bytes),
+                MetricType::Counter,
+                &[(dir("d2h"), r.d2h_bytes), (dir("h2d"), r.h2d_bytes)],
+            )?;
+            family(
+                &mut encoder,
+                "kvd_gpu_copy_errors",
+                "Daemon-driven transfers or mappings the driver refused.",
+                None,
+                MetricType::Counter,
+                &[(vec![], r.copy_errors)],
+            )?;
         }
         Ok(())
     }
@@ -711,6 +751,7 @@ mod tests {
             index: None,
             events: None,
             peer: None,
+            gpu: None,
         };
         let mut reg = Registry::default();
         #[derive(Debug)]

@@ -56,7 +56,7 @@ const SEAL_STEP: u64 = 16 << 10;
 const SEAL_AFTER_IDLE: Duration = Duration::from_micros(5);
 
 /// A block being checksummed.
-struct SealJob {
+pub(crate) struct SealJob {
     ns: Arc<Namespace>,
     entry: u32,
     offset: u64,
@@ -67,7 +67,7 @@ struct SealJob {
 
 impl SealJob {
     /// Holds `entry` for hashing; `None` if it is gone or already sealed.
-    fn start(ns: Arc<Namespace>, entry: u32) -> Option<SealJob> {
+    pub(crate) fn start(ns: Arc<Namespace>, entry: u32) -> Option<SealJob> {
         let (offset, len) = ns.store.lock().hold(entry)?;
         Some(SealJob {
             ns,
@@ -100,7 +100,7 @@ impl SealJob {
         false
     }
 
-    fn finish(mut self) {
+    pub(crate) fn finish(mut self) {
         while !self.step(u64::MAX) {}
     }
 }

@@ -5,10 +5,13 @@
 //! memfd) with `SCM_RIGHTS`. A frame that does not decode gets one `BadRequest` error frame and
 //! the connection is closed; a well-formed request that fails gets an error frame and the
 //! connection continues. When the socket closes — or the ring thread reports a protocol
-//! violation — the connection's ring thread stops and releases what the client held.
+//! violation — the connection's ring thread stops and releases what the client held, and the
+//! engine KV buffers it attached for daemon-driven GPU transfers are unmapped. Descriptors a
+//! client sends (`SCM_RIGHTS`, only with [`Request::GpuAttach`]) ride on a frame's first bytes.
 
-use std::io::{self, IoSlice};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::collections::HashMap;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,16 +19,21 @@ use std::sync::Arc;
 use kvd_proto::frame::{
     self, ClusterLookup, ErrorCode, NodeHolding, Request, Response, LEN_PREFIX, MAX_LIST,
 };
+use kvd_proto::gpu::MAX_GPU_FDS;
 use kvd_proto::PROTOCOL_VERSION;
 use kvd_proto::{BlockKey, NamespaceId};
 use kvd_shm::DaemonRing;
-use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinSet;
 
 use crate::daemon::{Conn, Daemon, OpError, VERSION};
+use crate::gpu::attach::{self, Attachment};
 use crate::ring_service;
+
+/// Most engine KV attachments one connection may hold.
+const MAX_ATTACHMENTS: usize = 64;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -105,18 +113,62 @@ pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener, stop: Arc<tokio:
     }
 }
 
-async fn read_frame(stream: &mut UnixStream, max: usize) -> io::Result<Option<Vec<u8>>> {
+/// Reads one frame, with the descriptors that came with its first bytes (at most
+/// [`MAX_GPU_FDS`]; more closes the connection). `None` at a clean end of stream.
+async fn read_frame(
+    stream: &mut UnixStream,
+    max: usize,
+) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
     let mut prefix = [0u8; LEN_PREFIX];
-    match stream.read_exact(&mut prefix).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
+    let mut got = 0;
+    let mut fds = Vec::new();
+    while got < LEN_PREFIX {
+        stream.readable().await?;
+        let raw = stream.as_raw_fd();
+        let r = stream.try_io(Interest::READABLE, || {
+            let mut space = nix::cmsg_space!([RawFd; MAX_GPU_FDS]);
+            let mut iov = [IoSliceMut::new(&mut prefix[got..])];
+            let msg = recvmsg::<()>(
+                raw,
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+            )
+            .map_err(io::Error::from)?;
+            let mut here = Vec::new();
+            for c in msg.cmsgs().map_err(io::Error::from)? {
+                if let ControlMessageOwned::ScmRights(list) = c {
+                    for fd in list {
+                        // SAFETY: the kernel just installed `fd` in our table for us; nobody
+                        // else owns it.
+                        here.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                    }
+                }
+            }
+            Ok((msg.bytes, here, msg.flags.contains(MsgFlags::MSG_CTRUNC)))
+        });
+        match r {
+            Ok((0, ..)) if got == 0 => return Ok(None),
+            Ok((0, ..)) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok((_, _, true)) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("more than {MAX_GPU_FDS} descriptors with one frame"),
+                ))
+            }
+            Ok((n, here, false)) => {
+                got += n;
+                fds.extend(here);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
     }
     let n =
         frame::body_len(prefix, max).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let mut body = vec![0u8; n];
     stream.read_exact(&mut body).await?;
-    Ok(Some(body))
+    Ok(Some((body, fds)))
 }
 
 async fn send(stream: &mut UnixStream, bytes: &[u8], fd: Option<RawFd>) -> io::Result<()> {
@@ -199,8 +251,9 @@ async fn serve_connection(
 ) -> Option<RingThread> {
     let max = daemon.cfg.server.max_frame_bytes.0 as usize;
     let mut ring_thread: Option<RingThread> = None;
+    let mut gpu = GpuState::default();
     loop {
-        let body = tokio::select! {
+        let (body, fds) = tokio::select! {
             _ = conn.kick.notified() => break,
             r = read_frame(stream, max) => match r {
                 Ok(Some(b)) => b,
@@ -290,6 +343,16 @@ async fn serve_connection(
                     Err(e) => (error(e), None, false),
                 }
             }
+            (
+                Request::GpuAttach { .. }
+                | Request::GpuSave { .. }
+                | Request::GpuLoad { .. }
+                | Request::GpuDetach { .. },
+                true,
+            ) => match gpu.serve(daemon, conn, &req, fds).await {
+                Ok(r) => (r, None, false),
+                Err(e) => (error(e), None, false),
+            },
             (_, true) => match dispatch(daemon, conn, req) {
                 Ok((r, fd)) => (r, fd, false),
                 Err(e) => (error(e), None, false),
@@ -499,11 +562,150 @@ fn dispatch(
             let n = daemon.record_lineage(&ns, parent, &keys, &tokens)?;
             (Response::Count(n), None)
         }
-        Request::Lookup { .. } | Request::ClusterLookup { .. } => {
+        Request::Lookup { .. }
+        | Request::ClusterLookup { .. }
+        | Request::GpuAttach { .. }
+        | Request::GpuSave { .. }
+        | Request::GpuLoad { .. }
+        | Request::GpuDetach { .. } => {
             return Err(OpError::new(
                 ErrorCode::Internal,
-                "lookups are answered before dispatch",
+                "lookups and GPU transfers are answered before dispatch",
             ))
         }
     })
+}
+
+/// A connection's daemon-driven GPU transfer state: its attachments (unmapped when the
+/// connection ends) and the checksum sealing of its last save, which runs after the reply
+/// and is waited for before the next transfer (one at a time per connection).
+#[derive(Default)]
+struct GpuState {
+    attachments: HashMap<u32, Arc<Attachment>>,
+    next: u32,
+    sealing: Option<tokio::task::JoinHandle<()>>,
+}
+
+fn joined(e: tokio::task::JoinError) -> OpError {
+    OpError::new(
+        ErrorCode::Internal,
+        format!("GPU transfer task failed: {e}"),
+    )
+}
+
+impl GpuState {
+    fn get(&self, id: u32) -> Result<Arc<Attachment>, OpError> {
+        self.attachments.get(&id).cloned().ok_or_else(|| {
+            OpError::new(
+                ErrorCode::BadRequest,
+                format!("attachment {id} is not held by this connection"),
+            )
+        })
+    }
+
+    async fn serve(
+        &mut self,
+        daemon: &Arc<Daemon>,
+        conn: &Conn,
+        req: &Request,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Response, OpError> {
+        let Some(gpu) = &daemon.gpu else {
+            return Err(OpError::new(
+                ErrorCode::Unsupported,
+                "this kvd has no GPU backend (gpu.backend = \"off\"): daemon-driven transfers \
+                 are unavailable; copy through the arena instead",
+            ));
+        };
+        if let Some(s) = self.sealing.take() {
+            s.await.map_err(joined)?;
+        }
+        Ok(match req {
+            Request::GpuAttach { ns, shares, layers } => {
+                if self.attachments.len() >= MAX_ATTACHMENTS {
+                    return Err(OpError::new(
+                        ErrorCode::BadRequest,
+                        format!("a connection may hold at most {MAX_ATTACHMENTS} attachments"),
+                    ));
+                }
+                let ns = daemon.namespace_for(conn, ns)?;
+                let n_layers = layers.len();
+                let (b, c) = (gpu.backend.clone(), gpu.counters.clone());
+                let (shares, layers) = (shares.clone(), layers.clone());
+                let a = tokio::task::spawn_blocking(move || {
+                    Attachment::new(b, c, ns, &shares, fds, &layers)
+                })
+                .await
+                .map_err(joined)??;
+                self.next = self.next.wrapping_add(1);
+                let id = self.next;
+                tracing::info!(
+                    client = conn.id,
+                    attachment = id,
+                    layers = n_layers,
+                    block_bytes = a.block_bytes(),
+                    "engine KV buffers attached for daemon-driven transfers"
+                );
+                let block_bytes = a.block_bytes();
+                self.attachments.insert(id, Arc::new(a));
+                Response::GpuAttached {
+                    attachment: id,
+                    block_bytes,
+                }
+            }
+            Request::GpuSave {
+                attachment,
+                keys,
+                pages,
+            } => {
+                let a = self.get(*attachment)?;
+                let (d, keys, pages) = (daemon.clone(), keys.clone(), pages.clone());
+                let (codes, entries) = tokio::task::spawn_blocking(move || {
+                    let t = std::time::Instant::now();
+                    let r = a.save(&d, &keys, &pages);
+                    d.latency.since(crate::metrics::Op::GpuSave, t);
+                    r.map(|(codes, entries)| (codes, (a, entries)))
+                })
+                .await
+                .map_err(joined)??;
+                let (a, entries) = entries;
+                if !entries.is_empty() {
+                    self.sealing = Some(tokio::task::spawn_blocking(move || {
+                        attach::seal(a.namespace(), &entries)
+                    }));
+                }
+                Response::BlockCodes(codes)
+            }
+            Request::GpuLoad {
+                attachment,
+                keys,
+                pages,
+                first_layer,
+                layers,
+                verify,
+            } => {
+                let a = self.get(*attachment)?;
+                let (d, keys, pages) = (daemon.clone(), keys.clone(), pages.clone());
+                let (first, count, verify) = (*first_layer, *layers, *verify);
+                let codes = tokio::task::spawn_blocking(move || {
+                    let t = std::time::Instant::now();
+                    let r = a.load(&d, &keys, &pages, first, count, verify);
+                    d.latency.since(crate::metrics::Op::GpuLoad, t);
+                    r
+                })
+                .await
+                .map_err(joined)??;
+                Response::BlockCodes(codes)
+            }
+            Request::GpuDetach { attachment } => {
+                Response::Count(u32::from(self.attachments.remove(attachment).is_some()))
+            }
+            _ => {
+                return Err(OpError::new(
+                    ErrorCode::Internal,
+                    "not a GPU transfer request",
+                ))
+            }
+        })
+    }
 }

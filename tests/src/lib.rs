@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use kvd_client::{Client, Options};
 
+pub mod engine;
 pub mod redis;
 
 /// Directory holding the workspace's binaries.

@@ -1,14 +1,44 @@
-//! The GPU tier's start against the real daemon: arenas pinned for DMA through the host
-//! stand-in backend (the same path as CUDA's, checked for overlapping or missing pins), the
-//! time and bytes exported, and a clear refusal of `gpu.backend = "cuda"` in a build without
-//! the `cuda` feature. On a machine with a GPU, `cargo test -p kvd-gpu --features cuda`
-//! runs the driver itself.
+//! The GPU tier against the real daemon, through the host stand-in backend (the same code
+//! paths as CUDA's, with the driver's rules enforced): arenas pinned for DMA at start, the
+//! time and bytes exported; daemon-driven transfers between fake engines' KV caches (sealed
+//! memfds standing in for CUDA IPC handles) and kvd, across processes, bit for bit, with an
+//! engine killed mid-transfer; bad attachments refused; and a clear refusal of
+//! `gpu.backend = "cuda"` in a build without the `cuda` feature. On a machine with a GPU,
+//! `cargo test -p kvd-gpu --features cuda` runs the driver itself.
 
+use std::io::BufRead;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use kvd_client::BlockKey;
+use kvd_client::gpu::{BlockCode, GpuLayer, GpuShare};
+use kvd_client::{BlockKey, ClientError};
+use kvd_proto::ErrorCode;
+use kvd_tests::engine::{expected_page, FakeEngine};
 use kvd_tests::redis::free_port;
-use kvd_tests::{pattern, test_namespace, Daemon};
+use kvd_tests::{bin, pattern, test_namespace, wait_for, Daemon};
+
+/// The test client's key for (seed, index).
+fn key(seed: u64, i: u64) -> BlockKey {
+    let mut k = [0u8; 32];
+    k[..8].copy_from_slice(&seed.to_le_bytes());
+    k[8..16].copy_from_slice(&i.to_le_bytes());
+    BlockKey(k)
+}
+
+fn test_client(d: &Daemon, args: &[&str]) -> Command {
+    let mut c = Command::new(bin("kvd-test-client"));
+    c.arg("--socket").arg(&d.socket).args(args);
+    c
+}
+
+fn gpu_attachments(d: &Daemon) -> u64 {
+    d.admin()
+        .stats()
+        .expect("stats")
+        .gpu
+        .expect("gpu section")
+        .attachments
+}
 
 #[test]
 fn arenas_are_pinned_at_start_and_the_time_is_exported() {
@@ -74,4 +104,355 @@ fn cuda_without_the_cuda_feature_is_a_clear_startup_error() {
         err.contains("gpu.backend") && err.contains("`cuda` feature"),
         "{err}"
     );
+}
+
+#[test]
+fn daemon_driven_transfers_move_pages_between_two_processes_bit_for_bit() {
+    let d = Daemon::start(&["gpu.backend=host", "gpu.pin_chunk_bytes=16MiB"]);
+    // Process 1: its engine's pages 0, 2, .., 62 saved by kvd as keys 0..31 (2 layers of
+    // 32 KiB pages, padded strides); it exits, dropping its mapping.
+    let out = test_client(
+        &d,
+        &[
+            "--mode",
+            "gpu-save",
+            "--seed",
+            "5",
+            "--blocks",
+            "32",
+            "--block-bytes",
+            "65536",
+        ],
+    )
+    .output()
+    .expect("run gpu-save");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        r#"{"saved":32}"#
+    );
+    wait_for(
+        "process 1's mapping dropped",
+        Duration::from_secs(10),
+        || (gpu_attachments(&d) == 0).then_some(()),
+    );
+
+    // Process 2 (this one): another engine, other pages, another stride.
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("test-model")).expect("ns");
+    let e = FakeEngine::new(2, 40, 32768, 32768 + 4096);
+    let att = e.attach(&c, &ns.id);
+    assert_eq!(att.block_bytes, 65536);
+    assert_eq!(gpu_attachments(&d), 1);
+    let keys: Vec<_> = (0..32).map(|i| key(5, i)).collect();
+    let pages: Vec<u32> = (0..32).map(|i| 39 - i).collect();
+    let codes = c.gpu_load(&att, &keys, &pages, None, true).expect("load");
+    assert!(codes.iter().all(|c| *c == BlockCode::Done), "{codes:?}");
+    for i in 0..32u64 {
+        let src_page = 2 * i;
+        for l in 0..2 {
+            assert!(
+                e.read(l, 39 - i) == expected_page(5 ^ src_page, l, 32768),
+                "block {i} layer {l}"
+            );
+        }
+    }
+    // The same bytes through the ring: a block is the layers' pages back to back.
+    let lease = c.get(&ns, &key(5, 3)).expect("get").expect("hit");
+    assert!(lease[..] == e.block(39 - 3)[..]);
+    drop(lease);
+
+    // A missing key writes nothing; a layer-wise load writes only its layers.
+    e.clear(0);
+    let codes = c
+        .gpu_load(&att, &[key(5, 999), key(5, 7)], &[1, 0], Some(1..2), true)
+        .expect("partial load");
+    assert_eq!(codes, [BlockCode::Missing, BlockCode::Done]);
+    assert!(e.read(0, 0).iter().all(|b| *b == 0), "layer 0 untouched");
+    assert!(
+        e.read(1, 0) == expected_page(5 ^ 14, 1, 32768),
+        "layer 1 loaded"
+    );
+
+    // Saving what kvd holds copies nothing; new pages are saved.
+    e.fill(5, 77);
+    let codes = c
+        .gpu_save(&att, &[key(5, 0), key(6, 0)], &[5, 5])
+        .expect("save");
+    assert_eq!(codes, [BlockCode::Exists, BlockCode::Done]);
+    let lease = c.get(&ns, &key(6, 0)).expect("get").expect("hit");
+    assert!(lease[..] == e.block(5)[..]);
+    drop(lease);
+
+    // A damaged block is refused by a verifying load (once its checksum is sealed).
+    wait_for("block sealed", Duration::from_secs(10), || {
+        let l = c.get(&ns, &key(5, 9)).expect("get").expect("hit");
+        l.checksum()
+            .is_some()
+            .then(|| assert!(l.testing_flip_byte(100)))
+    });
+    c.flush().expect("flush");
+    let codes = c
+        .gpu_load(&att, &[key(5, 9)], &[3], None, true)
+        .expect("verified load");
+    assert_eq!(codes, [BlockCode::Corrupt]);
+
+    let s = c.stats().expect("stats").gpu.expect("gpu");
+    assert!(s.saved_blocks >= 33 && s.loaded_blocks >= 33, "{s:?}");
+    assert!(
+        s.d2h_bytes >= 33 * 65536 && s.h2d_bytes >= 32 * 65536,
+        "{s:?}"
+    );
+    assert_eq!(s.copy_errors, 0);
+    assert!(c.gpu_detach(&att).expect("detach"));
+    assert!(!c.gpu_detach(&att).expect("detach twice"));
+    assert_eq!(gpu_attachments(&d), 0);
+}
+
+#[test]
+fn a_thousand_random_round_trips_are_bit_exact() {
+    let d = Daemon::start(&["gpu.backend=host", "gpu.pin_arenas=false"]);
+    let out = test_client(
+        &d,
+        &[
+            "--mode",
+            "gpu-churn",
+            "--seed",
+            "11",
+            "--iterations",
+            "1000",
+            "--blocks",
+            "6",
+            "--pages",
+            "24",
+            "--layers",
+            "3",
+            "--block-bytes",
+            "12288",
+        ],
+    )
+    .output()
+    .expect("run gpu-churn");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(r#"{"rounds":1000,"blocks":6000}"#),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn killing_an_engine_mid_transfer_leaves_kvd_healthy() {
+    let d = Daemon::start(&["gpu.backend=host", "gpu.pin_arenas=false"]);
+    for round in 0..3 {
+        let mut child = test_client(
+            &d,
+            &[
+                "--mode",
+                "gpu-churn",
+                "--seed",
+                &format!("{}", 20 + round),
+                "--iterations",
+                "100000",
+                "--blocks",
+                "16",
+                "--pages",
+                "64",
+                "--block-bytes",
+                "262144",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn gpu-churn");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read ready");
+        assert_eq!(line.trim(), "ready");
+        std::thread::sleep(Duration::from_millis(50 + 70 * round));
+        child.kill().expect("kill -9 the engine");
+        let _ = child.wait();
+        wait_for(
+            "the engine's mappings dropped",
+            Duration::from_secs(10),
+            || (gpu_attachments(&d) == 0).then_some(()),
+        );
+    }
+    // Still serving: the ring, and a new attachment.
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("after")).expect("ns");
+    let data = pattern(3, 3, 100_000);
+    c.put(&ns, &BlockKey([3; 32]), &data).expect("put");
+    assert!(c.get(&ns, &BlockKey([3; 32])).expect("get").expect("hit")[..] == data[..]);
+    let e = FakeEngine::new(1, 4, 4096, 4096);
+    let att = e.attach(&c, &ns.id);
+    e.fill(1, 9);
+    assert_eq!(
+        c.gpu_save(&att, &[BlockKey([4; 32])], &[1]).expect("save"),
+        [BlockCode::Done]
+    );
+    assert!(!d.log_contains("panicked"), "{}", d.log_text());
+}
+
+fn server_error(e: ClientError) -> (ErrorCode, String) {
+    match e {
+        ClientError::Server { code, message } => (code, message),
+        other => panic!("expected a server error, got {other}"),
+    }
+}
+
+#[test]
+fn bad_attachments_and_requests_are_refused_and_the_connection_goes_on() {
+    let d = Daemon::start(&["gpu.backend=host", "gpu.pin_arenas=false"]);
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("bad")).expect("ns");
+    let e = FakeEngine::new(2, 8, 4096, 4096);
+
+    // A layer running past its allocation.
+    let mut layers = e.layout();
+    layers[1].pages = 9;
+    let (code, msg) = server_error(
+        c.gpu_attach(&ns.id, &e.shares(), &[e.fd()], &layers)
+            .unwrap_err(),
+    );
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert!(
+        msg.contains("layer 1") && msg.contains("do not fit"),
+        "{msg}"
+    );
+    // A share index that does not exist; a page larger than its stride.
+    let mut layers = e.layout();
+    layers[0].share = 3;
+    let (_, msg) = server_error(
+        c.gpu_attach(&ns.id, &e.shares(), &[e.fd()], &layers)
+            .unwrap_err(),
+    );
+    assert!(msg.contains("names share 3"), "{msg}");
+    // The announced length must be the memfd's.
+    let (_, msg) = server_error(
+        c.gpu_attach(
+            &ns.id,
+            &[GpuShare::Fd { len: 1 << 20 }],
+            &[e.fd()],
+            &e.layout(),
+        )
+        .unwrap_err(),
+    );
+    assert!(msg.contains("cannot map shared allocation 0"), "{msg}");
+    // A memfd its owner could shrink.
+    let unsealed = unsealed_memfd(65536);
+    let (_, msg) = server_error(
+        c.gpu_attach(
+            &ns.id,
+            &[GpuShare::Fd { len: 65536 }],
+            &[std::os::fd::AsFd::as_fd(&unsealed)],
+            &[GpuLayer {
+                share: 0,
+                offset: 0,
+                stride: 4096,
+                page: 4096,
+                pages: 16,
+            }],
+        )
+        .unwrap_err(),
+    );
+    assert!(msg.contains("not sealed against shrinking"), "{msg}");
+    // A CUDA IPC handle is not something the host backend can map.
+    let (_, msg) = server_error(
+        c.gpu_attach(&ns.id, &[GpuShare::CudaIpc([7; 64])], &[], &e.layout())
+            .unwrap_err(),
+    );
+    assert!(msg.contains("not CUDA IPC"), "{msg}");
+    // Blocks larger than the daemon takes.
+    let big = FakeEngine::new(2, 2, 8 << 20, 8 << 20);
+    let (code, msg) = server_error(
+        c.gpu_attach(&ns.id, &big.shares(), &[big.fd()], &big.layout())
+            .unwrap_err(),
+    );
+    assert_eq!(code, ErrorCode::TooLarge, "{msg}");
+    // A namespace this connection has not opened.
+    let other = test_namespace("never-opened").id();
+    let (code, _) = server_error(
+        c.gpu_attach(&other, &e.shares(), &[e.fd()], &e.layout())
+            .unwrap_err(),
+    );
+    assert_eq!(code, ErrorCode::UnknownNamespace);
+    assert_eq!(
+        gpu_attachments(&d),
+        0,
+        "failed attaches leave nothing mapped"
+    );
+
+    let att = e.attach(&c, &ns.id);
+    // Pages out of range, an unknown attachment, a bad layer range.
+    let (_, msg) = server_error(c.gpu_save(&att, &[BlockKey([1; 32])], &[8]).unwrap_err());
+    assert!(msg.contains("out of range"), "{msg}");
+    let ghost = kvd_client::GpuAttachment {
+        id: att.id + 100,
+        block_bytes: att.block_bytes,
+    };
+    let (_, msg) = server_error(c.gpu_save(&ghost, &[BlockKey([1; 32])], &[0]).unwrap_err());
+    assert!(msg.contains("not held by this connection"), "{msg}");
+    let (_, msg) = server_error(
+        c.gpu_load(&att, &[BlockKey([1; 32])], &[0], Some(1..3), true)
+            .unwrap_err(),
+    );
+    assert!(msg.contains("layers 1..3 of 2"), "{msg}");
+    // Nothing was stored or left reserved by the refused save.
+    let s = c.stats().expect("stats");
+    let n = s
+        .namespaces
+        .iter()
+        .find(|n| n.ns == ns.id)
+        .expect("ns stats");
+    assert_eq!((n.blocks, n.reserved), (0, 0));
+    // And the connection still works.
+    e.fill(0, 1);
+    assert_eq!(
+        c.gpu_save(&att, &[BlockKey([1; 32])], &[0]).expect("save"),
+        [BlockCode::Done]
+    );
+    // A block of another size is not loaded into these pages.
+    c.put(&ns, &BlockKey([2; 32]), &[1u8; 100]).expect("put");
+    assert_eq!(
+        c.gpu_load(&att, &[BlockKey([2; 32])], &[1], None, false)
+            .expect("load"),
+        [BlockCode::BadSize]
+    );
+}
+
+#[test]
+fn without_a_gpu_backend_transfers_are_refused_clearly() {
+    let d = Daemon::start(&[]);
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("nogpu")).expect("ns");
+    let e = FakeEngine::new(1, 4, 4096, 4096);
+    let (code, msg) = server_error(
+        c.gpu_attach(&ns.id, &e.shares(), &[e.fd()], &e.layout())
+            .unwrap_err(),
+    );
+    assert_eq!(code, ErrorCode::Unsupported);
+    assert!(msg.contains("gpu.backend"), "{msg}");
+    assert!(c.stats().expect("stats").gpu.is_none());
+}
+
+fn unsealed_memfd(len: i64) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscalls; the results are checked.
+    unsafe {
+        let raw = libc::memfd_create(c"kvd-unsealed".as_ptr(), libc::MFD_ALLOW_SEALING);
+        assert!(raw >= 0);
+        assert_eq!(libc::ftruncate(raw, len), 0);
+        std::os::fd::OwnedFd::from_raw_fd(raw)
+    }
 }

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
+use kvd_client::gpu::BlockCode;
 use kvd_client::{BlockKey, Client, Options, PutOutcome};
+use kvd_tests::engine::FakeEngine;
 use kvd_tests::{pattern, test_namespace};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -17,6 +19,13 @@ enum Mode {
     HoldPut,
     /// Stores blocks, takes read leases on them and never releases; waits to be killed.
     HoldGet,
+    /// A fake engine (KV cache in a memfd) attached for daemon-driven transfers: fills page
+    /// `2 i` with seed-derived bytes and has kvd save it as key `i`, for `--blocks` keys.
+    GpuSave,
+    /// Two fake engines on one connection: each of `--iterations` rounds fills random pages
+    /// of the first, has kvd save them and load them into random pages of the second, and
+    /// checks every byte. Prints `ready` after the first round.
+    GpuChurn,
 }
 
 /// Integration-test client for kvd.
@@ -38,6 +47,12 @@ struct Args {
     block_bytes: usize,
     #[arg(long, default_value_t = 10)]
     iterations: u64,
+    /// Fake engine: layer buffers (a block is one page of each).
+    #[arg(long, default_value_t = 2)]
+    layers: u64,
+    /// Fake engine: pages per layer.
+    #[arg(long, default_value_t = 64)]
+    pages: u64,
 }
 
 fn key(seed: u64, i: u64) -> BlockKey {
@@ -123,6 +138,86 @@ fn main() -> anyhow::Result<()> {
             }
             std::thread::sleep(std::time::Duration::from_secs(60));
             drop(leases);
+        }
+        Mode::GpuSave => {
+            let page = (a.block_bytes as u64 / a.layers).max(1);
+            let e = FakeEngine::new(a.layers, a.pages, page, page + 512);
+            let att = e.attach(&client, &ns.id);
+            let n = a.blocks.min(a.pages / 2);
+            let keys: Vec<_> = (0..n).map(|i| key(a.seed, i)).collect();
+            let pages: Vec<u32> = (0..n).map(|i| (2 * i) as u32).collect();
+            for &p in &pages {
+                e.fill(u64::from(p), a.seed ^ u64::from(p));
+            }
+            let codes = client.gpu_save(&att, &keys, &pages)?;
+            let saved = codes.iter().filter(|c| **c == BlockCode::Done).count();
+            println!("{{\"saved\":{saved}}}");
+        }
+        Mode::GpuChurn => {
+            let page = (a.block_bytes as u64 / a.layers).max(1);
+            let src = FakeEngine::new(a.layers, a.pages, page, page);
+            let dst = FakeEngine::new(a.layers, a.pages, page + 64, page + 64);
+            let (sa, da) = (src.attach(&client, &ns.id), {
+                // Same block layout, different strides and pages: only page bytes must match.
+                let mut l = dst.layout();
+                for x in &mut l {
+                    x.page = page;
+                }
+                client.gpu_attach(&ns.id, &dst.shares(), &[dst.fd()], &l)?
+            });
+            let mut x = a.seed | 1;
+            let mut next = |n: u64| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x % n
+            };
+            let (mut moved, per_round) = (0u64, a.blocks.min(a.pages / 2).max(1));
+            for it in 0..a.iterations {
+                let mut from: Vec<u64> = Vec::new();
+                while (from.len() as u64) < per_round {
+                    let p = next(a.pages);
+                    if !from.contains(&p) {
+                        from.push(p);
+                    }
+                }
+                let mut to: Vec<u64> = Vec::new();
+                while (to.len() as u64) < per_round {
+                    let p = next(a.pages);
+                    if !to.contains(&p) {
+                        to.push(p);
+                    }
+                }
+                let keys: Vec<_> = (0..per_round)
+                    .map(|j| key(a.seed, it * 1_000_000 + j))
+                    .collect();
+                for &p in &from {
+                    src.fill(p, a.seed ^ (it << 20) ^ p);
+                }
+                let ids = |v: &[u64]| v.iter().map(|&p| p as u32).collect::<Vec<_>>();
+                let saved = client.gpu_save(&sa, &keys, &ids(&from))?;
+                if saved.iter().any(|c| *c != BlockCode::Done) {
+                    bail!("round {it}: save codes {saved:?}");
+                }
+                let loaded = client.gpu_load(&da, &keys, &ids(&to), None, true)?;
+                if loaded.iter().any(|c| *c != BlockCode::Done) {
+                    bail!("round {it}: load codes {loaded:?}");
+                }
+                for (f, t) in from.iter().zip(&to) {
+                    for l in 0..a.layers {
+                        if dst.read(l, *t)[..page as usize] != src.read(l, *f)[..] {
+                            bail!("round {it}: layer {l} page {t} differs from source page {f}");
+                        }
+                    }
+                }
+                moved += per_round;
+                client.delete(&ns.id, &keys)?;
+                if it == 0 {
+                    writeln!(out, "ready").context("stdout")?;
+                    out.flush().context("stdout")?;
+                }
+            }
+            println!("{{\"rounds\":{},\"blocks\":{moved}}}", a.iterations);
         }
     }
     Ok(())

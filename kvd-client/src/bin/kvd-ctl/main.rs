@@ -303,6 +303,25 @@ fn print_status(s: &StatsReport) {
             println!("      last error: {}", x.last_error);
         }
     }
+    if let Some(x) = &s.gpu {
+        println!(
+            "gpu    {}  pinned {} in {} ms  attached {}  saved {} blocks ({})  loaded {} blocks ({})",
+            x.backend,
+            human_bytes(x.pinned_bytes),
+            x.pin_ms,
+            x.attachments,
+            x.saved_blocks,
+            human_bytes(x.d2h_bytes),
+            x.loaded_blocks,
+            human_bytes(x.h2d_bytes),
+        );
+        if x.copy_errors > 0 || !x.last_error.is_empty() {
+            println!(
+                "      {} failed transfers  last error: {}",
+                x.copy_errors, x.last_error
+            );
+        }
+    }
     if let Some(x) = &s.events {
         println!(
             "events {}  topic {}<model>  {} form{}",

@@ -114,6 +114,17 @@ pub fn draw(f: &mut Frame, v: &View) {
             x.fetch_failures
         )));
     }
+    if let Some(x) = &s.gpu {
+        let old = v.before.as_ref().and_then(|b| b.gpu.as_ref());
+        status_lines.push(Line::from(format!(
+            "gpu {}  attached {}  D2H {}  H2D {}  errors {}",
+            x.backend,
+            x.attachments,
+            v.bytes_per_s(x.d2h_bytes, old.map(|o| o.d2h_bytes)),
+            v.bytes_per_s(x.h2d_bytes, old.map(|o| o.h2d_bytes)),
+            x.copy_errors
+        )));
+    }
     if let Some(x) = &s.events {
         let old = v.before.as_ref().and_then(|b| b.events.as_ref());
         status_lines.push(Line::from(format!(
@@ -364,6 +375,7 @@ mod tests {
             index: None,
             events: None,
             peer: None,
+            gpu: None,
         }
     }
 

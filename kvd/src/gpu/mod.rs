@@ -1,9 +1,12 @@
-//! The GPU tier's start: opening the configured backend and pinning the DRAM arenas for DMA.
+//! The GPU tier: opening the configured backend and pinning the DRAM arenas for DMA at start,
+//! and daemon-driven transfers between engines' KV buffers and the arenas ([`attach`]).
 //!
 //! Why at start, in the daemon: pinning tens of GiB takes seconds to tens of seconds, so it is
 //! done once, in parallel chunks, and its time reported, instead of by every engine process
 //! on its first copy. Pieces are cut on the allocator's chunk boundaries, which no block
 //! crosses, so every block lies inside one registration.
+
+pub mod attach;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +24,28 @@ pub struct Gpu {
     pub pinned_bytes: u64,
     /// Wall time of pinning every arena.
     pub pin_time: Duration,
+    /// Counters of daemon-driven transfers.
+    pub counters: Arc<attach::Counters>,
+}
+
+impl Gpu {
+    /// The GPU section of the daemon's statistics.
+    pub fn report(&self) -> kvd_proto::gpu::GpuReport {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.counters;
+        kvd_proto::gpu::GpuReport {
+            backend: self.backend.name(),
+            pinned_bytes: self.pinned_bytes,
+            pin_ms: self.pin_time.as_millis() as u64,
+            attachments: c.attachments.load(Relaxed),
+            saved_blocks: c.saved_blocks.load(Relaxed),
+            loaded_blocks: c.loaded_blocks.load(Relaxed),
+            d2h_bytes: c.d2h_bytes.load(Relaxed),
+            h2d_bytes: c.h2d_bytes.load(Relaxed),
+            copy_errors: c.copy_errors.load(Relaxed),
+            last_error: c.last_error.lock().clone(),
+        }
+    }
 }
 
 /// Opens the configured backend; `None` when the GPU tier is off.

@@ -1,0 +1,415 @@
+//! Daemon-driven transfers: an engine's paged KV buffers mapped into kvd, and the batched
+//! copies between them and the DRAM arena that kvd runs itself.
+//!
+//! Why: with the connector doing the copies, every step costs the engine process CPU time and
+//! a staging buffer; with the KV tensors shared (CUDA IPC handles, or sealed memfds for the
+//! host stand-in), the engine sends one small frame per step and kvd moves the pages on its
+//! own stream, many pages per call (plans from [`kvd_gpu::plan`]). An [`Attachment`] belongs to
+//! one control connection: when the engine process dies its socket closes, the connection's
+//! attachments drop and every mapping is closed, so no stale IPC mapping outlives the engine
+//! (a copy in flight finishes first: it holds the attachment).
+//!
+//! Saves reserve slots, copy, and commit unsealed blocks; their checksums are computed after
+//! the reply ([`seal`]), off the engine's critical path, the way ring commits are sealed off
+//! the request path. Loads take read leases, check size (and checksum when asked and known),
+//! copy, and release.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use kvd_gpu::plan::{block_bytes, block_runs, extent, Layer};
+use kvd_gpu::{Backend, DevicePtr, GpuError, Shared};
+use kvd_proto::frame::ErrorCode;
+use kvd_proto::gpu::{BlockCode, GpuLayer, GpuShare};
+use kvd_proto::BlockKey;
+use parking_lot::Mutex;
+use twox_hash::XxHash3_64;
+
+use crate::alloc::Slot;
+use crate::daemon::{Daemon, Namespace, OpError};
+use crate::ring_service::SealJob;
+use crate::store::{Committed, ReserveError};
+
+/// Blocks per driver call: bounds the slots reserved (and leases held) at once.
+const BATCH: usize = 256;
+
+/// Counters of daemon-driven transfers (for stats and metrics).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Attachments mapped now.
+    pub attachments: AtomicU64,
+    /// Blocks saved device → DRAM.
+    pub saved_blocks: AtomicU64,
+    /// Blocks loaded DRAM → device.
+    pub loaded_blocks: AtomicU64,
+    /// Bytes copied device → DRAM.
+    pub d2h_bytes: AtomicU64,
+    /// Bytes copied DRAM → device.
+    pub h2d_bytes: AtomicU64,
+    /// Transfers the driver failed.
+    pub copy_errors: AtomicU64,
+    /// Last attach or driver error.
+    pub last_error: Mutex<String>,
+}
+
+impl Counters {
+    fn failed(&self, e: &GpuError) {
+        self.copy_errors.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock() = e.to_string();
+    }
+}
+
+/// An engine's KV buffers mapped into kvd for one namespace; unmapped when dropped.
+pub struct Attachment {
+    backend: Arc<dyn Backend>,
+    counters: Arc<Counters>,
+    ns: Arc<Namespace>,
+    imports: Vec<DevicePtr>,
+    layers: Vec<Layer>,
+    block_bytes: u64,
+}
+
+impl std::fmt::Debug for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attachment")
+            .field("imports", &self.imports.len())
+            .field("layers", &self.layers.len())
+            .field("block_bytes", &self.block_bytes)
+            .finish()
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        for &base in &self.imports {
+            // SAFETY: `base` came from `import` on this backend and is closed once, here;
+            // every copy holds the attachment, so none is running.
+            if let Err(e) = unsafe { self.backend.close_import(base) } {
+                tracing::warn!(error = %e, "closing an engine KV mapping failed");
+            }
+        }
+        self.counters.attachments.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn bad(message: impl Into<String>) -> OpError {
+    OpError::new(ErrorCode::BadRequest, message)
+}
+
+fn driver_error(counters: &Counters, e: GpuError) -> OpError {
+    counters.failed(&e);
+    match e {
+        GpuError::Invalid(m) => bad(m),
+        other => OpError::new(ErrorCode::Internal, other.to_string()),
+    }
+}
+
+impl Attachment {
+    /// Maps the shared allocations (`fds` are the `Fd` shares' descriptors, in order) and
+    /// checks that every layer lies inside its allocation.
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        counters: Arc<Counters>,
+        ns: Arc<Namespace>,
+        shares: &[GpuShare],
+        fds: Vec<OwnedFd>,
+        layers: &[GpuLayer],
+    ) -> Result<Attachment, OpError> {
+        let want_fds = shares
+            .iter()
+            .filter(|s| matches!(s, GpuShare::Fd { .. }))
+            .count();
+        if want_fds != fds.len() {
+            return Err(bad(format!(
+                "{want_fds} shares are file descriptors but {} descriptors came with the frame",
+                fds.len()
+            )));
+        }
+        if layers.is_empty() {
+            return Err(bad("an attachment needs at least one layer buffer"));
+        }
+        counters.attachments.fetch_add(1, Ordering::Relaxed);
+        // From here on, dropping `a` closes whatever was mapped so far.
+        let mut a = Attachment {
+            backend: backend.clone(),
+            counters: counters.clone(),
+            ns,
+            imports: Vec::with_capacity(shares.len()),
+            layers: Vec::with_capacity(layers.len()),
+            block_bytes: 0,
+        };
+        let mut spans = Vec::with_capacity(shares.len());
+        let mut fds = fds.into_iter();
+        for (i, s) in shares.iter().enumerate() {
+            let fd;
+            let shared = match s {
+                GpuShare::Fd { len } => {
+                    fd = fds.next().ok_or_else(|| bad("descriptor missing"))?;
+                    Shared::Fd {
+                        fd: fd.as_fd(),
+                        len: *len,
+                    }
+                }
+                GpuShare::CudaIpc(h) => Shared::CudaIpc(*h),
+            };
+            let m = backend.import(shared).map_err(|e| {
+                counters.failed(&e);
+                bad(format!("cannot map shared allocation {i}: {e}"))
+            })?;
+            a.imports.push(m.base);
+            spans.push(m);
+        }
+        for (i, l) in layers.iter().enumerate() {
+            let span = spans
+                .get(l.share as usize)
+                .ok_or_else(|| bad(format!("layer {i} names share {}", l.share)))?;
+            let end = extent(l.pages, l.stride, l.page).and_then(|o| o.checked_add(l.offset));
+            let fits = end.is_some_and(|e| e <= span.len);
+            if l.page == 0 || l.stride < l.page || !fits {
+                return Err(bad(format!(
+                    "layer {i}: {} pages of {} B every {} B from offset {} do not fit the {} B \
+                     allocation it names",
+                    l.pages, l.page, l.stride, l.offset, span.len
+                )));
+            }
+            a.layers.push(Layer {
+                base: span.base + l.offset,
+                stride: l.stride,
+                page: l.page,
+                pages: l.pages,
+            });
+        }
+        a.block_bytes = block_bytes(&a.layers);
+        let max = a.ns.store.lock().max_block();
+        if a.block_bytes > max {
+            return Err(OpError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "a block of these layers holds {} bytes; dram.max_block_bytes is {max}",
+                    a.block_bytes
+                ),
+            ));
+        }
+        Ok(a)
+    }
+
+    /// Bytes of one block (one page of every layer).
+    pub fn block_bytes(&self) -> u64 {
+        self.block_bytes
+    }
+
+    /// The namespace the blocks belong to.
+    pub fn namespace(&self) -> &Arc<Namespace> {
+        &self.ns
+    }
+
+    /// Copies page `pages[i]` of every layer into a new block `keys[i]`. Returns a code per
+    /// key and the committed entries, whose checksums are still to be [`seal`]ed.
+    pub fn save(
+        &self,
+        daemon: &Daemon,
+        keys: &[BlockKey],
+        pages: &[u32],
+    ) -> Result<(Vec<BlockCode>, Vec<u32>), OpError> {
+        if keys.len() != pages.len() {
+            return Err(bad(format!(
+                "{} keys but {} pages",
+                keys.len(),
+                pages.len()
+            )));
+        }
+        let (len, ns) = (self.block_bytes, &self.ns);
+        let mut codes = Vec::with_capacity(keys.len());
+        let mut committed = Vec::new();
+        for (ks, ps) in keys.chunks(BATCH).zip(pages.chunks(BATCH)) {
+            let mut held = Reserved {
+                ns,
+                slots: Vec::with_capacity(ks.len()),
+            };
+            let (mut ids, mut hosts) = (Vec::new(), Vec::new());
+            let first = codes.len();
+            for (k, &p) in ks.iter().zip(ps) {
+                let reserved = ns.store.lock().reserve(k, len);
+                let code = match reserved {
+                    Ok(slot) => {
+                        // SAFETY: the slot is reserved by this call and uncommitted, so nobody
+                        // else reads or writes it until it is committed or aborted (by `held`).
+                        let Some(buf) = (unsafe { ns.arena.slot_mut(slot.offset, len) }) else {
+                            ns.store.lock().abort(slot);
+                            codes.push(BlockCode::NoRoom);
+                            continue;
+                        };
+                        hosts.push(buf.as_mut_ptr() as usize);
+                        ids.push(u64::from(p));
+                        held.slots.push((codes.len(), *k, slot));
+                        BlockCode::Done
+                    }
+                    Err(ReserveError::Exists) => BlockCode::Exists,
+                    Err(_) => BlockCode::NoRoom,
+                };
+                codes.push(code);
+            }
+            if hosts.is_empty() {
+                continue;
+            }
+            let runs = block_runs(&self.layers, &ids, &hosts).map_err(|e| bad(e.to_string()))?;
+            // SAFETY: every device range lies inside a layer checked against its live import
+            // at attach (and re-checked by the plan); every host range is a slot reserved
+            // above, `len` bytes, written by nobody else until committed.
+            unsafe { self.backend.copy_d2h(&runs) }.map_err(|e| driver_error(&self.counters, e))?;
+            let now = daemon.now_ms();
+            let mut store = ns.store.lock();
+            for (i, k, slot) in held.slots.drain(..) {
+                match store.commit(&k, slot, len, now) {
+                    Committed::Stored(entry) => committed.push(entry),
+                    Committed::Duplicate => codes[i] = BlockCode::Exists,
+                }
+            }
+            drop(store);
+            let n = codes[first..]
+                .iter()
+                .filter(|c| **c == BlockCode::Done)
+                .count() as u64;
+            self.counters.saved_blocks.fetch_add(n, Ordering::Relaxed);
+            self.counters
+                .d2h_bytes
+                .fetch_add(hosts.len() as u64 * len, Ordering::Relaxed);
+        }
+        Ok((codes, committed))
+    }
+
+    /// Copies block `keys[i]` into page `pages[i]` of layers `first .. first + count` (all
+    /// when `count` is 0). Blocks held only on disk are read into DRAM first.
+    pub fn load(
+        &self,
+        daemon: &Daemon,
+        keys: &[BlockKey],
+        pages: &[u32],
+        first: u32,
+        count: u32,
+        verify: bool,
+    ) -> Result<Vec<BlockCode>, OpError> {
+        if keys.len() != pages.len() {
+            return Err(bad(format!(
+                "{} keys but {} pages",
+                keys.len(),
+                pages.len()
+            )));
+        }
+        let n_layers = self.layers.len();
+        let first = first as usize;
+        let count = if count == 0 {
+            n_layers.saturating_sub(first)
+        } else {
+            count as usize
+        };
+        if first.checked_add(count).is_none_or(|e| e > n_layers) || count == 0 {
+            return Err(bad(format!(
+                "layers {first}..{} of {n_layers}",
+                first.saturating_add(count)
+            )));
+        }
+        let layers = &self.layers[first..first + count];
+        let skip: u64 = self.layers[..first].iter().map(|l| l.page).sum();
+        let part: u64 = layers.iter().map(|l| l.page).sum();
+        let ns = &self.ns;
+        let mut codes = Vec::with_capacity(keys.len());
+        for (ks, ps) in keys.chunks(BATCH).zip(pages.chunks(BATCH)) {
+            let mut leases = Leases {
+                ns,
+                entries: Vec::with_capacity(ks.len()),
+            };
+            let (mut ids, mut hosts) = (Vec::new(), Vec::new());
+            for (k, &p) in ks.iter().zip(ps) {
+                let now = daemon.now_ms();
+                let hit = ns.store.lock().get(k, now);
+                let Some(hit) = hit.or_else(|| daemon.read_into_dram(ns, k, true)) else {
+                    codes.push(BlockCode::Missing);
+                    continue;
+                };
+                leases.entries.push(hit.entry);
+                if hit.len != self.block_bytes {
+                    codes.push(BlockCode::BadSize);
+                    continue;
+                }
+                if verify && hit.sealed {
+                    let mut h = XxHash3_64::new();
+                    let ok = ns.arena.hash_range(&mut h, hit.offset, hit.len);
+                    if !ok || std::hash::Hasher::finish(&h) != hit.checksum {
+                        tracing::warn!(ns = %ns.id, "a block failed its checksum before a GPU load");
+                        codes.push(BlockCode::Corrupt);
+                        continue;
+                    }
+                }
+                // SAFETY: the lease keeps the committed block (no client writes it) from being
+                // freed or reused until `leases` drops, after the copy; `ns` keeps the arena
+                // mapped.
+                let Some(buf) = (unsafe { ns.arena.block(hit.offset + skip, part) }) else {
+                    codes.push(BlockCode::BadSize);
+                    continue;
+                };
+                hosts.push(buf.as_ptr() as usize);
+                ids.push(u64::from(p));
+                codes.push(BlockCode::Done);
+            }
+            if hosts.is_empty() {
+                continue;
+            }
+            let runs = block_runs(layers, &ids, &hosts).map_err(|e| bad(e.to_string()))?;
+            // SAFETY: device ranges lie inside layers checked against their live imports; host
+            // ranges are leased blocks nobody writes; the engine's pages are its to race on.
+            unsafe { self.backend.copy_h2d(&runs) }.map_err(|e| driver_error(&self.counters, e))?;
+            self.counters
+                .loaded_blocks
+                .fetch_add(hosts.len() as u64, Ordering::Relaxed);
+            self.counters
+                .h2d_bytes
+                .fetch_add(hosts.len() as u64 * part, Ordering::Relaxed);
+        }
+        Ok(codes)
+    }
+}
+
+/// Computes and records the checksums of blocks committed by [`Attachment::save`]; an entry
+/// gone (evicted or deleted) or sealed meanwhile is skipped.
+pub fn seal(ns: &Arc<Namespace>, entries: &[u32]) {
+    for &entry in entries {
+        if let Some(job) = SealJob::start(ns.clone(), entry) {
+            job.finish();
+        }
+    }
+}
+
+/// Slots reserved for a save, aborted unless committed.
+struct Reserved<'a> {
+    ns: &'a Namespace,
+    slots: Vec<(usize, BlockKey, Slot)>,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if self.slots.is_empty() {
+            return;
+        }
+        let mut store = self.ns.store.lock();
+        for (_, _, s) in self.slots.drain(..) {
+            store.abort(s);
+        }
+    }
+}
+
+/// Read leases of a load, released when dropped.
+struct Leases<'a> {
+    ns: &'a Namespace,
+    entries: Vec<u32>,
+}
+
+impl Drop for Leases<'_> {
+    fn drop(&mut self) {
+        let mut store = self.ns.store.lock();
+        for &e in &self.entries {
+            store.release(e);
+        }
+    }
+}
