@@ -52,8 +52,12 @@ reconnects by itself (every ``retry_s`` seconds, default 5).
 Extra config keys: ``socket`` (default ``$KVD_SOCKET`` or /run/kvd/kvd.sock), ``model``,
 ``tenant``, ``hash`` (auto|kvd|vllm), ``verify_checksums`` (default true), ``load`` and
 ``save`` (default true), ``retry_s``, ``timeout_s`` (longest wait for kvd, default 5; a
-daemon that stops answering is treated as down), ``copy_path`` (``direct`` on CPU; ``staging`` copies
-through a host buffer and is what device tensors use).
+daemon that stops answering is treated as down), ``copy_path``: ``direct`` (CPU tensors: pages
+copied straight between the KV cache and kvd's arena), ``staging`` (through a host buffer),
+``daemon`` (the KV buffers are shared with kvd once — CUDA IPC handles, or CPU tensors from
+``kvd.shareable.empty`` — and kvd copies the pages itself; needs a kvd with a GPU backend,
+falls back to the other paths with one warning otherwise), or ``auto`` (default: ``daemon``
+for CUDA tensors when kvd can, else ``staging``; ``direct`` for CPU tensors).
 """
 
 from __future__ import annotations
@@ -74,7 +78,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from kvd._kvd import CORRUPT, LOADED, KvdError, chain_keys
+from kvd import shareable
+from kvd._kvd import CORRUPT, LOADED, KvdError, KvdUnsupported, chain_keys
 from kvd._link import Link
 
 if TYPE_CHECKING:
@@ -86,6 +91,9 @@ if TYPE_CHECKING:
 
 # A child of vLLM's logger, so the connector's lines appear with vLLM's own.
 log = logging.getLogger("vllm.kvd_connector")
+
+#: Attachments kept per connection (kvd allows 64); one per namespace in use.
+_MAX_ATTACHED = 32
 
 #: Version of the key schemes and layout string; part of every namespace.
 KEY_SCHEME_KVD = "kvd-blake3-v1"
@@ -238,8 +246,10 @@ class KvdConnector(KVConnectorBase_V1):
         self._do_load = _flag(extra, "load", True)
         self._do_save = _flag(extra, "save", True)
         self._copy_path = str(extra.get("copy_path", "auto"))
-        if self._copy_path not in ("auto", "direct", "staging"):
-            raise ValueError(f"kvd: copy_path must be auto, direct or staging, not {self._copy_path!r}")
+        if self._copy_path not in ("auto", "direct", "staging", "daemon"):
+            raise ValueError(
+                f"kvd: copy_path must be auto, direct, staging or daemon, not {self._copy_path!r}"
+            )
         model = str(
             extra.get("model")
             or getattr(vllm_config.model_config, "served_model_name", None)
@@ -271,6 +281,11 @@ class KvdConnector(KVConnectorBase_V1):
         # Worker state.
         self._layers: list[Any] = []
         self._staging: list[torch.Tensor] = []
+        # Daemon-driven copies: the shares and layer buffers to attach, and the attachment of
+        # each (client, namespace) made so far.
+        self._shared: tuple[list[tuple[Any, ...]], list[tuple[int, int, int, int, int]]] | None = None
+        self._attached: dict[bytes, Any] = {}
+        self._attached_client: Any = None
         self._load_errors: set[int] = set()
         self._block_bytes = 0
         self._stats = {"loaded_blocks": 0, "failed_blocks": 0, "saved_blocks": 0}
@@ -513,24 +528,70 @@ class KvdConnector(KVConnectorBase_V1):
                 f"{expect} x {len(names)} layers"
             )
             return
-        direct = all(p.device.type == "cpu" for p in pages) and self._copy_path != "staging"
+        on_cpu = all(p.device.type == "cpu" for p in pages)
+        direct = on_cpu and self._copy_path != "staging"
         if direct:
             self._layers = [p.numpy() for p in pages]
         else:
             self._layers = []
             self._staging = pages
-        self._namespace(self._tenant)  # connect and map now, not on the first request
+        self._shared = None
+        if self._copy_path == "daemon" or (self._copy_path == "auto" and not on_cpu):
+            try:
+                self._shared = _share(pages)
+            except ValueError as e:
+                level = logging.WARNING if self._copy_path == "daemon" else logging.INFO
+                log.log(level, "kvd: KV buffers cannot be shared with kvd (%s); the connector copies", e)
+        got = self._namespace(self._tenant)  # connect and map now, not on the first request
+        if self._shared is not None and got is not None:
+            self._attachment(*got)
         log.info(
             "kvd: %d layers registered, %d pages of %d bytes per block (%s copy)",
             len(names),
             len(pages),
             page_total,
-            "direct" if direct else "staged",
+            "daemon" if self._shared is not None else "direct" if direct else "staged",
         )
+
+    def _attachment(self, client: Any, ns: Any) -> Any:
+        """The daemon-side mapping of this worker's KV buffers for ``ns`` (attached on first
+        use per client and namespace); None when kvd cannot copy for us — then the connector
+        copies, and after a refusal for good."""
+        if self._shared is None:
+            return None
+        if client is not self._attached_client:
+            # A new connection: the old one's attachments went with it.
+            self._attached, self._attached_client = {}, client
+        key = bytes(ns.id)
+        att = self._attached.get(key)
+        if att is not None:
+            return att
+        shares, layers = self._shared
+        try:
+            if len(self._attached) >= _MAX_ATTACHED:
+                # kvd holds at most 64 per connection: let go of the oldest namespace's.
+                oldest = next(iter(self._attached))
+                client.gpu_detach(self._attached.pop(oldest))
+            att = client.gpu_attach(ns, shares, layers)
+        except KvdUnsupported as e:
+            log.warning("kvd: daemon-driven copies unavailable (%s); the connector copies instead", e)
+            self._shared = None
+            return None
+        except KvdError as e:
+            log.warning("kvd: could not attach the KV buffers (%s); the connector copies this time", e)
+            return None
+        self._attached[key] = att
+        log.info("kvd: KV buffers attached (%s); kvd copies the pages", att)
+        return att
+
+    def _sync_device(self) -> None:
+        """Waits for the engine's queued GPU work, so kvd reads pages the forward pass wrote."""
+        if self._staging and self._staging[0].device.type == "cuda":
+            torch.cuda.current_stream(self._staging[0].device).synchronize()
 
     def _disable(self, why: str) -> None:
         log.warning("kvd: connector disabled on this worker: %s", why)
-        self._layers, self._staging = [], []
+        self._layers, self._staging, self._shared = [], [], None
 
     def _active(self) -> bool:
         return bool(self._layers or self._staging)
@@ -574,7 +635,10 @@ class KvdConnector(KVConnectorBase_V1):
             return [False] * len(t.keys)
         client, ns = got
         try:
-            if self._layers:
+            att = self._attachment(client, ns)
+            if att is not None:
+                codes = client.gpu_load(att, t.keys, t.block_ids, verify=self._verify)
+            elif self._layers:
                 codes = client.load_blocks(ns, t.keys, t.block_ids, self._layers, verify=self._verify)
             else:
                 codes = self._load_staged(client, ns, t)
@@ -629,7 +693,11 @@ class KvdConnector(KVConnectorBase_V1):
                 return
             client, ns = got
             try:
-                if self._layers:
+                att = self._attachment(client, ns)
+                if att is not None:
+                    self._sync_device()
+                    stored = client.gpu_save(att, t.keys, t.block_ids)
+                elif self._layers:
                     stored = client.save_blocks(ns, t.keys, t.block_ids, self._layers)
                 else:
                     stored = self._save_staged(client, ns, t)
@@ -686,6 +754,38 @@ def _as_pages(t: torch.Tensor) -> torch.Tensor:
     if t.shape[0] > 1 and stride < page:
         raise ValueError(f"block stride {stride} smaller than page {page}")
     return torch.as_strided(u8, (t.shape[0], page), (stride, 1))
+
+
+def _share(pages: list[torch.Tensor]) -> tuple[list[tuple[Any, ...]], list[tuple[int, int, int, int, int]]]:
+    """What ``Client.gpu_attach`` needs to map ``pages`` (``[num_blocks, page]`` uint8 views)
+    in kvd: one share per distinct allocation and ``(share, offset, stride, page, pages)`` per
+    layer; raises ValueError when a buffer cannot be shared."""
+    shares: list[tuple[Any, ...]] = []
+    index: dict[Any, int] = {}
+    layers = []
+    for p in pages:
+        if p.device.type == "cuda":
+            storage = p.untyped_storage()
+            # (device, handle, size, offset of the storage in the allocation, ...)
+            shared = storage._share_cuda_()
+            handle, storage_offset = bytes(shared[1]), int(shared[3])
+            key: Any = ("cuda", handle)
+            offset = storage_offset + (p.data_ptr() - storage.data_ptr())
+            share: tuple[Any, ...] = ("cuda_ipc", handle)
+        elif p.device.type == "cpu":
+            found = shareable.share_of(p)
+            if found is None:
+                raise ValueError("CPU KV tensors not allocated with kvd.shareable.empty")
+            fd, length, offset = found
+            key = ("fd", fd)
+            share = ("fd", fd, length)
+        else:
+            raise ValueError(f"{p.device.type} tensors cannot be shared with kvd")
+        if key not in index:
+            index[key] = len(shares)
+            shares.append(share)
+        layers.append((index[key], offset, p.stride(0), p.shape[1], p.shape[0]))
+    return shares, layers
 
 
 def _pinnable(staging: list[torch.Tensor]) -> bool:

@@ -11,6 +11,8 @@
 //! Buffers are taken through the buffer protocol and checked (shape, strides, writability,
 //! bounds) before any pointer is used, so a wrong argument raises instead of corrupting memory.
 
+mod gpu;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +31,12 @@ create_exception!(
     KvdUnavailable,
     KvdError,
     "kvd is not running, or the connection to it was lost; a new Client may succeed later."
+);
+create_exception!(
+    _kvd,
+    KvdUnsupported,
+    KvdError,
+    "this kvd cannot do that (e.g. GPU transfers from a daemon without a GPU backend)."
 );
 
 /// `load_blocks` result: the block was copied into the engine's pages.
@@ -51,6 +59,10 @@ fn to_py(e: ClientError) -> PyErr {
         ClientError::NotRunning { .. } | ClientError::Io(_) | ClientError::Ring(_) => {
             KvdUnavailable::new_err(e.to_string())
         }
+        ClientError::Server {
+            code: kvd_proto::ErrorCode::Unsupported,
+            ..
+        } => KvdUnsupported::new_err(e.to_string()),
         _ => KvdError::new_err(e.to_string()),
     }
 }
@@ -603,6 +615,67 @@ impl Client {
         r.map_err(to_py)
     }
 
+    /// Shares an engine's paged KV buffers with kvd for daemon-driven copies (the daemon needs
+    /// a GPU backend; otherwise `KvdUnsupported`). `shares`: `("fd", fd, length)` for a memfd
+    /// sealed against shrinking (the `host` stand-in backend), `("cuda_ipc", handle)` for a
+    /// 64-byte CUDA IPC handle. `layers`: `(share, offset, stride, page, pages)` per layer
+    /// buffer in block order: page `i` at `offset + i * stride` of that share, `page` bytes.
+    fn gpu_attach(
+        &self,
+        py: Python<'_>,
+        ns: &Namespace,
+        shares: Vec<Bound<'_, PyAny>>,
+        layers: Vec<(u32, u64, u64, u64, u64)>,
+    ) -> PyResult<gpu::GpuAttachment> {
+        let ns = self.ns(ns)?;
+        gpu::attach(py, &self.inner, ns, &shares, layers)
+    }
+
+    /// kvd copies page `block_ids[i]` of every attached layer into block `keys[i]`. Returns one
+    /// bool per key: stored now (false: already held, or no room).
+    fn gpu_save(
+        &self,
+        py: Python<'_>,
+        att: &gpu::GpuAttachment,
+        keys: Vec<Vec<u8>>,
+        block_ids: Vec<u32>,
+    ) -> PyResult<Vec<bool>> {
+        let keys = keys_of(&keys)?;
+        gpu::save(py, &self.inner, att, &keys, &block_ids)
+    }
+
+    /// kvd copies block `keys[i]` into page `block_ids[i]` of the attached layers
+    /// `first_layer .. first_layer + layers` (all when `layers` is 0). Returns the codes of
+    /// `load_blocks` (LOADED, MISSING, CORRUPT, BAD_SIZE); only LOADED pages were written.
+    #[pyo3(signature = (att, keys, block_ids, *, first_layer=0, layers=0, verify=true))]
+    #[allow(clippy::too_many_arguments)]
+    fn gpu_load(
+        &self,
+        py: Python<'_>,
+        att: &gpu::GpuAttachment,
+        keys: Vec<Vec<u8>>,
+        block_ids: Vec<u32>,
+        first_layer: u32,
+        layers: u32,
+        verify: bool,
+    ) -> PyResult<Vec<u32>> {
+        let keys = keys_of(&keys)?;
+        if layers == 0 && first_layer != 0 {
+            return Err(PyValueError::new_err(
+                "give `layers` with `first_layer` (0 loads every layer)",
+            ));
+        }
+        let range = (layers > 0).then(|| first_layer..first_layer.saturating_add(layers));
+        gpu::load(py, &self.inner, att, &keys, &block_ids, range, verify)
+    }
+
+    /// Unmaps an attachment in kvd; false when it was not held.
+    fn gpu_detach(&self, py: Python<'_>, att: &gpu::GpuAttachment) -> PyResult<bool> {
+        gpu::check_attachment(&self.inner, att)?;
+        py.detach(|| self.inner.gpu_detach(&att.inner))
+            .map_err(to_py)
+    }
+
     /// Test hook: flips the byte at `offset` of a stored block in place (with no `offset`,
     /// changes nothing). Returns None when the block is not stored, else whether the daemon had
     /// checksummed it before (only then can readers detect the damage). For tests only.
@@ -767,6 +840,8 @@ fn _kvd(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Namespace>()?;
     m.add("KvdError", py.get_type::<KvdError>())?;
     m.add("KvdUnavailable", py.get_type::<KvdUnavailable>())?;
+    m.add("KvdUnsupported", py.get_type::<KvdUnsupported>())?;
+    m.add_class::<gpu::GpuAttachment>()?;
     m.add("LOADED", LOADED)?;
     m.add("MISSING", MISSING)?;
     m.add("CORRUPT", CORRUPT)?;

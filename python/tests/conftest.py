@@ -104,6 +104,15 @@ def daemon(tmp_sock_dir):
 
 
 @pytest.fixture
+def gpu_daemon(tmp_sock_dir):
+    """A kvd with the host stand-in GPU backend: daemon-driven transfers work on the CPU."""
+    d = Daemon(tmp_sock_dir / "kvd.sock", ["gpu.backend=host", "gpu.pin_arenas=false"])
+    d.start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture
 def client(daemon):
     import kvd
 

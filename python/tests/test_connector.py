@@ -62,14 +62,14 @@ def pair(socket, **kw):
     return sched, worker
 
 
-def engine_cache(seed=None):
+def engine_cache(seed=None, shared=False):
     """Like vLLM CPU: per-layer [num_blocks, kv_heads, block, 2·head] views of one allocation,
-    here interleaved per block so every layer view is strided."""
+    here interleaved per block so every layer view is strided. ``shared``: in memory kvd can
+    map (``kvd.shareable``), for daemon-driven copies."""
     shape = (NUM_BLOCKS, LAYERS, 2, BLOCK, 128)
-    if seed is None:
-        alloc = torch.zeros(shape, dtype=torch.bfloat16)
-    else:
-        alloc = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    alloc = kvd.shareable.empty(shape, torch.bfloat16) if shared else torch.zeros(shape, dtype=torch.bfloat16)
+    if seed is not None:
+        alloc.copy_(torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16))
     return alloc, {f"layer.{i}": alloc[:, i] for i in range(LAYERS)}
 
 
@@ -127,10 +127,10 @@ def load_hit(sched, worker, req, ids, hit_tokens):
     return run_worker(worker, meta)
 
 
-def fresh_engine(socket, **kw):
+def fresh_engine(socket, shared=False, **kw):
     """A new connector pair with an empty (zeroed) engine cache registered."""
     sched, worker = pair(socket, **kw)
-    dst, caches = engine_cache()
+    dst, caches = engine_cache(shared=shared)
     worker.register_kv_caches(caches)
     return sched, worker, dst
 
@@ -139,8 +139,9 @@ def store(daemon, tokens, ids, seed=1, **kw):
     """Runs one prefill of ``tokens`` through a fresh connector pair; returns the cache."""
     salt = kw.pop("tenant_salt", None)
     lora = kw.pop("lora", None)
+    shared = kw.pop("shared", False)
     sched, worker = pair(daemon.socket, **kw)
-    alloc, caches = engine_cache(seed)
+    alloc, caches = engine_cache(seed, shared=shared)
     worker.register_kv_caches(caches)
     req = request("a", tokens, salt=salt, lora=lora)
     assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
@@ -277,6 +278,37 @@ def test_staging_copy_path_matches_direct(daemon):
     sched2, worker2, dst2 = fresh_engine(daemon.socket, copy_path="staging")
     assert load_hit(sched2, worker2, request("s2", tokens), [9, 10, 11, 12], 96) == set()
     assert torch.equal(src[3:6], dst2[9:12])
+
+
+def test_daemon_copy_path_matches_direct(gpu_daemon, caplog):
+    """kvd copies the pages itself (host stand-in backend): what it saved loads through the
+    direct path bit for bit, and what the direct path saved it loads back."""
+    caplog.set_level(logging.INFO, logger="vllm.kvd_connector")
+    tokens = list(range(500, 600))
+    src = store(gpu_daemon, tokens, [3, 4, 5, 6], seed=4, shared=True, copy_path="daemon")
+    assert any("daemon copy" in r.getMessage() for r in caplog.records)
+    assert any("KV buffers attached" in r.getMessage() for r in caplog.records)
+    sched, worker, dst = fresh_engine(gpu_daemon.socket)
+    assert load_hit(sched, worker, request("d", tokens), [0, 1, 2, 3], 96) == set()
+    assert torch.equal(src[3:6], dst[0:3])
+    other = list(range(700, 800))
+    src2 = store(gpu_daemon, other, [1, 2, 3, 4], seed=5)
+    sched2, worker2, dst2 = fresh_engine(gpu_daemon.socket, shared=True, copy_path="daemon")
+    assert load_hit(sched2, worker2, request("d2", other), [9, 10, 11, 12], 96) == set()
+    assert torch.equal(src2[1:4], dst2[9:12])
+    gpu = kvd.Client(str(gpu_daemon.socket)).stats()["gpu"]
+    assert gpu["saved_blocks"] == 3 and gpu["loaded_blocks"] == 3, gpu
+
+
+def test_daemon_copy_path_falls_back_when_kvd_cannot(daemon, caplog):
+    """Without a GPU backend in kvd (or with unshareable buffers) the connector copies."""
+    tokens = list(range(800, 900))
+    src = store(daemon, tokens, [3, 4, 5, 6], seed=6, shared=True, copy_path="daemon")
+    assert sum("daemon-driven copies unavailable" in r.getMessage() for r in caplog.records) == 1
+    sched, worker, dst = fresh_engine(daemon.socket, copy_path="daemon")
+    assert any("cannot be shared with kvd" in r.getMessage() for r in caplog.records)
+    assert load_hit(sched, worker, request("f", tokens), [0, 1, 2, 3], 96) == set()
+    assert torch.equal(src[3:6], dst[0:3])
 
 
 def test_cache_salt_isolates_requests(daemon, client):

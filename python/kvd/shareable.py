@@ -1,0 +1,58 @@
+"""KV-cache memory kvd can map itself, for daemon-driven transfers on the CPU.
+
+With ``copy_path = "daemon"`` the connector hands kvd its KV buffers once and kvd copies
+pages itself. CUDA tensors are shared through CUDA IPC handles (torch's ``_share_cuda_``).
+CPU tensors can be shared only when they live in a memfd sealed against shrinking, so the
+owner can never pull pages from under a copy: ``empty`` allocates such a tensor, and
+``share_of`` finds the memfd behind a tensor allocated here. This is how the daemon's
+``host`` GPU backend (a stand-in for a GPU, used in CI) sees an engine's cache.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import math
+import mmap
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class _Region:
+    start: int
+    length: int
+    fd: int
+    map: mmap.mmap
+
+
+_lock = threading.Lock()
+_regions: list[_Region] = []
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """A zeroed CPU tensor in its own sealed memfd, shareable with kvd. The memory lives as
+    long as the process (KV caches do)."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    length = max(mmap.PAGESIZE, -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)
+    fd = os.memfd_create("kvd-kv-cache", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    os.ftruncate(fd, length)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    m = mmap.mmap(fd, length)
+    flat = torch.frombuffer(m, dtype=torch.uint8)
+    region = _Region(flat.data_ptr(), length, fd, m)
+    with _lock:
+        _regions.append(region)
+    return flat[:nbytes].view(dtype).view(shape)
+
+
+def share_of(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(fd, length, offset of t's first byte)`` when ``t`` lies in memory from ``empty``."""
+    ptr = t.data_ptr()
+    with _lock:
+        for r in _regions:
+            if r.start <= ptr < r.start + r.length:
+                return r.fd, r.length, ptr - r.start
+    return None
