@@ -88,6 +88,20 @@ impl CudaBackend {
         })
     }
 
+    /// A CUDA IPC handle of the allocation at `ptr` (from [`Backend::alloc`]), for another
+    /// process to map with [`Backend::import`] (what an engine hands kvd).
+    pub fn ipc_handle(
+        &self,
+        ptr: DevicePtr,
+    ) -> Result<[u8; crate::CUDA_IPC_HANDLE_BYTES], GpuError> {
+        self.enter()?;
+        let mut h = sys::CUipcMemHandle_st { reserved: [0; 64] };
+        // SAFETY: `h` is a valid out-pointer; the driver checks `ptr`.
+        unsafe { sys::cuIpcGetMemHandle(&mut h, ptr).result() }
+            .map_err(|e| driver("cuIpcGetMemHandle", e))?;
+        Ok(h.reserved.map(|c| c as u8))
+    }
+
     /// Makes this backend's context current on the calling thread.
     fn enter(&self) -> Result<(), GpuError> {
         // SAFETY: `ctx` stays retained until `drop`.

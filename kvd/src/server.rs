@@ -578,7 +578,7 @@ fn dispatch(
 
 /// A connection's daemon-driven GPU transfer state: its attachments (unmapped when the
 /// connection ends) and the checksum sealing of its last save, which runs after the reply
-/// and is waited for before the next transfer (one at a time per connection).
+/// and is waited for before the next save (one batch sealing at a time per connection).
 #[derive(Default)]
 struct GpuState {
     attachments: HashMap<u32, Arc<Attachment>>,
@@ -617,8 +617,12 @@ impl GpuState {
                  are unavailable; copy through the arena instead",
             ));
         };
-        if let Some(s) = self.sealing.take() {
-            s.await.map_err(joined)?;
+        if matches!(req, Request::GpuSave { .. }) {
+            // At most one batch waits for its checksums per connection: a save waits for the
+            // last one's sealing (loads run beside it).
+            if let Some(s) = self.sealing.take() {
+                s.await.map_err(joined)?;
+            }
         }
         Ok(match req {
             Request::GpuAttach { ns, shares, layers } => {

@@ -26,6 +26,12 @@
 //! into one buffer per block, so the machine's cost of a large destination footprint (on
 //! virtual disks whose host copies into guest memory, up to ~15%) is measured apart from
 //! kvd's own.
+//!
+//! `kvd-bench gpu` has kvd copy an engine's KV pages itself (daemon-driven transfers, CUDA
+//! IPC or the host stand-in) and compares with the same copies made in this process, and a
+//! many-page gather with one contiguous copy (see `gpu.rs`).
+
+mod gpu;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -59,6 +65,9 @@ enum Cmd {
     /// Peer fetch: node B's lookup pulling blocks from node A over the data port (two
     /// private daemons and a private redis-server) vs a plain TCP copy of the same bytes.
     Peer(PeerArgs),
+    /// GPU tier: kvd's daemon-driven D2H/H2D copies of an engine's KV pages vs the same copies
+    /// made by this process through the same backend, and a paged gather vs one contiguous copy.
+    Gpu(gpu::GpuArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -1374,5 +1383,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Disk(a) => disk(a),
         Cmd::Footprint(a) => footprint(a),
         Cmd::Index(a) => index(a),
+        Cmd::Gpu(a) => gpu::run(a),
     }
 }
