@@ -8,7 +8,7 @@
 use cudarc::driver::result;
 use cudarc::driver::sys;
 
-use crate::{Backend, DevicePtr, GpuError, Mapped, Run, Shared};
+use crate::{Backend, DevicePtr, DeviceRun, GpuError, Mapped, Run, Shared};
 
 /// One CUDA device: its primary context and a non-blocking stream for kvd's copies.
 pub struct CudaBackend {
@@ -215,6 +215,16 @@ impl Backend for CudaBackend {
                 sys::cuMemcpyDtoHAsync_v2(r.host as *mut _, r.dev, r.len, self.stream).result()
             }
             .map_err(|e| driver("cuMemcpyDtoHAsync", e))?;
+        }
+        self.sync()
+    }
+
+    unsafe fn copy_d2d(&self, runs: &[DeviceRun]) -> Result<(), GpuError> {
+        self.enter()?;
+        for r in runs {
+            // SAFETY: the caller guarantees both device ranges; waited for below.
+            unsafe { sys::cuMemcpyDtoDAsync_v2(r.dst, r.src, r.len, self.stream).result() }
+                .map_err(|e| driver("cuMemcpyDtoDAsync", e))?;
         }
         self.sync()
     }

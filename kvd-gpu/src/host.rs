@@ -13,7 +13,7 @@ use std::sync::Mutex;
 
 use kvd_shm::Mapping;
 
-use crate::{Backend, DevicePtr, GpuError, Mapped, Run, Shared};
+use crate::{Backend, DevicePtr, DeviceRun, GpuError, Mapped, Run, Shared};
 
 /// Host memory standing in for a device.
 #[derive(Debug, Default)]
@@ -197,6 +197,24 @@ impl Backend for HostBackend {
             // guarantees the host range is valid for writes and not shared; a host range and
             // an allocation of this backend never overlap.
             unsafe { std::ptr::copy_nonoverlapping(src, r.host as *mut u8, r.len) };
+        }
+        Ok(())
+    }
+
+    unsafe fn copy_d2d(&self, runs: &[DeviceRun]) -> Result<(), GpuError> {
+        let ends = runs
+            .iter()
+            .map(|r| {
+                Ok((
+                    self.device_range(r.src, r.len)?,
+                    self.device_range(r.dst, r.len)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, GpuError>>()?;
+        for (r, (src, dst)) in runs.iter().zip(ends) {
+            // SAFETY: both ranges lie inside live allocations or imports (checked above); the
+            // caller guarantees nobody else uses the destination; `copy` allows overlap.
+            unsafe { std::ptr::copy(src, dst, r.len) };
         }
         Ok(())
     }

@@ -34,6 +34,17 @@ pub struct Run {
     pub len: usize,
 }
 
+/// One contiguous copy of `len` bytes from device address `src` to device address `dst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceRun {
+    /// Source.
+    pub src: DevicePtr,
+    /// Destination.
+    pub dst: DevicePtr,
+    /// Bytes.
+    pub len: usize,
+}
+
 /// Memory another process shares with kvd so that kvd can copy KV pages to and from it
 /// itself (the engine's KV tensors).
 #[derive(Debug, Clone, Copy)]
@@ -133,6 +144,14 @@ pub trait Backend: Send + Sync {
     /// Every run's device range must lie in device memory this backend can address, and its
     /// host range must be valid for writes and not accessed by anyone else until this returns.
     unsafe fn copy_d2h(&self, runs: &[Run]) -> Result<(), GpuError>;
+
+    /// Copies every run between two device ranges (e.g. kvd's block pool and an engine's
+    /// imported KV buffer) and waits until all have landed.
+    ///
+    /// # Safety
+    /// Both ranges of every run must lie in device memory this backend can address; the
+    /// destination must not be in use by anyone else meanwhile.
+    unsafe fn copy_d2d(&self, runs: &[DeviceRun]) -> Result<(), GpuError>;
 
     /// Copies every run from the host to the device and waits until all have landed.
     ///

@@ -440,6 +440,8 @@ pub struct GpuConfig {
     pub pin_chunk_bytes: ByteSize,
     /// Threads pinning at once.
     pub pin_threads: u32,
+    /// Device memory for the T0 block pool (0: none).
+    pub pool_bytes: ByteSize,
 }
 
 impl Default for GpuConfig {
@@ -450,6 +452,7 @@ impl Default for GpuConfig {
             pin_arenas: true,
             pin_chunk_bytes: ByteSize(1 << 30),
             pin_threads: 8,
+            pool_bytes: ByteSize(0),
         }
     }
 }
@@ -686,6 +689,13 @@ impl Config {
         }
         if g.pin_chunk_bytes.0 < 1 << 20 {
             return bad("gpu.pin_chunk_bytes", "must be at least 1 MiB".into());
+        }
+        if g.pool_bytes.0 > 0 && g.backend == GpuBackendKind::Off {
+            return bad(
+                "gpu.pool_bytes",
+                "a GPU block pool needs a GPU backend (gpu.backend = \"cuda\", or \"host\" in tests)"
+                    .into(),
+            );
         }
         let x = &self.index;
         if let Some(u) = x

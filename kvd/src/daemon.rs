@@ -115,7 +115,21 @@ fn pin_arenas(cfg: &Config, arenas: &mut [Arena]) -> Result<Option<crate::gpu::G
         pinned_bytes: 0,
         pin_time: std::time::Duration::ZERO,
         counters: Default::default(),
+        pool: None,
     };
+    if cfg.gpu.pool_bytes.0 > 0 {
+        let p = crate::gpu::pool::Pool::new(
+            backend.clone(),
+            cfg.gpu.pool_bytes.0,
+            cfg.dram.max_block_bytes.0,
+        )?;
+        tracing::info!(
+            backend = %backend.name(),
+            bytes = cfg.gpu.pool_bytes.0,
+            "GPU block pool (T0) allocated"
+        );
+        gpu.pool = Some(Arc::new(p));
+    }
     if cfg.gpu.pin_arenas {
         let chunk = pin_chunk(cfg);
         let t = Instant::now();
@@ -519,6 +533,9 @@ impl Daemon {
 
     /// Deletes blocks from every tier; returns how many keys any tier held.
     pub fn delete(&self, ns: &Namespace, keys: &[BlockKey]) -> u32 {
+        if let Some(p) = self.gpu.as_ref().and_then(|g| g.pool.as_ref()) {
+            p.remove(ns.id, keys);
+        }
         let on_disk = self
             .disk
             .as_ref()
@@ -1005,7 +1022,14 @@ impl Daemon {
             })
             .collect();
         clients.sort_by_key(|c| c.id);
-        let mut tiers = vec![dram];
+        let mut tiers: Vec<TierStats> = self
+            .gpu
+            .as_ref()
+            .and_then(|g| g.pool.as_ref())
+            .map(|p| p.stats())
+            .into_iter()
+            .collect();
+        tiers.push(dram);
         let disk = self.disk.as_ref().map(|d| d.report());
         if let Some(r) = &disk {
             tiers.push(TierStats {

@@ -634,10 +634,10 @@ impl GpuState {
                 }
                 let ns = daemon.namespace_for(conn, ns)?;
                 let n_layers = layers.len();
-                let (b, c) = (gpu.backend.clone(), gpu.counters.clone());
+                let (b, c, p) = (gpu.backend.clone(), gpu.counters.clone(), gpu.pool.clone());
                 let (shares, layers) = (shares.clone(), layers.clone());
                 let a = tokio::task::spawn_blocking(move || {
-                    Attachment::new(b, c, ns, &shares, fds, &layers)
+                    Attachment::new(b, c, p, ns, &shares, fds, &layers)
                 })
                 .await
                 .map_err(joined)??;

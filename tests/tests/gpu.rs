@@ -456,3 +456,97 @@ fn unsealed_memfd(len: i64) -> std::os::fd::OwnedFd {
         std::os::fd::OwnedFd::from_raw_fd(raw)
     }
 }
+
+fn tier(d: &Daemon, t: kvd_client::Tier) -> kvd_client::TierStats {
+    d.admin()
+        .stats()
+        .expect("stats")
+        .tiers
+        .into_iter()
+        .find(|s| s.tier == t)
+        .expect("tier in stats")
+}
+
+#[test]
+fn the_gpu_block_pool_serves_recent_saves_device_to_device() {
+    use kvd_client::Tier;
+    // A 16 MiB pool, 1 MiB blocks (two 512 KiB layer pages), 40 of them saved: the pool
+    // keeps the most recent saves, DRAM (64 MiB) all of them.
+    let d = Daemon::start(&[
+        "gpu.backend=host",
+        "gpu.pin_arenas=false",
+        "gpu.pool_bytes=16MiB",
+        "dram.max_block_bytes=1MiB",
+    ]);
+    d.expect_log("GPU block pool (T0) allocated");
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("t0")).expect("ns");
+    let src = FakeEngine::new(2, 64, 1 << 19, 1 << 19);
+    let dst = FakeEngine::new(2, 64, 1 << 19, 1 << 19);
+    let (a, b) = (src.attach(&c, &ns.id), dst.attach(&c, &ns.id));
+    let n = 40u64;
+    for p in 0..n {
+        src.fill(p, 1000 + p);
+    }
+    let keys: Vec<_> = (0..n).map(|i| key(9, i)).collect();
+    let pages: Vec<u32> = (0..n as u32).collect();
+    // Four steps of ten blocks each.
+    for (k, p) in keys.chunks(10).zip(pages.chunks(10)) {
+        let codes = c.gpu_save(&a, k, p).expect("save");
+        assert!(codes.iter().all(|c| *c == BlockCode::Done), "{codes:?}");
+    }
+    let pool = tier(&d, Tier::Gpu);
+    assert_eq!(pool.capacity_bytes, 16 << 20);
+    assert!(
+        pool.blocks > 0 && pool.blocks < n && pool.evictions > 0,
+        "{pool:?}"
+    );
+    assert!(pool.used_bytes <= 16 << 20);
+    // Every block loads bit for bit, the recent ones from the pool, the rest from DRAM.
+    let dram_hits = tier(&d, Tier::Dram).hits;
+    let codes = c.gpu_load(&b, &keys, &pages, None, true).expect("load");
+    assert!(codes.iter().all(|c| *c == BlockCode::Done), "{codes:?}");
+    for p in 0..n {
+        for l in 0..2 {
+            assert!(dst.read(l, p) == src.read(l, p), "page {p} layer {l}");
+        }
+    }
+    let after = tier(&d, Tier::Gpu);
+    assert_eq!(after.hits, pool.blocks, "{after:?}");
+    assert_eq!(tier(&d, Tier::Dram).hits - dram_hits, n - pool.blocks);
+    // A layer range from the pool: only that layer is written.
+    let newest = n - 1;
+    dst.clear(newest);
+    let codes = c
+        .gpu_load(&b, &[key(9, newest)], &[newest as u32], Some(1..2), false)
+        .expect("layer load");
+    assert_eq!(codes, [BlockCode::Done]);
+    assert!(dst.read(0, newest).iter().all(|x| *x == 0));
+    assert!(dst.read(1, newest) == src.read(1, newest));
+    // Deleted keys are never served from the pool.
+    assert_eq!(c.delete(&ns.id, &[key(9, newest)]).expect("delete"), 1);
+    let codes = c
+        .gpu_load(&b, &[key(9, newest)], &[0], None, true)
+        .expect("load deleted");
+    assert_eq!(codes, [BlockCode::Missing]);
+    let s = c.stats().expect("stats");
+    assert_eq!(
+        s.tiers[0].tier,
+        Tier::Gpu,
+        "the pool is listed first, as the fastest tier"
+    );
+}
+
+#[test]
+fn a_block_pool_without_a_gpu_backend_is_a_config_error() {
+    let out = Command::new(bin("kvd"))
+        .args(["--check-config", "--set", "gpu.pool_bytes=64MiB"])
+        .output()
+        .expect("run kvd");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("gpu.pool_bytes") && err.contains("GPU backend"),
+        "{err}"
+    );
+}

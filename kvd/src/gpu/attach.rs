@@ -11,23 +11,26 @@
 //!
 //! Saves reserve slots, copy, and commit unsealed blocks; their checksums are computed after
 //! the reply ([`seal`]), off the engine's critical path, the way ring commits are sealed off
-//! the request path. Loads take read leases, check size (and checksum when asked and known),
-//! copy, and release.
+//! the request path. With a T0 pool ([`super::pool`]) saved blocks are also copied device to
+//! device into it. Loads take a block's pooled copy when there is one (device to device, no
+//! checksum: it came straight from an engine's pages), else a DRAM read lease, check size (and
+//! checksum when asked and known), copy, and release.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use kvd_gpu::plan::{block_bytes, block_runs, extent, Layer};
-use kvd_gpu::{Backend, DevicePtr, GpuError, Shared};
+use kvd_gpu::{Backend, DevicePtr, DeviceRun, GpuError, Shared};
 use kvd_proto::frame::ErrorCode;
 use kvd_proto::gpu::{BlockCode, GpuLayer, GpuShare};
-use kvd_proto::BlockKey;
+use kvd_proto::{BlockKey, NamespaceId};
 use parking_lot::Mutex;
 use twox_hash::XxHash3_64;
 
 use crate::alloc::Slot;
 use crate::daemon::{Daemon, Namespace, OpError};
+use crate::gpu::pool::{Lease as PoolLease, Pool};
 use crate::ring_service::SealJob;
 use crate::store::{Committed, ReserveError};
 
@@ -64,6 +67,7 @@ impl Counters {
 pub struct Attachment {
     backend: Arc<dyn Backend>,
     counters: Arc<Counters>,
+    pool: Option<Arc<Pool>>,
     ns: Arc<Namespace>,
     imports: Vec<DevicePtr>,
     layers: Vec<Layer>,
@@ -111,6 +115,7 @@ impl Attachment {
     pub fn new(
         backend: Arc<dyn Backend>,
         counters: Arc<Counters>,
+        pool: Option<Arc<Pool>>,
         ns: Arc<Namespace>,
         shares: &[GpuShare],
         fds: Vec<OwnedFd>,
@@ -134,6 +139,7 @@ impl Attachment {
         let mut a = Attachment {
             backend: backend.clone(),
             counters: counters.clone(),
+            pool,
             ns,
             imports: Vec::with_capacity(shares.len()),
             layers: Vec::with_capacity(layers.len()),
@@ -260,13 +266,20 @@ impl Attachment {
             unsafe { self.backend.copy_d2h(&runs) }.map_err(|e| driver_error(&self.counters, e))?;
             let now = daemon.now_ms();
             let mut store = ns.store.lock();
-            for (i, k, slot) in held.slots.drain(..) {
+            let mut stored = Vec::with_capacity(ids.len());
+            for ((i, k, slot), &id) in held.slots.drain(..).zip(&ids) {
                 match store.commit(&k, slot, len, now) {
-                    Committed::Stored(entry) => committed.push(entry),
+                    Committed::Stored(entry) => {
+                        committed.push(entry);
+                        stored.push((k, id));
+                    }
                     Committed::Duplicate => codes[i] = BlockCode::Exists,
                 }
             }
             drop(store);
+            if let Some(pool) = &self.pool {
+                self.fill_pool(pool, &stored);
+            }
             let n = codes[first..]
                 .iter()
                 .filter(|c| **c == BlockCode::Done)
@@ -321,7 +334,16 @@ impl Attachment {
                 entries: Vec::with_capacity(ks.len()),
             };
             let (mut ids, mut hosts) = (Vec::new(), Vec::new());
+            let mut pooled = PoolLeases {
+                pool: self.pool.as_deref(),
+                leases: Vec::new(),
+                ids: Vec::new(),
+            };
             for (k, &p) in ks.iter().zip(ps) {
+                if pooled.take(ns.id, k, self.block_bytes, p) {
+                    codes.push(BlockCode::Done);
+                    continue;
+                }
                 let now = daemon.now_ms();
                 let hit = ns.store.lock().get(k, now);
                 let Some(hit) = hit.or_else(|| daemon.read_into_dram(ns, k, true)) else {
@@ -353,6 +375,29 @@ impl Attachment {
                 ids.push(u64::from(p));
                 codes.push(BlockCode::Done);
             }
+            if !pooled.leases.is_empty() {
+                let slots: Vec<usize> = pooled
+                    .leases
+                    .iter()
+                    .map(|l| (l.addr + skip) as usize)
+                    .collect();
+                let runs: Vec<DeviceRun> = block_runs(layers, &pooled.ids, &slots)
+                    .map_err(|e| bad(e.to_string()))?
+                    .into_iter()
+                    .map(|r| DeviceRun {
+                        src: r.host as u64,
+                        dst: r.dev,
+                        len: r.len,
+                    })
+                    .collect();
+                // SAFETY: sources are leased pool slots (not evicted or reused until the
+                // leases drop); destinations lie inside layers checked against their imports.
+                unsafe { self.backend.copy_d2d(&runs) }
+                    .map_err(|e| driver_error(&self.counters, e))?;
+                self.counters
+                    .loaded_blocks
+                    .fetch_add(pooled.leases.len() as u64, Ordering::Relaxed);
+            }
             if hosts.is_empty() {
                 continue;
             }
@@ -368,6 +413,90 @@ impl Attachment {
                 .fetch_add(hosts.len() as u64 * part, Ordering::Relaxed);
         }
         Ok(codes)
+    }
+}
+
+impl Attachment {
+    /// Keeps device copies of just-saved blocks (`(key, engine page)`) in the T0 pool, as
+    /// far as it makes room; a failed copy only leaves them out.
+    fn fill_pool(&self, pool: &Pool, stored: &[(BlockKey, u64)]) {
+        let mut reserved = Vec::with_capacity(stored.len());
+        let (mut ids, mut slots) = (Vec::new(), Vec::new());
+        for (k, id) in stored {
+            if let Some(r) = pool.reserve(self.ns.id, k, self.block_bytes) {
+                slots.push(r.addr() as usize);
+                ids.push(*id);
+                reserved.push((*k, r));
+            }
+        }
+        if reserved.is_empty() {
+            return;
+        }
+        let copied = block_runs(&self.layers, &ids, &slots).and_then(|runs| {
+            let runs: Vec<DeviceRun> = runs
+                .into_iter()
+                .map(|r| DeviceRun {
+                    src: r.dev,
+                    dst: r.host as u64,
+                    len: r.len,
+                })
+                .collect();
+            // SAFETY: sources lie inside layers checked against their live imports; the
+            // destinations are slots reserved above, invisible to readers until committed.
+            unsafe { self.backend.copy_d2d(&runs) }
+        });
+        match copied {
+            Ok(()) => {
+                for (k, r) in reserved {
+                    pool.commit(self.ns.id, &k, r, self.block_bytes);
+                }
+            }
+            Err(e) => {
+                self.counters.failed(&e);
+                for (_, r) in reserved {
+                    pool.abort(r);
+                }
+            }
+        }
+    }
+}
+
+/// Pool leases of a load, released when dropped.
+struct PoolLeases<'a> {
+    pool: Option<&'a Pool>,
+    leases: Vec<PoolLease>,
+    ids: Vec<u64>,
+}
+
+impl PoolLeases<'_> {
+    /// Leases `key`'s pooled copy for engine page `page`; false when it is not pooled (or
+    /// has another size).
+    fn take(&mut self, ns: NamespaceId, key: &BlockKey, len: u64, page: u32) -> bool {
+        let Some(pool) = self.pool else {
+            return false;
+        };
+        match pool.lease(ns, key) {
+            Some(l) if l.len == len => {
+                self.leases.push(l);
+                self.ids.push(u64::from(page));
+                true
+            }
+            Some(l) => {
+                pool.release(l);
+                false
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for PoolLeases<'_> {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool {
+            for l in self.leases.drain(..) {
+                pool.release(l);
+            }
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! The GPU tier: opening the configured backend and pinning the DRAM arenas for DMA at start,
-//! and daemon-driven transfers between engines' KV buffers and the arenas ([`attach`]).
+//! daemon-driven transfers between engines' KV buffers and the arenas ([`attach`]), and the
+//! optional daemon-owned block pool in GPU memory, T0 ([`pool`]).
 //!
 //! Why at start, in the daemon: pinning tens of GiB takes seconds to tens of seconds, so it is
 //! done once, in parallel chunks, and its time reported, instead of by every engine process
@@ -7,6 +8,7 @@
 //! crosses, so every block lies inside one registration.
 
 pub mod attach;
+pub mod pool;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +28,8 @@ pub struct Gpu {
     pub pin_time: Duration,
     /// Counters of daemon-driven transfers.
     pub counters: Arc<attach::Counters>,
+    /// The T0 block pool, when `gpu.pool_bytes` is set.
+    pub pool: Option<Arc<pool::Pool>>,
 }
 
 impl Gpu {

@@ -56,6 +56,10 @@ pub struct GpuArgs {
     /// reported, with the median of the per-round ratios.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
+    /// Give kvd a T0 block pool of this size in device memory (`gpu.pool_bytes`): loads of
+    /// blocks still pooled are then device-to-device copies (compare with `--pool-bytes 0`).
+    #[arg(long, default_value = "0")]
+    pool_bytes: String,
     /// Print one JSON object per line.
     #[arg(long)]
     json: bool,
@@ -181,6 +185,7 @@ pub fn run(a: GpuArgs) -> anyhow::Result<()> {
     let sets = vec![
         format!("gpu.backend={}", a.backend),
         format!("gpu.device={}", a.device),
+        format!("gpu.pool_bytes={}", super::parse_size(&a.pool_bytes)?),
     ];
     let arena = total + (64 << 20) + 4 * max;
     let (_daemon, socket) = spawn_daemon_with(arena, max, &sets)?;
@@ -188,8 +193,8 @@ pub fn run(a: GpuArgs) -> anyhow::Result<()> {
     let ns = client.open_namespace(&NamespaceDesc::new("kvd-bench", "bytes", "gpu", 16))?;
     if !a.json {
         println!(
-            "kvd-bench gpu: backend {}, {} per size, direction and round, {} layer buffer(s) per block, {} rounds after a warm-up round that checks every byte",
-            a.backend, a.total, a.layers, a.rounds
+            "kvd-bench gpu: backend {}, {} per size, direction and round, {} layer buffer(s) per block, T0 pool {}, {} rounds after a warm-up round that checks every byte",
+            a.backend, a.total, a.layers, a.pool_bytes, a.rounds
         );
     }
     for &size in &sizes {
