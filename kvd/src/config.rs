@@ -442,6 +442,8 @@ pub struct GpuConfig {
     pub pin_threads: u32,
     /// Device memory for the T0 block pool (0: none).
     pub pool_bytes: ByteSize,
+    /// Threads computing the checksums of blocks a daemon-driven save stored.
+    pub seal_threads: u32,
 }
 
 impl Default for GpuConfig {
@@ -453,6 +455,7 @@ impl Default for GpuConfig {
             pin_chunk_bytes: ByteSize(1 << 30),
             pin_threads: 8,
             pool_bytes: ByteSize(0),
+            seal_threads: 4,
         }
     }
 }
@@ -689,6 +692,9 @@ impl Config {
         }
         if g.pin_chunk_bytes.0 < 1 << 20 {
             return bad("gpu.pin_chunk_bytes", "must be at least 1 MiB".into());
+        }
+        if !(1..=64).contains(&g.seal_threads) {
+            return bad("gpu.seal_threads", "must be between 1 and 64".into());
         }
         if g.pool_bytes.0 > 0 && g.backend == GpuBackendKind::Off {
             return bad(
@@ -1048,6 +1054,8 @@ mod tests {
             ("peer.listen=0.0.0.0:7071", "peer.advertise"),
             ("peer.fetch_concurrency=0", "peer.fetch_concurrency"),
             ("metrics.listen=localhost", "metrics.listen"),
+            ("gpu.seal_threads=0", "gpu.seal_threads"),
+            ("gpu.pool_bytes=1GiB", "gpu.pool_bytes"),
         ] {
             let e = load("", &[], &[set]).unwrap_err().to_string();
             assert!(e.contains(key), "{set}: {e}");

@@ -674,8 +674,9 @@ impl GpuState {
                 .map_err(joined)??;
                 let (a, entries) = entries;
                 if !entries.is_empty() {
+                    let threads = daemon.cfg.gpu.seal_threads as usize;
                     self.sealing = Some(tokio::task::spawn_blocking(move || {
-                        attach::seal(a.namespace(), &entries)
+                        attach::seal(a.namespace(), &entries, threads)
                     }));
                 }
                 Response::BlockCodes(codes)

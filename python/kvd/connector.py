@@ -539,7 +539,7 @@ class KvdConnector(KVConnectorBase_V1):
         if self._copy_path == "daemon" or (self._copy_path == "auto" and not on_cpu):
             try:
                 self._shared = _share(pages)
-            except ValueError as e:
+            except (ValueError, RuntimeError) as e:  # RuntimeError: torch cannot share (IPC)
                 level = logging.WARNING if self._copy_path == "daemon" else logging.INFO
                 log.log(level, "kvd: KV buffers cannot be shared with kvd (%s); the connector copies", e)
         got = self._namespace(self._tenant)  # connect and map now, not on the first request
@@ -574,7 +574,8 @@ class KvdConnector(KVConnectorBase_V1):
                 client.gpu_detach(self._attached.pop(oldest))
             att = client.gpu_attach(ns, shares, layers)
         except KvdUnsupported as e:
-            log.warning("kvd: daemon-driven copies unavailable (%s); the connector copies instead", e)
+            level = logging.WARNING if self._copy_path == "daemon" else logging.INFO
+            log.log(level, "kvd: daemon-driven copies unavailable (%s); the connector copies instead", e)
             self._shared = None
             return None
         except KvdError as e:

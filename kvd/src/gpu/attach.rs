@@ -500,14 +500,30 @@ impl Drop for PoolLeases<'_> {
     }
 }
 
-/// Computes and records the checksums of blocks committed by [`Attachment::save`]; an entry
-/// gone (evicted or deleted) or sealed meanwhile is skipped.
-pub fn seal(ns: &Arc<Namespace>, entries: &[u32]) {
-    for &entry in entries {
+/// Computes and records the checksums of blocks committed by [`Attachment::save`], on up to
+/// `threads` threads (one core hashes slower than a GPU copies over PCIe); an entry gone
+/// (evicted or deleted) or sealed meanwhile is skipped.
+pub fn seal(ns: &Arc<Namespace>, entries: &[u32], threads: usize) {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let Some(&entry) = entries.get(i) else {
+            return;
+        };
         if let Some(job) = SealJob::start(ns.clone(), entry) {
             job.finish();
         }
-    }
+    };
+    let helpers = threads.clamp(1, entries.len().max(1)) - 1;
+    std::thread::scope(|s| {
+        for _ in 0..helpers {
+            // A thread that cannot start leaves its share to the others.
+            let _ = std::thread::Builder::new()
+                .name("kvd-gpu-seal".into())
+                .spawn_scoped(s, work);
+        }
+        work();
+    });
 }
 
 /// Slots reserved for a save, aborted unless committed.
