@@ -57,7 +57,9 @@ copied straight between the KV cache and kvd's arena), ``staging`` (through a ho
 ``daemon`` (the KV buffers are shared with kvd once — CUDA IPC handles, or CPU tensors from
 ``kvd.shareable.empty`` — and kvd copies the pages itself; needs a kvd with a GPU backend,
 falls back to the other paths with one warning otherwise), or ``auto`` (default: ``daemon``
-for CUDA tensors when kvd can, else ``staging``; ``direct`` for CPU tensors).
+for CUDA tensors when kvd can, else ``staging``; ``direct`` for CPU tensors); ``layerwise``
+(default false; daemon copy path only): loads run one vLLM layer at a time on a thread, so the
+forward pass starts on the first layers while kvd copies the rest (blocks pinned meanwhile).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ import hashlib
 import inspect
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -246,6 +249,7 @@ class KvdConnector(KVConnectorBase_V1):
         self._do_load = _flag(extra, "load", True)
         self._do_save = _flag(extra, "save", True)
         self._copy_path = str(extra.get("copy_path", "auto"))
+        self._layerwise = _flag(extra, "layerwise", False)
         if self._copy_path not in ("auto", "direct", "staging", "daemon"):
             raise ValueError(
                 f"kvd: copy_path must be auto, direct, staging or daemon, not {self._copy_path!r}"
@@ -286,6 +290,9 @@ class KvdConnector(KVConnectorBase_V1):
         self._shared: tuple[list[tuple[Any, ...]], list[tuple[int, int, int, int, int]]] | None = None
         self._attached: dict[bytes, Any] = {}
         self._attached_client: Any = None
+        # Layer-wise loads: each vLLM layer's pages (first, count) and the loads in flight.
+        self._layer_pages: dict[str, tuple[int, int]] = {}
+        self._layer_loads: list[_LayerLoad] = []
         self._load_errors: set[int] = set()
         self._block_bytes = 0
         self._stats = {"loaded_blocks": 0, "failed_blocks": 0, "saved_blocks": 0}
@@ -504,9 +511,11 @@ class KvdConnector(KVConnectorBase_V1):
         names = [n for n in self._geo.layer_names if n in kv_caches] or list(kv_caches)
         num_blocks = getattr(self._kv_cache_config, "num_blocks", None)
         layers: list[torch.Tensor] = []
+        self._layer_pages = {}
         for name in names:
             t = kv_caches[name]
             nb = num_blocks or t.shape[0]
+            self._layer_pages[name] = (len(layers), 1 if t.shape[0] == nb else 2)
             if t.shape[0] == nb:
                 layers.append(t)
             elif t.shape[0] == 2 and t.shape[1] == nb:
@@ -604,31 +613,63 @@ class KvdConnector(KVConnectorBase_V1):
         if not isinstance(meta, KvdConnectorMetadata):
             return
         for t in meta.loads:
+            if self._layerwise and self._start_layerwise(t):
+                continue
             t0 = time.perf_counter()
             ok = self._load(t) if self._active() else [False] * len(t.keys)
-            dt = time.perf_counter() - t0
-            failed = [b for b, good in zip(t.block_ids, ok) if not good]
-            loaded = len(t.keys) - len(failed)
-            self._stats["loaded_blocks"] += loaded
-            if loaded:
-                mib = loaded * self._block_bytes / 2**20
-                log.info(
-                    "kvd: loaded %d blocks (%.1f MiB) for request %s in %.2f ms (%.2f GB/s)",
-                    loaded,
-                    mib,
-                    t.req_id,
-                    dt * 1e3,
-                    mib * 2**20 / max(dt, 1e-9) / 1e9,
-                )
-            if failed:
-                self._stats["failed_blocks"] += len(failed)
-                self._load_errors.update(failed)
-                log.warning(
-                    "kvd: %d of %d blocks of request %s could not be loaded; vLLM recomputes them",
-                    len(failed),
-                    len(t.keys),
-                    t.req_id,
-                )
+            self._account(t, ok, time.perf_counter() - t0)
+
+    def _account(self, t: BlockTransfer, ok: list[bool], dt: float) -> None:
+        """Counts and logs one request's load; failed blocks go to vLLM for recomputation."""
+        failed = [b for b, good in zip(t.block_ids, ok) if not good]
+        loaded = len(t.keys) - len(failed)
+        self._stats["loaded_blocks"] += loaded
+        if loaded:
+            mib = loaded * self._block_bytes / 2**20
+            log.info(
+                "kvd: loaded %d blocks (%.1f MiB) for request %s in %.2f ms (%.2f GB/s)",
+                loaded,
+                mib,
+                t.req_id,
+                dt * 1e3,
+                mib * 2**20 / max(dt, 1e-9) / 1e9,
+            )
+        if failed:
+            self._stats["failed_blocks"] += len(failed)
+            self._load_errors.update(failed)
+            log.warning(
+                "kvd: %d of %d blocks of request %s could not be loaded; vLLM recomputes them",
+                len(failed),
+                len(t.keys),
+                t.req_id,
+            )
+
+    def _start_layerwise(self, t: BlockTransfer) -> bool:
+        """Starts loading ``t`` layer by layer on a thread (daemon copy path only), so the
+        forward pass runs its first layers while kvd copies the next; False when that path is
+        not available for it (then it loads in one go)."""
+        got = self._namespace(t.tenant, t.lora)
+        if got is None or not self._layer_pages:
+            return False
+        client, ns = got
+        att = self._attachment(client, ns)
+        if att is None:
+            return False
+        groups = sorted(self._layer_pages.values())
+        load = _LayerLoad(self, t, client, ns, att, groups)
+        self._layer_loads.append(load)
+        load.thread.start()
+        return True
+
+    def _finish_layer_loads(self) -> None:
+        """Waits for the layer-wise loads of this step and accounts for them."""
+        loads, self._layer_loads = self._layer_loads, []
+        for load in loads:
+            load.thread.join(timeout=self._link.timeout_s * (len(load.groups) + 1))
+            if load.thread.is_alive():
+                log.warning("kvd: layer-wise load of request %s did not finish in time", load.t.req_id)
+                load.ok = [False] * len(load.ok)
+            self._account(load.t, load.ok, load.seconds)
 
     def _load(self, t: BlockTransfer) -> list[bool]:
         got = self._namespace(t.tenant, t.lora)
@@ -672,8 +713,14 @@ class KvdConnector(KVConnectorBase_V1):
         return codes
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        # Loads complete inside start_load_kv, before the forward pass begins.
-        return
+        # Without layer-wise loads everything was loaded in start_load_kv.
+        span = self._layer_pages.get(layer_name)
+        if span is None or not self._layer_loads:
+            return
+        for load in self._layer_loads:
+            if not load.wait_for(span):
+                # Not there in time: its blocks are reported failed and recomputed.
+                load.ok = [False] * len(load.ok)
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
@@ -683,6 +730,7 @@ class KvdConnector(KVConnectorBase_V1):
         return
 
     def wait_for_save(self) -> None:
+        self._finish_layer_loads()
         if not self.has_connector_metadata() or not self._active():
             return
         meta = self._get_connector_metadata()
@@ -718,12 +766,85 @@ class KvdConnector(KVConnectorBase_V1):
         return None, None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        self._finish_layer_loads()
         errors, self._load_errors = self._load_errors, set()
         return errors
 
     def shutdown(self) -> None:
         if self._stats["loaded_blocks"] or self._stats["saved_blocks"] or self._stats["failed_blocks"]:
             log.info("kvd connector totals: %s", self._stats)
+
+
+class _LayerLoad:
+    """One request's blocks loaded by kvd one vLLM layer at a time, on a thread.
+
+    The blocks are pinned in kvd first, so none is evicted between its first and last layer;
+    the checksum is checked with the first layer (it covers the whole block). A block that
+    fails at any layer is reported failed, and vLLM recomputes it.
+    """
+
+    def __init__(
+        self,
+        owner: KvdConnector,
+        t: BlockTransfer,
+        client: Any,
+        ns: Any,
+        att: Any,
+        groups: list[tuple[int, int]],
+    ) -> None:
+        self.t, self.groups = t, groups
+        self._owner, self._client, self._ns, self._att = owner, client, ns, att
+        self.ok = [True] * len(t.keys)
+        self.seconds = 0.0
+        self._done = {g: threading.Event() for g in groups}
+        self.thread = threading.Thread(target=self._run, name="kvd-layer-load", daemon=True)
+
+    def wait_for(self, group: tuple[int, int]) -> bool:
+        """Waits until ``group``'s pages are loaded (or failed); False when it took too long."""
+        event = self._done.get(group)
+        return event is None or event.wait(timeout=self._owner._link.timeout_s)
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        client, ns, keys = self._client, self._ns, self.t.keys
+        pinned = False
+        try:
+            client.pin(ns, keys)
+            pinned = True
+            corrupt: list[bytes] = []
+            for g, (first, count) in enumerate(self.groups):
+                live = [i for i, good in enumerate(self.ok) if good]
+                if live:
+                    codes = client.gpu_load(
+                        self._att,
+                        [keys[i] for i in live],
+                        [self.t.block_ids[i] for i in live],
+                        first_layer=first,
+                        layers=count,
+                        verify=self._owner._verify and g == 0,
+                    )
+                    for i, c in zip(live, codes):
+                        if c != LOADED:
+                            self.ok[i] = False
+                            if c == CORRUPT:
+                                corrupt.append(keys[i])
+                self._done[(first, count)].set()
+            if corrupt:
+                client.delete(ns, corrupt)
+                log.warning("kvd: %d blocks failed their checksum; deleted from kvd", len(corrupt))
+        except KvdError as e:
+            self._owner._link.failed(e)
+            log.warning("kvd: layer-wise load failed: %s", e)
+            self.ok = [False] * len(self.ok)
+        finally:
+            for event in self._done.values():
+                event.set()
+            if pinned:
+                try:
+                    client.unpin(ns, keys)
+                except KvdError:
+                    pass
+            self.seconds = time.perf_counter() - t0
 
 
 def _flag(extra: dict[str, Any], name: str, default: bool) -> bool:

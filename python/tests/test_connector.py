@@ -300,6 +300,27 @@ def test_daemon_copy_path_matches_direct(gpu_daemon, caplog):
     assert gpu["saved_blocks"] == 3 and gpu["loaded_blocks"] == 3, gpu
 
 
+def test_layerwise_daemon_loads_fill_each_layer_before_its_wait_returns(gpu_daemon):
+    tokens = list(range(900, 1000))
+    src = store(gpu_daemon, tokens, [3, 4, 5, 6], seed=8, shared=True, copy_path="daemon")
+    sched, worker, dst = fresh_engine(gpu_daemon.socket, shared=True, copy_path="daemon", layerwise=True)
+    req, ids = request("lw", tokens), [0, 1, 2, 3]
+    assert sched.get_num_new_matched_tokens(req, 0) == (96, False)
+    sched.update_state_after_alloc(req, blocks(ids), 96)
+    worker.bind_connector_metadata(sched.build_connector_meta(step(new=[("lw", ids, 96)], scheduled={"lw": 4})))
+    worker.start_load_kv(None)
+    for i in range(LAYERS):
+        worker.wait_for_layer_load(f"layer.{i}")
+        assert torch.equal(src[3:6, i], dst[0:3, i]), f"layer {i} not loaded when its wait returned"
+    worker.wait_for_save()
+    worker.clear_connector_metadata()
+    assert worker.get_block_ids_with_load_errors() == set()
+    assert torch.equal(src[3:6], dst[0:3])
+    stats = kvd.Client(str(gpu_daemon.socket)).stats()
+    assert all(n["pinned"] == 0 for n in stats["namespaces"]), stats["namespaces"]
+    assert stats["gpu"]["loaded_blocks"] == 3  # one request per layer, each block counted once
+
+
 def test_daemon_copy_path_falls_back_when_kvd_cannot(daemon, caplog):
     """Without a GPU backend in kvd (or with unshareable buffers) the connector copies."""
     tokens = list(range(800, 900))

@@ -44,7 +44,8 @@ pub struct Counters {
     pub attachments: AtomicU64,
     /// Blocks saved device → DRAM.
     pub saved_blocks: AtomicU64,
-    /// Blocks loaded DRAM → device.
+    /// Blocks loaded into engines (a block loaded layer by layer counts once, with its last
+    /// layer).
     pub loaded_blocks: AtomicU64,
     /// Bytes copied device → DRAM.
     pub d2h_bytes: AtomicU64,
@@ -324,6 +325,8 @@ impl Attachment {
             )));
         }
         let layers = &self.layers[first..first + count];
+        // A block loaded layer by layer counts once, with its last layer.
+        let completes = first + count == n_layers;
         let skip: u64 = self.layers[..first].iter().map(|l| l.page).sum();
         let part: u64 = layers.iter().map(|l| l.page).sum();
         let ns = &self.ns;
@@ -394,9 +397,11 @@ impl Attachment {
                 // leases drop); destinations lie inside layers checked against their imports.
                 unsafe { self.backend.copy_d2d(&runs) }
                     .map_err(|e| driver_error(&self.counters, e))?;
-                self.counters
-                    .loaded_blocks
-                    .fetch_add(pooled.leases.len() as u64, Ordering::Relaxed);
+                if completes {
+                    self.counters
+                        .loaded_blocks
+                        .fetch_add(pooled.leases.len() as u64, Ordering::Relaxed);
+                }
             }
             if hosts.is_empty() {
                 continue;
@@ -405,9 +410,11 @@ impl Attachment {
             // SAFETY: device ranges lie inside layers checked against their live imports; host
             // ranges are leased blocks nobody writes; the engine's pages are its to race on.
             unsafe { self.backend.copy_h2d(&runs) }.map_err(|e| driver_error(&self.counters, e))?;
-            self.counters
-                .loaded_blocks
-                .fetch_add(hosts.len() as u64, Ordering::Relaxed);
+            if completes {
+                self.counters
+                    .loaded_blocks
+                    .fetch_add(hosts.len() as u64, Ordering::Relaxed);
+            }
             self.counters
                 .h2d_bytes
                 .fetch_add(hosts.len() as u64 * part, Ordering::Relaxed);
