@@ -122,7 +122,8 @@ fn pin_arenas(cfg: &Config, arenas: &mut [Arena]) -> Result<Option<crate::gpu::G
             backend.clone(),
             cfg.gpu.pool_bytes.0,
             cfg.dram.max_block_bytes.0,
-        )?;
+        )
+        .map_err(StartError::GpuPool)?;
         tracing::info!(
             backend = %backend.name(),
             bytes = cfg.gpu.pool_bytes.0,
@@ -205,16 +206,19 @@ struct Registry {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The DRAM arenas could not be created.
-    #[error("cannot create the DRAM arenas: {0}")]
+    #[error("cannot create the DRAM arenas")]
     Arena(#[from] ArenaError),
     /// The disk tier could not be opened.
-    #[error("cannot open the disk tier: {0}")]
+    #[error("cannot open the disk tier")]
     Disk(#[from] DiskError),
     /// The GPU backend could not be opened or the arenas not pinned.
-    #[error("cannot start the GPU tier (gpu.backend): {0}")]
+    #[error("cannot start the GPU tier (gpu.backend)")]
     Gpu(#[from] kvd_gpu::GpuError),
+    /// The GPU block pool could not be allocated.
+    #[error("cannot allocate the GPU block pool (gpu.pool_bytes)")]
+    GpuPool(#[source] kvd_gpu::GpuError),
     /// A background thread could not be started.
-    #[error("cannot start the {what} thread: {source}")]
+    #[error("cannot start the {what} thread")]
     Thread {
         /// Which thread.
         what: &'static str,

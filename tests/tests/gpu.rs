@@ -550,3 +550,27 @@ fn a_block_pool_without_a_gpu_backend_is_a_config_error() {
         "{err}"
     );
 }
+
+#[test]
+fn a_block_pool_too_small_for_one_block_stops_the_start_clearly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(bin("kvd"))
+        .arg("--socket")
+        .arg(dir.path().join("kvd.sock"))
+        .args(["--set", "gpu.backend=host", "--set", "gpu.pool_bytes=1MiB"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run kvd");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot allocate the GPU block pool (gpu.pool_bytes)")
+            && err.contains("holds no allocator chunk"),
+        "{err}"
+    );
+    assert_eq!(err.matches("holds no allocator chunk").count(), 1, "{err}");
+    assert!(
+        !dir.path().join("kvd.sock").exists(),
+        "no socket left behind"
+    );
+}
