@@ -547,7 +547,7 @@ class KvdConnector(KVConnectorBase_V1):
         self._shared = None
         if self._copy_path == "daemon" or (self._copy_path == "auto" and not on_cpu):
             try:
-                self._shared = _share(pages)
+                self._shared = shareable.share(pages)
             except (ValueError, RuntimeError) as e:  # RuntimeError: torch cannot share (IPC)
                 level = logging.WARNING if self._copy_path == "daemon" else logging.INFO
                 log.log(level, "kvd: KV buffers cannot be shared with kvd (%s); the connector copies", e)
@@ -876,38 +876,6 @@ def _as_pages(t: torch.Tensor) -> torch.Tensor:
     if t.shape[0] > 1 and stride < page:
         raise ValueError(f"block stride {stride} smaller than page {page}")
     return torch.as_strided(u8, (t.shape[0], page), (stride, 1))
-
-
-def _share(pages: list[torch.Tensor]) -> tuple[list[tuple[Any, ...]], list[tuple[int, int, int, int, int]]]:
-    """What ``Client.gpu_attach`` needs to map ``pages`` (``[num_blocks, page]`` uint8 views)
-    in kvd: one share per distinct allocation and ``(share, offset, stride, page, pages)`` per
-    layer; raises ValueError when a buffer cannot be shared."""
-    shares: list[tuple[Any, ...]] = []
-    index: dict[Any, int] = {}
-    layers = []
-    for p in pages:
-        if p.device.type == "cuda":
-            storage = p.untyped_storage()
-            # (device, handle, size, offset of the storage in the allocation, ...)
-            shared = storage._share_cuda_()
-            handle, storage_offset = bytes(shared[1]), int(shared[3])
-            key: Any = ("cuda", handle)
-            offset = storage_offset + (p.data_ptr() - storage.data_ptr())
-            share: tuple[Any, ...] = ("cuda_ipc", handle)
-        elif p.device.type == "cpu":
-            found = shareable.share_of(p)
-            if found is None:
-                raise ValueError("CPU KV tensors not allocated with kvd.shareable.empty")
-            fd, length, offset = found
-            key = ("fd", fd)
-            share = ("fd", fd, length)
-        else:
-            raise ValueError(f"{p.device.type} tensors cannot be shared with kvd")
-        if key not in index:
-            index[key] = len(shares)
-            shares.append(share)
-        layers.append((index[key], offset, p.stride(0), p.shape[1], p.shape[0]))
-    return shares, layers
 
 
 def _pinnable(staging: list[torch.Tensor]) -> bool:

@@ -4,7 +4,8 @@ With ``copy_path = "daemon"`` the connector hands kvd its KV buffers once and kv
 pages itself. CUDA tensors are shared through CUDA IPC handles (torch's ``_share_cuda_``).
 CPU tensors can be shared only when they live in a memfd sealed against shrinking, so the
 owner can never pull pages from under a copy: ``empty`` allocates such a tensor, and
-``share_of`` finds the memfd behind a tensor allocated here. This is how the daemon's
+``share_of`` finds the memfd behind a tensor allocated here. ``share`` turns a list of KV page
+buffers (CUDA, or CPU from ``empty``) into what ``Client.gpu_attach`` takes. This is how the daemon's
 ``host`` GPU backend (a stand-in for a GPU, used in CI) sees an engine's cache.
 """
 
@@ -16,6 +17,7 @@ import mmap
 import os
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -56,3 +58,35 @@ def share_of(t: torch.Tensor) -> tuple[int, int, int] | None:
             if r.start <= ptr < r.start + r.length:
                 return r.fd, r.length, ptr - r.start
     return None
+
+
+def share(pages: list[torch.Tensor]) -> tuple[list[tuple[Any, ...]], list[tuple[int, int, int, int, int]]]:
+    """What ``Client.gpu_attach`` needs to map ``pages`` (``[num_blocks, page]`` uint8 views)
+    in kvd: one share per distinct allocation and ``(share, offset, stride, page, pages)`` per
+    layer; raises ValueError when a buffer cannot be shared."""
+    shares: list[tuple[Any, ...]] = []
+    index: dict[Any, int] = {}
+    layers = []
+    for p in pages:
+        if p.device.type == "cuda":
+            storage = p.untyped_storage()
+            # (device, handle, size, offset of the storage in the allocation, ...)
+            shared = storage._share_cuda_()
+            handle, storage_offset = bytes(shared[1]), int(shared[3])
+            key: Any = ("cuda", handle)
+            offset = storage_offset + (p.data_ptr() - storage.data_ptr())
+            entry: tuple[Any, ...] = ("cuda_ipc", handle)
+        elif p.device.type == "cpu":
+            found = share_of(p)
+            if found is None:
+                raise ValueError("CPU KV tensors not allocated with kvd.shareable.empty")
+            fd, length, offset = found
+            key = ("fd", fd)
+            entry = ("fd", fd, length)
+        else:
+            raise ValueError(f"{p.device.type} tensors cannot be shared with kvd")
+        if key not in index:
+            index[key] = len(shares)
+            shares.append(entry)
+        layers.append((index[key], offset, p.stride(0), p.shape[1], p.shape[0]))
+    return shares, layers

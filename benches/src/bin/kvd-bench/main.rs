@@ -351,11 +351,14 @@ fn spawn_daemon_with(
         .stdout(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {} (set KVD_BIN to the kvd binary)", bin.display()))?;
-    let s = Spawned { child, _dir: dir };
+    let mut s = Spawned { child, _dir: dir };
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(60) {
         if Client::connect(&socket).is_ok() {
             return Ok((s, socket));
+        }
+        if let Some(status) = s.child.try_wait()? {
+            bail!("the spawned kvd exited ({status}) before it was ready; its error is above");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
