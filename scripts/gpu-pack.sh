@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Packs what the GPU verification (scripts/gpu-verify.sh) needs into .gpu/, a folder git
-# ignores, for the `device` tool to carry to a machine with an NVIDIA GPU (which has no Rust
+# ignores (.gitignore), for the `device` tool to carry to a machine with an NVIDIA GPU (which has no Rust
 # toolchain and no network): kvd, kvd-ctl and kvd-bench built with the CUDA backend (no CUDA
 # toolkit is needed to build; libcuda is loaded at run time), kvd-gpu's test binary with its
 # CUDA test, and the Python wheel. Binaries are stripped to stay well under the tool's 64 MiB.
@@ -29,9 +29,6 @@ cp "$rel/kvd" "$rel/kvd-ctl" "$rel/kvd-bench" .gpu/bin/
 cp "$tests" .gpu/bin/kvd-gpu-tests
 strip .gpu/bin/*
 cp "$wheel" .gpu/
-exclude=$(git rev-parse --git-path info/exclude)
-mkdir -p "$(dirname "$exclude")"
-grep -qx '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >> "$exclude"
 size=$(du -sm .gpu | cut -f1)
 echo "gpu-pack: .gpu is ${size} MiB" >&2
 if (( size > 56 )); then
