@@ -82,7 +82,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvd import shareable
-from kvd._kvd import CORRUPT, LOADED, KvdError, KvdUnsupported, chain_keys
+from kvd._kvd import CORRUPT, LOADED, KvdError, KvdUnavailable, KvdUnsupported, chain_keys
 from kvd._link import Link
 
 if TYPE_CHECKING:
@@ -587,8 +587,12 @@ class KvdConnector(KVConnectorBase_V1):
             log.log(level, "kvd: daemon-driven copies unavailable (%s); the connector copies instead", e)
             self._shared = None
             return None
+        except KvdUnavailable:
+            return None  # the link reports and retries; the connector copies meanwhile
         except KvdError as e:
-            log.warning("kvd: could not attach the KV buffers (%s); the connector copies this time", e)
+            # kvd refused these buffers (e.g. it cannot map them): no use asking every step.
+            log.warning("kvd: kvd refused the KV buffers (%s); the connector copies instead", e)
+            self._shared = None
             return None
         self._attached[key] = att
         log.info("kvd: KV buffers attached (%s); kvd copies the pages", att)
