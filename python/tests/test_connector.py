@@ -332,6 +332,35 @@ def test_daemon_copy_path_falls_back_when_kvd_cannot(daemon, caplog):
     assert torch.equal(src[3:6], dst[0:3])
 
 
+def test_kvd_refusing_the_buffers_is_asked_once_then_the_connector_copies(gpu_daemon, caplog, monkeypatch):
+    import os
+
+    tokens = list(range(1000, 1100))
+    sched, worker = pair(gpu_daemon.socket, copy_path="daemon")
+    r, w = os.pipe()
+    try:
+        # A descriptor kvd cannot map stands in for buffers it refuses.
+        monkeypatch.setattr(kvd.shareable, "share", lambda pages: ([("fd", r, 4096)], [(0, 0, 4096, 4096, 1)]))
+        alloc, caches = engine_cache(seed=9)
+        worker.register_kv_caches(caches)
+        monkeypatch.undo()
+        for rid in ("a", "b"):
+            req = request(rid, tokens)
+            sched.get_num_new_matched_tokens(req, 0)
+            sched.update_state_after_alloc(req, blocks([3, 4, 5, 6]), 0)
+            meta = sched.build_connector_meta(step(new=[(rid, [3, 4, 5, 6], 0)], scheduled={rid: 100}))
+            assert run_worker(worker, meta) == set()
+    finally:
+        os.close(r)
+        os.close(w)
+    refusals = [x for x in caplog.records if "kvd refused the KV buffers" in x.getMessage()]
+    assert len(refusals) == 1, [x.getMessage() for x in caplog.records]
+    # The connector's own copies stored the blocks.
+    s2, w2, dst = fresh_engine(gpu_daemon.socket)
+    assert load_hit(s2, w2, request("c", tokens), [0, 1, 2, 3], 96) == set()
+    assert torch.equal(alloc[3:6], dst[0:3])
+
+
 def test_cache_salt_isolates_requests(daemon, client):
     tokens = list(range(100))
     store(daemon, tokens, [0, 1, 2, 3], tenant_salt="alice")
