@@ -41,8 +41,8 @@ pub struct Entry {
     prev: u32,
     next: u32,
     state: State,
-    /// [`SEALED`] | [`ON_DISK`] | [`DEMOTING`] | [`REJECTED`] | [`DISPLACED`] (one byte keeps
-    /// the entry at 96).
+    /// [`SEALED`] | [`ON_DISK`] | [`DEMOTING`] | [`REJECTED`] | [`DISPLACED`] |
+    /// [`READ_WHILE_DEMOTING`] (one byte keeps the entry at 96).
     flags: u8,
 }
 
@@ -58,6 +58,9 @@ const REJECTED: u8 = 8;
 /// read again. Without this, a DRAM holding more than the disk would be rewritten in a
 /// circle: every write reclaims a region whose blocks then look like they need writing.
 const DISPLACED: u8 = 16;
+/// Read while the demoter held it: a rejection decided before that read does not stick
+/// (the read is what makes the block worth a disk copy).
+const READ_WHILE_DEMOTING: u8 = 32;
 
 impl Entry {
     fn has(&self, f: u8) -> bool {
@@ -443,6 +446,9 @@ impl NsStore {
         e.hits = e.hits.saturating_add(1);
         e.last_ms = now_ms;
         e.set(REJECTED | DISPLACED, false);
+        if e.has(DEMOTING) {
+            e.set(READ_WHILE_DEMOTING, true);
+        }
         self.leases += 1;
         self.counters.hits += 1;
         self.counters.bytes_out += e.len;
@@ -540,10 +546,11 @@ impl NsStore {
     pub fn finish_demotion(&mut self, entry: u32, outcome: DemotionOutcome) {
         if let Some(e) = self.entries.get_mut(entry as usize) {
             if e.has(DEMOTING) {
-                e.set(DEMOTING, false);
+                let reread = e.has(READ_WHILE_DEMOTING);
+                e.set(DEMOTING | READ_WHILE_DEMOTING, false);
                 match outcome {
                     DemotionOutcome::Written => e.set(ON_DISK, true),
-                    DemotionOutcome::Rejected => e.set(REJECTED, true),
+                    DemotionOutcome::Rejected => e.set(REJECTED, !reread),
                     DemotionOutcome::Failed => {}
                 }
                 self.release(entry);
@@ -1057,6 +1064,30 @@ mod tests {
         let d = s.demotion_candidates(10, true, 0);
         assert_eq!(d.iter().map(|c| c.key).collect::<Vec<_>>(), vec![key(2)]);
         s.finish_demotion(d[0].entry, DemotionOutcome::Written);
+        s.check_invariants();
+    }
+
+    #[test]
+    fn a_block_read_during_a_rejected_demotion_is_reconsidered() {
+        let mut s = store(2);
+        put(&mut s, 1, 4096).unwrap();
+        put(&mut s, 2, 4096).unwrap();
+        let d = s.demotion_candidates(10, false, u64::MAX);
+        assert_eq!(d.len(), 2);
+        // Block 1 is read while the admission filter is deciding (on its old count).
+        let h = s.get(&key(1), 1).unwrap();
+        s.release(h.entry);
+        for c in &d {
+            s.finish_demotion(c.entry, DemotionOutcome::Rejected);
+        }
+        let again = s.demotion_candidates(10, false, u64::MAX);
+        assert_eq!(
+            again.iter().map(|c| c.key).collect::<Vec<_>>(),
+            vec![key(1)],
+            "the read block is a candidate again, the unread one stays rejected"
+        );
+        s.finish_demotion(again[0].entry, DemotionOutcome::Rejected);
+        assert!(s.demotion_candidates(10, false, u64::MAX).is_empty());
         s.check_invariants();
     }
 
