@@ -95,10 +95,7 @@ impl Backend for HostBackend {
         let end = start
             .checked_add(len)
             .ok_or_else(|| GpuError::Invalid("range overflows".into()))?;
-        let mut p = self
-            .pinned
-            .lock()
-            .map_err(|_| GpuError::Invalid("host backend poisoned".into()))?;
+        let mut p = self.pinned.lock().map_err(poisoned)?;
         let overlaps = p
             .range(..end)
             .next_back()
@@ -116,10 +113,7 @@ impl Backend for HostBackend {
     }
 
     unsafe fn unregister_host(&self, ptr: *mut u8) -> Result<(), GpuError> {
-        let mut p = self
-            .pinned
-            .lock()
-            .map_err(|_| GpuError::Invalid("host backend poisoned".into()))?;
+        let mut p = self.pinned.lock().map_err(poisoned)?;
         match p.remove(&(ptr as usize)) {
             Some(_) => Ok(()),
             None => Err(GpuError::Driver {
@@ -135,19 +129,12 @@ impl Backend for HostBackend {
         }
         let b = vec![0u8; len].into_boxed_slice();
         let addr = b.as_ptr() as u64;
-        self.allocs
-            .lock()
-            .map_err(|_| GpuError::Invalid("host backend poisoned".into()))?
-            .insert(addr, b);
+        self.allocs.lock().map_err(poisoned)?.insert(addr, b);
         Ok(addr)
     }
 
     unsafe fn free(&self, ptr: DevicePtr) -> Result<(), GpuError> {
-        let removed = self
-            .allocs
-            .lock()
-            .map_err(|_| GpuError::Invalid("host backend poisoned".into()))?
-            .remove(&ptr);
+        let removed = self.allocs.lock().map_err(poisoned)?.remove(&ptr);
         removed.map(drop).ok_or_else(|| GpuError::Driver {
             call: "cuMemFree",
             message: format!("CUDA_ERROR_INVALID_VALUE: {ptr:#x} is not an allocation"),

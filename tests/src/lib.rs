@@ -203,6 +203,15 @@ impl Drop for Daemon {
     }
 }
 
+/// The key `kvd-test-client` gives block `i` of seed `seed` (tests that read what a client
+/// process stored derive the same keys).
+pub fn client_key(seed: u64, i: u64) -> kvd_client::BlockKey {
+    let mut k = [0u8; 32];
+    k[..8].copy_from_slice(&seed.to_le_bytes());
+    k[8..16].copy_from_slice(&i.to_le_bytes());
+    kvd_client::BlockKey(k)
+}
+
 /// Deterministic, block-distinct content: what the test client writes for `(seed, index)`.
 pub fn pattern(seed: u64, index: u64, len: usize) -> Vec<u8> {
     let mut x = seed

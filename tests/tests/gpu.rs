@@ -15,15 +15,7 @@ use kvd_client::{BlockKey, ClientError};
 use kvd_proto::ErrorCode;
 use kvd_tests::engine::{expected_page, FakeEngine};
 use kvd_tests::redis::free_port;
-use kvd_tests::{bin, pattern, test_namespace, wait_for, Daemon};
-
-/// The test client's key for (seed, index).
-fn key(seed: u64, i: u64) -> BlockKey {
-    let mut k = [0u8; 32];
-    k[..8].copy_from_slice(&seed.to_le_bytes());
-    k[8..16].copy_from_slice(&i.to_le_bytes());
-    BlockKey(k)
-}
+use kvd_tests::{bin, client_key as key, pattern, test_namespace, wait_for, Daemon};
 
 fn test_client(d: &Daemon, args: &[&str]) -> Command {
     let mut c = Command::new(bin("kvd-test-client"));

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 use kvd_client::gpu::BlockCode;
-use kvd_client::{BlockKey, Client, Options, PutOutcome};
+use kvd_client::{Client, Options, PutOutcome};
 use kvd_tests::engine::FakeEngine;
-use kvd_tests::{pattern, test_namespace};
+use kvd_tests::{client_key as key, pattern, test_namespace};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Mode {
@@ -53,13 +53,6 @@ struct Args {
     /// Fake engine: pages per layer.
     #[arg(long, default_value_t = 64)]
     pages: u64,
-}
-
-fn key(seed: u64, i: u64) -> BlockKey {
-    let mut k = [0u8; 32];
-    k[..8].copy_from_slice(&seed.to_le_bytes());
-    k[8..16].copy_from_slice(&i.to_le_bytes());
-    BlockKey(k)
 }
 
 fn main() -> anyhow::Result<()> {

@@ -115,25 +115,20 @@ fn cuda_engine(_device: u32, _len: u64) -> anyhow::Result<Engine> {
 }
 
 /// Pinned (registered) host memory for the reference copies, unpinned on drop.
-struct Pinned {
+struct PinnedBuf {
+    // Dropped before `map`: unpinned while still mapped.
+    _pin: kvd_gpu::register::Pinned,
     map: Mapping,
-    backend: Arc<dyn Backend>,
 }
 
-impl Pinned {
-    fn new(backend: Arc<dyn Backend>, len: usize) -> anyhow::Result<Pinned> {
+impl PinnedBuf {
+    fn new(backend: Arc<dyn Backend>, len: usize) -> anyhow::Result<PinnedBuf> {
         let fd = kvd_shm::map::create_memfd("kvd-bench-pinned", len as u64, HugePages::Off)?;
         let map = Mapping::map_fd(&fd, len, true, true)?;
-        // SAFETY: the mapping lives in `self` until `drop` unregisters it first.
-        unsafe { backend.register_host(map.as_ptr(), len) }?;
-        Ok(Pinned { map, backend })
-    }
-}
-
-impl Drop for Pinned {
-    fn drop(&mut self) {
-        // SAFETY: registered in `new`; no copy is running (they are synchronous).
-        let _ = unsafe { self.backend.unregister_host(self.map.as_ptr()) };
+        // SAFETY: the mapping lives in the same struct and is dropped after the guard.
+        let pin =
+            unsafe { kvd_gpu::register::pin_parallel(backend, map.as_ptr(), len, 0, len, 1) }?;
+        Ok(PinnedBuf { _pin: pin, map })
     }
 }
 
@@ -223,7 +218,7 @@ pub fn run(a: GpuArgs) -> anyhow::Result<()> {
             .collect();
         let fds: Vec<_> = engine.fd.iter().map(|f| f.as_fd()).collect();
         let att = client.gpu_attach(&ns.id, std::slice::from_ref(&engine.share), &fds, &wire)?;
-        let pinned = Pinned::new(engine.backend.clone(), n * size)?;
+        let pinned = PinnedBuf::new(engine.backend.clone(), n * size)?;
         let host = pinned.map.as_ptr() as usize;
         // The engine's pages get known content: staged in the pinned buffer, then uploaded.
         let content = {
