@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs kvd's whole test suite: format, lints, unit/property/integration tests against the real
-# daemon binary (including 30 kill -9 crash/restart iterations of the disk tier; set
+# daemon binary and real S3-compatible servers (s3s-fs and moto, installed once by
+# scripts/s3-servers.sh), including 30 kill -9 crash/restart iterations of the disk tier (set
 # KVD_CRASH_ITERATIONS=300 for the long mode), kvd-bench smoke runs (correctness only, no timing assertions), a compile
 # check of the fuzz targets, the Kubernetes manifests and Helm chart (scripts/deploy-check.sh),
 # and the Python package's tests including the end-to-end tests on
@@ -25,6 +26,11 @@ command -v cargo >/dev/null || {
 
 step "system packages (libclang-dev for RocksDB, fio for the disk benchmark)"
 scripts/system-deps.sh
+
+step "S3-compatible test servers (s3s-fs, moto; installed once under ~/.cache/kvd)"
+scripts/s3-servers.sh
+# The S3 tier's tests fail, rather than skip, when a server is missing.
+export KVD_REQUIRE_S3=1
 
 step "rustfmt"
 cargo fmt --all --check

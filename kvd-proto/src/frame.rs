@@ -405,6 +405,131 @@ pub struct StatsReport {
     pub peer: Option<PeerReport>,
     /// GPU tier, when a backend is configured.
     pub gpu: Option<GpuReport>,
+    /// S3 tier, when configured.
+    pub s3: Option<S3Report>,
+}
+
+/// State of the S3 tier.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct S3Report {
+    /// Endpoint (never with credentials).
+    pub endpoint: String,
+    /// Bucket.
+    pub bucket: String,
+    /// The circuit breaker is open or probing: S3 is being skipped.
+    pub degraded: bool,
+    /// The bucket was listed since start (the index knows what it held).
+    pub scanned: bool,
+    /// Blocks indexed.
+    pub blocks: u64,
+    /// Segments indexed.
+    pub segments: u64,
+    /// Bytes of the segments indexed.
+    pub bytes: u64,
+    /// Segments uploaded by this node.
+    pub uploaded_segments: u64,
+    /// Blocks uploaded.
+    pub uploaded_blocks: u64,
+    /// Bytes uploaded.
+    pub uploaded_bytes: u64,
+    /// Segment uploads that failed for good.
+    pub upload_failures: u64,
+    /// Blocks read into DRAM.
+    pub read_blocks: u64,
+    /// Bytes read into DRAM.
+    pub read_bytes: u64,
+    /// Block reads that failed.
+    pub read_failures: u64,
+    /// Blocks that did not match their checksum (never served).
+    pub corrupt: u64,
+    /// Segments deleted by this node.
+    pub deleted_segments: u64,
+    /// Requests sent (each attempt).
+    pub requests: u64,
+    /// Attempts retried.
+    pub retries: u64,
+    /// Requests that failed after their retries.
+    pub failures: u64,
+    /// Requests skipped because the breaker was open.
+    pub short_circuited: u64,
+    /// Times the breaker opened.
+    pub breaker_opened: u64,
+    /// Segments being uploaded now.
+    pub uploading: u64,
+    /// Blocks a drain still has to upload.
+    pub drain_pending: u64,
+    /// Blocks a warm still has to read.
+    pub warm_pending: u64,
+    /// Blocks warmed into DRAM.
+    pub warmed: u64,
+    /// The last failure, empty if none.
+    pub last_error: String,
+}
+
+impl S3Report {
+    fn numbers(&self) -> [u64; 21] {
+        [
+            self.blocks,
+            self.segments,
+            self.bytes,
+            self.uploaded_segments,
+            self.uploaded_blocks,
+            self.uploaded_bytes,
+            self.upload_failures,
+            self.read_blocks,
+            self.read_bytes,
+            self.read_failures,
+            self.corrupt,
+            self.deleted_segments,
+            self.requests,
+            self.retries,
+            self.failures,
+            self.short_circuited,
+            self.breaker_opened,
+            self.uploading,
+            self.drain_pending,
+            self.warm_pending,
+            self.warmed,
+        ]
+    }
+
+    fn from_numbers(
+        endpoint: String,
+        bucket: String,
+        degraded: bool,
+        scanned: bool,
+        n: [u64; 21],
+        last_error: String,
+    ) -> Self {
+        S3Report {
+            endpoint,
+            bucket,
+            degraded,
+            scanned,
+            blocks: n[0],
+            segments: n[1],
+            bytes: n[2],
+            uploaded_segments: n[3],
+            uploaded_blocks: n[4],
+            uploaded_bytes: n[5],
+            upload_failures: n[6],
+            read_blocks: n[7],
+            read_bytes: n[8],
+            read_failures: n[9],
+            corrupt: n[10],
+            deleted_segments: n[11],
+            requests: n[12],
+            retries: n[13],
+            failures: n[14],
+            short_circuited: n[15],
+            breaker_opened: n[16],
+            uploading: n[17],
+            drain_pending: n[18],
+            warm_pending: n[19],
+            warmed: n[20],
+            last_error,
+        }
+    }
 }
 
 /// State of the peer fetch data port.
@@ -1027,6 +1152,32 @@ fn put_peer(w: &mut Writer, x: &PeerReport) {
     w.str(&x.last_error);
 }
 
+fn put_s3(w: &mut Writer, x: &S3Report) {
+    w.str(&x.endpoint);
+    w.str(&x.bucket);
+    w.u8(u8::from(x.degraded));
+    w.u8(u8::from(x.scanned));
+    for v in x.numbers() {
+        w.u64(v);
+    }
+    w.str(&x.last_error);
+}
+
+fn get_s3(r: &mut Reader<'_>) -> Result<S3Report, DecodeError> {
+    let endpoint = r.str("s3 endpoint", MAX_TEXT)?;
+    let bucket = r.str("s3 bucket", MAX_TEXT)?;
+    let degraded = r.bool("s3 degraded")?;
+    let scanned = r.bool("s3 scanned")?;
+    let mut n = [0u64; 21];
+    for v in &mut n {
+        *v = r.u64("s3 counter")?;
+    }
+    let last_error = r.str("s3 last error", MAX_TEXT)?;
+    Ok(S3Report::from_numbers(
+        endpoint, bucket, degraded, scanned, n, last_error,
+    ))
+}
+
 fn get_peer(r: &mut Reader<'_>) -> Result<PeerReport, DecodeError> {
     Ok(PeerReport {
         advertise: r.str("peer advertise", MAX_TEXT)?,
@@ -1235,6 +1386,10 @@ impl Response {
                 if let Some(x) = &s.gpu {
                     gpu::put_report(&mut w, x);
                 }
+                w.u8(u8::from(s.s3.is_some()));
+                if let Some(x) = &s.s3 {
+                    put_s3(&mut w, x);
+                }
             }
             Response::ClusterResult(c) => {
                 w = begin(tag::CLUSTER_RESULT, request_id);
@@ -1388,6 +1543,7 @@ impl Response {
                 let events = opt(&mut r, "events flag", get_events)?;
                 let peer = opt(&mut r, "peer flag", get_peer)?;
                 let gpu = opt(&mut r, "gpu flag", |r| gpu::get_report(r, MAX_TEXT))?;
+                let s3 = opt(&mut r, "s3 flag", get_s3)?;
                 Response::Stats(Box::new(StatsReport {
                     daemon_version,
                     uptime_ms,
@@ -1399,6 +1555,7 @@ impl Response {
                     events,
                     peer,
                     gpu,
+                    s3,
                 }))
             }
             tag::BLOCKS => {
@@ -1614,6 +1771,14 @@ mod tests {
                 copy_errors: n[7],
                 last_error: e,
             });
+        let s3 = (
+            [arb_text(), arb_text(), arb_text()],
+            any::<(bool, bool)>(),
+            any::<[u64; 21]>(),
+        )
+            .prop_map(|([endpoint, bucket, e], (degraded, scanned), n)| {
+                S3Report::from_numbers(endpoint, bucket, degraded, scanned, n, e)
+            });
         let peer =
             (arb_text(), any::<[u64; 7]>(), arb_text()).prop_map(|(advertise, n, e)| PeerReport {
                 advertise,
@@ -1807,10 +1972,11 @@ mod tests {
                 prop::option::of(index),
                 prop::option::of(events),
                 prop::option::of(peer),
-                prop::option::of(gpu)
+                prop::option::of(gpu),
+                prop::option::of(s3)
             )
                 .prop_map(
-                    |(v, up, tiers, namespaces, clients, disk, index, events, peer, gpu)| {
+                    |(v, up, tiers, namespaces, clients, disk, index, events, peer, gpu, s3)| {
                         Response::Stats(Box::new(StatsReport {
                             daemon_version: v,
                             uptime_ms: up,
@@ -1822,6 +1988,7 @@ mod tests {
                             events,
                             peer,
                             gpu,
+                            s3,
                         }))
                     }
                 ),

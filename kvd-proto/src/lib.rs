@@ -29,7 +29,7 @@ pub use namespace::{NamespaceDesc, NamespaceId};
 ///
 /// The handshake refuses a peer with a different major version; bump it on any incompatible
 /// change of a frame, a descriptor or a layout.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Storage tiers, in order from fastest to slowest. The discriminant is the wire value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

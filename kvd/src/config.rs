@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::disk::admission::AdmissionPolicy;
+
 /// A size in bytes, written as an integer or a string with a unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
@@ -460,6 +462,134 @@ impl Default for GpuConfig {
     }
 }
 
+/// When blocks go to S3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum S3WriteMode {
+    /// Blocks the admission filter lets in are packed into segments in the background and a
+    /// segment is uploaded when full or `s3.flush_interval_ms` after its first block.
+    WriteBehind,
+    /// Every block is uploaded (no admission filter), and a segment is uploaded as soon as no
+    /// more blocks wait, so other nodes see blocks within one upload of their commit. The
+    /// engine's PUT still never waits for S3.
+    WriteThrough,
+}
+
+/// The S3 tier (T3): segment objects in an S3-compatible bucket, shared between nodes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Config {
+    /// Bucket; empty: no S3 tier.
+    pub bucket: String,
+    /// Endpoint URL (`http://127.0.0.1:9000` for an S3-compatible server); empty: AWS's
+    /// endpoint for `region`.
+    pub endpoint: String,
+    /// Region (signing region for S3-compatible servers).
+    pub region: String,
+    /// Key prefix of every object kvd writes (`kvd/prod`); segments go under
+    /// `<prefix>/segments/<namespace>/`.
+    pub prefix: String,
+    /// Path-style requests (`endpoint/bucket/key`), as most S3-compatible servers want.
+    pub path_style: bool,
+    /// Static access key id; empty: the standard AWS chain (environment variables
+    /// `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, the shared profile, IRSA web identity).
+    pub access_key_id: String,
+    /// Static secret key (with `access_key_id`); never logged or shown.
+    pub secret_access_key: String,
+    /// File holding the static secret key instead (a mounted Kubernetes Secret).
+    pub secret_access_key_file: PathBuf,
+    /// Target size of one segment object.
+    pub segment_bytes: ByteSize,
+    /// Part size of multipart uploads; a segment larger than one part is uploaded in parts.
+    pub part_bytes: ByteSize,
+    /// Uploads (segments, or parts of one) in flight at once.
+    pub upload_concurrency: u32,
+    /// Ranged GETs in flight at once for one lookup or warm.
+    pub read_concurrency: u32,
+    /// A segment is uploaded at most this long after its first block (write-behind).
+    pub flush_interval_ms: u32,
+    /// When blocks are uploaded.
+    pub write_mode: S3WriteMode,
+    /// Admission to S3 in write-behind mode (the same filter as the disk tier's).
+    pub admission: AdmissionPolicy,
+    /// Sightings (puts, reads) before a block is admitted, with `admission = "frequency"`.
+    pub admission_min_frequency: u8,
+    /// Retries of a failed request (with jittered exponential backoff) before giving up.
+    pub retries: u32,
+    /// First backoff; doubles with each retry up to `retry_max_ms`.
+    pub retry_base_ms: u32,
+    /// Longest backoff.
+    pub retry_max_ms: u32,
+    /// Timeout of a connection attempt.
+    pub connect_timeout_ms: u32,
+    /// Timeout of one request attempt (a part upload or a ranged GET), body included.
+    pub request_timeout_ms: u32,
+    /// Consecutive failed requests that open the circuit breaker: then reads are misses and
+    /// uploads wait, without asking S3, for `breaker_open_ms`, then one request probes.
+    pub breaker_failures: u32,
+    /// How long the breaker stays open before a probe.
+    pub breaker_open_ms: u32,
+    /// The most a lookup waits for blocks read from S3 (beyond: the blocks read so far).
+    pub lookup_timeout_ms: u32,
+    /// Segments this node wrote are deleted once older than this (0: kept).
+    pub max_age_secs: u64,
+    /// Total bytes of the segments this node wrote; the oldest go beyond it (0: no budget).
+    pub capacity_bytes: ByteSize,
+    /// How often the bucket is listed for segments other nodes wrote (0: at start and on
+    /// `kvd-ctl warm` only).
+    pub rescan_interval_ms: u32,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        Self {
+            bucket: String::new(),
+            endpoint: String::new(),
+            region: "us-east-1".into(),
+            prefix: "kvd".into(),
+            path_style: false,
+            access_key_id: String::new(),
+            secret_access_key: String::new(),
+            secret_access_key_file: PathBuf::new(),
+            segment_bytes: ByteSize(32 << 20),
+            part_bytes: ByteSize(8 << 20),
+            upload_concurrency: 4,
+            read_concurrency: 8,
+            flush_interval_ms: 5000,
+            write_mode: S3WriteMode::WriteBehind,
+            admission: AdmissionPolicy::Frequency,
+            admission_min_frequency: 2,
+            retries: 3,
+            retry_base_ms: 100,
+            retry_max_ms: 2000,
+            connect_timeout_ms: 2000,
+            request_timeout_ms: 30_000,
+            breaker_failures: 5,
+            breaker_open_ms: 10_000,
+            lookup_timeout_ms: 2000,
+            max_age_secs: 0,
+            capacity_bytes: ByteSize(0),
+            rescan_interval_ms: 60_000,
+        }
+    }
+}
+
+impl S3Config {
+    /// Whether the S3 tier is on.
+    pub fn enabled(&self) -> bool {
+        !self.bucket.is_empty()
+    }
+
+    /// A copy safe to print: the secret key replaced.
+    pub fn redacted(&self) -> S3Config {
+        let mut c = self.clone();
+        if !c.secret_access_key.is_empty() {
+            c.secret_access_key = "<redacted>".into();
+        }
+        c
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -511,6 +641,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// GPU data movement.
     pub gpu: GpuConfig,
+    /// S3 tier.
+    pub s3: S3Config,
     /// Logging.
     pub log: LogConfig,
 }
@@ -555,8 +687,8 @@ pub enum ConfigError {
     },
 }
 
-const SECTIONS: [&str; 10] = [
-    "server", "ring", "dram", "disk", "index", "events", "peer", "metrics", "gpu", "log",
+const SECTIONS: [&str; 11] = [
+    "server", "ring", "dram", "disk", "index", "events", "peer", "metrics", "gpu", "s3", "log",
 ];
 
 fn parse_value(raw: &str) -> toml::Value {
@@ -675,6 +807,117 @@ impl Config {
         self.index.enabled() || self.events.enabled()
     }
 
+    fn validate_s3(&self) -> Result<(), ConfigError> {
+        let bad = |key, why: String| Err(ConfigError::Invalid { key, why });
+        let s = &self.s3;
+        if !s.enabled() {
+            return Ok(());
+        }
+        // The bucket naming rules every S3 implementation accepts.
+        let b = &s.bucket;
+        if !(3..=63).contains(&b.len())
+            || !b
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
+        {
+            return bad(
+                "s3.bucket",
+                format!("{b:?} is not a bucket name (3 to 63 of a-z, 0-9, '-' and '.')"),
+            );
+        }
+        if !(s.endpoint.is_empty()
+            || s.endpoint.starts_with("http://")
+            || s.endpoint.starts_with("https://"))
+        {
+            return bad(
+                "s3.endpoint",
+                format!("{:?} is not an http:// or https:// URL", s.endpoint),
+            );
+        }
+        if s.region.is_empty() {
+            return bad("s3.region", "must not be empty".into());
+        }
+        if s.prefix.len() > 256 || s.prefix.starts_with('/') || s.prefix.contains("//") {
+            return bad(
+                "s3.prefix",
+                "must be at most 256 bytes, not start with '/' nor contain \"//\"".into(),
+            );
+        }
+        if !s.access_key_id.is_empty()
+            && s.secret_access_key.is_empty()
+            && s.secret_access_key_file.as_os_str().is_empty()
+        {
+            return bad(
+                "s3.access_key_id",
+                "needs s3.secret_access_key or s3.secret_access_key_file".into(),
+            );
+        }
+        if s.access_key_id.is_empty()
+            && !(s.secret_access_key.is_empty() && s.secret_access_key_file.as_os_str().is_empty())
+        {
+            return bad(
+                "s3.secret_access_key",
+                "is set without s3.access_key_id".into(),
+            );
+        }
+        // 5 MiB is S3's smallest multipart part; 5 GiB its largest single PUT.
+        if !(5 << 20..=1 << 30).contains(&s.part_bytes.0) {
+            return bad("s3.part_bytes", "must be between 5 MiB and 1 GiB".into());
+        }
+        if !(1 << 20..=4 << 30).contains(&s.segment_bytes.0) {
+            return bad("s3.segment_bytes", "must be between 1 MiB and 4 GiB".into());
+        }
+        if s.segment_bytes.0 < self.dram.max_block_bytes.0 {
+            return bad(
+                "s3.segment_bytes",
+                "must be at least dram.max_block_bytes (a segment holds whole blocks)".into(),
+            );
+        }
+        if !(1..=256).contains(&s.upload_concurrency) {
+            return bad("s3.upload_concurrency", "must be between 1 and 256".into());
+        }
+        if !(1..=256).contains(&s.read_concurrency) {
+            return bad("s3.read_concurrency", "must be between 1 and 256".into());
+        }
+        if !(10..=3_600_000).contains(&s.flush_interval_ms) {
+            return bad("s3.flush_interval_ms", "must be in 10..=3600000".into());
+        }
+        if s.retries > 20 {
+            return bad("s3.retries", "must be at most 20".into());
+        }
+        if s.retry_base_ms == 0 || s.retry_base_ms > s.retry_max_ms {
+            return bad(
+                "s3.retry_base_ms",
+                "must be at least 1 and at most s3.retry_max_ms".into(),
+            );
+        }
+        if !(10..=600_000).contains(&s.connect_timeout_ms) {
+            return bad("s3.connect_timeout_ms", "must be in 10..=600000".into());
+        }
+        if !(100..=3_600_000).contains(&s.request_timeout_ms) {
+            return bad("s3.request_timeout_ms", "must be in 100..=3600000".into());
+        }
+        if s.breaker_failures == 0 {
+            return bad("s3.breaker_failures", "must be at least 1".into());
+        }
+        if !(100..=3_600_000).contains(&s.breaker_open_ms) {
+            return bad("s3.breaker_open_ms", "must be in 100..=3600000".into());
+        }
+        if !(10..=600_000).contains(&s.lookup_timeout_ms) {
+            return bad("s3.lookup_timeout_ms", "must be in 10..=600000".into());
+        }
+        if s.capacity_bytes.0 > 0 && s.capacity_bytes.0 < s.segment_bytes.0 {
+            return bad(
+                "s3.capacity_bytes",
+                "must be 0 (no budget) or at least s3.segment_bytes".into(),
+            );
+        }
+        if s.rescan_interval_ms > 0 && s.rescan_interval_ms < 1000 {
+            return bad("s3.rescan_interval_ms", "must be 0 or at least 1000".into());
+        }
+        Ok(())
+    }
+
     /// Checks ranges and relations between keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key, why: String| Err(ConfigError::Invalid { key, why });
@@ -703,6 +946,7 @@ impl Config {
                     .into(),
             );
         }
+        self.validate_s3()?;
         let x = &self.index;
         if let Some(u) = x
             .redis_urls

@@ -68,6 +68,58 @@ pub struct Namespace {
     pub open: AtomicU32,
 }
 
+/// A reserved DRAM slot that is given back unless committed (a block being fetched from a
+/// peer or read from S3: dropping the transfer mid-way frees the slot).
+#[derive(Debug)]
+pub struct Reservation {
+    ns: Arc<Namespace>,
+    slot: Option<crate::alloc::Slot>,
+}
+
+impl Reservation {
+    /// Guards `slot`, reserved in `ns`.
+    pub fn new(ns: Arc<Namespace>, slot: crate::alloc::Slot) -> Self {
+        Self {
+            ns,
+            slot: Some(slot),
+        }
+    }
+
+    /// Publishes the slot as `key`, verified against `checksum` by the caller. False when
+    /// the key was stored meanwhile (the slot is freed).
+    pub fn commit_verified(mut self, key: &BlockKey, len: u64, checksum: u64, now_ms: u64) -> bool {
+        match self.slot.take() {
+            Some(s) => self
+                .ns
+                .store
+                .lock()
+                .commit_verified(key, s, len, checksum, now_ms),
+            None => false,
+        }
+    }
+
+    /// As [`commit_verified`](Self::commit_verified), for bytes read from S3 (the block is
+    /// known to be there).
+    pub fn commit_from_s3(mut self, key: &BlockKey, len: u64, checksum: u64, now_ms: u64) -> bool {
+        match self.slot.take() {
+            Some(s) => self
+                .ns
+                .store
+                .lock()
+                .commit_from_s3(key, s, len, checksum, now_ms),
+            None => false,
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(s) = self.slot.take() {
+            self.ns.store.lock().abort(s);
+        }
+    }
+}
+
 /// One client connection's shared state.
 #[derive(Debug)]
 pub struct Conn {
@@ -217,6 +269,9 @@ pub enum StartError {
     /// The GPU block pool could not be allocated.
     #[error("cannot allocate the GPU block pool (gpu.pool_bytes)")]
     GpuPool(#[source] kvd_gpu::GpuError),
+    /// The S3 tier could not be set up.
+    #[error("cannot start the S3 tier")]
+    S3(#[from] crate::s3::S3StartError),
     /// A background thread could not be started.
     #[error("cannot start the {what} thread")]
     Thread {
@@ -243,12 +298,15 @@ pub struct Daemon {
     pub peer: Option<Arc<crate::peer::Peer>>,
     /// The GPU backend and the arenas' pinning, when configured.
     pub gpu: Option<crate::gpu::Gpu>,
+    /// The S3 tier, when configured.
+    pub s3: Option<Arc<crate::s3::S3Tier>>,
     /// Latency histograms of the operations served (for `/metrics`).
     pub latency: crate::metrics::OpLatency,
     drains: Arc<Mutex<DrainSet>>,
     /// Whether a warm thread runs (one at a time).
     warming: AtomicBool,
     demoter: Mutex<Option<JoinHandle<()>>>,
+    uploader: Mutex<Option<JoinHandle<()>>>,
     start: Instant,
     registry: Mutex<Registry>,
     clients: Mutex<HashMap<u64, Arc<Conn>>>,
@@ -280,6 +338,11 @@ impl Daemon {
         let index = crate::index::IndexReader::new(&cfg.index).map(Arc::new);
         let events = crate::events::Events::new(&cfg.events).map(Arc::new);
         let peer = crate::peer::Peer::new(&cfg.peer).map(Arc::new);
+        let s3 = if cfg.s3.enabled() {
+            Some(crate::s3::S3Tier::open(&cfg, disk.clone())?)
+        } else {
+            None
+        };
         let d = Arc::new(Daemon {
             cfg,
             disk: disk.clone(),
@@ -287,10 +350,12 @@ impl Daemon {
             events,
             peer,
             gpu,
+            s3: s3.clone(),
             latency: Default::default(),
             drains: drains.clone(),
             warming: AtomicBool::new(false),
             demoter: Mutex::new(None),
+            uploader: Mutex::new(None),
             start: Instant::now(),
             registry: Mutex::new(Registry {
                 by_id: HashMap::new(),
@@ -313,7 +378,28 @@ impl Daemon {
                 })?;
             *d.demoter.lock() = Some(t);
         }
+        if let Some(s3) = s3 {
+            let weak = Arc::downgrade(&d);
+            let t = std::thread::Builder::new()
+                .name("kvd-s3-upload".into())
+                .spawn(move || s3.run_uploader(weak))
+                .map_err(|source| StartError::Thread {
+                    what: "S3 upload",
+                    source,
+                })?;
+            *d.uploader.lock() = Some(t);
+        }
         Ok(d)
+    }
+
+    /// Records a sighting of a block for the admission filters of the disk and S3 tiers.
+    pub fn record_sighting(&self, ns: &NamespaceId, key: &BlockKey) {
+        if let Some(d) = &self.disk {
+            d.record_sighting(ns, key);
+        }
+        if let Some(s) = &self.s3 {
+            s.record_sighting(ns, key);
+        }
     }
 
     /// Stops the background threads (after [`begin_shutdown`](Self::begin_shutdown)) and
@@ -324,6 +410,9 @@ impl Daemon {
         if let Some(t) = self.demoter.lock().take() {
             let _ = t.join();
         }
+        if let Some(t) = self.uploader.lock().take() {
+            let _ = t.join();
+        }
         if let Some(disk) = &self.disk {
             disk.flush();
         }
@@ -332,20 +421,31 @@ impl Daemon {
     /// Queues a drain of one namespace (or all) to disk; returns how many DRAM blocks have no
     /// disk copy yet.
     pub fn drain(&self, only: Option<NamespaceId>) -> Result<u64, OpError> {
-        let Some(disk) = &self.disk else {
+        if self.disk.is_none() && self.s3.is_none() {
             return Err(OpError::new(
                 ErrorCode::BadRequest,
-                "no disk tier is configured (disk.capacity_bytes = 0): nothing to drain to",
+                "no disk or S3 tier is configured (disk.capacity_bytes = 0, s3.bucket empty): \
+                 nothing to drain to",
             ));
-        };
-        let n: u64 = self
+        }
+        let namespaces: Vec<Arc<Namespace>> = self
             .namespaces()
-            .iter()
+            .into_iter()
             .filter(|ns| only.is_none_or(|o| o == ns.id))
-            .map(|ns| ns.store.lock().without_disk_copy())
-            .sum();
-        disk.drain_pending().store(n, Ordering::Relaxed);
-        self.drains.lock().add(only);
+            .collect();
+        let mut n = 0;
+        if let Some(disk) = &self.disk {
+            let d: u64 = namespaces
+                .iter()
+                .map(|ns| ns.store.lock().without_disk_copy())
+                .sum();
+            disk.drain_pending().store(d, Ordering::Relaxed);
+            self.drains.lock().add(only);
+            n += d;
+        }
+        if let Some(s3) = &self.s3 {
+            n += s3.drain(&namespaces);
+        }
         Ok(n)
     }
 
@@ -419,12 +519,13 @@ impl Daemon {
     /// namespace's eviction low watermark (a warm never evicts to make room). Returns how
     /// many blocks were queued.
     pub fn warm(self: &Arc<Self>, only: Option<NamespaceId>) -> Result<u64, OpError> {
-        let Some(disk) = &self.disk else {
+        if self.disk.is_none() && self.s3.is_none() {
             return Err(OpError::new(
                 ErrorCode::BadRequest,
-                "no disk tier is configured (disk.capacity_bytes = 0): nothing to warm from",
+                "no disk or S3 tier is configured (disk.capacity_bytes = 0, s3.bucket empty): \
+                 nothing to warm from",
             ));
-        };
+        }
         let namespaces: Vec<Arc<Namespace>> = self
             .namespaces()
             .into_iter()
@@ -439,6 +540,25 @@ impl Daemon {
                 ),
             ));
         }
+        // Disk first (its blocks are cheaper to read); S3 then skips what the disk holds.
+        let from_disk = match &self.disk {
+            Some(disk) => self.warm_disk(disk, namespaces.clone())?,
+            None => 0,
+        };
+        let from_s3 = match &self.s3 {
+            Some(s3) => s3
+                .warm(self, namespaces)
+                .map_err(|e| OpError::new(ErrorCode::BadRequest, e))?,
+            None => 0,
+        };
+        Ok(from_disk + from_s3)
+    }
+
+    fn warm_disk(
+        self: &Arc<Self>,
+        disk: &Arc<DiskTier>,
+        namespaces: Vec<Arc<Namespace>>,
+    ) -> Result<u64, OpError> {
         if self
             .warming
             .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
@@ -545,11 +665,23 @@ impl Daemon {
             .as_ref()
             .map(|d| d.delete(&ns.id, keys))
             .unwrap_or_default();
+        // The S3 index forgets them (other nodes' indexes may still name them until their
+        // segments go: content-addressed keys name the same bytes everywhere).
+        let in_s3: Vec<bool> = match &self.s3 {
+            Some(s) => keys
+                .iter()
+                .map(|k| s.delete(&ns.id, std::slice::from_ref(k)) > 0)
+                .collect(),
+            None => Vec::new(),
+        };
         let mut st = ns.store.lock();
         let mut n = 0;
         for (i, k) in keys.iter().enumerate() {
             let dram = st.delete(std::slice::from_ref(k)) > 0;
-            if dram || on_disk.get(i).copied().unwrap_or(false) {
+            if dram
+                || on_disk.get(i).copied().unwrap_or(false)
+                || in_s3.get(i).copied().unwrap_or(false)
+            {
                 n += 1;
             }
         }
@@ -572,26 +704,33 @@ impl Daemon {
     }
 
     /// The shutdown drain: every DRAM block without a disk copy is written to the disk
-    /// tier, waiting at most `deadline`. Returns (queued, left unwritten); nothing without a
-    /// disk tier.
+    /// tier, and every one without an S3 copy uploaded (open segments included), waiting at
+    /// most `deadline`. Returns (queued, left unwritten); nothing without a disk or S3 tier.
     pub async fn drain_for_shutdown(&self, deadline: std::time::Duration) -> (u64, u64) {
-        let (Some(disk), false) = (&self.disk, deadline.is_zero()) else {
+        if deadline.is_zero() {
             return (0, 0);
-        };
+        }
         let Ok(n) = self.drain(None) else {
             return (0, 0);
         };
         let t = Instant::now();
-        // The demoter clears the drain set once every block has a disk copy, and keeps
-        // drain_pending up to date meanwhile (no scan of the stores here).
-        while n > 0 && t.elapsed() < deadline && !self.drains.lock().is_empty() {
+        // The demoter clears the drain set once every block has a disk copy, the S3 uploader
+        // its drain flag once every block is uploaded, and both keep their pending counts up
+        // to date meanwhile (no scan of the stores here).
+        let busy = || {
+            (self.disk.is_some() && !self.drains.lock().is_empty())
+                || self.s3.as_ref().is_some_and(|s| s.is_draining())
+        };
+        while n > 0 && t.elapsed() < deadline && busy() {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        let left = if self.drains.lock().is_empty() {
-            0
-        } else {
-            disk.drain_pending().load(Ordering::Relaxed)
-        };
+        let mut left = 0;
+        if let (Some(disk), false) = (&self.disk, self.drains.lock().is_empty()) {
+            left += disk.drain_pending().load(Ordering::Relaxed);
+        }
+        if let Some(s3) = self.s3.as_ref().filter(|s| s.is_draining()) {
+            left += s3.counters.drain_pending.load(Ordering::Relaxed);
+        }
         (n, left)
     }
 
@@ -738,6 +877,9 @@ impl Daemon {
                     );
                     if self.cfg.publishes_residency() {
                         store.record_changes(self.cfg.index.journal_changes as usize);
+                    }
+                    if self.s3.is_some() {
+                        store.track_uploads();
                     }
                     tracing::info!(ns = %id, model = %desc.model, tenant = %desc.tenant, "namespace opened");
                     let ns = Arc::new(Namespace {
@@ -1048,6 +1190,20 @@ impl Daemon {
                 bytes_out: r.read_bytes,
             });
         }
+        let s3 = self.s3.as_ref().map(|s| s.report());
+        if let Some(r) = &s3 {
+            tiers.push(TierStats {
+                tier: Tier::S3,
+                capacity_bytes: self.cfg.s3.capacity_bytes.0,
+                used_bytes: r.bytes,
+                blocks: r.blocks,
+                hits: r.read_blocks,
+                misses: r.read_failures,
+                evictions: r.deleted_segments,
+                bytes_in: r.uploaded_bytes,
+                bytes_out: r.read_bytes,
+            });
+        }
         StatsReport {
             daemon_version: VERSION.into(),
             uptime_ms: self.now_ms(),
@@ -1059,6 +1215,7 @@ impl Daemon {
             events: self.events.as_ref().map(|e| e.report()),
             peer: self.peer.as_ref().map(|p| p.report()),
             gpu: self.gpu.as_ref().map(|g| g.report()),
+            s3,
         }
     }
 }

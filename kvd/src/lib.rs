@@ -27,5 +27,6 @@ pub mod metrics;
 pub mod peer;
 pub mod residency;
 pub mod ring_service;
+pub mod s3;
 pub mod server;
 pub mod store;

@@ -63,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         for u in &mut shown.index.redis_urls {
             *u = kvd::index::redacted(u);
         }
+        shown.s3 = shown.s3.redacted();
         println!(
             "{}",
             toml::to_string_pretty(&shown).context("printing the configuration")?
@@ -127,6 +128,11 @@ async fn start_publishers(
         let task = tokio::spawn(kvd::peer::serve(daemon.clone(), listener, stop.clone()));
         tasks.push((stop, task));
     }
+    if let Some(s3) = &daemon.s3 {
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(s3.clone().maintain(stop.clone()));
+        tasks.push((stop, task));
+    }
     if !daemon.cfg.metrics.listen.is_empty() {
         let listener = kvd::metrics::bind(&daemon.cfg.metrics.listen).await?;
         tracing::info!(listen = %daemon.cfg.metrics.listen, "metrics: /metrics /healthz /readyz");
@@ -185,7 +191,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         (n, 0) => tracing::info!(
             blocks = n,
             ms = t.elapsed().as_millis() as u64,
-            "shutdown drain: DRAM blocks written to disk"
+            "shutdown drain: DRAM blocks written to disk / uploaded to S3"
         ),
         (n, left) => tracing::warn!(
             blocks = n,

@@ -537,6 +537,121 @@ fn encode_stats(s: &StatsReport, encoder: &mut DescriptorEncoder) -> Result<(), 
             &one(x.bad_requests),
         )?;
     }
+    if let Some(x) = &s.s3 {
+        encode_s3(x, encoder, bytes)?;
+    }
+    Ok(())
+}
+
+fn encode_s3(
+    x: &kvd_proto::frame::S3Report,
+    encoder: &mut DescriptorEncoder,
+    bytes: Option<&Unit>,
+) -> Result<(), std::fmt::Error> {
+    use MetricType::{Counter, Gauge};
+    let one = |v: u64| vec![(vec![], v)];
+    for (name, help, unit, kind, v) in [
+        (
+            "kvd_s3_degraded",
+            "1 while the S3 circuit breaker is open or probing (S3 is skipped).",
+            None,
+            Gauge,
+            u64::from(x.degraded),
+        ),
+        (
+            "kvd_s3_segments",
+            "Segments in the S3 index.",
+            None,
+            Gauge,
+            x.segments,
+        ),
+        (
+            "kvd_s3_uploading",
+            "Segments being uploaded.",
+            None,
+            Gauge,
+            x.uploading,
+        ),
+        (
+            "kvd_s3_uploaded",
+            "Bytes of segments uploaded.",
+            bytes,
+            Counter,
+            x.uploaded_bytes,
+        ),
+        (
+            "kvd_s3_upload_failures",
+            "Segment uploads that failed after retries (blocks queued again).",
+            None,
+            Counter,
+            x.upload_failures,
+        ),
+        (
+            "kvd_s3_read",
+            "Bytes of blocks read from S3 into DRAM.",
+            bytes,
+            Counter,
+            x.read_bytes,
+        ),
+        (
+            "kvd_s3_read_failures",
+            "Block reads from S3 that failed.",
+            None,
+            Counter,
+            x.read_failures,
+        ),
+        (
+            "kvd_s3_checksum_failures",
+            "Blocks that did not match their checksum (never served).",
+            None,
+            Counter,
+            x.corrupt,
+        ),
+        (
+            "kvd_s3_requests",
+            "S3 requests sent (each attempt).",
+            None,
+            Counter,
+            x.requests,
+        ),
+        (
+            "kvd_s3_retries",
+            "S3 request attempts retried.",
+            None,
+            Counter,
+            x.retries,
+        ),
+        (
+            "kvd_s3_failures",
+            "S3 requests that failed after their retries.",
+            None,
+            Counter,
+            x.failures,
+        ),
+        (
+            "kvd_s3_short_circuited",
+            "S3 requests skipped while the circuit breaker was open.",
+            None,
+            Counter,
+            x.short_circuited,
+        ),
+        (
+            "kvd_s3_breaker_opened",
+            "Times the S3 circuit breaker opened.",
+            None,
+            Counter,
+            x.breaker_opened,
+        ),
+        (
+            "kvd_s3_deleted_segments",
+            "Segments this node deleted (age, budget, no live block).",
+            None,
+            Counter,
+            x.deleted_segments,
+        ),
+    ] {
+        family(encoder, name, help, unit, kind, &one(v))?;
+    }
     Ok(())
 }
 
@@ -752,6 +867,11 @@ mod tests {
             events: None,
             peer: None,
             gpu: None,
+            s3: Some(kvd_proto::frame::S3Report {
+                degraded: true,
+                uploaded_bytes: 7,
+                ..Default::default()
+            }),
         };
         let mut reg = Registry::default();
         #[derive(Debug)]
@@ -771,6 +891,8 @@ mod tests {
         assert!(out.contains("kvd_hits_total{tier=\"dram\"} 3"), "{out}");
         assert!(out.contains("kvd_misses_total{tier=\"dram\"} 2"), "{out}");
         assert!(out.contains("kvd_uptime_seconds 1.5"), "{out}");
+        assert!(out.contains("kvd_s3_degraded 1"), "{out}");
+        assert!(out.contains("kvd_s3_uploaded_bytes_total 7"), "{out}");
         assert!(out.ends_with("# EOF\n"));
     }
 

@@ -31,9 +31,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use twox_hash::XxHash3_64;
 
-use crate::alloc::Slot;
 use crate::config::PeerConfig;
-use crate::daemon::{Daemon, Namespace};
+use crate::daemon::{Daemon, Namespace, Reservation};
 use crate::store::ReserveError;
 
 /// Idle connections kept per peer for later fetches.
@@ -324,10 +323,7 @@ impl Peer {
             }
             Err(_) => return Err(FetchError::NoRoom),
         };
-        let mut guard = Reservation {
-            ns: ns.clone(),
-            slot: Some(slot),
-        };
+        let guard = Reservation::new(ns.clone(), slot);
         // SAFETY: the slot is reserved by this task and not committed, so nobody else reads
         // or writes it until it is committed or aborted (by `guard`, also when this future
         // is dropped mid-transfer); `ns` keeps the arena mapped meanwhile.
@@ -343,25 +339,8 @@ impl Peer {
         if std::hash::Hasher::finish(&hasher) != checksum {
             return Err(FetchError::Checksum(addr.to_owned()));
         }
-        guard.slot = None;
-        ns.store
-            .lock()
-            .commit_verified(key, slot, len, checksum, now_ms);
+        guard.commit_verified(key, len, checksum, now_ms);
         Ok(len)
-    }
-}
-
-/// A reserved slot that is given back unless committed.
-struct Reservation {
-    ns: Arc<Namespace>,
-    slot: Option<Slot>,
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if let Some(s) = self.slot.take() {
-            self.ns.store.lock().abort(s);
-        }
     }
 }
 

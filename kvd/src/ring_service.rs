@@ -197,9 +197,7 @@ impl Session {
                         return Ok(Some(c));
                     }
                 };
-                if let Some(d) = &self.daemon.disk {
-                    d.record_sighting(&ns.id, &sub.key);
-                }
+                self.daemon.record_sighting(&ns.id, &sub.key);
                 let r = ns.store.lock().reserve(&sub.key, sub.arg0);
                 match r {
                     Ok(slot) => {
@@ -260,9 +258,7 @@ impl Session {
                 };
                 let t = Instant::now();
                 let hit = ns.store.lock().get(&sub.key, self.daemon.now_ms());
-                if let Some(d) = &self.daemon.disk {
-                    d.record_sighting(&ns.id, &sub.key);
-                }
+                self.daemon.record_sighting(&ns.id, &sub.key);
                 match hit {
                     Some(h) => {
                         self.lease(&mut c, ns, h);

@@ -325,12 +325,12 @@ async fn serve_connection(
                 true,
             ),
             (Request::Lookup { ns, keys }, true) => {
-                // With peer fetch on, blocks a peer holds are fetched before answering (this
-                // awaits the network); otherwise it is the local answer.
+                // With peer fetch on, blocks a peer holds are fetched before answering, then
+                // what S3 holds (this awaits the network); otherwise it is the local answer.
                 match daemon.namespace_for(conn, ns) {
                     Ok(ns) => {
                         let t = std::time::Instant::now();
-                        let (prefix_len, tiers) = crate::peer::lookup(daemon, &ns, keys).await;
+                        let (prefix_len, tiers) = crate::s3::lookup(daemon, &ns, keys).await;
                         daemon.latency.since(crate::metrics::Op::Lookup, t);
                         (Response::LookupResult { prefix_len, tiers }, None, false)
                     }

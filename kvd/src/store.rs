@@ -10,6 +10,8 @@
 //! `now_ms`), which keeps the state machine property-testable. Per-block metadata is one
 //! [`Entry`] (96 bytes) plus a 4-byte slot in the hash index, within the 128-byte budget.
 
+use std::collections::VecDeque;
+
 use hashbrown::HashTable;
 use kvd_proto::frame::BlockInfo;
 use kvd_proto::{BlockKey, NamespaceId, Tier};
@@ -42,7 +44,7 @@ pub struct Entry {
     next: u32,
     state: State,
     /// [`SEALED`] | [`ON_DISK`] | [`DEMOTING`] | [`REJECTED`] | [`DISPLACED`] |
-    /// [`READ_WHILE_DEMOTING`] (one byte keeps the entry at 96).
+    /// [`READ_WHILE_DEMOTING`] | [`ON_S3`] | [`S3_QUEUED`] (one byte keeps the entry at 96).
     flags: u8,
 }
 
@@ -61,6 +63,10 @@ const DISPLACED: u8 = 16;
 /// Read while the demoter held it: a rejection decided before that read does not stick
 /// (the read is what makes the block worth a disk copy).
 const READ_WHILE_DEMOTING: u8 = 32;
+/// A segment in S3 holds it (uploaded by this node, or read from S3).
+const ON_S3: u8 = 64;
+/// In the S3 uploader's queue or in a segment being built or uploaded: not queued again.
+const S3_QUEUED: u8 = 128;
 
 impl Entry {
     fn has(&self, f: u8) -> bool {
@@ -174,6 +180,8 @@ pub struct NsStore {
     pub counters: Counters,
     /// Blocks that appeared or went, for the cluster index.
     journal: Journal,
+    /// Blocks for the S3 uploader to consider, oldest first (`None`: no S3 tier).
+    uploads: Option<VecDeque<(u32, BlockKey)>>,
 }
 
 impl NsStore {
@@ -198,6 +206,37 @@ impl NsStore {
             low_bytes: (cap * low) as u64,
             counters: Counters::default(),
             journal: Journal::off(),
+            uploads: None,
+        }
+    }
+
+    /// Starts queueing sealed blocks for the S3 uploader.
+    pub fn track_uploads(&mut self) {
+        self.uploads.get_or_insert_with(VecDeque::new);
+    }
+
+    /// Queues entry `i` for the S3 uploader if it may need a copy there. The queue is bounded
+    /// by twice the entries (stale positions of freed entries are skipped when popped); past
+    /// that its oldest position is dropped and its block waits for its next read.
+    fn queue_upload(&mut self, i: u32) {
+        let cap = 2 * self.entries.len() + 16;
+        let Some(q) = self.uploads.as_mut() else {
+            return;
+        };
+        let e = &mut self.entries[i as usize];
+        if e.state != State::Live || !e.has(SEALED) || e.has(ON_S3 | S3_QUEUED) {
+            return;
+        }
+        e.set(S3_QUEUED, true);
+        q.push_back((i, e.key));
+        if q.len() > cap {
+            if let Some((j, k)) = q.pop_front() {
+                if let Some(e) = self.entries.get_mut(j as usize) {
+                    if e.key == k {
+                        e.set(S3_QUEUED, false);
+                    }
+                }
+            }
         }
     }
 
@@ -427,6 +466,7 @@ impl NsStore {
             if e.state == State::Live {
                 e.checksum = checksum;
                 e.set(SEALED, true);
+                self.queue_upload(entry);
             }
         }
         self.release(entry);
@@ -452,13 +492,16 @@ impl NsStore {
         self.leases += 1;
         self.counters.hits += 1;
         self.counters.bytes_out += e.len;
-        Some(Hit {
+        let hit = Hit {
             entry: i,
             offset: e.offset,
             len: e.len,
             checksum: e.checksum,
             sealed: e.has(SEALED),
-        })
+        };
+        // A read makes a block the S3 uploader passed over worth considering again.
+        self.queue_upload(i);
+        Some(hit)
     }
 
     /// Ends a read lease taken by [`get`](Self::get). Returns false for an entry that has no
@@ -636,7 +679,107 @@ impl NsStore {
         let e = &mut self.entries[i as usize];
         e.checksum = checksum;
         e.set(SEALED | flags, true);
+        self.queue_upload(i);
         true
+    }
+
+    /// Stores a block read from S3 into `slot` (already verified against `checksum`):
+    /// sealed, known to be in S3. False when the key was stored meanwhile (slot freed).
+    pub fn commit_from_s3(
+        &mut self,
+        key: &BlockKey,
+        slot: Slot,
+        len: u64,
+        checksum: u64,
+        now_ms: u64,
+    ) -> bool {
+        self.commit_sealed(key, slot, len, checksum, now_ms, ON_S3)
+    }
+
+    /// Takes up to `max` queued blocks for the S3 uploader and holds them like read leases
+    /// (not evicted or reused while their bytes are copied). Release each with
+    /// [`finish_upload`](Self::finish_upload).
+    pub fn upload_candidates(&mut self, max: usize) -> Vec<Demotion> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some((i, key)) = self.uploads.as_mut().and_then(VecDeque::pop_front) else {
+                break;
+            };
+            let Some(e) = self.entries.get(i as usize) else {
+                continue;
+            };
+            if e.key != key || e.state != State::Live || !e.has(SEALED) || e.has(ON_S3) {
+                continue;
+            }
+            if Self::evictable(e) {
+                self.unlink(i);
+            }
+            let e = &mut self.entries[i as usize];
+            e.readers += 1;
+            self.leases += 1;
+            out.push(Demotion {
+                entry: i,
+                key: e.key,
+                offset: e.offset,
+                len: e.len,
+                checksum: e.checksum,
+            });
+        }
+        out
+    }
+
+    /// Releases a block taken by [`upload_candidates`](Self::upload_candidates): `packed`
+    /// when its bytes went into a segment (it stays out of the queue until the upload
+    /// ends, see [`uploaded`](Self::uploaded)); otherwise it was passed over and is
+    /// considered again after its next read.
+    pub fn finish_upload(&mut self, entry: u32, packed: bool) {
+        if !packed {
+            if let Some(e) = self.entries.get_mut(entry as usize) {
+                e.set(S3_QUEUED, false);
+            }
+        }
+        self.release(entry);
+    }
+
+    /// A segment holding `keys` was uploaded (`ok`) or failed for good: blocks still here
+    /// are marked as in S3, or queued again.
+    pub fn uploaded(&mut self, keys: &[BlockKey], ok: bool) {
+        for k in keys {
+            let Some(i) = self.find(k) else { continue };
+            let e = &mut self.entries[i as usize];
+            e.set(S3_QUEUED, false);
+            if ok {
+                e.set(ON_S3, true);
+            } else {
+                self.queue_upload(i);
+            }
+        }
+    }
+
+    /// Queues every block without an S3 copy (a drain); returns how many that is.
+    pub fn queue_all_uploads(&mut self) -> u64 {
+        let mut n = 0;
+        for i in 0..self.entries.len() as u32 {
+            let e = &self.entries[i as usize];
+            if e.state == State::Live && !e.has(ON_S3) {
+                n += 1;
+                self.queue_upload(i);
+            }
+        }
+        n
+    }
+
+    /// Live blocks without an S3 copy.
+    pub fn without_s3_copy(&self) -> u64 {
+        self.entries
+            .iter()
+            .filter(|e| e.state == State::Live && !e.has(ON_S3))
+            .count() as u64
+    }
+
+    /// Blocks waiting in the S3 upload queue (stale positions included).
+    pub fn queued_uploads(&self) -> usize {
+        self.uploads.as_ref().map_or(0, VecDeque::len)
     }
 
     /// Length of the longest prefix of `keys` that is stored.
@@ -1065,6 +1208,56 @@ mod tests {
         assert_eq!(d.iter().map(|c| c.key).collect::<Vec<_>>(), vec![key(2)]);
         s.finish_demotion(d[0].entry, DemotionOutcome::Written);
         s.check_invariants();
+    }
+
+    #[test]
+    fn sealed_blocks_are_queued_once_for_s3_and_requeued_after_a_failed_upload() {
+        let mut s = store(4);
+        s.track_uploads();
+        for i in 1..=3 {
+            put(&mut s, i, 1000).unwrap();
+        }
+        // put() seals: each block is queued once.
+        assert_eq!(s.queued_uploads(), 3);
+        let c = s.upload_candidates(10);
+        assert_eq!(c.len(), 3);
+        assert_eq!(
+            s.upload_candidates(10).len(),
+            0,
+            "in the pipeline: not queued twice"
+        );
+        // Held while copied: not evictable.
+        assert_eq!(s.evict(&[key(1)]), 0);
+        s.finish_upload(c[0].entry, true);
+        s.finish_upload(c[1].entry, true);
+        s.finish_upload(c[2].entry, false);
+        // Passed over (admission): considered again after its next read.
+        assert_eq!(s.queued_uploads(), 0);
+        let h = s.get(&key(3), 5).unwrap();
+        s.release(h.entry);
+        assert_eq!(s.queued_uploads(), 1);
+        // Upload of 1 and 2: 1 done, 2 failed -> 2 is queued again.
+        s.uploaded(&[key(1)], true);
+        s.uploaded(&[key(2)], false);
+        let again: Vec<BlockKey> = s.upload_candidates(10).iter().map(|d| d.key).collect();
+        assert_eq!(again, vec![key(3), key(2)]);
+        assert_eq!(s.without_s3_copy(), 2);
+        // A read of a block already in S3 does not queue it.
+        let h = s.get(&key(1), 6).unwrap();
+        s.release(h.entry);
+        assert_eq!(s.queued_uploads(), 0);
+        s.check_invariants();
+    }
+
+    #[test]
+    fn blocks_read_from_s3_are_not_uploaded_again() {
+        let mut s = store(4);
+        s.track_uploads();
+        let slot = s.reserve(&key(9), 512).unwrap();
+        assert!(s.commit_from_s3(&key(9), slot, 512, 77, 1));
+        assert_eq!(s.queued_uploads(), 0);
+        assert_eq!(s.without_s3_copy(), 0);
+        assert_eq!(s.queue_all_uploads(), 0);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use kvd_client::{Client, Options};
 
 pub mod engine;
 pub mod redis;
+pub mod s3;
 
 /// Directory holding the workspace's binaries.
 pub fn bin_dir() -> PathBuf {

@@ -1,5 +1,6 @@
 //! The disk tier's durable catalog in RocksDB: which blocks are in which region, at which
-//! offset, with which checksum, and the format it was written in.
+//! offset, with which checksum, and the format it was written in; and, for the S3 tier, the
+//! index of every segment this node knows, so a restart does not read them all from S3.
 //!
 //! RocksDB gives ordered keys (a region's blocks are one prefix scan), atomic write batches (a
 //! reclaim deletes a region's blocks in one batch) and a write-ahead log, so after `kill -9` the
@@ -63,6 +64,14 @@ fn io(op: &'static str) -> impl Fn(rocksdb::Error) -> CatalogError {
         op,
         message: e.into_string(),
     }
+}
+
+/// Catalog key of an S3 segment record: `s:` ‖ object key.
+fn segment_key(name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + name.len());
+    k.extend_from_slice(b"s:");
+    k.extend_from_slice(name.as_bytes());
+    k
 }
 
 impl Catalog {
@@ -188,6 +197,48 @@ impl Catalog {
         }
         self.db.write(b).map_err(io("reclaim of a region"))?;
         Ok(gone)
+    }
+
+    /// Records an S3 segment this node knows: its object size and its trailer-and-index
+    /// bytes (the S3 tier decodes and checks them again when it reads them back).
+    pub fn put_segment(&self, name: &str, size: u64, index: &[u8]) -> Result<(), CatalogError> {
+        let mut v = Vec::with_capacity(8 + index.len());
+        v.extend_from_slice(&size.to_le_bytes());
+        v.extend_from_slice(index);
+        self.db
+            .put(segment_key(name), v)
+            .map_err(io("write of a segment record"))
+    }
+
+    /// Forgets S3 segments (one batch).
+    pub fn delete_segments(&self, names: &[&str]) -> Result<(), CatalogError> {
+        let mut b = WriteBatch::default();
+        for n in names {
+            b.delete(segment_key(n));
+        }
+        self.db.write(b).map_err(io("delete of segment records"))
+    }
+
+    /// Every S3 segment record: name, object size, trailer-and-index bytes. Records too short
+    /// to hold a size are skipped.
+    pub fn scan_segments(&self, mut f: impl FnMut(&str, u64, &[u8])) -> Result<(), CatalogError> {
+        for item in self
+            .db
+            .iterator(IteratorMode::From(b"s:", Direction::Forward))
+        {
+            let (k, v) = item.map_err(io("scan of segment records"))?;
+            let Some(name) = k.strip_prefix(b"s:") else {
+                break;
+            };
+            if let (Ok(name), Some((size, rest))) =
+                (std::str::from_utf8(name), v.split_at_checked(8))
+            {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(size);
+                f(name, u64::from_le_bytes(a), rest);
+            }
+        }
+        Ok(())
     }
 
     /// Every block record, in key order; undecodable records come back as errors with their key.

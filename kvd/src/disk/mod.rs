@@ -1225,6 +1225,11 @@ impl DiskTier {
     pub fn regions_dir(&self) -> &Path {
         &self.regions_dir
     }
+
+    /// The catalog (the S3 tier keeps its segment records there too).
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
 }
 
 fn record(l: &Loc, seq: u64) -> BlockRecord {

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use kvd_client::json::{block_json, status_json};
 use kvd_client::{BlockInfo, BlockKey, Client, NamespaceId, Options, StatsReport};
-use serde_json::json;
+use serde_json::{json, Value};
 
 mod top;
 
@@ -106,8 +106,9 @@ enum Cmd {
         #[arg(long)]
         once: bool,
     },
-    /// Copy every DRAM block that has no disk copy yet to the disk tier (e.g. before a node
-    /// is drained), with a progress bar; returns when all are on disk. Needs a disk tier.
+    /// Copy every DRAM block that has no disk copy yet to the disk tier, and upload every one
+    /// without an S3 copy to S3 (e.g. before a node is drained or scaled to zero), with a
+    /// progress bar; returns when all are written. Needs a disk or S3 tier.
     Drain {
         /// Only this namespace.
         #[arg(long)]
@@ -116,10 +117,11 @@ enum Cmd {
         #[arg(long, default_value_t = 3600)]
         timeout_s: u64,
     },
-    /// Read blocks held only on disk back into DRAM, most recently used first, as many as fit
+    /// Read blocks held only on disk, then blocks held only in S3 (the bucket is listed first,
+    /// so blocks other nodes uploaded count), back into DRAM, most recent first, as many as fit
     /// below each namespace's eviction low watermark (it never evicts to make room), with a
-    /// progress bar; e.g. after a restart, before traffic returns. Only namespaces an engine
-    /// has opened can be warmed. Needs a disk tier.
+    /// progress bar; e.g. after a restart or a scale from zero, before traffic returns. Only
+    /// namespaces an engine has opened can be warmed. Needs a disk or S3 tier.
     Warm {
         /// Only this namespace.
         #[arg(long)]
@@ -321,6 +323,9 @@ fn print_status(s: &StatsReport) {
                 x.copy_errors, x.last_error
             );
         }
+    }
+    if let Some(x) = &s.s3 {
+        print_s3(x);
     }
     if let Some(x) = &s.events {
         println!(
@@ -563,6 +568,53 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn print_s3(x: &kvd_proto::frame::S3Report) {
+    println!(
+        "s3     {} bucket {}  {}  {} segments ({})  {} blocks",
+        x.endpoint,
+        x.bucket,
+        if x.degraded {
+            "DEGRADED (circuit breaker open: S3 skipped, DRAM and disk serve)"
+        } else if !x.scanned {
+            "not listed yet"
+        } else {
+            "ok"
+        },
+        x.segments,
+        human_bytes(x.bytes),
+        x.blocks
+    );
+    println!(
+        "      uploaded {} segments ({}, {} blocks)  uploading {}  read {} blocks ({})  warmed {}",
+        x.uploaded_segments,
+        human_bytes(x.uploaded_bytes),
+        x.uploaded_blocks,
+        x.uploading,
+        x.read_blocks,
+        human_bytes(x.read_bytes),
+        x.warmed
+    );
+    println!(
+        "      requests {}  retries {}  failed {}  skipped by breaker {} (opened {} times)  deleted segments {}",
+        x.requests, x.retries, x.failures, x.short_circuited, x.breaker_opened, x.deleted_segments
+    );
+    if x.upload_failures > 0 || x.read_failures > 0 || x.corrupt > 0 {
+        println!(
+            "      failed uploads {}  failed reads {}  checksum failures {} (never served)",
+            x.upload_failures, x.read_failures, x.corrupt
+        );
+    }
+    if x.drain_pending > 0 || x.warm_pending > 0 {
+        println!(
+            "      drain: {} blocks still to upload  warm: {} still to read",
+            x.drain_pending, x.warm_pending
+        );
+    }
+    if !x.last_error.is_empty() {
+        println!("      last error: {}", x.last_error);
+    }
+}
+
 /// A background job of the daemon that kvd-ctl follows to the end.
 #[derive(Clone, Copy)]
 enum Job {
@@ -577,12 +629,31 @@ impl Job {
             Job::Warm => client.warm(ns),
         }
     }
-    /// Blocks the job still has to do, from the disk tier's report.
-    fn pending(self, d: &kvd_proto::frame::DiskReport) -> u64 {
-        match self {
+    /// Blocks the job still has to do, from the disk and S3 tiers' reports.
+    fn pending(self, s: &kvd_proto::frame::StatsReport) -> u64 {
+        let disk = s.disk.as_ref().map_or(0, |d| match self {
             Job::Drain => d.drain_pending,
             Job::Warm => d.warm_pending,
+        });
+        let s3 = s.s3.as_ref().map_or(0, |x| match self {
+            Job::Drain => x.drain_pending,
+            Job::Warm => x.warm_pending,
+        });
+        disk + s3
+    }
+    /// Why the job cannot finish, if a tier it needs is degraded.
+    fn degraded(s: &kvd_proto::frame::StatsReport) -> String {
+        let mut why = Vec::new();
+        if let Some(d) = s.disk.as_ref().filter(|d| !d.degraded.is_empty()) {
+            why.push(format!("the disk tier is degraded: {}", d.degraded));
         }
+        if let Some(x) = s.s3.as_ref().filter(|x| x.degraded) {
+            why.push(format!(
+                "the S3 tier is degraded (circuit breaker open): {}",
+                x.last_error
+            ));
+        }
+        why.join("; ")
     }
     fn name(self) -> &'static str {
         match self {
@@ -592,14 +663,14 @@ impl Job {
     }
     fn doing(self) -> &'static str {
         match self {
-            Job::Drain => "draining to disk",
+            Job::Drain => "draining",
             Job::Warm => "warming DRAM",
         }
     }
     fn done(self) -> (&'static str, &'static str) {
         match self {
-            Job::Drain => ("drained", "to disk"),
-            Job::Warm => ("warmed", "into DRAM from disk"),
+            Job::Drain => ("drained", "to disk/S3"),
+            Job::Warm => ("warmed", "into DRAM from disk/S3"),
         }
     }
 }
@@ -630,10 +701,11 @@ fn follow(
     let mut last_report = std::time::Instant::now();
     loop {
         let s = client.stats()?;
-        let Some(d) = s.disk else {
-            bail!("the daemon reports no disk tier");
-        };
-        let left = job.pending(&d);
+        if s.disk.is_none() && s.s3.is_none() {
+            bail!("the daemon reports no disk or S3 tier");
+        }
+        let left = job.pending(&s);
+        let degraded = Job::degraded(&s);
         let total_now = total.max(left);
         bar.set_length(total_now);
         bar.set_position(total_now - left);
@@ -645,14 +717,19 @@ fn follow(
             bar.finish_and_clear();
             let secs = start.elapsed().as_secs_f64();
             if json_out {
+                let d = if degraded.is_empty() {
+                    Value::Null
+                } else {
+                    json!(degraded)
+                };
                 println!(
                     "{}",
-                    json!({done_word: total, "seconds": secs, "degraded": d.degraded})
+                    json!({done_word: total, "seconds": secs, "degraded": d})
                 );
             } else {
                 println!("{done_word} {total} blocks {place} in {secs:.1} s");
-                if !d.degraded.is_empty() {
-                    println!("warning: the disk tier is degraded: {}", d.degraded);
+                if !degraded.is_empty() {
+                    println!("warning: {degraded}");
                 }
             }
             return Ok(());
@@ -664,12 +741,9 @@ fn follow(
                 job.name()
             );
         }
-        if !d.degraded.is_empty() && left > 0 && start.elapsed().as_secs() >= 10 {
+        if !degraded.is_empty() && left > 0 && start.elapsed().as_secs() >= 10 {
             bar.abandon();
-            bail!(
-                "the disk tier is degraded ({}); {left} blocks could not be {done_word}",
-                d.degraded
-            );
+            bail!("{degraded}; {left} blocks could not be {done_word}");
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }

@@ -125,6 +125,18 @@ pub fn draw(f: &mut Frame, v: &View) {
             x.copy_errors
         )));
     }
+    if let Some(x) = &s.s3 {
+        let old = v.before.as_ref().and_then(|b| b.s3.as_ref());
+        status_lines.push(Line::from(format!(
+            "s3 {}{}  up {}  read {}  uploading {}  failures {}",
+            x.bucket,
+            if x.degraded { " DEGRADED" } else { "" },
+            v.bytes_per_s(x.uploaded_bytes, old.map(|o| o.uploaded_bytes)),
+            v.bytes_per_s(x.read_bytes, old.map(|o| o.read_bytes)),
+            x.uploading,
+            x.failures
+        )));
+    }
     if let Some(x) = &s.events {
         let old = v.before.as_ref().and_then(|b| b.events.as_ref());
         status_lines.push(Line::from(format!(
@@ -376,6 +388,7 @@ mod tests {
             events: None,
             peer: None,
             gpu: None,
+            s3: None,
         }
     }
 
