@@ -93,6 +93,17 @@ for r in rows:
 print(f"kvd-bench gpu smoke (host stand-in backend): {len(rows)} records, every loaded byte checked")
 PY
 
+out=$("$CARGO_TARGET_DIR/debug/kvd-bench" s3 --total 8MiB --sizes 64KiB,1MiB --segment-bytes 4MiB --rounds 1 --json)
+echo "$out"
+python3 - "$out" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in sys.argv[1].splitlines() if l.strip()]
+assert {r["op"] for r in rows} == {"upload", "read"}, rows
+for r in rows:
+    assert r["tier"] == "s3" and r["gbps"] > 0 and r["sdk_gbps"] > 0 and r["ratio"] > 0, r
+print(f"kvd-bench s3 smoke (private s3s-fs): {len(rows)} records, every block read back verified")
+PY
+
 step "Kubernetes manifests and Helm chart (rendered by Helm's Go SDK, strict OpenAPI validation)"
 scripts/deploy-check.sh 2>&1 | tee "$CARGO_TARGET_DIR/deploy.log"
 

@@ -30,10 +30,14 @@ pub struct Record {
     /// (disk tier).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fio_gbps: Option<f64>,
+    /// The AWS SDK's own client doing the same transfers against the same server, same run,
+    /// GB/s (S3 tier).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sdk_gbps: Option<f64>,
     /// Queue depth (disk tier).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_depth: Option<u32>,
-    /// `gbps` over the reference (`memcpy_gbps` or `fio_gbps`).
+    /// `gbps` over the reference (`memcpy_gbps`, `fio_gbps` or `sdk_gbps`).
     pub ratio: Option<f64>,
     /// Operations measured.
     pub ops: u64,

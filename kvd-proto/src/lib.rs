@@ -4,8 +4,9 @@
 //! definition: 32-byte block keys and the canonical key chain ([`key`]), namespace descriptors
 //! and their ids ([`namespace`]), the length-prefixed control frames spoken on the Unix socket
 //! ([`frame`]), the byte layout of the shared-memory ring and arena ([`ring`], [`arena`]), and
-//! the TCP data port one daemon fetches blocks from another with ([`peer`]), and how an engine
-//! shares its KV tensors for daemon-driven GPU transfers ([`gpu`]).
+//! the TCP data port one daemon fetches blocks from another with ([`peer`]), how an engine
+//! shares its KV tensors for daemon-driven GPU transfers ([`gpu`]), and the segment objects
+//! every node reads from the shared S3 bucket ([`segment`]).
 //! Every decoder here takes untrusted bytes and returns a typed [`DecodeError`] instead of
 //! panicking; the property tests and the fuzz targets hold it to that.
 
@@ -19,6 +20,7 @@ pub mod key;
 pub mod namespace;
 pub mod peer;
 pub mod ring;
+pub mod segment;
 
 pub use codec::DecodeError;
 pub use frame::{ErrorCode, Request, Response};

@@ -63,8 +63,11 @@ FULL = {
         "index": {"key_prefix": "prod", "lease_ttl_ms": 15000},
         "events": {"endpoint": "tcp://kv-indexer.llm-d:5557", "form": "map"},
         "gpu": {"backend": "host", "pin_threads": 4, "pin_chunk_bytes": "512 MiB"},
+        "s3": {"bucket": "kv-cache", "endpoint": "http://127.0.0.1:9", "path_style": True,
+               "segment_bytes": "64 MiB", "write_mode": "write-through"},
         "log": {"level": "kvd=debug,info", "format": "json"},
     },
+    "s3": {"credentialsSecret": {"name": "kvd-s3"}},
     "disk": {"hostPath": "/mnt/nvme0/kvd"},
     "peer": {"enabled": True, "port": 7470},
     "index": {"redisUrlsSecret": {"name": "kvd-redis", "key": "urls"}},
@@ -255,6 +258,9 @@ def test_full_render_wires_every_part():
     env = {e["name"]: e for e in c["env"]}
     assert env["KVD_PEER_ADVERTISE"]["value"] == "$(POD_IP):7470"
     assert env["KVD_INDEX_REDIS_URLS"]["valueFrom"]["secretKeyRef"] == {"name": "kvd-redis", "key": "urls"}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "kvd-s3", "key": "access-key-id"}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "kvd-s3", "key": "secret-access-key"}
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 9100, "peer": 7470}
     assert c["resources"]["limits"]["hugepages-2Mi"] == "4Gi"
     ds = by_kind(objs, "DaemonSet")[0]["spec"]["template"]["spec"]
@@ -326,6 +332,7 @@ def test_rendered_config_is_accepted_by_kvd(name, values, tmp_path):
         assert "hunter2" not in r.stdout + r.stderr
         assert effective["dram"]["huge_pages"] == "explicit"
         assert effective["disk"]["capacity_bytes"] == 100 << 30
+        assert effective["s3"]["bucket"] == "kv-cache" and effective["s3"]["write_mode"] == "write-through"
 
 
 def test_daemon_from_rendered_config_answers_the_probes(tmp_path):

@@ -27,7 +27,8 @@
 
 pub mod breaker;
 pub mod client;
-pub mod segment;
+
+pub use kvd_proto::segment;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -50,6 +51,9 @@ use segment::{Builder, Entry, SegmentError, Trailer};
 
 /// Suffix read first from a segment to find its trailer and (usually) its whole index.
 const TAIL_READ: u64 = 256 << 10;
+/// A segment sealed less than this before a listing started is not forgotten for being
+/// absent from it (its upload may have completed during the listing).
+const LISTING_SLACK_MS: u64 = 60_000;
 /// Blocks taken from a namespace's upload queue at once.
 const UPLOAD_BATCH: usize = 64;
 
@@ -765,13 +769,18 @@ impl S3Tier {
                 }
             }
             // Due segments: old enough, or nothing more to wait for (write-through, drain).
+            // None while the breaker is open: the upload would fail at once.
             let now = crate::disk::unix_ms();
+            let can_upload = self.bucket.available();
             let idle = packed == 0;
             let eager = self.cfg.write_mode == S3WriteMode::WriteThrough
                 || self.draining.load(Ordering::Relaxed);
             let due: Vec<NamespaceId> = open
                 .iter()
-                .filter(|(_, b)| (idle && eager) || now.saturating_sub(b.first_ms()) >= flush_after)
+                .filter(|(_, b)| {
+                    can_upload
+                        && ((idle && eager) || now.saturating_sub(b.first_ms()) >= flush_after)
+                })
                 .map(|(k, _)| *k)
                 .collect();
             for ns in due {
@@ -832,16 +841,22 @@ impl S3Tier {
     /// known ones that are gone. Returns how many segments were learnt.
     pub async fn rescan(&self, only: Option<NamespaceId>) -> Result<u64, S3Error> {
         let prefix = only.map_or_else(|| self.root.clone(), |ns| self.ns_prefix(&ns));
+        let started = crate::disk::unix_ms();
         let listed = self.bucket.list(&prefix).await?;
         let names: hashbrown::HashSet<&str> = listed.iter().map(|l| l.key.as_str()).collect();
-        // Forget what is gone (deleted by its writer or a bucket lifecycle rule).
+        // Forget what is gone (deleted by its writer or a bucket lifecycle rule). Not segments
+        // sealed shortly before the listing: an upload finishing while the listing ran may be
+        // missing from it.
         {
             let mut st = self.state.lock();
             let gone: Vec<u32> = st
                 .segs
                 .iter()
                 .filter(|(_, s)| {
-                    s.name.starts_with(&prefix) && !s.doomed && !names.contains(&*s.name)
+                    s.name.starts_with(&prefix)
+                        && !s.doomed
+                        && s.created_ms + LISTING_SLACK_MS < started
+                        && !names.contains(&*s.name)
                 })
                 .map(|(id, _)| *id)
                 .collect();

@@ -166,6 +166,7 @@ fn record(
         p99_us: 0.0,
         memcpy_gbps: Some(reference),
         fio_gbps: None,
+        sdk_gbps: None,
         queue_depth: None,
         ratio: Some(ratio),
         ops,

@@ -27,11 +27,15 @@
 //! virtual disks whose host copies into guest memory, up to ~15%) is measured apart from
 //! kvd's own.
 //!
+//! `kvd-bench s3` uploads blocks through kvd's S3 tier and reads them back with lookups on a
+//! fresh node, beside the AWS SDK's client doing the same transfers (see `s3.rs`).
+//!
 //! `kvd-bench gpu` has kvd copy an engine's KV pages itself (daemon-driven transfers, CUDA
 //! IPC or the host stand-in) and compares with the same copies made in this process, and a
 //! many-page gather with one contiguous copy (see `gpu.rs`).
 
 mod gpu;
+mod s3;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -68,6 +72,10 @@ enum Cmd {
     /// GPU tier: kvd's daemon-driven D2H/H2D copies of an engine's KV pages vs the same copies
     /// made by this process through the same backend, and a paged gather vs one contiguous copy.
     Gpu(gpu::GpuArgs),
+    /// S3 tier: upload (a drain packed into segments) and ranged-read (lookups on a node
+    /// with empty DRAM) throughput through kvd vs the AWS SDK's client doing the same
+    /// transfers against the same server; starts a private s3s-fs unless `--endpoint`.
+    S3(s3::S3Args),
 }
 
 #[derive(Debug, clap::Args)]
@@ -394,6 +402,17 @@ fn emit(json: bool, r: &Record) -> anyhow::Result<()> {
             r.p50_us,
             r.p99_us
         );
+    } else if r.tier == "s3" {
+        println!(
+            "{:<5} {:<6} {:>8} KiB  {:>6.3} GB/s  AWS SDK client {:>6.3} GB/s  ratio {:>5.2}  ({} blocks)",
+            r.tier,
+            r.op,
+            r.size_bytes / 1024,
+            r.gbps.unwrap_or(0.0),
+            r.sdk_gbps.unwrap_or(f64::NAN),
+            r.ratio.unwrap_or(f64::NAN),
+            r.ops
+        );
     } else if r.tier == "disk" {
         println!(
             "{:<5} {:<6} {:>8} KiB  QD {:>3}  {:>6.2} GB/s  fio {:>6.2} GB/s  ratio {:>5.2}  (batch p50 {:.0} µs p99 {:.0} µs)",
@@ -434,6 +453,7 @@ fn latency_record(op: &'static str, size_bytes: u64, sorted_ns: &[u64]) -> Recor
         p99_us: percentile_us(sorted_ns, 99.0),
         memcpy_gbps: None,
         fio_gbps: None,
+        sdk_gbps: None,
         queue_depth: None,
         ratio: None,
         ops: sorted_ns.len() as u64,
@@ -538,6 +558,7 @@ fn dram(a: DramArgs) -> anyhow::Result<()> {
                     p99_us: percentile_us(lat, 99.0),
                     memcpy_gbps: Some(best_cpy),
                     fio_gbps: None,
+                    sdk_gbps: None,
                     queue_depth: None,
                     ratio: Some(best / best_cpy),
                     ops: lat.len() as u64,
@@ -934,6 +955,7 @@ fn disk(a: DiskArgs) -> anyhow::Result<()> {
                     p99_us: percentile_us(&lat, 99.0),
                     memcpy_gbps: None,
                     fio_gbps: fio_ref(fio_best),
+                    sdk_gbps: None,
                     queue_depth: Some(a.qd),
                     ratio: fio_ref(ratio),
                     ops: n as u64 * u64::from(a.rounds),
@@ -1058,6 +1080,7 @@ fn footprint(a: FootprintArgs) -> anyhow::Result<()> {
                 p99_us: 0.0,
                 memcpy_gbps: None,
                 fio_gbps: Some(med(&|r| r[0])),
+                sdk_gbps: None,
                 queue_depth: Some(a.qd),
                 ratio: Some(med(&|r| r[col] / r[0])),
                 ops: n as u64 * u64::from(a.rounds),
@@ -1387,5 +1410,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Footprint(a) => footprint(a),
         Cmd::Index(a) => index(a),
         Cmd::Gpu(a) => gpu::run(a),
+        Cmd::S3(a) => s3::run(a),
     }
 }

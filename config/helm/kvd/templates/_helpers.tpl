@@ -69,7 +69,7 @@ fraction, lists as arrays. */}}
 {{- $_ := set $owned "peer" (dict "listen" (printf "0.0.0.0:%d" (int .Values.peer.port))) -}}
 {{- end -}}
 {{- $merged := mustMergeOverwrite (dict) (deepCopy .Values.config) $owned -}}
-{{- range $section := list "server" "ring" "dram" "disk" "index" "events" "peer" "metrics" "gpu" "log" }}
+{{- range $section := list "server" "ring" "dram" "disk" "index" "events" "peer" "metrics" "gpu" "s3" "log" }}
 {{- with (get $merged $section) }}
 [{{ $section }}]
 {{- range $key, $value := . }}

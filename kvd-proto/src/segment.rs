@@ -18,7 +18,7 @@
 //! written by another build, truncated by a server or altered in the bucket is refused, never
 //! trusted. Block bytes are checked against each block's own checksum when read.
 
-use kvd_proto::{BlockKey, NamespaceId};
+use crate::{BlockKey, NamespaceId};
 use twox_hash::XxHash3_64;
 
 const MAGIC: [u8; 8] = *b"KVDSEG01";
