@@ -164,7 +164,13 @@ fn a_second_node_reads_the_first_nodes_blocks_and_warms_from_s3() {
     wait_for("write-through uploads", Duration::from_secs(60), || {
         (uploaded_blocks(&ca) == 32).then_some(())
     });
-    let out = b.ctl(&["warm", "--ns", &ns_b.id.to_hex(), "--timeout-s", "60"]);
+    let out = b.ctl(&[
+        "warm",
+        "--namespace",
+        &ns_b.id.to_hex(),
+        "--timeout-s",
+        "60",
+    ]);
     assert!(out.contains("warmed 12 blocks"), "{out}");
     let l = cb.lookup(&ns_b.id, &keys(3, 12)).expect("lookup");
     assert_eq!((l.prefix_len, l.tiers.get(Tier::Dram)), (12, 12), "{l:?}");
@@ -454,4 +460,45 @@ fn old_segments_are_reclaimed_by_their_writer() {
     });
     let r = s3(&c).s3.expect("s3");
     assert!(r.deleted_segments >= 1 && r.blocks == 0, "{r:?}");
+}
+
+/// The disk catalog keeps each segment's index: a node restarted on the same disk knows what
+/// S3 holds before (and without) listing the bucket — here S3 is down after the restart.
+#[test]
+fn the_catalog_remembers_segments_across_a_restart() {
+    let Some(mut server) = S3Server::start(Kind::S3sFs, None, BUCKET) else {
+        return;
+    };
+    let disk = tempfile::tempdir().unwrap();
+    let a = daemon(&server.endpoint(), disk.path(), &[]);
+    let c = a.admin();
+    let ns = c.open_namespace(&test_namespace(MODEL)).expect("open");
+    put_all(&c, &ns, 11, 15);
+    assert!(a.ctl(&["drain", "--timeout-s", "60"]).contains("drained"));
+    let before = s3(&c).s3.expect("s3");
+    drop(c);
+    drop(a);
+    server.stop();
+    let b = daemon(&server.endpoint(), disk.path(), &[]);
+    let c = b.admin();
+    let r = s3(&c).s3.expect("s3");
+    assert!(!r.scanned, "S3 is down: nothing was listed");
+    assert_eq!((r.blocks, r.segments), (15, before.segments), "{r:?}");
+}
+
+/// `--check-config` prints the effective configuration without the S3 secret.
+#[test]
+fn check_config_hides_the_s3_secret() {
+    let out = std::process::Command::new(kvd_tests::bin("kvd"))
+        .args(["--check-config", "--set", "s3.bucket=some-bucket"])
+        .args(["--set", "s3.access_key_id=AKIDEXAMPLE"])
+        .args(["--set", "s3.secret_access_key=very-secret-value"])
+        .output()
+        .expect("run kvd --check-config");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("bucket = \"some-bucket\""), "{text}");
+    assert!(!text.contains("very-secret-value"), "{text}");
+    assert!(text.contains("<redacted>"), "{text}");
 }

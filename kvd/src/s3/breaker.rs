@@ -56,16 +56,17 @@ impl Breaker {
         }
     }
 
-    /// Whether a request may go to S3 now; when half-open, the caller that gets `true` is
-    /// the probe and must report its outcome.
-    pub fn allow(&mut self, now: Instant) -> bool {
+    /// Whether a request may go to S3 now: `None` if not, `Some(true)` if it is the
+    /// half-open probe, which must report its outcome ([`success`](Self::success),
+    /// [`failure`](Self::failure), or [`abandon`](Self::abandon) when it is cancelled).
+    pub fn allow(&mut self, now: Instant) -> Option<bool> {
         match self.open_until {
-            None => true,
-            Some(t) if now < t => false,
-            Some(_) if self.probing => false,
+            None => Some(false),
+            Some(t) if now < t => None,
+            Some(_) if self.probing => None,
             Some(_) => {
                 self.probing = true;
-                true
+                Some(true)
             }
         }
     }
@@ -104,7 +105,7 @@ mod tests {
     fn opens_after_consecutive_failures_and_probes_after_the_pause() {
         let t0 = Instant::now();
         let mut b = Breaker::new(3, Duration::from_secs(10));
-        assert!(b.allow(t0));
+        assert_eq!(b.allow(t0), Some(false));
         b.failure(t0);
         b.failure(t0);
         b.success();
@@ -118,19 +119,19 @@ mod tests {
         b.failure(t0);
         assert_eq!(b.state(t0), BreakerState::Open);
         assert_eq!(b.opened, 1);
-        assert!(!b.allow(t0 + Duration::from_secs(9)));
+        assert_eq!(b.allow(t0 + Duration::from_secs(9)), None);
         let later = t0 + Duration::from_secs(10);
-        assert!(b.allow(later), "the probe");
-        assert!(!b.allow(later), "one probe at a time");
+        assert_eq!(b.allow(later), Some(true), "the probe");
+        assert_eq!(b.allow(later), None, "one probe at a time");
         assert_eq!(b.state(later), BreakerState::HalfOpen);
         b.failure(later);
         assert_eq!(b.state(later), BreakerState::Open, "a failed probe reopens");
         assert_eq!(b.opened, 2);
         let again = later + Duration::from_secs(10);
-        assert!(b.allow(again));
+        assert_eq!(b.allow(again), Some(true));
         b.success();
         assert_eq!(b.state(again), BreakerState::Closed);
-        assert!(b.allow(again) && b.allow(again));
+        assert_eq!((b.allow(again), b.allow(again)), (Some(false), Some(false)));
     }
 
     #[test]
@@ -139,8 +140,8 @@ mod tests {
         let mut b = Breaker::new(1, Duration::from_millis(1));
         b.failure(t0);
         let t1 = t0 + Duration::from_millis(2);
-        assert!(b.allow(t1));
+        assert_eq!(b.allow(t1), Some(true));
         b.abandon();
-        assert!(b.allow(t1));
+        assert_eq!(b.allow(t1), Some(true));
     }
 }

@@ -259,26 +259,31 @@ impl Bucket {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, S3Error>>,
     {
-        self.admit()?;
+        let mut probe = self.admit()?;
         let mut attempt = 0u32;
         loop {
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
             let r = op().await;
             if let Some(done) = self.settle(r, &mut attempt).await {
+                probe.armed = false;
                 return done;
             }
         }
     }
 
     /// Whether the breaker lets a request through.
-    fn admit(&self) -> Result<(), S3Error> {
-        if self.breaker.lock().allow(Instant::now()) {
-            Ok(())
-        } else {
-            self.counters
-                .short_circuited
-                .fetch_add(1, Ordering::Relaxed);
-            Err(S3Error::BreakerOpen)
+    fn admit(&self) -> Result<Probe<'_>, S3Error> {
+        match self.breaker.lock().allow(Instant::now()) {
+            Some(probe) => Ok(Probe {
+                bucket: self,
+                armed: probe,
+            }),
+            None => {
+                self.counters
+                    .short_circuited
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(S3Error::BreakerOpen)
+            }
         }
     }
 
@@ -407,7 +412,7 @@ impl Bucket {
     }
 
     /// Uploads one object in a single PUT.
-    pub async fn put(&self, key: &str, body: Bytes) -> Result<(), S3Error> {
+    pub async fn put(&self, key: &str, body: &Bytes) -> Result<(), S3Error> {
         self.call(|| async {
             self.client
                 .put_object()
@@ -428,7 +433,7 @@ impl Bucket {
     pub async fn put_multipart(
         &self,
         key: &str,
-        body: Bytes,
+        body: &Bytes,
         part: usize,
         concurrency: usize,
     ) -> Result<(), S3Error> {
@@ -539,7 +544,7 @@ impl Bucket {
         }
         let range = format!("bytes={}-{}", offset, offset + want - 1);
         // Each attempt writes the whole of `dst` again from its start.
-        self.admit()?;
+        let mut probe = self.admit()?;
         let mut attempt = 0u32;
         loop {
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
@@ -556,6 +561,7 @@ impl Bucket {
                 Err(e) => Err(self.classify(e, key)),
             };
             if let Some(done) = self.settle(r, &mut attempt).await {
+                probe.armed = false;
                 return done;
             }
         }
@@ -626,6 +632,22 @@ impl Bucket {
     }
 }
 
+/// The breaker's half-open probe held by a call: if the call is dropped before its outcome
+/// is known (a lookup's timeout cancels its reads), the probe is handed back, or the breaker
+/// would wait for it forever.
+struct Probe<'a> {
+    bucket: &'a Bucket,
+    armed: bool,
+}
+
+impl Drop for Probe<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.bucket.breaker.lock().abandon();
+        }
+    }
+}
+
 /// Copies a response body into `dst`; exactly `dst.len()` bytes must arrive.
 async fn read_body(mut body: ByteStream, dst: &mut [u8], key: &str) -> Result<(), S3Error> {
     let want = dst.len() as u64;
@@ -667,6 +689,43 @@ async fn read_body(mut body: ByteStream, dst: &mut [u8], key: &str) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cancelled_probe_does_not_leave_the_breaker_stuck() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        // Accepts connections (the kernel's backlog) and never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut cfg = S3Config::default();
+        cfg.bucket = "b".into();
+        cfg.endpoint = format!("http://{}", silent.local_addr().unwrap());
+        cfg.access_key_id = "id".into();
+        cfg.secret_access_key = "secret".into();
+        cfg.retries = 0;
+        cfg.request_timeout_ms = 100;
+        cfg.breaker_failures = 1;
+        cfg.breaker_open_ms = 100;
+        rt.block_on(async {
+            let b = Bucket::new(&cfg).await.unwrap();
+            let e = b.get_range("k", 0, 10).await.unwrap_err();
+            assert!(matches!(e, S3Error::Unreachable { .. }), "{e}");
+            assert!(matches!(
+                b.get_range("k", 0, 10).await,
+                Err(S3Error::BreakerOpen)
+            ));
+            tokio::time::sleep(Duration::from_millis(120)).await;
+            // The probe, cancelled before its answer.
+            let cancelled =
+                tokio::time::timeout(Duration::from_millis(20), b.get_range("k", 0, 10)).await;
+            assert!(cancelled.is_err());
+            // Another call may probe: it goes to the endpoint (and times out there).
+            let e = b.get_range("k", 0, 10).await.unwrap_err();
+            assert!(matches!(e, S3Error::Unreachable { .. }), "{e}");
+        });
+    }
 
     #[test]
     fn retry_classes() {

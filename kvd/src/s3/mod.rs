@@ -54,6 +54,8 @@ const TAIL_READ: u64 = 256 << 10;
 /// A segment sealed less than this before a listing started is not forgotten for being
 /// absent from it (its upload may have completed during the listing).
 const LISTING_SLACK_MS: u64 = 60_000;
+/// Sealed segments kept ready beyond those uploading.
+const SEALED_AHEAD: usize = 2;
 /// Blocks taken from a namespace's upload queue at once.
 const UPLOAD_BATCH: usize = 64;
 
@@ -175,6 +177,11 @@ pub struct S3Tier {
     disk: Option<Arc<DiskTier>>,
     /// Segments whose upload may start (`s3.upload_concurrency` permits).
     slots: Arc<tokio::sync::Semaphore>,
+    /// Sealed segments held in memory, waiting or uploading (`upload_concurrency +
+    /// SEALED_AHEAD` permits).
+    sealed: Arc<tokio::sync::Semaphore>,
+    /// Segment buffers given back after their upload, for the next segments.
+    buffers: Mutex<Vec<Vec<u8>>>,
     draining: AtomicBool,
     warming: AtomicBool,
     /// The first listing of the bucket completed (the index knows what S3 held at start).
@@ -214,6 +221,10 @@ impl S3Tier {
             counters: S3Counters::default(),
             disk,
             slots: Arc::new(tokio::sync::Semaphore::new(s3.upload_concurrency as usize)),
+            sealed: Arc::new(tokio::sync::Semaphore::new(
+                s3.upload_concurrency as usize + SEALED_AHEAD,
+            )),
+            buffers: Mutex::new(Vec::new()),
             draining: AtomicBool::new(false),
             warming: AtomicBool::new(false),
             scanned: AtomicBool::new(false),
@@ -622,43 +633,85 @@ impl S3Tier {
         self.draining.load(Ordering::SeqCst)
     }
 
+    /// The size at which the open segment is sealed: with `k` of `n` upload slots busy,
+    /// `(k + 1) / n` of the segment size (the full size once `n - 1` are busy). A burst (a
+    /// drain, a cold start) then has its first upload going after a fraction of a segment is
+    /// packed, the second after two, ..., instead of every slot waiting for a whole segment
+    /// to be packed before it starts; in steady state segments are full.
+    fn seal_at(&self, seg_bytes: u64) -> u64 {
+        let slots = u64::from(self.cfg.upload_concurrency);
+        let busy = self
+            .counters
+            .uploading
+            .load(Ordering::Relaxed)
+            .min(slots - 1);
+        (seg_bytes / slots * (busy + 1)).max(1)
+    }
+
+    /// A buffer for a new segment: a used one if any (its pages already mapped), else a
+    /// fresh one of the segment size.
+    fn buffer(&self) -> Vec<u8> {
+        self.buffers.lock().pop().unwrap_or_else(|| {
+            Vec::with_capacity(
+                self.cfg.segment_bytes.0 as usize + self.cfg.segment_bytes.0 as usize / 8,
+            )
+        })
+    }
+
+    /// Keeps an uploaded segment's buffer for reuse (at most as many as sealed segments may
+    /// wait or upload at once).
+    fn give_back(&self, body: Bytes) {
+        let Ok(m) = body.try_into_mut() else {
+            return;
+        };
+        let mut pool = self.buffers.lock();
+        if pool.len() < self.cfg.upload_concurrency as usize + SEALED_AHEAD {
+            pool.push(Vec::from(m));
+        }
+    }
+
     fn seal_and_upload(self: &Arc<Self>, d: &Weak<Daemon>, b: Builder) {
         let ns = b.ns();
         let created = crate::disk::unix_ms();
         let name = self.segment_name(&ns, created);
         let (object, entries) = b.seal(created);
-        // Waits for an upload slot: at most `upload_concurrency` segments in memory beyond
-        // the open ones.
-        let permit = match self.rt.block_on(self.slots.clone().acquire_owned()) {
-            Ok(p) => p,
-            Err(_) => return,
+        // At most `upload_concurrency + SEALED_AHEAD` sealed segments in memory beyond the
+        // open ones: the packer runs ahead of the uploads, so a slot that frees finds the next
+        // segment ready instead of waiting for it to be packed.
+        let Ok(in_memory) = self.rt.block_on(self.sealed.clone().acquire_owned()) else {
+            return;
         };
         let blocks = entries.len() as u64;
-        self.counters.uploading.fetch_add(1, Ordering::Relaxed);
         self.counters
             .uploading_blocks
             .fetch_add(blocks, Ordering::Relaxed);
         let (me, d) = (self.clone(), d.clone());
         self.rt.spawn(async move {
+            let Ok(permit) = me.slots.clone().acquire_owned().await else {
+                return;
+            };
+            me.counters.uploading.fetch_add(1, Ordering::Relaxed);
             let size = object.len() as u64;
             let body = Bytes::from(object);
             let index_offset =
                 size - segment::TRAILER_BYTES - entries.len() as u64 * segment::ENTRY_BYTES;
-            let index = body.slice(index_offset as usize..);
+            let index = body[index_offset as usize..].to_vec();
             let part = me.cfg.part_bytes.0 as usize;
             let r = if body.len() > part {
                 me.bucket
-                    .put_multipart(&name, body, part, me.cfg.upload_concurrency as usize)
+                    .put_multipart(&name, &body, part, me.cfg.upload_concurrency as usize)
                     .await
             } else {
-                me.bucket.put(&name, body).await
+                me.bucket.put(&name, &body).await
             };
             drop(permit);
-            me.uploaded(&d, &ns, &name, size, &index, &entries, created, r);
             me.counters.uploading.fetch_sub(1, Ordering::Relaxed);
+            me.give_back(body);
+            me.uploaded(&d, &ns, &name, size, &index, &entries, created, r);
             me.counters
                 .uploading_blocks
                 .fetch_sub(blocks, Ordering::Relaxed);
+            drop(in_memory);
         });
     }
 
@@ -744,22 +797,26 @@ impl S3Tier {
                         // read lease), so it is neither written by a client nor freed while
                         // the slice is read; `ns` keeps the arena mapped.
                         let bytes = unsafe { ns.arena.block(c.offset, c.len) };
-                        let ok = bytes.is_some_and(|b| XxHash3_64::oneshot(b) == c.checksum);
+                        let b = open.entry(ns.id).or_insert_with(|| {
+                            Builder::with_buffer(ns.id, self.buffer(), crate::disk::unix_ms())
+                        });
+                        let ok =
+                            bytes.is_some_and(|bytes| b.push_checked(c.key, bytes, c.checksum));
                         if ok {
-                            let b = open.entry(ns.id).or_insert_with(|| {
-                                Builder::new(ns.id, seg_bytes as usize, crate::disk::unix_ms())
-                            });
-                            if let Some(bytes) = bytes {
-                                b.push(c.key, bytes, c.checksum);
-                            }
                             packed += 1;
                         } else {
                             self.counters.corrupt.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(key = %c.key, "S3 tier: DRAM block no longer matches its checksum; not uploaded");
+                            tracing::warn!(key = %c.key, "S3 tier: DRAM block no longer matches its checksum (a client wrote into it after its commit); deleted, not uploaded");
                         }
-                        ns.store.lock().finish_upload(c.entry, ok);
+                        let mut st = ns.store.lock();
+                        st.finish_upload(c.entry, ok);
+                        if !ok {
+                            // Nobody is served bytes that changed after their commit.
+                            st.delete(std::slice::from_ref(&c.key));
+                        }
+                        drop(st);
                         if let Some(b) = open.get(&ns.id) {
-                            if b.data_len() >= seg_bytes {
+                            if b.data_len() >= self.seal_at(seg_bytes) {
                                 if let Some(b) = open.remove(&ns.id) {
                                     self.seal_and_upload(&d, b);
                                 }
@@ -789,13 +846,12 @@ impl S3Tier {
                 }
             }
             if self.draining.load(Ordering::Relaxed) {
-                // Queued, packed in an open segment, or being uploaded.
+                // Every DRAM block without an S3 copy: queued, not yet checksummed (queued
+                // once it is), packed in an open segment, or being uploaded.
                 let left: u64 = namespaces
                     .iter()
-                    .map(|n| n.store.lock().queued_uploads() as u64)
-                    .sum::<u64>()
-                    + open.values().map(|b| b.len() as u64).sum::<u64>()
-                    + self.counters.uploading_blocks.load(Ordering::Relaxed);
+                    .map(|n| n.store.lock().without_s3_copy())
+                    .sum();
                 self.counters.drain_pending.store(left, Ordering::Relaxed);
                 if left == 0 {
                     self.draining.store(false, Ordering::SeqCst);
@@ -1206,4 +1262,117 @@ fn decode_blob(blob: &[u8], size: u64) -> Result<(Trailer, Vec<Entry>), SegmentE
     }
     let entries = segment::decode_index(&tr, &blob[..n])?;
     Ok((tr, entries))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ByteSize;
+
+    fn tier(rt: &tokio::runtime::Runtime) -> Arc<S3Tier> {
+        let mut cfg = Config::default();
+        cfg.s3.bucket = "unit".into();
+        // Nothing listens there: requests fail at once (none is needed by these tests).
+        cfg.s3.endpoint = "http://127.0.0.1:9".into();
+        cfg.s3.access_key_id = "id".into();
+        cfg.s3.secret_access_key = "secret".into();
+        cfg.s3.max_age_secs = 1;
+        cfg.s3.capacity_bytes = ByteSize(0);
+        cfg.index.node_id = "me".into();
+        rt.block_on(async { S3Tier::open(&cfg, None) })
+            .expect("open")
+    }
+
+    fn add(t: &S3Tier, node: &str, created_ms: u64, keys: &[u8]) -> String {
+        let ns = NamespaceId([3; 16]);
+        let name = format!(
+            "{}{created_ms:013}-{node}-{:016x}.kseg",
+            t.ns_prefix(&ns),
+            7
+        );
+        let entries: Vec<Entry> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| Entry {
+                key: BlockKey([*k; 32]),
+                offset: i as u64 * 100,
+                len: 100,
+                checksum: 0,
+            })
+            .collect();
+        let tr = Trailer {
+            count: entries.len() as u32,
+            ns,
+            index_offset: 100 * entries.len() as u64,
+            created_ms,
+            index_checksum: 0,
+        };
+        t.register(&name, tr.object_len(), &tr, &entries);
+        name
+    }
+
+    #[test]
+    fn a_segment_being_read_is_deleted_only_after_its_last_reader() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let t = tier(&rt);
+        let ns = NamespaceId([3; 16]);
+        let old = add(&t, "me", 1, &[1, 2]);
+        let theirs = add(&t, "other-node", 1, &[3]);
+        assert!(t
+            .parse_name(&old)
+            .is_some_and(|(n, w)| n == ns && w == "me"));
+        assert_eq!(
+            t.prefix_len(&ns, &[BlockKey([1; 32]), BlockKey([2; 32])]),
+            2
+        );
+        // A read in flight on the old segment.
+        let reading = t.plan(&ns, &[BlockKey([1; 32])], true);
+        assert_eq!(reading.len(), 1);
+        let doomed = rt.block_on(t.reclaim());
+        assert_eq!(doomed, 0, "no object deleted while a read is in flight");
+        // Out of the index at once: no new reader finds it.
+        assert!(!t.contains(&ns, &BlockKey([2; 32])));
+        assert!(t.state.lock().by_name.contains_key(old.as_str()));
+        // Another node's segment is never reclaimed here, however old.
+        assert!(t.contains(&ns, &BlockKey([3; 32])));
+        assert!(t.state.lock().by_name.contains_key(theirs.as_str()));
+        drop(reading);
+        assert!(
+            !t.state.lock().by_name.contains_key(old.as_str()),
+            "the last reader gone, the segment goes"
+        );
+    }
+
+    #[test]
+    fn a_key_in_two_segments_keeps_its_first_place_and_deletes_count() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let t = tier(&rt);
+        let ns = NamespaceId([3; 16]);
+        let now = crate::disk::unix_ms();
+        add(&t, "me", now, &[5, 6]);
+        add(&t, "me", now + 1, &[6, 7]);
+        {
+            let st = t.state.lock();
+            let live: Vec<u32> = {
+                let mut v: Vec<(u64, u32)> =
+                    st.segs.values().map(|s| (s.created_ms, s.live)).collect();
+                v.sort();
+                v.into_iter().map(|(_, l)| l).collect()
+            };
+            assert_eq!(live, vec![2, 1]);
+        }
+        assert_eq!(t.delete(&ns, &[BlockKey([7; 32]), BlockKey([9; 32])]), 1);
+        // The second segment has no live block left: reclaimed although young.
+        assert_eq!(rt.block_on(t.reclaim()), 1);
+        assert_eq!(t.sizes().1, 1);
+        assert!(t.contains(&ns, &BlockKey([6; 32])));
+    }
 }

@@ -110,8 +110,8 @@ enum Cmd {
     /// without an S3 copy to S3 (e.g. before a node is drained or scaled to zero), with a
     /// progress bar; returns when all are written. Needs a disk or S3 tier.
     Drain {
-        /// Only this namespace.
-        #[arg(long)]
+        /// Only this namespace (hex id, as `kvd-ctl status` shows it).
+        #[arg(long, visible_alias = "namespace")]
         ns: Option<String>,
         /// Give up after this many seconds (the copy goes on in the daemon).
         #[arg(long, default_value_t = 3600)]
@@ -123,8 +123,8 @@ enum Cmd {
     /// progress bar; e.g. after a restart or a scale from zero, before traffic returns. Only
     /// namespaces an engine has opened can be warmed. Needs a disk or S3 tier.
     Warm {
-        /// Only this namespace.
-        #[arg(long)]
+        /// Only this namespace (hex id, as `kvd-ctl status` shows it).
+        #[arg(long, visible_alias = "namespace")]
         ns: Option<String>,
         /// Give up after this many seconds (the reads go on in the daemon).
         #[arg(long, default_value_t = 3600)]
