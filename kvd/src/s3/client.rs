@@ -699,15 +699,17 @@ mod tests {
             .unwrap();
         // Accepts connections (the kernel's backlog) and never answers.
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut cfg = S3Config::default();
-        cfg.bucket = "b".into();
-        cfg.endpoint = format!("http://{}", silent.local_addr().unwrap());
-        cfg.access_key_id = "id".into();
-        cfg.secret_access_key = "secret".into();
-        cfg.retries = 0;
-        cfg.request_timeout_ms = 100;
-        cfg.breaker_failures = 1;
-        cfg.breaker_open_ms = 100;
+        let cfg = S3Config {
+            bucket: "b".into(),
+            endpoint: format!("http://{}", silent.local_addr().unwrap()),
+            access_key_id: "id".into(),
+            secret_access_key: "secret".into(),
+            retries: 0,
+            request_timeout_ms: 100,
+            breaker_failures: 1,
+            breaker_open_ms: 100,
+            ..S3Config::default()
+        };
         rt.block_on(async {
             let b = Bucket::new(&cfg).await.unwrap();
             let e = b.get_range("k", 0, 10).await.unwrap_err();
