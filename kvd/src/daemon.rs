@@ -574,24 +574,7 @@ impl Daemon {
         let mut plan: Vec<(Arc<Namespace>, Vec<BlockKey>)> = Vec::new();
         for ns in namespaces {
             let on_disk = disk.blocks_by_recency(&ns.id);
-            let st = ns.store.lock();
-            let budget = (st.capacity_bytes() as f64 * low) as u64;
-            let mut used = st.used_bytes();
-            let mut keys = Vec::new();
-            for (key, len) in on_disk {
-                if st.contains(&key) {
-                    continue;
-                }
-                let Some(need) = st.slot_size(len) else {
-                    continue;
-                };
-                if used + need > budget {
-                    break;
-                }
-                used += need;
-                keys.push(key);
-            }
-            drop(st);
+            let keys = ns.store.lock().fit_below(low, on_disk);
             if !keys.is_empty() {
                 plan.push((ns, keys));
             }

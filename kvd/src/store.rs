@@ -954,6 +954,33 @@ impl NsStore {
     pub fn capacity_bytes(&self) -> u64 {
         self.alloc.capacity_bytes()
     }
+    /// What a warm reads: of `candidates` (key, length; in the order to read them), those
+    /// not stored here, as many as fit below `low` (a fraction of the capacity) with what is
+    /// stored. A warm never evicts, so it stops at the first block that would not fit.
+    pub fn fit_below(
+        &self,
+        low: f64,
+        candidates: impl IntoIterator<Item = (BlockKey, u64)>,
+    ) -> Vec<BlockKey> {
+        let budget = (self.capacity_bytes() as f64 * low) as u64;
+        let mut used = self.used_bytes();
+        let mut keys = Vec::new();
+        for (key, len) in candidates {
+            if self.contains(&key) {
+                continue;
+            }
+            let Some(need) = self.slot_size(len) else {
+                continue;
+            };
+            if used + need > budget {
+                break;
+            }
+            used += need;
+            keys.push(key);
+        }
+        keys
+    }
+
     /// Bytes of the slot a block of `len` bytes would take.
     pub fn slot_size(&self, len: u64) -> Option<u64> {
         self.alloc.slot_size(len)

@@ -53,6 +53,11 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `kvd` with a small arena and extra `--set` overrides; waits until it accepts.
     pub fn start(sets: &[&str]) -> Daemon {
+        Daemon::start_with_env(sets, &[])
+    }
+
+    /// [`start`](Self::start) with extra environment variables for the daemon.
+    pub fn start_with_env(sets: &[&str], env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("kvd.sock");
         let mut cmd = Command::new(bin("kvd"));
@@ -71,6 +76,7 @@ impl Daemon {
         for s in sets {
             cmd.args(["--set", s]);
         }
+        cmd.envs(env.iter().copied());
         let mut child = cmd.spawn().expect("spawn kvd");
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("stderr");

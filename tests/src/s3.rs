@@ -212,7 +212,7 @@ pub enum Fault {
     /// Passes it on, then sends only half of a response body of more than 64 bytes and
     /// closes the connection.
     Truncate,
-    /// Passes every other request on and answers 503 to the others.
+    /// Passes every other request on and answers `500 InternalError` to the others.
     Flaky,
 }
 
@@ -359,7 +359,7 @@ fn serve(
                 continue;
             }
             Fault::Flaky if n % 2 == 0 => {
-                unavailable(&mut cw)?;
+                error_reply(&mut cw, "500 Internal Server Error", "InternalError")?;
                 continue;
             }
             Fault::Reset => {
@@ -417,11 +417,17 @@ fn serve(
 }
 
 fn unavailable(w: &mut TcpStream) -> std::io::Result<()> {
-    let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>\
-                <Message>injected by the test proxy</Message></Error>";
+    error_reply(w, "503 Service Unavailable", "SlowDown")
+}
+
+fn error_reply(w: &mut TcpStream, status: &str, code: &str) -> std::io::Result<()> {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code>\
+         <Message>injected by the test proxy</Message></Error>"
+    );
     write!(
         w,
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\n\
+        "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\n\
          Content-Length: {}\r\n\r\n{body}",
         body.len()
     )?;

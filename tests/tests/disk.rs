@@ -784,5 +784,7 @@ fn kvd_ctl_warm_reads_disk_blocks_into_dram_most_recent_first_without_evicting()
 fn warm_without_a_disk_tier_is_a_clear_error() {
     let d = start(&[]);
     let err = d.admin().warm(None).expect_err("no disk tier");
-    assert!(err.to_string().contains("no disk tier"), "{err}");
+    assert!(err.to_string().contains("no disk or S3 tier"), "{err}");
+    let err = d.admin().drain(None).expect_err("no disk tier");
+    assert!(err.to_string().contains("no disk or S3 tier"), "{err}");
 }

@@ -82,6 +82,19 @@ fn wait_scanned(c: &Client) {
     });
 }
 
+/// A fresh node (empty DRAM and disk) on `endpoint` lists the bucket, finds the `n` blocks
+/// of `seed` in S3 with one lookup, and reads every one back byte for byte.
+fn a_fresh_node_reads_back(endpoint: &str, seed: u64, n: u64) {
+    let disk = tempfile::tempdir().expect("disk");
+    let d = daemon(endpoint, disk.path(), &[]);
+    let c = d.admin();
+    wait_scanned(&c);
+    let ns = c.open_namespace(&test_namespace(MODEL)).expect("open");
+    let l = c.lookup(&ns.id, &keys(seed, n)).expect("lookup");
+    assert_eq!(u64::from(l.prefix_len), n, "{l:?}");
+    assert_eq!(read_all(&c, &ns, seed, n), n);
+}
+
 /// Stores, drains to S3, then a node with an empty disk (and DRAM) reads every block back
 /// from S3 byte for byte; a lookup counts them in the S3 tier.
 fn round_trip(kind: Kind) {
@@ -100,6 +113,11 @@ fn round_trip(kind: Kind) {
     let r = s3(&ca).s3.expect("s3");
     assert!(r.uploaded_segments >= 4, "{r:?}");
     assert_eq!((r.upload_failures, r.corrupt), (0, 0), "{r:?}");
+    if kind == Kind::S3sFs {
+        // Segments over the 5 MiB part size went up as multipart uploads.
+        let objects = server.objects(BUCKET);
+        assert!(objects.iter().any(|(_, len)| *len > 5 << 20), "{objects:?}");
+    }
     drop(ca);
     drop(a);
     drop(disk_a);
@@ -207,18 +225,7 @@ fn s3_down_at_start_then_up() {
     wait_for("uploads after S3 came up", Duration::from_secs(60), || {
         (uploaded_blocks(&c) == 10).then_some(())
     });
-    let disk_b = tempfile::tempdir().unwrap();
-    let b = daemon(&server.endpoint(), disk_b.path(), &[]);
-    let cb = b.admin();
-    wait_scanned(&cb);
-    let ns_b = cb.open_namespace(&test_namespace(MODEL)).expect("open");
-    assert_eq!(
-        cb.lookup(&ns_b.id, &keys(4, 10))
-            .expect("lookup")
-            .prefix_len,
-        10
-    );
-    assert_eq!(read_all(&cb, &ns_b, 4, 10), 10);
+    a_fresh_node_reads_back(&server.endpoint(), 4, 10);
 }
 
 /// S3 failing in each way the proxy can make it fail: DRAM keeps serving, a lookup that
@@ -427,18 +434,7 @@ fn s3_dying_mid_upload_loses_nothing_dram_still_holds() {
         let r = s3(&c).s3.expect("s3");
         (r.uploaded_blocks >= 30 && r.uploading == 0).then_some(())
     });
-    let disk_b = tempfile::tempdir().unwrap();
-    let b = daemon(&server.endpoint(), disk_b.path(), &[]);
-    let cb = b.admin();
-    wait_scanned(&cb);
-    let ns_b = cb.open_namespace(&test_namespace(MODEL)).expect("open");
-    assert_eq!(
-        cb.lookup(&ns_b.id, &keys(9, 30))
-            .expect("lookup")
-            .prefix_len,
-        30
-    );
-    assert_eq!(read_all(&cb, &ns_b, 9, 30), 30);
+    a_fresh_node_reads_back(&server.endpoint(), 9, 30);
 }
 
 /// Segments past `s3.max_age_secs` are deleted by the node that wrote them, and their blocks
@@ -484,6 +480,42 @@ fn the_catalog_remembers_segments_across_a_restart() {
     let r = s3(&c).s3.expect("s3");
     assert!(!r.scanned, "S3 is down: nothing was listed");
     assert_eq!((r.blocks, r.segments), (15, before.segments), "{r:?}");
+}
+
+/// Credentials from the standard AWS chain (here its environment variables) instead of the
+/// configuration: the signature-checking server accepts them.
+#[test]
+fn credentials_from_the_aws_environment_variables() {
+    let Some(server) = S3Server::start(Kind::S3sFs, None, BUCKET) else {
+        return;
+    };
+    let disk = tempfile::tempdir().unwrap();
+    let mut sets = kvd_tests::disk_sets(disk.path(), "64MiB", "1.0");
+    sets.extend(
+        s3_sets(&server.endpoint(), BUCKET)
+            .into_iter()
+            .filter(|s| !s.starts_with("s3.access_key_id") && !s.starts_with("s3.secret")),
+    );
+    sets.push("s3.write_mode=write-through".into());
+    let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let d = Daemon::start_with_env(
+        &refs,
+        &[
+            ("AWS_ACCESS_KEY_ID", kvd_tests::s3::ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+            ("AWS_CONFIG_FILE", "/nonexistent"),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
+        ],
+    );
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace(MODEL)).expect("open");
+    put_all(&c, &ns, 12, 6);
+    wait_for(
+        "uploads with the environment's keys",
+        Duration::from_secs(60),
+        || (uploaded_blocks(&c) == 6).then_some(()),
+    );
+    a_fresh_node_reads_back(&server.endpoint(), 12, 6);
 }
 
 /// `--check-config` prints the effective configuration without the S3 secret.

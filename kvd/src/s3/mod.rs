@@ -1091,24 +1091,12 @@ impl S3Tier {
                 .as_ref()
                 .map(|disk| disk.presence(&ns.id, &ks))
                 .unwrap_or_default();
-            let st = ns.store.lock();
-            let budget = (st.capacity_bytes() as f64 * low) as u64;
-            let mut used = st.used_bytes();
-            let mut keys = Vec::new();
-            for (i, (key, len)) in candidates.into_iter().enumerate() {
-                if st.contains(&key) || on_disk.get(i).copied().unwrap_or(false) {
-                    continue;
-                }
-                let Some(need) = st.slot_size(len) else {
-                    continue;
-                };
-                if used + need > budget {
-                    break;
-                }
-                used += need;
-                keys.push(key);
-            }
-            drop(st);
+            let only_in_s3 = candidates
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| !on_disk.get(*i).copied().unwrap_or(false))
+                .map(|(_, c)| c);
+            let keys = ns.store.lock().fit_below(low, only_in_s3);
             if !keys.is_empty() {
                 plan.push((ns, keys));
             }

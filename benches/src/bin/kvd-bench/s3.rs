@@ -232,9 +232,7 @@ impl Ctx<'_> {
                         .send()
                         .await
                         .map(|_| ())
-                        .map_err(|e| {
-                            anyhow::anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(e))
-                        })
+                        .map_err(sdk_error)
                 }
             }))
             .buffer_unordered(conc)
@@ -294,9 +292,7 @@ impl Ctx<'_> {
                     .set_continuation_token(token)
                     .send()
                     .await
-                    .map_err(|e| {
-                        anyhow::anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(e))
-                    })?;
+                    .map_err(sdk_error)?;
                 for o in page.contents() {
                     let (Some(name), Some(len)) = (o.key(), o.size()) else {
                         continue;
@@ -309,9 +305,7 @@ impl Ctx<'_> {
                         .key(name)
                         .send()
                         .await
-                        .map_err(|e| {
-                            anyhow::anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(e))
-                        })?
+                        .map_err(sdk_error)?
                         .body
                         .collect()
                         .await?
@@ -357,9 +351,7 @@ impl Ctx<'_> {
                             .range(format!("bytes={off}-{}", off + len - 1))
                             .send()
                             .await
-                            .map_err(|e| {
-                                anyhow::anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(e))
-                            })?
+                            .map_err(sdk_error)?
                             .body
                             .collect()
                             .await?
@@ -379,6 +371,11 @@ impl Ctx<'_> {
         }
         Ok(t.elapsed())
     }
+}
+
+/// An SDK error with its causes (the SDK's own `Display` says only "service error").
+fn sdk_error<E: std::error::Error>(e: E) -> anyhow::Error {
+    anyhow::anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(e))
 }
 
 fn record(op: &'static str, size: usize, kvd: f64, sdk: f64, ratio: f64, ops: u64) -> Record {
