@@ -1009,6 +1009,9 @@ impl S3Tier {
         let rescan_every = Duration::from_millis(u64::from(self.cfg.rescan_interval_ms));
         let mut last_scan: Option<Instant> = None;
         let mut checked = false;
+        // The start check's error is logged when it first appears or changes, then at most
+        // once a minute (it is in `kvd-ctl status` meanwhile).
+        let mut logged: Option<(String, Instant)> = None;
         loop {
             if !checked && self.bucket.available() {
                 match self.bucket.check().await {
@@ -1021,7 +1024,14 @@ impl S3Tier {
                         );
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "S3 tier unavailable; DRAM and disk keep serving, S3 is retried")
+                        let msg = e.to_string();
+                        let again = logged.as_ref().is_some_and(|(m, t)| {
+                            *m == msg && t.elapsed() < Duration::from_secs(60)
+                        });
+                        if !again {
+                            tracing::error!(error = %msg, "S3 tier unavailable; DRAM and disk keep serving, S3 is retried");
+                            logged = Some((msg, Instant::now()));
+                        }
                     }
                 }
             }
