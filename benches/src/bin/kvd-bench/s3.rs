@@ -333,6 +333,39 @@ impl Ctx<'_> {
             .collect()
     }
 
+    /// Deletes everything a round wrote under `prefix` (a run moves gigabytes per size).
+    fn cleanup(&self, prefix: &str) -> anyhow::Result<()> {
+        self.rt.block_on(async {
+            loop {
+                let page = self
+                    .sdk
+                    .list_objects_v2()
+                    .bucket(&self.a.bucket)
+                    .prefix(format!("{prefix}/"))
+                    .send()
+                    .await
+                    .map_err(sdk_error)?;
+                let keys: Vec<String> = page
+                    .contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_owned))
+                    .collect();
+                if keys.is_empty() {
+                    return Ok(());
+                }
+                for k in keys {
+                    self.sdk
+                        .delete_object()
+                        .bucket(&self.a.bucket)
+                        .key(k)
+                        .send()
+                        .await
+                        .map_err(sdk_error)?;
+                }
+            }
+        })
+    }
+
     /// Reference: ranged GETs of the same ranges, batch by batch, `read_concurrency` at once.
     fn sdk_read(&self, ranges: &[(String, u64, u64)]) -> anyhow::Result<Duration> {
         let conc = self.a.read_concurrency as usize;
@@ -466,6 +499,8 @@ pub fn run(a: S3Args) -> anyhow::Result<()> {
             };
             drop(c);
             drop(daemon);
+            ctx.cleanup(&prefix)
+                .context("deleting the round's objects")?;
             up.push((gbps(bytes, kvd_up), gbps(bytes, sdk_up)));
             rd.push((gbps(bytes, kvd_rd), gbps(bytes, sdk_rd)));
         }
