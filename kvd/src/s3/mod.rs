@@ -54,6 +54,8 @@ const TAIL_READ: u64 = 256 << 10;
 /// A segment sealed less than this before a listing started is not forgotten for being
 /// absent from it (its upload may have completed during the listing).
 const LISTING_SLACK_MS: u64 = 60_000;
+/// How often a drain recounts the blocks it still has to upload.
+const DRAIN_COUNT_EVERY: Duration = Duration::from_millis(20);
 /// Sealed segments kept ready beyond those uploading.
 const SEALED_AHEAD: usize = 2;
 /// Blocks taken from a namespace's upload queue at once.
@@ -776,6 +778,7 @@ impl S3Tier {
         let mut open: HashMap<NamespaceId, Builder> = HashMap::new();
         let seg_bytes = self.cfg.segment_bytes.0;
         let flush_after = u64::from(self.cfg.flush_interval_ms);
+        let mut last_count = Instant::now();
         loop {
             let Some(daemon) = d.upgrade() else { return };
             if daemon.is_stopping() {
@@ -832,6 +835,8 @@ impl S3Tier {
             let idle = packed == 0;
             let eager = self.cfg.write_mode == S3WriteMode::WriteThrough
                 || self.draining.load(Ordering::Relaxed);
+            // A segment whose only candidate failed its check is empty: nothing to upload.
+            open.retain(|_, b| !b.is_empty());
             let due: Vec<NamespaceId> = open
                 .iter()
                 .filter(|(_, b)| {
@@ -845,9 +850,11 @@ impl S3Tier {
                     self.seal_and_upload(&d, b);
                 }
             }
-            if self.draining.load(Ordering::Relaxed) {
+            if self.draining.load(Ordering::Relaxed) && last_count.elapsed() >= DRAIN_COUNT_EVERY {
+                last_count = Instant::now();
                 // Every DRAM block without an S3 copy: queued, not yet checksummed (queued
-                // once it is), packed in an open segment, or being uploaded.
+                // once it is), packed in an open segment, or being uploaded. A scan of every
+                // store, so not on every pass.
                 let left: u64 = namespaces
                     .iter()
                     .map(|n| n.store.lock().without_s3_copy())
@@ -1267,6 +1274,15 @@ mod tests {
     use super::*;
     use crate::config::ByteSize;
 
+    /// The tier needs a multi-threaded runtime (as kvd's own).
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
     fn tier(rt: &tokio::runtime::Runtime) -> Arc<S3Tier> {
         let mut cfg = Config::default();
         cfg.s3.bucket = "unit".into();
@@ -1311,11 +1327,7 @@ mod tests {
 
     #[test]
     fn a_segment_being_read_is_deleted_only_after_its_last_reader() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let t = tier(&rt);
         let ns = NamespaceId([3; 16]);
         let old = add(&t, "me", 1, &[1, 2]);
@@ -1347,11 +1359,7 @@ mod tests {
 
     #[test]
     fn a_key_in_two_segments_keeps_its_first_place_and_deletes_count() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let t = tier(&rt);
         let ns = NamespaceId([3; 16]);
         let now = crate::disk::unix_ms();
