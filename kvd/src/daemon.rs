@@ -87,26 +87,19 @@ impl Reservation {
 
     /// Publishes the slot as `key`, verified against `checksum` by the caller. False when
     /// the key was stored meanwhile (the slot is freed).
-    pub fn commit_verified(mut self, key: &BlockKey, len: u64, checksum: u64, now_ms: u64) -> bool {
-        match self.slot.take() {
-            Some(s) => self
-                .ns
-                .store
-                .lock()
-                .commit_verified(key, s, len, checksum, now_ms),
-            None => false,
-        }
+    pub fn commit_verified(self, key: &BlockKey, len: u64, checksum: u64, now_ms: u64) -> bool {
+        self.commit_with(|st, s| st.commit_verified(key, s, len, checksum, now_ms))
     }
 
     /// As [`commit_verified`](Self::commit_verified), for bytes read from S3 (the block is
     /// known to be there).
-    pub fn commit_from_s3(mut self, key: &BlockKey, len: u64, checksum: u64, now_ms: u64) -> bool {
+    pub fn commit_from_s3(self, key: &BlockKey, len: u64, checksum: u64, now_ms: u64) -> bool {
+        self.commit_with(|st, s| st.commit_from_s3(key, s, len, checksum, now_ms))
+    }
+
+    fn commit_with(mut self, f: impl FnOnce(&mut NsStore, crate::alloc::Slot) -> bool) -> bool {
         match self.slot.take() {
-            Some(s) => self
-                .ns
-                .store
-                .lock()
-                .commit_from_s3(key, s, len, checksum, now_ms),
+            Some(s) => f(&mut self.ns.store.lock(), s),
             None => false,
         }
     }

@@ -339,25 +339,32 @@ impl S3Tier {
         );
     }
 
-    /// Takes a segment out of the index (its blocks stop being found). Returns its name when
-    /// the object can be deleted now (ours, no reader).
-    fn doom(st: &mut State, id: u32) -> Option<Arc<str>> {
-        let seg = st.segs.get_mut(&id)?;
-        if seg.doomed {
-            return None;
+    /// Takes segments out of the index (their blocks stop being found), in one pass over it.
+    /// Returns the name of each segment doomed now, with whether its object can be deleted
+    /// now (ours, no reader; otherwise its last reader deletes it, see `end_read`).
+    fn doom(st: &mut State, ids: &[u32]) -> Vec<(Arc<str>, bool)> {
+        let mut doomed = hashbrown::HashSet::new();
+        let mut out = Vec::new();
+        for id in ids {
+            let Some(seg) = st.segs.get_mut(id).filter(|s| !s.doomed) else {
+                continue;
+            };
+            seg.doomed = true;
+            doomed.insert(*id);
+            let (ours, size, readers, name) = (seg.ours, seg.size, seg.readers, seg.name.clone());
+            if ours {
+                st.ours_bytes = st.ours_bytes.saturating_sub(size);
+            }
+            if readers == 0 {
+                st.segs.remove(id);
+                st.by_name.remove(&name);
+            }
+            out.push((name, ours && readers == 0));
         }
-        seg.doomed = true;
-        let (ours, size, readers, name) = (seg.ours, seg.size, seg.readers, seg.name.clone());
-        st.index.retain(|_, l| l.seg != id);
-        if ours {
-            st.ours_bytes = st.ours_bytes.saturating_sub(size);
+        if !doomed.is_empty() {
+            st.index.retain(|_, l| !doomed.contains(&l.seg));
         }
-        if readers == 0 {
-            st.segs.remove(&id);
-            st.by_name.remove(&name);
-            return ours.then_some(name);
-        }
-        None
+        out
     }
 
     /// Whether S3 holds `key` of `ns` (per the index).
@@ -389,11 +396,13 @@ impl S3Tier {
         n
     }
 
-    /// Blocks and segments indexed.
+    /// Blocks, segments and segment bytes indexed (not counting doomed segments whose last
+    /// read is still in flight).
     pub fn sizes(&self) -> (u64, u64, u64) {
         let st = self.state.lock();
-        let bytes = st.segs.values().filter(|s| !s.doomed).map(|s| s.size).sum();
-        (st.index.len() as u64, st.segs.len() as u64, bytes)
+        let live = st.segs.values().filter(|s| !s.doomed);
+        let (n, bytes) = live.fold((0, 0), |(n, b), s| (n + 1, b + s.size));
+        (st.index.len() as u64, n, bytes)
     }
 
     /// Keys S3 holds in `ns`, newest segment first (what a warm reads).
@@ -477,7 +486,7 @@ impl S3Tier {
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, segment = name, "S3 tier: segment delete failed; retried at the next reclaim")
+                tracing::warn!(error = %e, segment = name, "S3 tier: segment delete failed; the next listing finds it again and reclaim retries")
             }
         }
     }
@@ -561,8 +570,7 @@ impl S3Tier {
             Err(ReadError::S3(S3Error::NotFound(_))) => {
                 c.read_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(segment = %p.name, "S3 tier: segment gone from the bucket; forgotten");
-                let mut st = self.state.lock();
-                Self::doom(&mut st, p.seg.id);
+                Self::doom(&mut self.state.lock(), &[p.seg.id]);
             }
             Err(e) => {
                 c.read_failures.fetch_add(1, Ordering::Relaxed);
@@ -923,16 +931,10 @@ impl S3Tier {
                 })
                 .map(|(id, _)| *id)
                 .collect();
-            let mut forgotten = Vec::new();
-            for id in gone {
-                if let Some(s) = st.segs.get(&id) {
-                    forgotten.push(s.name.to_string());
-                }
-                Self::doom(&mut st, id);
-            }
+            let forgotten = Self::doom(&mut st, &gone);
             drop(st);
             if let (Some(d), false) = (&self.disk, forgotten.is_empty()) {
-                let refs: Vec<&str> = forgotten.iter().map(String::as_str).collect();
+                let refs: Vec<&str> = forgotten.iter().map(|(n, _)| &**n).collect();
                 let _ = d.catalog().delete_segments(&refs);
             }
         }
@@ -971,9 +973,10 @@ impl S3Tier {
         Ok(learnt)
     }
 
-    /// Deletes segments this node wrote that are past `s3.max_age_secs`, beyond
-    /// `s3.capacity_bytes` (oldest first), or without a live block. Returns how many were
-    /// taken out of the index.
+    /// Takes out of the index the segments this node wrote that are past
+    /// `s3.max_age_secs`, beyond `s3.capacity_bytes` (oldest first), or without a live block,
+    /// and deletes those no read is using (the others go with their last reader). Returns how
+    /// many objects it deleted now.
     pub async fn reclaim(self: &Arc<Self>) -> u64 {
         let now = crate::disk::unix_ms();
         let max_age_ms = self.cfg.max_age_secs.saturating_mul(1000);
@@ -997,9 +1000,9 @@ impl S3Tier {
                     total = total.saturating_sub(size);
                 }
             }
-            victims
+            Self::doom(&mut st, &victims)
                 .into_iter()
-                .filter_map(|id| Self::doom(&mut st, id))
+                .filter_map(|(name, now)| now.then_some(name))
                 .collect()
         };
         let n = deletable.len() as u64;

@@ -273,6 +273,32 @@ impl Ctx<'_> {
         Ok(took)
     }
 
+    /// Every object under `prefix` (key, size), all pages of the listing.
+    async fn list(&self, prefix: &str) -> anyhow::Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self
+                .sdk
+                .list_objects_v2()
+                .bucket(&self.a.bucket)
+                .prefix(prefix)
+                .set_continuation_token(token)
+                .send()
+                .await
+                .map_err(sdk_error)?;
+            for o in page.contents() {
+                if let (Some(k), Some(len)) = (o.key(), o.size()) {
+                    out.push((k.to_owned(), len as u64));
+                }
+            }
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
+                _ => return Ok(out),
+            }
+        }
+    }
+
     /// The (object, offset, len) of every block kvd wrote under `prefix`, in key order.
     fn ranges(
         &self,
@@ -282,47 +308,28 @@ impl Ctx<'_> {
     ) -> anyhow::Result<Vec<(String, u64, u64)>> {
         let mut by_key = std::collections::HashMap::new();
         self.rt.block_on(async {
-            let mut token = None;
-            loop {
-                let page = self
+            for (name, len) in self.list(&format!("{prefix}/segments/")).await? {
+                let obj = self
                     .sdk
-                    .list_objects_v2()
+                    .get_object()
                     .bucket(&self.a.bucket)
-                    .prefix(format!("{prefix}/segments/"))
-                    .set_continuation_token(token)
+                    .key(&name)
                     .send()
                     .await
-                    .map_err(sdk_error)?;
-                for o in page.contents() {
-                    let (Some(name), Some(len)) = (o.key(), o.size()) else {
-                        continue;
-                    };
-                    let len = len as u64;
-                    let obj = self
-                        .sdk
-                        .get_object()
-                        .bucket(&self.a.bucket)
-                        .key(name)
-                        .send()
-                        .await
-                        .map_err(sdk_error)?
-                        .body
-                        .collect()
-                        .await?
-                        .into_bytes();
-                    if obj.len() as u64 != len {
-                        bail!("segment {name}: {} bytes, listed as {len}", obj.len());
-                    }
-                    let (_, entries) = segment::decode(&obj)?;
-                    for e in entries {
-                        by_key.insert(e.key, (name.to_owned(), e.offset, e.len));
-                    }
+                    .map_err(sdk_error)?
+                    .body
+                    .collect()
+                    .await?
+                    .into_bytes();
+                if obj.len() as u64 != len {
+                    bail!("segment {name}: {} bytes, listed as {len}", obj.len());
                 }
-                match page.next_continuation_token() {
-                    Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
-                    _ => return Ok::<(), anyhow::Error>(()),
+                let (_, entries) = segment::decode(&obj)?;
+                for e in entries {
+                    by_key.insert(e.key, (name.clone(), e.offset, e.len));
                 }
             }
+            Ok::<(), anyhow::Error>(())
         })?;
         (0..n)
             .map(|i| {
@@ -336,33 +343,16 @@ impl Ctx<'_> {
     /// Deletes everything a round wrote under `prefix` (a run moves gigabytes per size).
     fn cleanup(&self, prefix: &str) -> anyhow::Result<()> {
         self.rt.block_on(async {
-            loop {
-                let page = self
-                    .sdk
-                    .list_objects_v2()
+            for (k, _) in self.list(&format!("{prefix}/")).await? {
+                self.sdk
+                    .delete_object()
                     .bucket(&self.a.bucket)
-                    .prefix(format!("{prefix}/"))
+                    .key(k)
                     .send()
                     .await
                     .map_err(sdk_error)?;
-                let keys: Vec<String> = page
-                    .contents()
-                    .iter()
-                    .filter_map(|o| o.key().map(str::to_owned))
-                    .collect();
-                if keys.is_empty() {
-                    return Ok(());
-                }
-                for k in keys {
-                    self.sdk
-                        .delete_object()
-                        .bucket(&self.a.bucket)
-                        .key(k)
-                        .send()
-                        .await
-                        .map_err(sdk_error)?;
-                }
             }
+            Ok(())
         })
     }
 
