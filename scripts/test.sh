@@ -87,7 +87,7 @@ echo "$out"
 python3 - "$out" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in sys.argv[1].splitlines() if l.strip()]
-assert {r["op"] for r in rows} == {"save_d2h", "load_h2d", "gather"}, rows
+assert {r["op"] for r in rows} == {"save_d2h", "load_h2d", "gather", "scatter"}, rows
 for r in rows:
     assert r["tier"] == "gpu" and r["gbps"] > 0 and r["memcpy_gbps"] > 0 and r["ratio"] > 0, r
 print(f"kvd-bench gpu smoke (host stand-in backend): {len(rows)} records, every loaded byte checked")

@@ -5,18 +5,72 @@
 //! `libcuda.so` is looked for before anything else is called (cudarc panics otherwise), so a
 //! node without the driver gets [`GpuError::Unavailable`] with the reason.
 
+use std::sync::{Mutex, MutexGuard};
+
 use cudarc::driver::result;
 use cudarc::driver::sys;
 
+use crate::method::{choose, split, Abilities, CopyMethod, Registry, Span, COPY_KERNEL_PTX};
 use crate::{Backend, DevicePtr, DeviceRun, GpuError, Mapped, Run, Shared};
 
-/// One CUDA device: its primary context and a non-blocking stream for kvd's copies.
+/// The kernel's entry point in [`COPY_KERNEL_PTX`].
+const COPY_KERNEL: &std::ffi::CStr = c"kvd_copy_runs";
+/// Threads per thread block of the copy kernel (8 warps; each warp copies one run at a time).
+const KERNEL_THREADS: u32 = 256;
+/// Warps per thread block.
+const KERNEL_WARPS: u32 = KERNEL_THREADS / 32;
+/// Thread blocks per multiprocessor the copy kernel is launched with (at most): far more loads
+/// in flight than PCIe needs to stay busy, in at most half of each SM's thread slots.
+const KERNEL_BLOCKS_PER_SM: u32 = 4;
+/// Runs longer than this are cut for the kernel, so its warps share the bytes evenly.
+const KERNEL_PIECE: u64 = 64 << 10;
+/// Driver version (`cuDriverGetVersion`) that brought `cuMemcpyBatchAsync`: 12.8.
+const BATCH_DRIVER: i32 = 12080;
+
+/// One CUDA device: its primary context and a non-blocking stream for kvd's copies, and the
+/// means to issue batches of copies ([`CopyMethod`]).
 pub struct CudaBackend {
     ordinal: i32,
     name: String,
     device: sys::CUdevice,
     ctx: sys::CUcontext,
     stream: sys::CUstream,
+    method: CopyMethod,
+    /// The driver has `cuMemcpyBatchAsync`.
+    batch: bool,
+    /// The copy kernel, when it loaded and host pointers work on the device.
+    kernel: Option<CopyKernel>,
+    /// Multiprocessors of the device (sizes the kernel's grid).
+    sms: u32,
+    /// Host ranges this backend pinned and mapped (the kernel touches no other host memory).
+    registry: Mutex<Registry>,
+}
+
+/// The loaded copy kernel and the buffers its span lists pass through.
+struct CopyKernel {
+    module: sys::CUmodule,
+    function: sys::CUfunction,
+    /// Locked from writing a list to the end of the launch that reads it.
+    list: Mutex<SpanList>,
+}
+
+/// A span list's way to the kernel: written into pinned host memory, DMA'd (in stream order,
+/// without the driver's staging copy of pageable memory) into device memory.
+#[derive(Default)]
+struct SpanList {
+    /// Device buffer of `cap` spans (0: none yet).
+    dev: DevicePtr,
+    /// Pinned host buffer of `cap` spans (`cuMemAllocHost`; 0: none yet).
+    host: usize,
+    cap: usize,
+}
+
+fn poisoned<T>(_: T) -> GpuError {
+    GpuError::Invalid("CUDA backend lock poisoned".into())
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>, GpuError> {
+    m.lock().map_err(poisoned)
 }
 
 // SAFETY: the driver API is thread-safe; every call first makes this backend's context
@@ -44,8 +98,19 @@ impl std::fmt::Debug for CudaBackend {
         f.debug_struct("CudaBackend")
             .field("ordinal", &self.ordinal)
             .field("name", &self.name)
+            .field("method", &self.method)
+            .field("batch", &self.batch)
+            .field("kernel", &self.kernel.is_some())
             .finish()
     }
+}
+
+/// Which direction a batch moves, for one-copy-per-run issue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    D2H,
+    H2D,
+    D2D,
 }
 
 impl CudaBackend {
@@ -56,8 +121,10 @@ impl CudaBackend {
     }
 
     /// Opens device `ordinal` (its primary context, shared with the engine's runtime API
-    /// context on that device) and creates kvd's copy stream.
-    pub fn open(ordinal: i32) -> Result<Self, GpuError> {
+    /// context on that device), creates kvd's copy stream and readies `method`: an explicit
+    /// `batch` or `kernel` this driver or device cannot run is an error naming why; `auto`
+    /// uses what is there.
+    pub fn open(ordinal: i32, method: CopyMethod) -> Result<Self, GpuError> {
         if !Self::driver_present() {
             return Err(GpuError::Unavailable(
                 "libcuda.so (the NVIDIA driver) was not found on this machine".into(),
@@ -79,13 +146,103 @@ impl CudaBackend {
         unsafe { result::ctx::set_current(ctx) }.map_err(|e| driver("cuCtxSetCurrent", e))?;
         let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
             .map_err(|e| driver("cuStreamCreate", e))?;
-        Ok(Self {
+        let mut backend = Self {
             ordinal,
             name,
             device,
             ctx,
             stream,
-        })
+            method,
+            batch: false,
+            kernel: None,
+            sms: 1,
+            registry: Mutex::new(Registry::default()),
+        };
+        backend.ready(method)?;
+        Ok(backend)
+    }
+
+    /// Finds out what the driver and device offer beyond one copy per run, and loads the copy
+    /// kernel unless `method` rules it out.
+    fn ready(&mut self, method: CopyMethod) -> Result<(), GpuError> {
+        let mut version = 0;
+        // SAFETY: `version` is a valid out-pointer.
+        unsafe { sys::cuDriverGetVersion(&mut version).result() }
+            .map_err(|e| driver("cuDriverGetVersion", e))?;
+        self.batch = version >= BATCH_DRIVER;
+        if method == CopyMethod::Batch && !self.batch {
+            return Err(GpuError::Unavailable(format!(
+                "gpu.copy_method = \"batch\" needs a driver for CUDA 12.8 or newer (this one is \
+                 for CUDA {}.{}); use \"auto\"",
+                version / 1000,
+                version % 1000 / 10
+            )));
+        }
+        let attr = |a| {
+            // SAFETY: `device` is a valid device handle.
+            unsafe { result::device::get_attribute(self.device, a) }
+                .map_err(|e| driver("cuDeviceGetAttribute", e))
+        };
+        self.sms = u32::try_from(attr(
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )?)
+        .unwrap_or(1)
+        .max(1);
+        if !matches!(method, CopyMethod::Auto | CopyMethod::Kernel) {
+            return Ok(());
+        }
+        let host_pointers = attr(
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM,
+        )?;
+        let loaded = if host_pointers == 1 {
+            self.load_kernel()
+        } else {
+            Err(GpuError::Unavailable(
+                "this device cannot use host pointers of pinned memory in kernels".into(),
+            ))
+        };
+        match loaded {
+            Ok(k) => self.kernel = Some(k),
+            Err(e) if method == CopyMethod::Kernel => {
+                return Err(GpuError::Unavailable(format!(
+                    "gpu.copy_method = \"kernel\": {e}; use \"auto\""
+                )))
+            }
+            Err(e) => tracing::info!(error = %e, "kvd's copy kernel is not used on this device"),
+        }
+        Ok(())
+    }
+
+    fn load_kernel(&self) -> Result<CopyKernel, GpuError> {
+        self.enter()?;
+        // SAFETY: the image is NUL-terminated PTX text.
+        let module = unsafe { result::module::load_data(COPY_KERNEL_PTX.as_ptr().cast()) }
+            .map_err(|e| driver("cuModuleLoadData (copy kernel)", e))?;
+        // SAFETY: `module` was just loaded.
+        match unsafe { result::module::get_function(module, COPY_KERNEL.to_owned()) } {
+            Ok(function) => Ok(CopyKernel {
+                module,
+                function,
+                list: Mutex::new(SpanList::default()),
+            }),
+            Err(e) => {
+                // SAFETY: nothing uses the module yet.
+                let _ = unsafe { sys::cuModuleUnload(module) };
+                Err(driver("cuModuleGetFunction (copy kernel)", e))
+            }
+        }
+    }
+
+    /// The copy method asked for, and what this backend can do: "auto (kernel, batch)".
+    pub fn method(&self) -> String {
+        let mut can = vec!["memcpy"];
+        if self.batch {
+            can.push("batch");
+        }
+        if self.kernel.is_some() {
+            can.push("kernel");
+        }
+        format!("{} ({})", self.method, can.join(", "))
     }
 
     /// A CUDA IPC handle of the allocation at `ptr` (from [`Backend::alloc`]), for another
@@ -118,6 +275,14 @@ impl CudaBackend {
 impl Drop for CudaBackend {
     fn drop(&mut self) {
         if self.enter().is_ok() {
+            if let Some(k) = self.kernel.take() {
+                let mut list = k.list.into_inner().unwrap_or_else(|p| p.into_inner());
+                // SAFETY: no launch is in flight (each one is waited for before its lock is
+                // released); the buffers came from `SpanList::grow`.
+                unsafe { list.free() };
+                // SAFETY: loaded by `load_kernel`; nothing runs it any more.
+                let _ = unsafe { sys::cuModuleUnload(k.module) };
+            }
             // SAFETY: the stream was created by `open` and no copy is in flight (every
             // copy waits for its stream before returning).
             let _ = unsafe { result::stream::destroy(self.stream) };
@@ -129,20 +294,27 @@ impl Drop for CudaBackend {
 
 impl Backend for CudaBackend {
     fn name(&self) -> String {
-        format!("cuda:{} {}", self.ordinal, self.name)
+        format!(
+            "cuda:{} {}, copies {}",
+            self.ordinal,
+            self.name,
+            self.method()
+        )
     }
 
     unsafe fn register_host(&self, ptr: *mut u8, len: usize) -> Result<(), GpuError> {
         self.enter()?;
+        let flags = sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_DEVICEMAP;
         // SAFETY: the caller guarantees the range is mapped for as long as it is registered.
-        unsafe {
-            sys::cuMemHostRegister_v2(ptr.cast(), len, sys::CU_MEMHOSTREGISTER_PORTABLE).result()
-        }
-        .map_err(|e| driver("cuMemHostRegister", e))
+        unsafe { sys::cuMemHostRegister_v2(ptr.cast(), len, flags).result() }
+            .map_err(|e| driver("cuMemHostRegister", e))?;
+        lock(&self.registry)?.insert(ptr as usize, len);
+        Ok(())
     }
 
     unsafe fn unregister_host(&self, ptr: *mut u8) -> Result<(), GpuError> {
         self.enter()?;
+        lock(&self.registry)?.remove(ptr as usize);
         // SAFETY: the caller guarantees `ptr` starts a registered range no copy uses.
         unsafe { sys::cuMemHostUnregister(ptr.cast()).result() }
             .map_err(|e| driver("cuMemHostUnregister", e))
@@ -207,38 +379,263 @@ impl Backend for CudaBackend {
     }
 
     unsafe fn copy_d2h(&self, runs: &[Run]) -> Result<(), GpuError> {
-        self.enter()?;
-        for r in runs {
-            // SAFETY: the caller guarantees both ranges; the copy is waited for below before
-            // the host range is handed back.
-            unsafe {
-                sys::cuMemcpyDtoHAsync_v2(r.host as *mut _, r.dev, r.len, self.stream).result()
-            }
-            .map_err(|e| driver("cuMemcpyDtoHAsync", e))?;
-        }
-        self.sync()
+        let spans: Vec<Span> = runs
+            .iter()
+            .map(|r| Span {
+                src: r.dev,
+                dst: r.host as u64,
+                len: r.len as u64,
+            })
+            .collect();
+        // SAFETY: the caller's guarantees for `runs` hold for these spans.
+        unsafe { self.copy(Dir::D2H, &spans) }
     }
 
     unsafe fn copy_d2d(&self, runs: &[DeviceRun]) -> Result<(), GpuError> {
+        let spans: Vec<Span> = runs
+            .iter()
+            .map(|r| Span {
+                src: r.src,
+                dst: r.dst,
+                len: r.len as u64,
+            })
+            .collect();
+        // SAFETY: the caller's guarantees for `runs` hold for these spans.
+        unsafe { self.copy(Dir::D2D, &spans) }
+    }
+
+    unsafe fn copy_h2d(&self, runs: &[Run]) -> Result<(), GpuError> {
+        let spans: Vec<Span> = runs
+            .iter()
+            .map(|r| Span {
+                src: r.host as u64,
+                dst: r.dev,
+                len: r.len as u64,
+            })
+            .collect();
+        // SAFETY: the caller's guarantees for `runs` hold for these spans.
+        unsafe { self.copy(Dir::H2D, &spans) }
+    }
+}
+
+impl CudaBackend {
+    /// Runs a batch of copies in direction `dir` by the method [`choose`] picks, and waits
+    /// for all of them.
+    ///
+    /// # Safety
+    /// As [`Backend::copy_d2h`] and its siblings: every span's ranges valid for the copy and
+    /// untouched by others until this returns.
+    unsafe fn copy(&self, dir: Dir, spans: &[Span]) -> Result<(), GpuError> {
+        if spans.is_empty() {
+            return Ok(());
+        }
         self.enter()?;
-        for r in runs {
-            // SAFETY: the caller guarantees both device ranges; waited for below.
-            unsafe { sys::cuMemcpyDtoDAsync_v2(r.dst, r.src, r.len, self.stream).result() }
-                .map_err(|e| driver("cuMemcpyDtoDAsync", e))?;
+        let bytes = spans.iter().map(|s| s.len).sum();
+        let can = Abilities {
+            batch: self.batch,
+            kernel: self.kernel.is_some() && self.host_mapped(dir, spans)?,
+        };
+        let method = choose(self.method, spans.len(), bytes, can);
+        // SAFETY: the caller's guarantees hold for every span; the kernel runs only where
+        // every host range is mapped (`can.kernel`), the batch call only where the driver
+        // has it (`can.batch`); the stream is waited for below.
+        unsafe {
+            match method {
+                CopyMethod::Kernel => self.kernel_copy(spans)?,
+                CopyMethod::Batch => self.batch_copy(spans)?,
+                CopyMethod::Memcpy | CopyMethod::Auto => self.memcpy_each(dir, spans)?,
+            }
         }
         self.sync()
     }
 
-    unsafe fn copy_h2d(&self, runs: &[Run]) -> Result<(), GpuError> {
-        self.enter()?;
-        for r in runs {
-            // SAFETY: as in `copy_d2h`, with the direction reversed.
-            unsafe {
-                sys::cuMemcpyHtoDAsync_v2(r.dev, r.host as *const _, r.len, self.stream).result()
-            }
-            .map_err(|e| driver("cuMemcpyHtoDAsync", e))?;
+    /// Whether every host side of the batch lies in memory this backend pinned and mapped.
+    fn host_mapped(&self, dir: Dir, spans: &[Span]) -> Result<bool, GpuError> {
+        let host = |s: &Span| match dir {
+            Dir::D2H => Some(s.dst),
+            Dir::H2D => Some(s.src),
+            Dir::D2D => None,
+        };
+        let registry = lock(&self.registry)?;
+        Ok(spans.iter().all(|s| {
+            host(s).is_none_or(|h| {
+                usize::try_from(h).is_ok_and(|h| registry.covers(h, s.len as usize))
+            })
+        }))
+    }
+
+    /// One `cuMemcpy*Async` per span.
+    ///
+    /// # Safety
+    /// As [`Self::copy`].
+    unsafe fn memcpy_each(&self, dir: Dir, spans: &[Span]) -> Result<(), GpuError> {
+        for s in spans {
+            let len = s.len as usize;
+            // SAFETY: the caller guarantees both ranges; waited for by `copy`.
+            let (call, r) = unsafe {
+                match dir {
+                    Dir::D2H => (
+                        "cuMemcpyDtoHAsync",
+                        sys::cuMemcpyDtoHAsync_v2(s.dst as *mut _, s.src, len, self.stream),
+                    ),
+                    Dir::H2D => (
+                        "cuMemcpyHtoDAsync",
+                        sys::cuMemcpyHtoDAsync_v2(s.dst, s.src as *const _, len, self.stream),
+                    ),
+                    Dir::D2D => (
+                        "cuMemcpyDtoDAsync",
+                        sys::cuMemcpyDtoDAsync_v2(s.dst, s.src, len, self.stream),
+                    ),
+                }
+            };
+            r.result().map_err(|e| driver(call, e))?;
         }
+        Ok(())
+    }
+
+    /// The whole batch in one `cuMemcpyBatchAsync`, ordered after earlier work on the stream.
+    ///
+    /// # Safety
+    /// As [`Self::copy`]; `self.batch` must be true (the driver has the call).
+    unsafe fn batch_copy(&self, spans: &[Span]) -> Result<(), GpuError> {
+        let mut dsts: Vec<sys::CUdeviceptr> = spans.iter().map(|s| s.dst).collect();
+        let mut srcs: Vec<sys::CUdeviceptr> = spans.iter().map(|s| s.src).collect();
+        let mut sizes: Vec<usize> = spans.iter().map(|s| s.len as usize).collect();
+        let here = sys::CUmemLocation {
+            type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+            id: self.ordinal,
+        };
+        let mut attrs = [sys::CUmemcpyAttributes {
+            srcAccessOrder: sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
+            srcLocHint: here,
+            dstLocHint: here,
+            flags: 0,
+        }];
+        let mut attr_at = [0usize];
+        let mut failed = usize::MAX;
+        // SAFETY: the three arrays hold `spans.len()` entries and live until the stream is
+        // waited for (by `copy`); one attribute applies from index 0; the caller guarantees
+        // the ranges; the driver has the call (`self.batch`).
+        unsafe {
+            sys::cuMemcpyBatchAsync(
+                dsts.as_mut_ptr(),
+                srcs.as_mut_ptr(),
+                sizes.as_mut_ptr(),
+                spans.len(),
+                attrs.as_mut_ptr(),
+                attr_at.as_mut_ptr(),
+                1,
+                &mut failed,
+                self.stream,
+            )
+            .result()
+        }
+        .map_err(|e| {
+            let at = spans
+                .get(failed)
+                .map(|s| format!(" (copy {failed}: {s:?})"));
+            let mut g = driver("cuMemcpyBatchAsync", e);
+            if let (GpuError::Driver { message, .. }, Some(at)) = (&mut g, at) {
+                message.push_str(&at);
+            }
+            g
+        })
+    }
+
+    /// The whole batch in one launch of kvd's copy kernel: the span list goes through
+    /// [`SpanList`] (held locked until the launch has finished).
+    ///
+    /// # Safety
+    /// As [`Self::copy`]; every host range must be pinned and mapped by this backend.
+    unsafe fn kernel_copy(&self, spans: &[Span]) -> Result<(), GpuError> {
+        let k = self
+            .kernel
+            .as_ref()
+            .ok_or_else(|| GpuError::Invalid("the copy kernel is not loaded".into()))?;
+        let pieces = split(spans, KERNEL_PIECE);
+        let n = u32::try_from(pieces.len())
+            .map_err(|_| GpuError::Invalid(format!("{} copies in one batch", pieces.len())))?;
+        let mut list = lock(&k.list)?;
+        // SAFETY: the lock is held, so no launch reads the buffers being replaced.
+        unsafe { list.grow(pieces.len()) }?;
+        // SAFETY: the host buffer holds at least `pieces.len()` spans and no copy reads it
+        // (the last launch finished before the lock was released).
+        unsafe {
+            std::ptr::copy_nonoverlapping(pieces.as_ptr(), list.host as *mut Span, pieces.len());
+        }
+        let bytes = std::mem::size_of_val(pieces.as_slice());
+        // SAFETY: both buffers hold `bytes`; the host one is pinned and not written again
+        // until the stream is waited for below.
+        unsafe {
+            sys::cuMemcpyHtoDAsync_v2(list.dev, list.host as *const _, bytes, self.stream).result()
+        }
+        .map_err(|e| driver("cuMemcpyHtoDAsync (copy list)", e))?;
+        let grid = n
+            .div_ceil(KERNEL_WARPS)
+            .min(self.sms.saturating_mul(KERNEL_BLOCKS_PER_SM))
+            .max(1);
+        let (mut dev_list, mut count) = (list.dev, n);
+        let mut params: [*mut std::ffi::c_void; 2] = [
+            (&mut dev_list as *mut DevicePtr).cast(),
+            (&mut count as *mut u32).cast(),
+        ];
+        // SAFETY: the kernel takes (const Run*, unsigned int), given here; the list is on the
+        // device, uploaded before it in stream order; every span's ranges are device memory
+        // or host memory this backend mapped (checked by `copy`), as the caller guarantees.
+        unsafe {
+            result::launch_kernel(
+                k.function,
+                (grid, 1, 1),
+                (KERNEL_THREADS, 1, 1),
+                0,
+                self.stream,
+                &mut params,
+            )
+        }
+        .map_err(|e| driver("cuLaunchKernel (copy kernel)", e))?;
         self.sync()
+    }
+}
+
+impl SpanList {
+    /// Makes room for `n` spans (doubling), replacing both buffers when they are too small.
+    ///
+    /// # Safety
+    /// No launch may be reading the buffers (the caller holds the lock between launches).
+    unsafe fn grow(&mut self, n: usize) -> Result<(), GpuError> {
+        if self.cap >= n {
+            return Ok(());
+        }
+        // SAFETY: as the caller guarantees.
+        unsafe { self.free() };
+        let cap = n.next_power_of_two();
+        let bytes = cap * std::mem::size_of::<Span>();
+        // SAFETY: plain allocations; freed by `free`.
+        unsafe {
+            self.host =
+                result::malloc_host(bytes, 0).map_err(|e| driver("cuMemAllocHost", e))? as usize;
+            self.dev = result::malloc_sync(bytes).map_err(|e| driver("cuMemAlloc", e))?;
+        }
+        self.cap = cap;
+        Ok(())
+    }
+
+    /// Frees both buffers.
+    ///
+    /// # Safety
+    /// No launch may be reading them.
+    unsafe fn free(&mut self) {
+        // SAFETY: each buffer came from `grow` and nothing reads it (as the caller
+        // guarantees); failures leave nothing to do but forget the buffer.
+        unsafe {
+            if self.host != 0 {
+                let _ = result::free_host(self.host as *mut std::ffi::c_void);
+            }
+            if self.dev != 0 {
+                let _ = result::free_sync(self.dev);
+            }
+        }
+        *self = SpanList::default();
     }
 }
 
@@ -246,9 +643,127 @@ impl Backend for CudaBackend {
 mod tests {
     use super::*;
 
+    /// Opens device 0 with `method`; `None` (saying why) where this machine or driver cannot.
+    fn open(method: CopyMethod) -> Option<CudaBackend> {
+        match CudaBackend::open(0, method) {
+            Ok(b) => Some(b),
+            Err(GpuError::Unavailable(why)) => {
+                eprintln!("SKIPPED: copy method {method}: {why}");
+                None
+            }
+            Err(e) => panic!("opening CUDA device 0 for {method}: {e}"),
+        }
+    }
+
+    const PAGE: usize = 2048;
+    const PAGES: usize = 1024;
+
+    /// Scatters `PAGES` pages of a host buffer into device pages in reverse order, one run
+    /// each, copies them device to device, gathers them back into another host buffer the
+    /// same way, plus one unaligned run; every byte must come back where it belongs.
+    fn scatter_gather(b: &CudaBackend, pin: bool) {
+        let len = PAGE * PAGES;
+        let src: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4093) as u8).collect();
+        let mut back = vec![0u8; len];
+        if pin {
+            // SAFETY: both buffers live until they are unregistered at the end.
+            unsafe {
+                b.register_host(src.as_ptr() as *mut u8, len).unwrap();
+                b.register_host(back.as_mut_ptr(), len).unwrap();
+            }
+        }
+        let dev = b.alloc(2 * len).unwrap();
+        let page = |i: usize| dev + ((PAGES - 1 - i) * PAGE) as u64;
+        let up: Vec<Run> = (0..PAGES)
+            .map(|i| Run {
+                dev: page(i),
+                host: src.as_ptr() as usize + i * PAGE,
+                len: PAGE,
+            })
+            .collect();
+        let across: Vec<DeviceRun> = (0..PAGES)
+            .map(|i| DeviceRun {
+                src: page(i),
+                dst: page(i) + len as u64,
+                len: PAGE,
+            })
+            .collect();
+        let mut down: Vec<Run> = (0..PAGES)
+            .map(|i| Run {
+                dev: page(i) + len as u64,
+                host: back.as_mut_ptr() as usize + i * PAGE,
+                len: PAGE,
+            })
+            .collect();
+        // Not 16-byte aligned or sized: the kernel's byte loop.
+        down[7] = Run {
+            dev: page(7) + len as u64 + 3,
+            host: back.as_mut_ptr() as usize + 7 * PAGE + 3,
+            len: PAGE - 5,
+        };
+        // SAFETY: every range lies in `dev` (2 * len bytes), `src` or `back`, all alive.
+        unsafe {
+            b.copy_h2d(&up).unwrap();
+            b.copy_d2d(&across).unwrap();
+            b.copy_d2h(&down).unwrap();
+        }
+        let mut want = src.clone();
+        want[7 * PAGE..7 * PAGE + 3].fill(0);
+        want[8 * PAGE - 2..8 * PAGE].fill(0);
+        assert!(
+            back == want,
+            "{}: bytes differ after the round trip",
+            b.method()
+        );
+        // One long run each way (cut into pieces for the kernel).
+        back.fill(0);
+        let whole = |host: usize| {
+            [Run {
+                dev: dev + len as u64,
+                host,
+                len,
+            }]
+        };
+        // SAFETY: as above.
+        unsafe {
+            b.copy_h2d(&whole(src.as_ptr() as usize)).unwrap();
+            b.copy_d2h(&whole(back.as_mut_ptr() as usize)).unwrap();
+        }
+        assert!(
+            back == src,
+            "{}: a long run differs after the round trip",
+            b.method()
+        );
+        // SAFETY: registered above (when `pin`), no copy in flight; `dev` is unused now.
+        unsafe {
+            if pin {
+                b.unregister_host(src.as_ptr() as *mut u8).unwrap();
+                b.unregister_host(back.as_mut_ptr()).unwrap();
+            }
+            b.free(dev).unwrap();
+        }
+    }
+
+    #[test]
+    fn every_copy_method_moves_pages_bit_for_bit() {
+        let Some(first) = open(CopyMethod::Memcpy) else {
+            return;
+        };
+        scatter_gather(&first, true);
+        drop(first);
+        for method in [CopyMethod::Batch, CopyMethod::Kernel, CopyMethod::Auto] {
+            if let Some(b) = open(method) {
+                scatter_gather(&b, true);
+                // Unpinned host memory: the kernel must not touch it (one copy per run).
+                scatter_gather(&b, false);
+                eprintln!("ok: {}", b.name());
+            }
+        }
+    }
+
     #[test]
     fn opens_a_device_or_says_why_not() {
-        match CudaBackend::open(0) {
+        match CudaBackend::open(0, CopyMethod::Auto) {
             Ok(b) => {
                 let dev = b.alloc(1 << 20).unwrap();
                 let src: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7) as u8).collect();

@@ -11,9 +11,11 @@
 //!   and CI, which have no GPU, run every plan through it.
 //! - `cuda::CudaBackend` (feature `cuda`): the CUDA driver API through cudarc, loaded at run
 //!   time, so building needs no CUDA toolkit; opening it on a machine without libcuda is a
-//!   clear [`GpuError::Unavailable`], never a panic.
+//!   clear [`GpuError::Unavailable`], never a panic. Batches of small copies go through one
+//!   driver call or one launch of kvd's copy kernel ([`method`]).
 
 pub mod host;
+pub mod method;
 pub mod plan;
 pub mod register;
 

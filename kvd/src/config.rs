@@ -446,6 +446,10 @@ pub struct GpuConfig {
     pub pool_bytes: ByteSize,
     /// Threads computing the checksums of blocks a daemon-driven save stored.
     pub seal_threads: u32,
+    /// How batches of page copies are issued on CUDA: `auto` (kvd's copy kernel for batches
+    /// of small pages, one driver copy per page for large ones), `memcpy`, `batch`
+    /// (`cuMemcpyBatchAsync`) or `kernel`. The host backend ignores it.
+    pub copy_method: kvd_gpu::method::CopyMethod,
 }
 
 impl Default for GpuConfig {
@@ -457,7 +461,8 @@ impl Default for GpuConfig {
             pin_chunk_bytes: ByteSize(1 << 30),
             pin_threads: 8,
             pool_bytes: ByteSize(0),
-            seal_threads: 4,
+            seal_threads: 8,
+            copy_method: kvd_gpu::method::CopyMethod::Auto,
         }
     }
 }

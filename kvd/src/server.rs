@@ -577,8 +577,9 @@ fn dispatch(
 }
 
 /// A connection's daemon-driven GPU transfer state: its attachments (unmapped when the
-/// connection ends) and the checksum sealing of its last save, which runs after the reply
-/// and is waited for before the next save (one batch sealing at a time per connection).
+/// connection ends) and the checksum sealing of its last save, which runs after the reply,
+/// beside the next save's copies, and is waited for before that save's sealing starts (one
+/// batch sealing at a time per connection).
 #[derive(Default)]
 struct GpuState {
     attachments: HashMap<u32, Arc<Attachment>>,
@@ -617,13 +618,6 @@ impl GpuState {
                  are unavailable; copy through the arena instead",
             ));
         };
-        if matches!(req, Request::GpuSave { .. }) {
-            // At most one batch waits for its checksums per connection: a save waits for the
-            // last one's sealing (loads run beside it).
-            if let Some(s) = self.sealing.take() {
-                s.await.map_err(joined)?;
-            }
-        }
         Ok(match req {
             Request::GpuAttach { ns, shares, layers } => {
                 if self.attachments.len() >= MAX_ATTACHMENTS {
@@ -673,6 +667,12 @@ impl GpuState {
                 .await
                 .map_err(joined)??;
                 let (a, entries) = entries;
+                // At most one batch waits for its checksums per connection: the last one's
+                // sealing ran beside this batch's copies (they touch other blocks) and is
+                // waited for before this one's starts.
+                if let Some(s) = self.sealing.take() {
+                    s.await.map_err(joined)?;
+                }
                 if !entries.is_empty() {
                     let threads = daemon.cfg.gpu.seal_threads as usize;
                     self.sealing = Some(tokio::task::spawn_blocking(move || {

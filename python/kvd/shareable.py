@@ -60,6 +60,36 @@ def share_of(t: torch.Tensor) -> tuple[int, int, int] | None:
     return None
 
 
+CUDA_IPC_HANDLE_BYTES = 64
+"""``sizeof(cudaIpcMemHandle_t)``: what kvd's CUDA backend opens."""
+
+_TORCH_CUDA_MALLOC = ord("c")
+_TORCH_EXPANDABLE_SEGMENT = ord("e")
+
+
+def cuda_ipc_handle(shared: bytes) -> bytes:
+    """The ``cudaIpcMemHandle_t`` inside the handle torch's ``_share_cuda_`` returns.
+
+    Older torch returns the 64-byte handle itself; torch 2.x a versioned one: a version byte
+    (2 up to torch 2.12, 3 from 2.13), a type byte (``c`` for a ``cudaMalloc`` segment, the
+    64-byte handle follows; ``e`` for an expandable segment, which has no CUDA IPC handle)
+    and the payload. Raises ValueError, saying what to do, for anything else."""
+    if len(shared) == CUDA_IPC_HANDLE_BYTES:
+        return shared
+    if len(shared) >= 2 and shared[1] == _TORCH_EXPANDABLE_SEGMENT:
+        raise ValueError(
+            "the KV cache lives in a torch expandable segment, which has no CUDA IPC handle: "
+            "start the engine with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False for "
+            "daemon-driven copies"
+        )
+    if len(shared) == 2 + CUDA_IPC_HANDLE_BYTES and shared[1] == _TORCH_CUDA_MALLOC:
+        return shared[2:]
+    raise ValueError(
+        f"unknown torch CUDA IPC handle: {len(shared)} bytes starting {shared[:2].hex()} "
+        f"(kvd reads a raw {CUDA_IPC_HANDLE_BYTES}-byte handle or torch's versioned 'c' handle)"
+    )
+
+
 def share(pages: list[torch.Tensor]) -> tuple[list[tuple[Any, ...]], list[tuple[int, int, int, int, int]]]:
     """What ``Client.gpu_attach`` needs to map ``pages`` (``[num_blocks, page]`` uint8 views)
     in kvd: one share per distinct allocation and ``(share, offset, stride, page, pages)`` per
@@ -72,7 +102,7 @@ def share(pages: list[torch.Tensor]) -> tuple[list[tuple[Any, ...]], list[tuple[
             storage = p.untyped_storage()
             # (device, handle, size, offset of the storage in the allocation, ...)
             shared = storage._share_cuda_()
-            handle, storage_offset = bytes(shared[1]), int(shared[3])
+            handle, storage_offset = cuda_ipc_handle(bytes(shared[1])), int(shared[3])
             key: Any = ("cuda", handle)
             offset = storage_offset + (p.data_ptr() - storage.data_ptr())
             entry: tuple[Any, ...] = ("cuda_ipc", handle)

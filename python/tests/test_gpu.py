@@ -88,3 +88,15 @@ def test_a_daemon_without_gpu_backend_says_unsupported(client):
     ns = ns_of(client)
     with pytest.raises(kvd.KvdUnsupported, match="gpu.backend"):
         attach(client, ns, cache())
+
+
+def test_torch_cuda_ipc_handles_are_unwrapped_to_the_driver_handle():
+    raw = bytes(range(64))
+    assert shareable.cuda_ipc_handle(raw) == raw
+    for version in (2, 3):
+        assert shareable.cuda_ipc_handle(bytes([version, ord("c")]) + raw) == raw
+    with pytest.raises(ValueError, match="expandable_segments:False"):
+        shareable.cuda_ipc_handle(bytes([2, ord("e")]) + bytes(40))
+    for bad in (b"", bytes(65), bytes([2, ord("x")]) + raw):
+        with pytest.raises(ValueError, match="unknown torch CUDA IPC handle"):
+            shareable.cuda_ipc_handle(bad)

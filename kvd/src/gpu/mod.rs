@@ -13,6 +13,7 @@ pub mod pool;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kvd_gpu::method::CopyMethod;
 use kvd_gpu::{Backend, GpuError};
 
 use crate::config::{GpuBackendKind, GpuConfig};
@@ -57,19 +58,21 @@ pub fn open(cfg: &GpuConfig) -> Result<Option<Arc<dyn Backend>>, GpuError> {
     match cfg.backend {
         GpuBackendKind::Off => Ok(None),
         GpuBackendKind::Host => Ok(Some(Arc::new(kvd_gpu::host::HostBackend::new()))),
-        GpuBackendKind::Cuda => open_cuda(cfg.device),
+        GpuBackendKind::Cuda => open_cuda(cfg.device, cfg.copy_method),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn open_cuda(device: u32) -> Result<Option<Arc<dyn Backend>>, GpuError> {
+fn open_cuda(device: u32, method: CopyMethod) -> Result<Option<Arc<dyn Backend>>, GpuError> {
     let ordinal = i32::try_from(device)
         .map_err(|_| GpuError::Invalid(format!("device {device} out of range")))?;
-    Ok(Some(Arc::new(kvd_gpu::cuda::CudaBackend::open(ordinal)?)))
+    Ok(Some(Arc::new(kvd_gpu::cuda::CudaBackend::open(
+        ordinal, method,
+    )?)))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn open_cuda(_device: u32) -> Result<Option<Arc<dyn Backend>>, GpuError> {
+fn open_cuda(_device: u32, _method: CopyMethod) -> Result<Option<Arc<dyn Backend>>, GpuError> {
     // Config validation refuses this first; kept as an error rather than a panic.
     Err(GpuError::Unavailable(
         "this kvd was built without the `cuda` feature".into(),

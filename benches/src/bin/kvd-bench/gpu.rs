@@ -9,7 +9,9 @@
 //! Per size and round: kvd saves every block (device → its arena; D2H) and loads every block
 //! back into other pages (arena → device; H2D), each timed from the client's side; the
 //! reference copies the same pages between the same device buffer and a pinned host buffer
-//! with the same batched plans. The warm-up round checks every loaded byte.
+//! with the same batched plans and copy method (`--copy-method`); the gather and scatter rows
+//! set those paged copies beside one contiguous copy of the same bytes each way (the bus's
+//! own rate). The warm-up round checks every loaded byte.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use anyhow::bail;
 use kvd_benches::{fill, Record};
 use kvd_client::gpu::{BlockCode, GpuLayer, GpuShare};
 use kvd_client::NamespaceDesc;
+use kvd_gpu::method::CopyMethod;
 use kvd_gpu::plan::{block_runs, Layer};
 use kvd_gpu::{Backend, DevicePtr, Run, Shared};
 use kvd_shm::map::HugePages;
@@ -60,6 +63,14 @@ pub struct GpuArgs {
     /// blocks still pooled are then device-to-device copies (compare with `--pool-bytes 0`).
     #[arg(long, default_value = "0")]
     pool_bytes: String,
+    /// How batches of page copies are issued, by kvd (`gpu.copy_method`) and by this
+    /// process's reference copies alike: auto, memcpy (one driver copy per page), batch
+    /// (cuMemcpyBatchAsync) or kernel (kvd's copy kernel). CUDA only.
+    #[arg(long, default_value = "auto")]
+    copy_method: CopyMethod,
+    /// Threads kvd computes the checksums of saved blocks on (`gpu.seal_threads`).
+    #[arg(long, default_value_t = 8)]
+    seal_threads: u32,
     /// Print one JSON object per line.
     #[arg(long)]
     json: bool,
@@ -68,13 +79,16 @@ pub struct GpuArgs {
 /// The engine's KV memory: device memory this process can copy to and from, shared with kvd.
 struct Engine {
     backend: Arc<dyn Backend>,
+    /// The same device with one driver copy per run (DMA by the copy engines): the
+    /// contiguous reference copies, whatever `--copy-method` says.
+    dma: Arc<dyn Backend>,
     base: DevicePtr,
     share: GpuShare,
     fd: Option<OwnedFd>,
 }
 
 impl Engine {
-    fn new(kind: &str, device: u32, len: u64) -> anyhow::Result<Engine> {
+    fn new(kind: &str, device: u32, method: CopyMethod, len: u64) -> anyhow::Result<Engine> {
         match kind {
             "host" => {
                 let fd = kvd_shm::map::create_memfd("kvd-bench-engine", len, HugePages::Off)?;
@@ -84,25 +98,28 @@ impl Engine {
                     len,
                 })?;
                 Ok(Engine {
+                    dma: backend.clone(),
                     backend,
                     base: m.base,
                     share: GpuShare::Fd { len },
                     fd: Some(fd),
                 })
             }
-            "cuda" => cuda_engine(device, len),
+            "cuda" => cuda_engine(device, method, len),
             other => bail!("--backend must be host or cuda, not {other:?}"),
         }
     }
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_engine(device: u32, len: u64) -> anyhow::Result<Engine> {
-    let b = kvd_gpu::cuda::CudaBackend::open(i32::try_from(device)?)?;
+fn cuda_engine(device: u32, method: CopyMethod, len: u64) -> anyhow::Result<Engine> {
+    let b = kvd_gpu::cuda::CudaBackend::open(i32::try_from(device)?, method)?;
     let base = b.alloc(usize::try_from(len)?)?;
     let handle = b.ipc_handle(base)?;
+    let dma = kvd_gpu::cuda::CudaBackend::open(i32::try_from(device)?, CopyMethod::Memcpy)?;
     Ok(Engine {
         backend: Arc::new(b),
+        dma: Arc::new(dma),
         base,
         share: GpuShare::CudaIpc(handle),
         fd: None,
@@ -110,7 +127,7 @@ fn cuda_engine(device: u32, len: u64) -> anyhow::Result<Engine> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_engine(_device: u32, _len: u64) -> anyhow::Result<Engine> {
+fn cuda_engine(_device: u32, _method: CopyMethod, _len: u64) -> anyhow::Result<Engine> {
     bail!("this kvd-bench was built without the cuda feature: cargo build --release -p kvd-benches --features cuda (and kvd with --features cuda)")
 }
 
@@ -182,6 +199,8 @@ pub fn run(a: GpuArgs) -> anyhow::Result<()> {
         format!("gpu.backend={}", a.backend),
         format!("gpu.device={}", a.device),
         format!("gpu.pool_bytes={}", super::parse_size(&a.pool_bytes)?),
+        format!("gpu.copy_method={}", a.copy_method),
+        format!("gpu.seal_threads={}", a.seal_threads),
     ];
     let arena = total + (64 << 20) + 4 * max;
     let (_daemon, socket) = spawn_daemon_with(arena, max, &sets)?;
@@ -189,8 +208,8 @@ pub fn run(a: GpuArgs) -> anyhow::Result<()> {
     let ns = client.open_namespace(&NamespaceDesc::new("kvd-bench", "bytes", "gpu", 16))?;
     if !a.json {
         println!(
-            "kvd-bench gpu: backend {}, {} per size, direction and round, {} layer buffer(s) per block, T0 pool {}, {} rounds after a warm-up round that checks every byte",
-            a.backend, a.total, a.layers, a.pool_bytes, a.rounds
+            "kvd-bench gpu: backend {}, copies {}, {} seal threads, {} per size, direction and round, {} layer buffer(s) per block, T0 pool {}, {} rounds after a warm-up round that checks every byte",
+            a.backend, a.copy_method, a.seal_threads, a.total, a.layers, a.pool_bytes, a.rounds
         );
     }
     for &size in &sizes {
@@ -199,7 +218,7 @@ pub fn run(a: GpuArgs) -> anyhow::Result<()> {
         // Two halves: blocks are saved from pages [0, n) and loaded into pages [n, 2n).
         let pages = 2 * n as u64;
         let len = pages * size as u64;
-        let engine = Engine::new(&a.backend, a.device, len)?;
+        let engine = Engine::new(&a.backend, a.device, a.copy_method, len)?;
         let layers: Vec<Layer> = (0..a.layers)
             .map(|l| Layer {
                 base: engine.base + l * pages * page,
@@ -250,9 +269,9 @@ pub fn run(a: GpuArgs) -> anyhow::Result<()> {
         let save_ids: Vec<u32> = (0..n as u32).collect();
         let load_ids: Vec<u32> = (n as u32..2 * n as u32).collect();
         let bytes = n * size;
-        let (mut d2h, mut h2d, mut r_d2h, mut r_h2d, mut contig) =
-            (vec![], vec![], vec![], vec![], vec![]);
-        let (mut q_d2h, mut q_h2d, mut q_gather) = (vec![], vec![], vec![]);
+        let (mut d2h, mut h2d, mut r_d2h, mut r_h2d) = (vec![], vec![], vec![], vec![]);
+        let (mut contig, mut contig_up) = (vec![], vec![]);
+        let (mut q_d2h, mut q_h2d, mut q_gather, mut q_scatter) = (vec![], vec![], vec![], vec![]);
         for round in 0..=a.rounds {
             client.delete(&ns.id, &keys)?;
             // kvd: save every block, then load it into the other half.
@@ -285,15 +304,18 @@ pub fn run(a: GpuArgs) -> anyhow::Result<()> {
             // Reference: the same pages, plans and batches, copied by this process.
             let ref_d2h = gbps(bytes, timed(engine.backend.as_ref(), &save_plan, true)?);
             let ref_h2d = gbps(bytes, timed(engine.backend.as_ref(), &load_plan, false)?);
-            let one = gbps(bytes, timed(engine.backend.as_ref(), &contiguous, true)?);
+            let one = gbps(bytes, timed(engine.dma.as_ref(), &contiguous, true)?);
+            let one_up = gbps(bytes, timed(engine.dma.as_ref(), &contiguous, false)?);
             d2h.push(kvd_d2h);
             h2d.push(kvd_h2d);
             r_d2h.push(ref_d2h);
             r_h2d.push(ref_h2d);
             contig.push(one);
+            contig_up.push(one_up);
             q_d2h.push(kvd_d2h / ref_d2h);
             q_h2d.push(kvd_h2d / ref_h2d);
             q_gather.push(ref_d2h / one);
+            q_scatter.push(ref_h2d / one_up);
         }
         client.gpu_detach(&att)?;
         client.delete(&ns.id, &keys)?;
@@ -311,7 +333,7 @@ pub fn run(a: GpuArgs) -> anyhow::Result<()> {
                 "load_h2d",
                 size,
                 median(h2d),
-                median(r_h2d),
+                median(r_h2d.clone()),
                 median(q_h2d),
                 ops,
             ),
@@ -323,6 +345,14 @@ pub fn run(a: GpuArgs) -> anyhow::Result<()> {
                 median(q_gather),
                 ops,
             ),
+            record(
+                "scatter",
+                size,
+                median(r_h2d),
+                median(contig_up),
+                median(q_scatter),
+                ops,
+            ),
         ];
         for r in &rows {
             if a.json {
@@ -331,7 +361,8 @@ pub fn run(a: GpuArgs) -> anyhow::Result<()> {
                 let what = match r.op {
                     "save_d2h" => "kvd save (D2H)  vs same copies here",
                     "load_h2d" => "kvd load (H2D)  vs same copies here",
-                    _ => "paged gather    vs one contiguous copy",
+                    "gather" => "paged gather    vs one contiguous copy (D2H)",
+                    _ => "paged scatter   vs one contiguous copy (H2D)",
                 };
                 println!(
                     "gpu {:>8} KiB x{n:<6} {what}: {:>7.2} GB/s vs {:>7.2} GB/s  ratio {:>5.2}",
