@@ -3,11 +3,11 @@
 # scripts/gpu-pack.sh packed into .gpu/ (carried there by the `device` tool):
 #   1. kvd-gpu's CUDA tests (open device 0; every copy method — one driver copy per page,
 #      cuMemcpyBatchAsync, kvd's copy kernel, auto — scatters, copies and gathers 1024 pages
-#      bit for bit, pinned and unpinned),
+#      bit for bit, pinned and unpinned; checksums computed on the GPU equal twox-hash's),
 #   2. kvd-bench gpu --backend cuda: kvd's daemon-driven D2H/H2D beside the same copies made
 #      in-process with the same method, 1 and 32 layer buffers per block; paged gathers and
-#      scatters beside one contiguous cuMemcpyAsync of the same bytes; a T0 pool; fewer seal
-#      threads (is checksum sealing the bottleneck?); the other copy methods at 32 layers,
+#      scatters beside one contiguous cuMemcpyAsync of the same bytes; a T0 pool; one driver
+#      copy per page at 32 layers,
 #   3. python/tests/test_gpu_engines.py on CUDA: 1000 rounds saved by one process and loaded
 #      bit for bit by another through CUDA IPC, and engines killed mid-transfer.
 # Every step is bounded by `timeout`; the whole run takes about 5 minutes on an H200. Logs go
@@ -29,10 +29,8 @@ export KVD_BIN_DIR="$PWD/.gpu/bin" KVD_BIN="$PWD/.gpu/bin/kvd" PYTHONUNBUFFERED=
 steps="${GPU_VERIFY_STEPS:-tests engines bench}"
 sizes="64KiB,256KiB,1MiB,4MiB"
 # What each figure is for: auto (the default) at 1 and 32 layers per block against the issue's
-# targets; the T0 pool; 4 seal threads beside the default 8; the other copy methods at 32 layers
-# for comparison with auto (kvd's kernel there).
-default_bench="--layers 1;--layers 32;--layers 1 --pool-bytes 4GiB;--layers 1 --seal-threads 4 --sizes 1MiB,4MiB"
-default_bench+=";--layers 32 --copy-method memcpy --sizes 256KiB,4MiB;--layers 32 --copy-method batch --sizes 256KiB,4MiB"
+# targets; the T0 pool; one driver copy per page at 32 layers, beside auto (kvd's kernel there).
+default_bench="--layers 1;--layers 32;--layers 1 --pool-bytes 4GiB;--layers 32 --copy-method memcpy --sizes 256KiB,4MiB"
 status=0
 deadline=$((SECONDS + ${GPU_VERIFY_BUDGET:-480}))
 step() { echo; echo "==> $* ($(date +%T), ${SECONDS}s)"; }

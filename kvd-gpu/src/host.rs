@@ -9,10 +9,13 @@
 //! two processes run in CI too.
 
 use std::collections::BTreeMap;
+use std::hash::Hasher;
 use std::sync::Mutex;
 
 use kvd_shm::Mapping;
+use twox_hash::XxHash3_64;
 
+use crate::plan::Layer;
 use crate::{Backend, DevicePtr, DeviceRun, GpuError, Mapped, Run, Shared};
 
 /// Host memory standing in for a device.
@@ -217,12 +220,36 @@ impl Backend for HostBackend {
         }
         Ok(())
     }
+
+    /// The checksums computed from the "device" pages, as the CUDA backend's kernel does.
+    fn checksums(&self, layers: &[Layer], ids: &[u64]) -> Result<Option<Vec<u64>>, GpuError> {
+        let mut sums = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let mut h = XxHash3_64::new();
+            for (i, l) in layers.iter().enumerate() {
+                if id >= l.pages {
+                    return Err(GpuError::Invalid(format!(
+                        "page {id} is out of range for layer {i} ({} pages)",
+                        l.pages
+                    )));
+                }
+                let len = usize::try_from(l.page)
+                    .map_err(|_| GpuError::Invalid("page larger than the address space".into()))?;
+                let at = self.device_range(l.base + id * l.stride, len)?;
+                // SAFETY: `device_range` checked the page lies in a live allocation or import;
+                // the engine may write its own pages meanwhile, as a device would let it.
+                h.write(unsafe { std::slice::from_raw_parts(at, len) });
+            }
+            sums.push(h.finish());
+        }
+        Ok(Some(sums))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::{block_bytes, block_runs, Layer};
+    use crate::plan::{block_bytes, block_runs};
     use proptest::prelude::*;
 
     /// A paged "engine" KV cache of `layers` layers on `backend`, each page filled with
@@ -310,6 +337,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn checksums_of_pages_are_the_checksums_of_the_gathered_blocks() {
+        let backend = HostBackend::new();
+        let a = engine(&backend, 3, 6, 256, 512);
+        fill(&backend, &a, 5);
+        let per = block_bytes(&a) as usize;
+        let ids = [4u64, 0, 5];
+        let mut arena = vec![0u8; per * ids.len()];
+        let slots: Vec<usize> = (0..ids.len())
+            .map(|i| arena.as_mut_ptr() as usize + i * per)
+            .collect();
+        // SAFETY: slots lie in `arena`, which nothing else touches meanwhile.
+        unsafe { backend.copy_d2h(&block_runs(&a, &ids, &slots).unwrap()) }.unwrap();
+        let want: Vec<u64> = arena
+            .chunks(per)
+            .map(twox_hash::XxHash3_64::oneshot)
+            .collect();
+        assert_eq!(backend.checksums(&a, &ids).unwrap(), Some(want));
+        let e = backend.checksums(&a, &[6]).unwrap_err();
+        assert!(e.to_string().contains("out of range"), "{e}");
     }
 
     #[test]

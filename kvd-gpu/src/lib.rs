@@ -155,6 +155,25 @@ pub trait Backend: Send + Sync {
     /// destination must not be in use by anyone else meanwhile.
     unsafe fn copy_d2d(&self, runs: &[DeviceRun]) -> Result<(), GpuError>;
 
+    /// Whether copying `runs` device to host would keep the device's SMs busy (kvd's copy
+    /// kernel) rather than its copy engines alone. Checksums computed on the device would then
+    /// compete with the copy for the SMs (on an H200, 32-layer saves of 4 MiB blocks ran at
+    /// 0.77x the bus with them, 0.95x with CPU threads hashing the copy), so callers hash on the
+    /// CPU instead.
+    fn d2h_uses_sms(&self, runs: &[Run]) -> bool {
+        let _ = runs;
+        false
+    }
+
+    /// The XXH3-64 checksum (kvd's block checksum) of each block `ids[i]` of `layers`, a
+    /// block being one page of every layer in order (as [`plan::block_runs`] copies it),
+    /// computed where the pages lie; `Ok(None)` when this backend cannot for these layers
+    /// (the caller then hashes its copy). Runs beside copies on other threads.
+    fn checksums(&self, layers: &[plan::Layer], ids: &[u64]) -> Result<Option<Vec<u64>>, GpuError> {
+        let _ = (layers, ids);
+        Ok(None)
+    }
+
     /// Copies every run from the host to the device and waits until all have landed.
     ///
     /// # Safety

@@ -5,17 +5,18 @@
 //! `cuMemcpyAsync` per run costs microseconds of driver time apiece, longer than a small run
 //! takes over PCIe, so gathers of small pages are driver-bound. `cuMemcpyBatchAsync` (CUDA
 //! 12.8) hands the driver the whole list in one call and keeps the copy engines; kvd's copy
-//! kernel (`kernels/copy_runs.cu`) moves every run in one launch with the SMs' own loads and
-//! stores, which needs host memory mapped for the device. Large runs gain nothing from either.
+//! kernel (`kernels/kvd.cu`) moves every run in one launch with the SMs' own loads and stores,
+//! which needs host memory mapped for the device. Large runs gain nothing from either.
 //! The pure parts live here, so they are tested without a GPU.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
 
-/// The copy kernel's PTX (`kernels/copy_runs.cu`, built by scripts/gpu-kernels.sh), NUL
-/// terminated for `cuModuleLoadData`; the driver compiles it for the device at start.
+/// kvd's kernels as PTX (`kernels/kvd.cu`, built by scripts/gpu-kernels.sh: the copy kernel
+/// and the checksum kernel), NUL terminated for `cuModuleLoadData`; the driver compiles it for
+/// the device at start.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub(crate) const COPY_KERNEL_PTX: &str = concat!(include_str!("../kernels/copy_runs.ptx"), "\0");
+pub(crate) const KERNELS_PTX: &str = concat!(include_str!("../kernels/kvd.ptx"), "\0");
 
 /// One copy between two addresses the device can reach (device memory, or pinned host memory
 /// mapped for the device), in the layout the copy kernel reads: three native-endian `u64`s.
@@ -278,20 +279,21 @@ mod tests {
     }
 
     #[test]
-    fn the_embedded_kernel_is_built_from_the_committed_source() {
+    fn the_embedded_kernels_are_built_from_the_committed_source() {
         use sha2::Digest;
-        let source = include_bytes!("../kernels/copy_runs.cu");
+        let source = include_bytes!("../kernels/kvd.cu");
         let sum: String = sha2::Sha256::digest(source)
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        let first = COPY_KERNEL_PTX.lines().next().unwrap_or_default();
+        let first = KERNELS_PTX.lines().next().unwrap_or_default();
         assert!(
             first.contains(&sum),
-            "kernels/copy_runs.ptx was not built from copy_runs.cu as committed: run \
+            "kernels/kvd.ptx was not built from kvd.cu as committed: run \
              scripts/gpu-kernels.sh (first line: {first})"
         );
-        assert!(COPY_KERNEL_PTX.contains(".entry kvd_copy_runs("));
-        assert!(COPY_KERNEL_PTX.ends_with('\0'));
+        assert!(KERNELS_PTX.contains(".entry kvd_copy_runs("));
+        assert!(KERNELS_PTX.contains(".entry kvd_xxh3_blocks("));
+        assert!(KERNELS_PTX.ends_with('\0'));
     }
 }

@@ -9,19 +9,21 @@
 //! attachments drop and every mapping is closed, so no stale IPC mapping outlives the engine
 //! (a copy in flight finishes first: it holds the attachment).
 //!
-//! Saves reserve slots, copy, and commit unsealed blocks; their checksums are computed after
-//! the reply ([`seal`]), off the engine's critical path, the way ring commits are sealed off
-//! the request path. With a T0 pool ([`super::pool`]) saved blocks are also copied device to
-//! device into it. Loads take a block's pooled copy when there is one (device to device, no
-//! checksum: it came straight from an engine's pages), else a DRAM read lease, check size (and
-//! checksum when asked and known), copy, and release.
+//! Saves reserve slots, copy, and commit. Their checksums come from the backend where it can
+//! compute them from the engine's pages (CUDA: kvd's checksum kernel, on its own stream beside
+//! a copy that leaves the SMs free, so the CPU never reads the bytes); otherwise blocks are
+//! committed unsealed and hashed after the reply ([`seal`]), off the engine's critical path,
+//! the way ring commits are sealed off the request path. With a T0 pool ([`super::pool`])
+//! saved blocks are also copied device to device into it. Loads take a block's pooled copy when
+//! there is one (device to device, no checksum: it came straight from an engine's pages), else
+//! a DRAM read lease, check size (and checksum when asked and known), copy, and release.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use kvd_gpu::plan::{block_bytes, block_runs, extent, Layer};
-use kvd_gpu::{Backend, DevicePtr, DeviceRun, GpuError, Shared};
+use kvd_gpu::{Backend, DevicePtr, DeviceRun, GpuError, Run, Shared};
 use kvd_proto::frame::ErrorCode;
 use kvd_proto::gpu::{BlockCode, GpuLayer, GpuShare};
 use kvd_proto::{BlockKey, NamespaceId};
@@ -261,17 +263,17 @@ impl Attachment {
                 continue;
             }
             let runs = block_runs(&self.layers, &ids, &hosts).map_err(|e| bad(e.to_string()))?;
-            // SAFETY: every device range lies inside a layer checked against its live import
-            // at attach (and re-checked by the plan); every host range is a slot reserved
-            // above, `len` bytes, written by nobody else until committed.
-            unsafe { self.backend.copy_d2h(&runs) }.map_err(|e| driver_error(&self.counters, e))?;
+            let sums = self.copy_and_checksum(&runs, &ids)?;
             let now = daemon.now_ms();
             let mut store = ns.store.lock();
             let mut stored = Vec::with_capacity(ids.len());
-            for ((i, k, slot), &id) in held.slots.drain(..).zip(&ids) {
+            for (j, ((i, k, slot), &id)) in held.slots.drain(..).zip(&ids).enumerate() {
                 match store.commit(&k, slot, len, now) {
                     Committed::Stored(entry) => {
-                        committed.push(entry);
+                        match sums.as_ref().and_then(|s| s.get(j)) {
+                            Some(&sum) if store.hold(entry).is_some() => store.seal(entry, sum),
+                            _ => committed.push(entry),
+                        }
                         stored.push((k, id));
                     }
                     Committed::Duplicate => codes[i] = BlockCode::Exists,
@@ -424,6 +426,48 @@ impl Attachment {
 }
 
 impl Attachment {
+    /// Copies a save's pages into their slots and, on a second thread meanwhile, has the
+    /// backend compute the blocks' checksums from the pages — unless the copy itself keeps the
+    /// device's SMs busy; `None` when the backend does not (or failed: counted), and the blocks
+    /// are then sealed on the CPU.
+    fn copy_and_checksum(&self, runs: &[Run], ids: &[u64]) -> Result<Option<Vec<u64>>, OpError> {
+        let on_device = !self.backend.d2h_uses_sms(runs);
+        let (copied, sums) = std::thread::scope(|s| {
+            let sums = on_device.then(|| {
+                std::thread::Builder::new()
+                    .name("kvd-gpu-sums".into())
+                    .spawn_scoped(s, || self.backend.checksums(&self.layers, ids))
+            });
+            // SAFETY: every device range lies inside a layer checked against its live import
+            // at attach (and re-checked by the plan); every host range is a slot reserved by
+            // the caller, written by nobody else until committed.
+            let copied = unsafe { self.backend.copy_d2h(runs) };
+            let sums = match sums {
+                None => Ok(None),
+                Some(Ok(h)) => h.join().unwrap_or_else(|_| {
+                    Err(GpuError::Invalid("the checksum thread panicked".into()))
+                }),
+                Some(Err(e)) => Err(GpuError::Invalid(format!(
+                    "cannot start a checksum thread: {e}"
+                ))),
+            };
+            (copied, sums)
+        });
+        copied.map_err(|e| driver_error(&self.counters, e))?;
+        match sums {
+            Ok(Some(s)) if s.len() == ids.len() => Ok(Some(s)),
+            Ok(_) => Ok(None),
+            Err(e) => {
+                self.counters.failed(&e);
+                tracing::warn!(
+                    error = %e,
+                    "device checksums failed; the blocks are hashed on the CPU"
+                );
+                Ok(None)
+            }
+        }
+    }
+
     /// Keeps device copies of just-saved blocks (`(key, engine page)`) in the T0 pool, as
     /// far as it makes room; a failed copy only leaves them out.
     fn fill_pool(&self, pool: &Pool, stored: &[(BlockKey, u64)]) {

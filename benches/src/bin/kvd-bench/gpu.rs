@@ -68,7 +68,8 @@ pub struct GpuArgs {
     /// (cuMemcpyBatchAsync) or kernel (kvd's copy kernel). CUDA only.
     #[arg(long, default_value = "auto")]
     copy_method: CopyMethod,
-    /// Threads kvd computes the checksums of saved blocks on (`gpu.seal_threads`).
+    /// Threads kvd computes the checksums of saved blocks on (`gpu.seal_threads`) where the
+    /// GPU does not (the host backend; pages not a multiple of 64 bytes).
     #[arg(long, default_value_t = 8)]
     seal_threads: u32,
     /// Print one JSON object per line.
