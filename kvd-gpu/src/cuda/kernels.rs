@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use cudarc::driver::result;
 use cudarc::driver::sys;
 
-use super::{driver, lock};
+use super::{driver, lock, sync};
 use crate::method::{split, Span, KERNELS_PTX};
 use crate::plan::Layer;
 use crate::{DevicePtr, GpuError};
@@ -258,11 +258,6 @@ unsafe fn launch(
     // SAFETY: as the caller guarantees.
     unsafe { result::launch_kernel(f, (grid, 1, 1), (threads, 1, 1), 0, stream, params) }
         .map_err(|e| driver("cuLaunchKernel (kvd's kernels)", e))
-}
-
-fn sync(stream: sys::CUstream) -> Result<(), GpuError> {
-    // SAFETY: the stream lives as long as the backend that passes it.
-    unsafe { result::stream::synchronize(stream) }.map_err(|e| driver("cuStreamSynchronize", e))
 }
 
 impl Staging {

@@ -83,6 +83,12 @@ impl std::fmt::Debug for CudaBackend {
     }
 }
 
+/// Waits for everything queued on `stream`, which must be one of a live backend's streams.
+fn sync(stream: sys::CUstream) -> Result<(), GpuError> {
+    // SAFETY: the stream lives as long as the backend that passes it.
+    unsafe { result::stream::synchronize(stream) }.map_err(|e| driver("cuStreamSynchronize", e))
+}
+
 /// Device-to-host runs as spans (source: the device).
 fn d2h_spans(runs: &[Run]) -> Vec<Span> {
     runs.iter()
@@ -247,9 +253,7 @@ impl CudaBackend {
     }
 
     fn sync(&self) -> Result<(), GpuError> {
-        // SAFETY: the stream lives until `drop`.
-        unsafe { result::stream::synchronize(self.stream) }
-            .map_err(|e| driver("cuStreamSynchronize", e))
+        sync(self.stream)
     }
 }
 
