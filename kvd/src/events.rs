@@ -19,9 +19,11 @@
 //!
 //! An optional ROUTER socket replays the last `replay_batches` batches: a request
 //! `[identity, "", start_seq]` is answered with `[identity, "", topic, seq, payload]` for
-//! every kept batch from `start_seq` on, then `[identity, "", "", -1, ""]`.
+//! every kept batch from `start_seq` on, then `[identity, "", "", -1, ""]`. Requests are
+//! answered on the requester's own connection task, never on the publisher's loop.
 //! Like vLLM, an endpoint with `*` or an `ipc://` one is bound; any other is connected to,
-//! and reconnected to when the subscriber goes away.
+//! and reconnected to when the subscriber goes away. The sockets speak ZMTP through
+//! [`crate::zmtp`], which bounds what a peer can make them allocate or hold.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,17 +31,16 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures_util::stream::{BoxStream, StreamExt};
 use kvd_proto::frame::EventsReport;
 use kvd_proto::{BlockKey, NamespaceId, Tier};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
-use zeromq::{Socket, SocketEvent, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::config::{EventForm, EventsConfig};
 use crate::daemon::Daemon;
 use crate::lineage::Lineage;
 use crate::residency::{self, Batch, Change};
+use crate::zmtp::{self, PubSocket, RouterSocket, ZmtpError};
 
 /// How long the publisher waits at shutdown for its last messages to be written.
 const SHUTDOWN_LINGER: Duration = Duration::from_millis(200);
@@ -363,16 +364,20 @@ fn unix_secs() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Batches kept for replay: `(seq, topic, payload)`, oldest first.
+type Kept = Arc<Mutex<VecDeque<(u64, Bytes, Bytes)>>>;
+
+/// How long a replay requester may leave its answer unread before it is cut off.
+const REPLAY_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The sockets and the replay buffer.
 struct Publisher {
     events: Arc<Events>,
-    pub_sock: zeromq::PubSocket,
-    monitor: Option<BoxStream<'static, SocketEvent>>,
-    replay: Option<zeromq::RouterSocket>,
-    kept: VecDeque<(u64, Bytes, Bytes)>,
+    pub_sock: PubSocket,
+    replay: Option<RouterSocket>,
+    kept: Kept,
     media: Media,
     seq: u64,
-    connected: bool,
 }
 
 impl Publisher {
@@ -383,22 +388,19 @@ impl Publisher {
             let payload = Bytes::from(encode_batch(cfg.form, unix_secs(), chunk, cfg.dp_rank));
             let seq = self.seq;
             self.seq += 1;
-            let frames = vec![
+            let frames = [
                 topic.clone(),
                 Bytes::copy_from_slice(&seq.to_be_bytes()),
                 payload.clone(),
             ];
-            if let Ok(msg) = ZmqMessage::try_from(frames) {
-                // PUB drops what a slow or absent subscriber cannot take, as ZMQ does.
-                if let Err(e) = self.pub_sock.send(msg).await {
-                    self.events.error(format!("publishing: {e}"));
-                }
-            }
+            // PUB drops what a slow or absent subscriber cannot take, as ZMQ does.
+            self.pub_sock.send(&frames);
             if self.replay.is_some() {
-                if self.kept.len() >= cfg.replay_batches as usize {
-                    self.kept.pop_front();
+                let mut kept = self.kept.lock();
+                if kept.len() >= cfg.replay_batches as usize {
+                    kept.pop_front();
                 }
-                self.kept.push_back((seq, topic.clone(), payload));
+                kept.push_back((seq, topic.clone(), payload));
             }
             let s = &self.events.status;
             s.batches.fetch_add(1, Ordering::Relaxed);
@@ -431,7 +433,7 @@ impl Publisher {
     /// every block DRAM holds, since the DRAM tier goes away with the process. Disk copies
     /// outlive it and are not withdrawn.
     async fn announce_shutdown(&mut self, daemon: &Daemon, rx: &mut mpsc::Receiver<Batch>) {
-        if !self.connected {
+        if !self.pub_sock.is_connected() {
             return;
         }
         let (pending, lost) = residency::drain(rx);
@@ -448,10 +450,9 @@ impl Publisher {
         }
         let n = gone.len();
         self.publish(&gone).await;
-        // The PUB socket's writer tasks send what is queued in the background and there is
-        // no flush to wait on: linger briefly (as a ZMQ socket's LINGER would) so the last
-        // batches leave before the runtime stops.
-        tokio::time::sleep(SHUTDOWN_LINGER).await;
+        // Linger (as a ZMQ socket's LINGER would) so the last batches leave before the
+        // runtime stops.
+        self.pub_sock.flush(SHUTDOWN_LINGER).await;
         tracing::info!(blocks = n, "KV events: DRAM copies withdrawn at shutdown");
     }
 
@@ -509,101 +510,42 @@ impl Publisher {
             "KV events: cleared and re-announced what this node holds"
         );
     }
+}
 
-    /// Answers one replay request.
-    async fn replay(&mut self, req: ZmqMessage) {
-        let frames = req.into_vec();
-        let (Some(id), true) = (frames.first(), frames.len() == 3) else {
-            self.events.error(format!(
-                "replay request of {} frames ignored (want 3)",
-                frames.len()
+/// The replay socket's answer to a request `[start_seq]`: every kept batch from `start_seq`
+/// on, then the end marker. A malformed request is named in the status and not answered.
+fn replay_answer(events: Arc<Events>, kept: Kept) -> zmtp::Answer {
+    Box::new(move |req: &[Bytes]| {
+        let start = match req {
+            [seq] => <[u8; 8]>::try_from(seq.as_ref()).ok(),
+            _ => None,
+        };
+        let Some(start) = start.map(u64::from_be_bytes) else {
+            events.error(format!(
+                "replay request of {} frames ignored (want one 8-byte sequence number)",
+                req.len()
             ));
-            return;
+            return Vec::new();
         };
-        let Ok(start) = <[u8; 8]>::try_from(frames[2].as_ref()) else {
-            self.events
-                .error("replay request without an 8-byte sequence number ignored".into());
-            return;
-        };
-        let start = u64::from_be_bytes(start);
-        let Some(sock) = self.replay.as_mut() else {
-            return;
-        };
-        let empty = Bytes::new();
-        for (seq, topic, payload) in self.kept.iter().filter(|(s, _, _)| *s >= start) {
-            let frames = vec![
-                id.clone(),
-                empty.clone(),
-                topic.clone(),
-                Bytes::copy_from_slice(&seq.to_be_bytes()),
-                payload.clone(),
-            ];
-            if let Ok(m) = ZmqMessage::try_from(frames) {
-                if sock.send(m).await.is_err() {
-                    return;
-                }
-            }
-        }
-        let end = vec![
-            id.clone(),
-            empty.clone(),
-            empty.clone(),
+        let mut out: Vec<Vec<Bytes>> = kept
+            .lock()
+            .iter()
+            .filter(|(s, _, _)| *s >= start)
+            .map(|(seq, topic, payload)| {
+                vec![
+                    topic.clone(),
+                    Bytes::copy_from_slice(&seq.to_be_bytes()),
+                    payload.clone(),
+                ]
+            })
+            .collect();
+        out.push(vec![
+            Bytes::new(),
             Bytes::from_static(&END_SEQ),
-            empty,
-        ];
-        if let Ok(m) = ZmqMessage::try_from(end) {
-            let _ = sock.send(m).await;
-        }
-    }
-
-    /// Connects the PUB socket to a binding subscriber, retrying until it answers or `stop`.
-    async fn connect(&mut self, stop: &tokio::sync::Notify) -> bool {
-        let endpoint = self.events.cfg.endpoint.clone();
-        let mut delay = Duration::from_millis(100);
-        let mut warned = false;
-        loop {
-            let attempt =
-                tokio::time::timeout(Duration::from_secs(2), self.pub_sock.connect(&endpoint));
-            let r = tokio::select! {
-                _ = stop.notified() => return false,
-                r = attempt => r,
-            };
-            match r {
-                Ok(Ok(())) => {
-                    tracing::info!(%endpoint, "KV events: connected to the subscriber");
-                    self.connected = true;
-                    return true;
-                }
-                Ok(Err(e)) => self.events.error(format!("connecting to {endpoint}: {e}")),
-                Err(_) => self
-                    .events
-                    .error(format!("connecting to {endpoint}: timed out")),
-            }
-            if !warned {
-                tracing::warn!(%endpoint, "KV events: subscriber not reachable; retrying");
-                warned = true;
-            }
-            tokio::select! {
-                _ = stop.notified() => return false,
-                _ = tokio::time::sleep(delay) => {}
-            }
-            delay = (delay * 2).min(Duration::from_secs(5));
-        }
-    }
-}
-
-async fn next_monitor(m: &mut Option<BoxStream<'static, SocketEvent>>) -> Option<SocketEvent> {
-    match m {
-        Some(m) => m.next().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn next_replay(r: &mut Option<zeromq::RouterSocket>) -> zeromq::ZmqResult<ZmqMessage> {
-    match r {
-        Some(r) => r.recv().await,
-        None => std::future::pending().await,
-    }
+            Bytes::new(),
+        ]);
+        out
+    })
 }
 
 /// Why the publisher could not start.
@@ -612,7 +554,7 @@ async fn next_replay(r: &mut Option<zeromq::RouterSocket>) -> zeromq::ZmqResult<
 pub struct BindError {
     endpoint: String,
     #[source]
-    source: zeromq::ZmqError,
+    source: ZmtpError,
 }
 
 /// Binds what must be bound (so a bad endpoint fails the start), then publishes the
@@ -624,25 +566,23 @@ pub async fn start(
     stop: Arc<tokio::sync::Notify>,
 ) -> Result<tokio::task::JoinHandle<()>, BindError> {
     let cfg = events.cfg.clone();
-    let mut pub_sock = zeromq::PubSocket::new();
+    let limits = zmtp::Limits::default();
     let bind_err = |endpoint: &str| {
         let endpoint = endpoint.to_owned();
         move |source| BindError { endpoint, source }
     };
-    let mut monitor = None;
-    if binds(&cfg.endpoint) {
-        pub_sock
-            .bind(&cfg.endpoint)
-            .await
-            .map_err(bind_err(&cfg.endpoint))?;
+    let pub_sock = if binds(&cfg.endpoint) {
+        PubSocket::bind(&cfg.endpoint, limits).await
     } else {
-        monitor = Some(pub_sock.monitor().boxed());
+        PubSocket::connect(&cfg.endpoint, limits)
     }
+    .map_err(bind_err(&cfg.endpoint))?;
+    let kept = Kept::default();
     let replay = if cfg.replay_endpoint.is_empty() {
         None
     } else {
-        let mut r = zeromq::RouterSocket::new();
-        r.bind(&cfg.replay_endpoint)
+        let answer = replay_answer(events.clone(), kept.clone());
+        let r = RouterSocket::bind(&cfg.replay_endpoint, limits, REPLAY_WRITE_TIMEOUT, answer)
             .await
             .map_err(bind_err(&cfg.replay_endpoint))?;
         Some(r)
@@ -653,11 +593,9 @@ pub async fn start(
         media: Media::new(&cfg),
         events,
         pub_sock,
-        monitor,
         replay,
-        kept: VecDeque::new(),
+        kept,
         seq: 0,
-        connected: binds(&cfg.endpoint),
     };
     Ok(tokio::spawn(run(daemon, p, rx, stop)))
 }
@@ -669,8 +607,12 @@ async fn run(
     stop: Arc<tokio::sync::Notify>,
 ) {
     loop {
-        if !p.connected && !p.connect(&stop).await {
-            break;
+        if !p.pub_sock.is_connected() {
+            // Changes wait in the feed meanwhile; if it overflows, a resync follows.
+            tokio::select! {
+                _ = stop.notified() => break,
+                _ = p.pub_sock.wait_connected(true) => {}
+            }
         }
         tokio::select! {
             _ = stop.notified() => {
@@ -691,18 +633,7 @@ async fn run(
                     p.publish(&b.changes).await;
                 }
             }
-            ev = next_monitor(&mut p.monitor) => {
-                if let Some(SocketEvent::Disconnected(_)) = ev {
-                    tracing::warn!(endpoint = %p.events.cfg.endpoint,
-                        "KV events: subscriber went away; reconnecting");
-                    p.connected = false;
-                }
-            }
-            req = next_replay(&mut p.replay) => {
-                if let Ok(req) = req {
-                    p.replay(req).await;
-                }
-            }
+            _ = p.pub_sock.wait_connected(false) => {}
         }
     }
 }

@@ -5,7 +5,8 @@
 //! layer: [`arena`] (shared memory), [`disk`] (the NVMe tier), [`ring_service`] (data plane),
 //! [`server`] (control plane). [`demoter`] moves blocks down the tiers in the background;
 //! [`index`] publishes what the node holds to the cluster index (Redis/Valkey) and
-//! [`events`] as vLLM-format KV events over ZMQ; [`peer`] moves blocks between nodes;
+//! [`events`] as vLLM-format KV events over ZMQ ([`zmtp`]: its wire, bounded against hostile
+//! peers); [`peer`] moves blocks between nodes;
 //! [`metrics`] serves Prometheus metrics and health probes ([`accept`]: the bounded accept
 //! loop of the TCP endpoints).
 //! [`daemon`] ties them together and [`config`] describes it all.
@@ -30,3 +31,4 @@ pub mod ring_service;
 pub mod s3;
 pub mod server;
 pub mod store;
+pub mod zmtp;
