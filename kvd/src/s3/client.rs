@@ -183,7 +183,7 @@ impl Bucket {
             b = b.credentials_provider(chain);
         } else {
             let secret = if cfg.secret_access_key_file.as_os_str().is_empty() {
-                cfg.secret_access_key.clone()
+                cfg.secret_access_key.expose().to_owned()
             } else {
                 std::fs::read_to_string(&cfg.secret_access_key_file)
                     .map_err(|e| {
@@ -703,7 +703,7 @@ mod tests {
             bucket: "b".into(),
             endpoint: format!("http://{}", silent.local_addr().unwrap()),
             access_key_id: "id".into(),
-            secret_access_key: "secret".into(),
+            secret_access_key: crate::config::Secret::new("secret"),
             retries: 0,
             request_timeout_ms: 100,
             breaker_failures: 1,

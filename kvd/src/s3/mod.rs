@@ -1292,7 +1292,7 @@ mod tests {
         // Nothing listens there: requests fail at once (none is needed by these tests).
         cfg.s3.endpoint = "http://127.0.0.1:9".into();
         cfg.s3.access_key_id = "id".into();
-        cfg.s3.secret_access_key = "secret".into();
+        cfg.s3.secret_access_key = crate::config::Secret::new("secret");
         cfg.s3.max_age_secs = 1;
         cfg.s3.capacity_bytes = ByteSize(0);
         cfg.index.node_id = "me".into();

@@ -6,12 +6,16 @@
 //! other `KVD_*` variables such as `KVD_SOCKET` are left to the tools that read them);
 //! command-line overrides are `--set section.key=value`. Values are TOML literals, with bare
 //! strings accepted. Sizes take integers or strings with units (`"64 MiB"`, `"1G"`).
+//! Secrets ([`secret`]) never print, in errors of any source included.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::disk::admission::AdmissionPolicy;
+
+pub mod secret;
+pub use secret::{Secret, SecretUrl};
 
 /// A size in bytes, written as an integer or a string with a unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -238,7 +242,7 @@ pub struct IndexConfig {
     /// `cluster = true`, mean a Redis Cluster whose seed nodes these are. One URL may be
     /// given as a plain string.
     #[serde(deserialize_with = "one_or_many")]
-    pub redis_urls: Vec<String>,
+    pub redis_urls: Vec<SecretUrl>,
     /// Talk Redis Cluster protocol (slot routing) even with one seed URL.
     pub cluster: bool,
     /// This node's name in the index; empty: the host name.
@@ -260,12 +264,12 @@ pub struct IndexConfig {
 
 /// A list of strings, or one string as a list of one (handy in `--set` and environment
 /// variables).
-fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SecretUrl>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
+        One(SecretUrl),
+        Many(Vec<SecretUrl>),
     }
     Ok(match OneOrMany::deserialize(d)? {
         OneOrMany::One(s) => vec![s],
@@ -500,7 +504,7 @@ pub struct S3Config {
     /// `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, the shared profile, IRSA web identity).
     pub access_key_id: String,
     /// Static secret key (with `access_key_id`); never logged or shown.
-    pub secret_access_key: String,
+    pub secret_access_key: Secret,
     /// File holding the static secret key instead (a mounted Kubernetes Secret).
     pub secret_access_key_file: PathBuf,
     /// Target size of one segment object.
@@ -554,7 +558,7 @@ impl Default for S3Config {
             prefix: "kvd".into(),
             path_style: false,
             access_key_id: String::new(),
-            secret_access_key: String::new(),
+            secret_access_key: Secret::default(),
             secret_access_key_file: PathBuf::new(),
             segment_bytes: ByteSize(32 << 20),
             part_bytes: ByteSize(8 << 20),
@@ -583,15 +587,6 @@ impl S3Config {
     /// Whether the S3 tier is on.
     pub fn enabled(&self) -> bool {
         !self.bucket.is_empty()
-    }
-
-    /// A copy safe to print: the secret key replaced.
-    pub fn redacted(&self) -> S3Config {
-        let mut c = self.clone();
-        if !c.secret_access_key.is_empty() {
-            c.secret_access_key = "<redacted>".into();
-        }
-        c
     }
 }
 
@@ -713,20 +708,15 @@ fn set_key(
     raw: &str,
     origin: &str,
 ) -> Result<(), ConfigError> {
-    let known = toml::Table::try_from(Config::default())
+    let default = toml::Table::try_from(Config::default())
         .ok()
-        .and_then(|t| {
-            t.get(section)
-                .and_then(|v| v.as_table())
-                .map(|t| t.contains_key(key))
-        })
-        .unwrap_or(false);
-    if !SECTIONS.contains(&section) || !known {
+        .and_then(|t| t.get(section)?.as_table()?.get(key).cloned());
+    let Some(default) = default.filter(|_| SECTIONS.contains(&section)) else {
         return Err(ConfigError::UnknownKey {
             key: format!("{section}.{key}"),
             origin: origin.into(),
         });
-    }
+    };
     let entry = root
         .entry(section.to_owned())
         .or_insert_with(|| toml::Value::Table(toml::Table::new()));
@@ -736,37 +726,61 @@ fn set_key(
             message: format!("`{section}` must be a table"),
         });
     };
-    t.insert(key.to_owned(), parse_value(raw));
+    // A string key takes the text as it is (a secret or a node name of digits stays text).
+    let value = if default.is_str() {
+        toml::Value::String(raw.to_owned())
+    } else {
+        parse_value(raw)
+    };
+    t.insert(key.to_owned(), value);
     Ok(())
+}
+
+/// A parse error of `text` (the file's own, or the merged layers'): the key and the parser's
+/// message, never the offending line; `origin_of` says where a key's value came from.
+fn parse_error(
+    e: &toml::de::Error,
+    text: &str,
+    origin_of: impl Fn(&str, usize) -> String,
+) -> ConfigError {
+    let (key, message) = secret::describe(e, text);
+    let line = e.span().map_or(0, |s| secret::line_of(text, s.start));
+    let message = match &key {
+        Some(k) => format!("`{k}`: {message}"),
+        None => message,
+    };
+    ConfigError::Parse {
+        origin: origin_of(key.as_deref().unwrap_or(""), line),
+        message,
+    }
+}
+
+/// Reads and checks the file's own text; its table.
+fn load_file(p: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+        path: p.to_owned(),
+        source,
+    })?;
+    let origin = |_: &str, line: usize| format!(" in {}, line {line}", p.display());
+    // Parse against the schema first so errors point at the file's own lines.
+    toml::from_str::<Config>(&text).map_err(|e| parse_error(&e, &text, origin))?;
+    toml::from_str::<toml::Table>(&text).map_err(|e| parse_error(&e, &text, origin))
 }
 
 impl Config {
     /// Loads `file` (if any), applies `KVD_*` variables from `env` and `--set` overrides, then
-    /// validates.
+    /// validates. No error names a value of a secret key ([`secret::SECRET_KEYS`]).
     pub fn load(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
         sets: &[String],
     ) -> Result<Config, ConfigError> {
         let mut root = match file {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                    path: p.to_owned(),
-                    source,
-                })?;
-                let origin = format!(" in {}", p.display());
-                // Parse against the schema first so errors point at the file's own lines.
-                toml::from_str::<Config>(&text).map_err(|e| ConfigError::Parse {
-                    origin: origin.clone(),
-                    message: e.to_string(),
-                })?;
-                toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::Parse {
-                    origin,
-                    message: e.to_string(),
-                })?
-            }
+            Some(p) => load_file(p)?,
             None => toml::Table::new(),
         };
+        // Where each overridden key's value came from, for errors in the merged text.
+        let mut origins: Vec<(String, String)> = Vec::new();
         for (k, v) in env {
             let Some(rest) = k.strip_prefix("KVD_") else {
                 continue;
@@ -778,30 +792,33 @@ impl Config {
             if !SECTIONS.contains(&section) {
                 continue;
             }
-            set_key(
-                &mut root,
-                section,
-                key,
-                &v,
-                &format!("environment variable {k}"),
-            )?;
+            let origin = format!("environment variable {k}");
+            set_key(&mut root, section, key, &v, &origin)?;
+            origins.push((format!("{section}.{key}"), origin));
         }
         for s in sets {
             let (path, value) = s.split_once('=').ok_or_else(|| ConfigError::Parse {
                 origin: " (--set)".into(),
-                message: format!("{s:?} is not `section.key=value`"),
+                message: "a --set argument without `=`: want `section.key=value`".into(),
             })?;
-            let (section, key) = path.trim().split_once('.').unwrap_or((path.trim(), ""));
-            set_key(&mut root, section, key, value.trim(), &format!("--set {s}"))?;
+            let path = path.trim();
+            let (section, key) = path.split_once('.').unwrap_or((path, ""));
+            let origin = format!("--set {path}");
+            set_key(&mut root, section, key, value.trim(), &origin)?;
+            origins.push((path.to_owned(), origin));
         }
         let text = toml::to_string(&root).map_err(|e| ConfigError::Parse {
             origin: String::new(),
             message: e.to_string(),
         })?;
-        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            origin: String::new(),
-            message: e.to_string(),
-        })?;
+        let origin = |key: &str, _: usize| {
+            origins
+                .iter()
+                .rev()
+                .find(|(k, _)| k == key)
+                .map_or(String::new(), |(_, o)| format!(" ({o})"))
+        };
+        let cfg: Config = toml::from_str(&text).map_err(|e| parse_error(&e, &text, origin))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -953,13 +970,12 @@ impl Config {
         }
         self.validate_s3()?;
         let x = &self.index;
-        if let Some(u) = x
-            .redis_urls
-            .iter()
-            .find(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
-        {
+        if let Some(u) = x.redis_urls.iter().find(|u| {
+            let u = u.expose();
+            !(u.starts_with("redis://") || u.starts_with("rediss://"))
+        }) {
             // Only the scheme and host are echoed: a URL may carry a password.
-            let shown = u.split('@').next_back().unwrap_or_default();
+            let shown = u.expose().split('@').next_back().unwrap_or_default();
             return bad(
                 "index.redis_urls",
                 format!("{shown:?} is not a redis:// or rediss:// URL"),
@@ -1234,7 +1250,10 @@ mod tests {
             &[],
         )
         .unwrap();
-        assert_eq!(c.index.redis_urls, ["redis://10.0.0.1:6379"]);
+        assert_eq!(
+            c.index.redis_urls,
+            [SecretUrl::new("redis://10.0.0.1:6379")]
+        );
         assert!(c.index.enabled());
         let c = load(
             "[index]\nredis_urls = [\"redis://a:1\", \"redis://b:2\"]\n",
@@ -1259,6 +1278,54 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("index.publish_interval_ms"), "{e}");
+    }
+
+    /// Each secret through each source, with a value of the wrong type (the parser's message
+    /// used to quote the offending line) and with a right one (`Debug` of the whole config).
+    #[test]
+    fn secrets_never_appear_in_errors_or_debug_output() {
+        let secret = "271828182845";
+        let url = format!("redis://:{secret}@h:1");
+        type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<String>);
+        let wrong: [Case; 6] = [
+            ("[s3]\nsecret_access_key = 271828182845\n", vec![], vec![]),
+            ("[index]\nredis_urls = [271828182845]\n", vec![], vec![]),
+            ("", vec![("KVD_INDEX_REDIS_URLS", "[271828182845]")], vec![]),
+            (
+                "",
+                vec![("KVD_INDEX_REDIS_URLS", "http://:271828182845@h:1")],
+                vec![],
+            ),
+            (
+                "",
+                vec![("KVD_S3_BUCKET", "bkt")],
+                vec![format!("s3.secret_access_key={secret}")],
+            ),
+            ("", vec![], vec![format!("s3.secret_acess_key={secret}")]),
+        ];
+        for (file, env, sets) in wrong {
+            let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+            let e = load(file, &env, &sets).unwrap_err().to_string();
+            assert!(!e.contains(secret), "{e}");
+            assert!(
+                e.contains("secret_access_key")
+                    || e.contains("redis_urls")
+                    || e.contains("secret_acess_key"),
+                "names the key: {e}"
+            );
+        }
+        // A secret of digits stays text from every source.
+        let c = load(
+            "",
+            &[("KVD_S3_SECRET_ACCESS_KEY", secret)],
+            &[&format!("index.redis_urls={url}")],
+        )
+        .unwrap();
+        assert_eq!(c.s3.secret_access_key.expose(), secret);
+        assert_eq!(c.index.redis_urls[0].expose(), url);
+        let shown = format!("{c:?} {}", toml::to_string(&c).unwrap());
+        assert!(!shown.contains(secret), "{shown}");
+        assert!(shown.contains("redis://h:1"), "{shown}");
     }
 
     #[test]
