@@ -124,6 +124,8 @@ pub struct Conn {
     pub pid: u32,
     /// Peer uid.
     pub uid: u32,
+    /// Peer (primary) gid.
+    pub gid: u32,
     /// Admin rights granted.
     pub admin: AtomicBool,
     /// Namespaces opened, indexed by handle.
@@ -308,6 +310,7 @@ pub struct Daemon {
     /// The background threads stop (set after the shutdown drain).
     stopping: AtomicBool,
     euid: u32,
+    tenancy: crate::tenancy::Tenancy,
 }
 
 impl Daemon {
@@ -328,6 +331,7 @@ impl Daemon {
             }
         }
         let drains = Arc::new(Mutex::new(DrainSet::default()));
+        let cfg_tenants = cfg.server.tenants.clone();
         let index = crate::index::IndexReader::new(&cfg.index).map(Arc::new);
         let events = crate::events::Events::new(&cfg.events).map(Arc::new);
         let peer = crate::peer::Peer::new(&cfg.peer).map(Arc::new);
@@ -359,6 +363,7 @@ impl Daemon {
             shutting_down: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             euid: nix::unistd::geteuid().as_raw(),
+            tenancy: crate::tenancy::Tenancy::new(cfg_tenants),
         });
         if let Some(disk) = disk {
             let weak = Arc::downgrade(&d);
@@ -732,7 +737,7 @@ impl Daemon {
     }
 
     /// Registers a new connection, or refuses it when `server.max_clients` are connected.
-    pub fn register(&self, pid: u32, uid: u32) -> Result<Arc<Conn>, OpError> {
+    pub fn register(&self, pid: u32, uid: u32, gid: u32) -> Result<Arc<Conn>, OpError> {
         let mut clients = self.clients.lock();
         if clients.len() >= self.cfg.server.max_clients as usize {
             return Err(OpError::new(
@@ -750,6 +755,7 @@ impl Daemon {
             name: Mutex::new(String::new()),
             pid,
             uid,
+            gid,
             admin: AtomicBool::new(false),
             handles: RwLock::new(Vec::new()),
             closed: AtomicBool::new(false),
@@ -814,6 +820,9 @@ impl Daemon {
     ) -> Result<(Arc<Namespace>, u32), OpError> {
         desc.validate()
             .map_err(|e| OpError::new(ErrorCode::BadRequest, e.to_string()))?;
+        self.tenancy
+            .check(conn.uid, conn.gid, &desc.tenant)
+            .map_err(|why| OpError::new(ErrorCode::Unauthorized, why))?;
         let id = desc.id();
         {
             let handles = conn.handles.read();
@@ -857,7 +866,9 @@ impl Daemon {
                     if self.s3.is_some() {
                         store.track_uploads();
                     }
-                    tracing::info!(ns = %id, model = %desc.model, tenant = %desc.tenant, "namespace opened");
+                    // Tenants (salt digests among them) are not logged at info.
+                    tracing::info!(ns = %id, model = %desc.model, "namespace opened");
+                    tracing::debug!(ns = %id, tenant = %desc.tenant, "namespace tenant");
                     let ns = Arc::new(Namespace {
                         id,
                         desc,
@@ -1081,6 +1092,19 @@ impl Daemon {
     }
 
     /// Daemon-wide statistics.
+    /// [`stats`](Self::stats) as `conn` may see them: an admin everything, anyone else only
+    /// the namespaces it has open and its own connection (no other tenant's descriptor).
+    pub fn stats_for(&self, conn: &Conn) -> StatsReport {
+        let mut r = self.stats();
+        if !conn.admin.load(Ordering::Relaxed) {
+            let own: Vec<NamespaceId> = conn.handles.read().iter().map(|n| n.id).collect();
+            r.namespaces.retain(|n| own.contains(&n.ns));
+            r.clients.retain(|c| c.id == conn.id);
+        }
+        r
+    }
+
+    /// Everything the node reports, for admins and `/metrics`.
     pub fn stats(&self) -> StatsReport {
         let mut dram = TierStats {
             tier: Tier::Dram,
@@ -1218,13 +1242,13 @@ mod tests {
     #[test]
     fn a_retired_namespace_never_hands_its_memory_to_another() {
         let d = Daemon::new(small()).unwrap();
-        let a = d.register(1, 0).unwrap();
+        let a = d.register(1, 0, 0).unwrap();
         let (ns_a, _) = d
             .open_namespace(&a, NamespaceDesc::new("a", "bf16", "L", 16))
             .unwrap();
         let old = ns_a.arena.fd().try_clone().unwrap();
         drop(ns_a);
-        let b = d.register(2, 0).unwrap();
+        let b = d.register(2, 0, 0).unwrap();
         // Namespace a is still open on connection a: no arena for b.
         let e = d
             .open_namespace(&b, NamespaceDesc::new("b", "bf16", "L", 16))

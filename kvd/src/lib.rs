@@ -31,4 +31,5 @@ pub mod ring_service;
 pub mod s3;
 pub mod server;
 pub mod store;
+pub mod tenancy;
 pub mod zmtp;

@@ -225,7 +225,7 @@ async fn connection(daemon: Arc<Daemon>, mut stream: UnixStream) {
         let _ = stream.write_all(&r.encode(0)).await;
         return;
     }
-    let conn = match daemon.register(pid, uid) {
+    let conn = match daemon.register(pid, uid, gid) {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(uid, pid, "refused a client: {}", e.message);
@@ -514,7 +514,7 @@ fn dispatch(
             let n = daemon.delete(&ns, &keys);
             (Response::Count(n), None)
         }
-        Request::Stats => (Response::Stats(Box::new(daemon.stats())), None),
+        Request::Stats => (Response::Stats(Box::new(daemon.stats_for(conn))), None),
         Request::List { ns, after, limit } => {
             daemon.require_admin(conn, "ls")?;
             let limit = (limit as usize).clamp(1, MAX_LIST);

@@ -41,7 +41,11 @@ model (``model`` extra key, default the served model), KV dtype, layout
 (``<device>/<cache spec>/L<layers>x<page bytes>[/<kv layout>]|keys=<scheme>``), block size, TP
 rank and size, LoRA adapter, and tenant = ``tenant`` extra key plus a digest of the request's
 ``cache_salt``: a salted request never sees another salt's blocks, and the salt itself (a
-secret) never reaches kvd.
+secret) never reaches kvd. The digest is keyed (HMAC-SHA256) with the bytes of
+``salt_key_file`` (extra key, or ``$KVD_SALT_KEY_FILE``; a Kubernetes Secret shared by the
+engines that should share salted blocks), so nobody without the key can tell from a
+namespace's id or tenant which salt it belongs to, or compute it from a guessed salt; without
+a key the digest is a plain SHA-256 and the connector says so once.
 
 Not cached: requests with multimodal inputs or prompt embeddings under the ``kvd`` scheme (their
 KV depends on more than token ids), and models with several KV-cache groups (hybrid models).
@@ -65,12 +69,14 @@ forward pass starts on the first layers while kvd copies the rest (blocks pinned
 from __future__ import annotations
 
 import hashlib
+import hmac
 import inspect
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -245,6 +251,8 @@ class KvdConnector(KVConnectorBase_V1):
             extra.get("socket") or os.environ.get("KVD_SOCKET") or "/run/kvd/kvd.sock"
         )
         self._tenant = str(extra.get("tenant", ""))
+        self._salt_key = _salt_key(extra.get("salt_key_file") or os.environ.get("KVD_SALT_KEY_FILE"))
+        self._warned_unkeyed = False
         self._verify = _flag(extra, "verify_checksums", True)
         self._do_load = _flag(extra, "load", True)
         self._do_save = _flag(extra, "save", True)
@@ -338,9 +346,17 @@ class KvdConnector(KVConnectorBase_V1):
         salt = getattr(request, "cache_salt", None)
         if not salt:
             return self._tenant
-        # The salt is a secret (vLLM's cache isolation): only its digest is named in kvd,
-        # where `kvd-ctl status` shows tenants.
-        digest = hashlib.sha256(str(salt).encode()).hexdigest()[:32]
+        # The salt is a secret (vLLM's cache isolation): only its keyed digest is named in kvd.
+        if self._salt_key is None:
+            if not self._warned_unkeyed:
+                self._warned_unkeyed = True
+                log.warning(
+                    "kvd: cache salts are digested without a key; set salt_key_file (a Secret "
+                    "shared by the engines) so namespace tenants reveal nothing of a salt"
+                )
+            digest = hashlib.sha256(str(salt).encode()).hexdigest()[:32]
+        else:
+            digest = hmac.new(self._salt_key, str(salt).encode(), hashlib.sha256).hexdigest()[:32]
         return f"{self._tenant}|salt={digest}"
 
     def _lora_of(self, request: Any) -> str:
@@ -849,6 +865,19 @@ class _LayerLoad:
                 except KvdError:
                     pass
             self.seconds = time.perf_counter() - t0
+
+
+def _salt_key(path: str | None) -> bytes | None:
+    """The key of salt digests: the bytes of ``path`` (surrounding whitespace stripped)."""
+    if not path:
+        return None
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as e:
+        raise ValueError(f"kvd: cannot read salt_key_file {path}: {e}") from e
+    if len(key) < 16:
+        raise ValueError(f"kvd: salt_key_file {path} holds {len(key)} bytes; use at least 16")
+    return key
 
 
 def _flag(extra: dict[str, Any], name: str, default: bool) -> bool:

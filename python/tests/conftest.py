@@ -116,4 +116,5 @@ def gpu_daemon(tmp_sock_dir):
 def client(daemon):
     import kvd
 
-    return kvd.Client(str(daemon.socket), name="pytest")
+    # An admin: the tests look at namespaces other clients (the connector) opened.
+    return kvd.Client(str(daemon.socket), name="pytest", admin=True)

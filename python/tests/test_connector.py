@@ -5,6 +5,7 @@ These run in a second: the engine-level proof (real vLLM, real model) is in e2e/
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from types import SimpleNamespace
 
@@ -316,7 +317,7 @@ def test_layerwise_daemon_loads_fill_each_layer_before_its_wait_returns(gpu_daem
     worker.clear_connector_metadata()
     assert worker.get_block_ids_with_load_errors() == set()
     assert torch.equal(src[3:6], dst[0:3])
-    stats = kvd.Client(str(gpu_daemon.socket)).stats()
+    stats = kvd.Client(str(gpu_daemon.socket), admin=True).stats()
     assert all(n["pinned"] == 0 for n in stats["namespaces"]), stats["namespaces"]
     assert stats["gpu"]["loaded_blocks"] == 3  # one request per layer, each block counted once
 
@@ -371,6 +372,25 @@ def test_cache_salt_isolates_requests(daemon, client):
     assert sched.get_num_new_matched_tokens(request("n", tokens), 0) == (0, False)
     assert sched.get_num_new_matched_tokens(request("b", tokens, salt="bob"), 0) == (0, False)
     assert sched.get_num_new_matched_tokens(request("a", tokens, salt="alice"), 0) == (96, False)
+
+
+def test_salt_digests_are_keyed_by_the_salt_key_file(daemon, client, tmp_path):
+    key_a, key_b = tmp_path / "a", tmp_path / "b"
+    key_a.write_bytes(b"0123456789abcdef-a\n")
+    key_b.write_bytes(b"0123456789abcdef-b")
+    tokens = list(range(100))
+    store(daemon, tokens, [0, 1, 2, 3], tenant_salt="alice", salt_key_file=str(key_a))
+    plain = hashlib.sha256(b"alice").hexdigest()[:32]
+    tenants = [n["tenant"] for n in client.stats()["namespaces"] if "salt=" in n["tenant"]]
+    assert len(tenants) == 1 and plain not in tenants[0]
+    same, _ = pair(daemon.socket, salt_key_file=str(key_a))
+    other, _ = pair(daemon.socket, salt_key_file=str(key_b))
+    assert same.get_num_new_matched_tokens(request("s", tokens, salt="alice"), 0) == (96, False)
+    assert other.get_num_new_matched_tokens(request("o", tokens, salt="alice"), 0) == (0, False)
+    short = tmp_path / "short"
+    short.write_bytes(b"tiny")
+    with pytest.raises(ValueError, match="at least 16"):
+        pair(daemon.socket, salt_key_file=str(short))
 
 
 def test_lora_adapters_have_their_own_blocks(daemon):

@@ -74,6 +74,10 @@ pub struct ServerConfig {
     pub allowed_gids: Vec<u32>,
     /// Peer uids allowed admin operations (besides the daemon's own uid and root).
     pub admin_uids: Vec<u32>,
+    /// Which peers may open which tenants' namespaces (`[[server.tenants]]` with `uids`,
+    /// `gids` — the peer's primary gid — and `tenants` patterns: exact, `prefix*` or `*`).
+    /// Empty: the empty tenant is shared, any other belongs to the first uid to open it.
+    pub tenants: Vec<TenantRule>,
     /// Most concurrent client connections.
     pub max_clients: u32,
     /// Largest control frame accepted.
@@ -92,11 +96,25 @@ impl Default for ServerConfig {
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
             admin_uids: Vec::new(),
+            tenants: Vec::new(),
             max_clients: 64,
             max_frame_bytes: ByteSize(1 << 20),
             shutdown_drain_ms: 20_000,
         }
     }
+}
+
+/// One rule of `server.tenants`: peers of these uids or gids may open these tenants.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantRule {
+    /// Peer uids.
+    pub uids: Vec<u32>,
+    /// Peer (primary) gids.
+    pub gids: Vec<u32>,
+    /// Tenant patterns: an exact name (`""` is the empty tenant), a prefix ending in `*`,
+    /// or `*` for any.
+    pub tenants: Vec<String>,
 }
 
 /// Shared-memory rings.

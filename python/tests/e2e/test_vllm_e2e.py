@@ -223,7 +223,7 @@ def corrupt_all_blocks(daemon):
     byte of many bf16 values, so a reader that used them would compute garbage. Returns the
     number of blocks damaged. (The engines key blocks by vLLM's sha256_cbor hashes, so the
     keys come from `kvd-ctl ls`.)"""
-    client = kvd.Client(str(daemon.socket), name="e2e-corrupter")
+    client = kvd.Client(str(daemon.socket), name="e2e-corrupter", admin=True)
     namespaces = {n["id"]: n for n in client.stats()["namespaces"]}
     damaged = 0
     for block in stored_blocks(daemon):

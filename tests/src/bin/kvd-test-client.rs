@@ -26,6 +26,11 @@ enum Mode {
     /// of the first, has kvd save them and load them into random pages of the second, and
     /// checks every byte. Prints `ready` after the first round.
     GpuChurn,
+    /// Opens `--model` as `--tenant`, stores one block, prints `ready`; waits to be killed.
+    TenantHold,
+    /// Prints what `Stats` shows it (`namespaces N`, then `tenant T` for each), then tries to
+    /// open `--model` as `--tenant`: `opened` or `refused: <message>`.
+    TenantProbe,
 }
 
 /// Integration-test client for kvd.
@@ -53,6 +58,25 @@ struct Args {
     /// Fake engine: pages per layer.
     #[arg(long, default_value_t = 64)]
     pages: u64,
+    /// Namespace tenant.
+    #[arg(long, default_value = "")]
+    tenant: String,
+}
+
+/// [`Mode::TenantProbe`].
+fn tenant_probe(client: &Client, a: &Args) -> anyhow::Result<()> {
+    let stats = client.stats()?;
+    println!("namespaces {}", stats.namespaces.len());
+    for n in &stats.namespaces {
+        println!("tenant {}", n.desc.tenant);
+    }
+    let mut desc = test_namespace(&a.model);
+    desc.tenant = a.tenant.clone();
+    match client.open_namespace(&desc) {
+        Ok(_) => println!("opened"),
+        Err(e) => println!("refused: {e}"),
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,7 +88,12 @@ fn main() -> anyhow::Result<()> {
             ..Options::default()
         },
     )?;
-    let ns = client.open_namespace(&test_namespace(&a.model))?;
+    if let Mode::TenantProbe = a.mode {
+        return tenant_probe(&client, &a);
+    }
+    let mut desc = test_namespace(&a.model);
+    desc.tenant = a.tenant.clone();
+    let ns = client.open_namespace(&desc)?;
     let mut out = std::io::stdout();
     match a.mode {
         Mode::Churn => {
@@ -97,6 +126,14 @@ fn main() -> anyhow::Result<()> {
             }
             println!("{{\"stored\":{stored},\"verified\":{verified}}}");
         }
+        Mode::TenantHold => {
+            client.put(&ns, &key(a.seed, 0), &pattern(a.seed, 0, a.block_bytes))?;
+            writeln!(out, "ready")?;
+            out.flush()?;
+            std::thread::sleep(std::time::Duration::from_secs(60));
+        }
+        // Answered above, before a namespace is opened.
+        Mode::TenantProbe => {}
         Mode::HoldPut => {
             let mut held = Vec::new();
             for i in 0..a.blocks {
