@@ -145,7 +145,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .context("installing the SIGINT handler")?;
     let path = cfg.server.socket_path.clone();
-    let listener = kvd::server::bind(&path, cfg.server.socket_mode)?;
+    let listener = kvd::server::bind(&path, cfg.server.socket_mode, cfg.server.replace_socket)?;
     let daemon = match Daemon::new(cfg) {
         Ok(d) => d,
         Err(e) => {

@@ -15,6 +15,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kvd_proto::frame::{
     self, ClusterLookup, ErrorCode, NodeHolding, Request, Response, LEN_PREFIX, MAX_LIST,
@@ -43,6 +44,12 @@ pub enum ServerError {
         "another kvd is already listening on {0}; stop it or choose another server.socket_path"
     )]
     InUse(String),
+    /// Something kvd did not make sits at the socket path.
+    #[error(
+        "{0} exists and is not a socket of this daemon's uid; remove it, or set \
+         server.replace_socket = true if kvd may delete it"
+    )]
+    NotOurs(String),
     /// Binding failed.
     #[error("cannot bind the control socket {path}: {source}")]
     Bind {
@@ -54,47 +61,54 @@ pub enum ServerError {
     },
 }
 
-/// Binds the control socket, replacing a stale socket file left by a dead daemon.
-pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ServerError> {
+/// Binds the control socket. A socket file left by a dead daemon is replaced only when it is
+/// a socket owned by this daemon's uid (or `replace` says so): anything else at the path —
+/// a file, a link, another user's socket — is not kvd's to delete.
+pub fn bind(path: &Path, mode: u32, replace: bool) -> Result<UnixListener, ServerError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
     let shown = path.display().to_string();
-    if path.exists() {
+    let bind_err = |source| ServerError::Bind {
+        path: shown.clone(),
+        source,
+    };
+    if let Ok(m) = std::fs::symlink_metadata(path) {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(ServerError::InUse(shown));
         }
-        let _ = std::fs::remove_file(path);
+        let ours = m.file_type().is_socket() && m.uid() == nix::unistd::geteuid().as_raw();
+        if !(ours || replace) {
+            return Err(ServerError::NotOurs(shown));
+        }
+        std::fs::remove_file(path).map_err(bind_err)?;
     }
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() {
-            std::fs::create_dir_all(dir).map_err(|source| ServerError::Bind {
-                path: shown.clone(),
-                source,
-            })?;
+            std::fs::create_dir_all(dir).map_err(bind_err)?;
         }
     }
-    let l = UnixListener::bind(path).map_err(|source| ServerError::Bind {
-        path: shown.clone(),
-        source,
-    })?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
-        ServerError::Bind {
-            path: shown,
-            source,
-        }
-    })?;
+    let l = UnixListener::bind(path).map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(bind_err)?;
     Ok(l)
 }
+
+/// Most connections at once that have not sent their first frame yet (they do not count
+/// against `server.max_clients`; beyond this, new ones are closed at once).
+const MAX_PENDING: usize = 64;
 
 /// Accepts connections until `stop` fires, then closes every connection and waits for them.
 pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener, stop: Arc<tokio::sync::Notify>) {
     let mut tasks = JoinSet::new();
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING));
     loop {
         tokio::select! {
             _ = stop.notified() => break,
             r = listener.accept() => match r {
-                Ok((stream, _)) => {
-                    tasks.spawn(connection(daemon.clone(), stream));
-                }
+                Ok((stream, _)) => match pending.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        tasks.spawn(connection(daemon.clone(), stream, permit));
+                    }
+                    Err(_) => tracing::debug!("closed a connection: {MAX_PENDING} still in handshake"),
+                },
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -199,7 +213,14 @@ fn error(e: OpError) -> Response {
     }
 }
 
-async fn connection(daemon: Arc<Daemon>, mut stream: UnixStream) {
+/// A frame read from a client: its body and descriptors, `None` at a clean end of stream.
+type FrameRead = io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>>;
+
+async fn connection(
+    daemon: Arc<Daemon>,
+    mut stream: UnixStream,
+    pending: tokio::sync::OwnedSemaphorePermit,
+) {
     let cred = match stream.peer_cred() {
         Ok(c) => c,
         Err(e) => {
@@ -225,6 +246,19 @@ async fn connection(daemon: Arc<Daemon>, mut stream: UnixStream) {
         let _ = stream.write_all(&r.encode(0)).await;
         return;
     }
+    // The first frame (Hello) within the handshake deadline, before the connection takes one
+    // of server.max_clients.
+    let max = daemon.cfg.server.max_frame_bytes.0 as usize;
+    let deadline = Duration::from_millis(u64::from(daemon.cfg.server.handshake_timeout_ms));
+    let Ok(first) = tokio::time::timeout(deadline, read_frame(&mut stream, max)).await else {
+        tracing::debug!(
+            uid,
+            pid,
+            "closed a client that sent nothing within server.handshake_timeout_ms"
+        );
+        return;
+    };
+    drop(pending);
     let conn = match daemon.register(pid, uid, gid) {
         Ok(c) => c,
         Err(e) => {
@@ -233,7 +267,7 @@ async fn connection(daemon: Arc<Daemon>, mut stream: UnixStream) {
             return;
         }
     };
-    let ring_thread = serve_connection(&daemon, &conn, &mut stream).await;
+    let ring_thread = serve_connection(&daemon, &conn, &mut stream, first).await;
     conn.shut();
     if let Some(t) = ring_thread {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
@@ -244,27 +278,54 @@ async fn connection(daemon: Arc<Daemon>, mut stream: UnixStream) {
 
 type RingThread = std::thread::JoinHandle<()>;
 
+/// The next frame: `first` if still there, else one read from `stream`, unless the client is
+/// kicked or — holding nothing (no namespace, no attachment) — stays silent for
+/// `server.idle_timeout_ms`. `None`: stop serving.
+async fn next_frame(
+    daemon: &Daemon,
+    conn: &Conn,
+    stream: &mut UnixStream,
+    first: &mut Option<FrameRead>,
+    holds: bool,
+) -> Option<FrameRead> {
+    if let Some(f) = first.take() {
+        return Some(f);
+    }
+    let max = daemon.cfg.server.max_frame_bytes.0 as usize;
+    let idle = Duration::from_millis(u64::from(daemon.cfg.server.idle_timeout_ms));
+    tokio::select! {
+        _ = conn.kick.notified() => None,
+        r = read_frame(stream, max) => Some(r),
+        _ = tokio::time::sleep(idle), if !holds => {
+            tracing::debug!(client = conn.id, "dropping an idle client that holds nothing");
+            None
+        }
+    }
+}
+
 async fn serve_connection(
     daemon: &Arc<Daemon>,
     conn: &Arc<Conn>,
     stream: &mut UnixStream,
+    first: FrameRead,
 ) -> Option<RingThread> {
-    let max = daemon.cfg.server.max_frame_bytes.0 as usize;
+    let mut first = Some(first);
     let mut ring_thread: Option<RingThread> = None;
     let mut gpu = GpuState::default();
     loop {
-        let (body, fds) = tokio::select! {
-            _ = conn.kick.notified() => break,
-            r = read_frame(stream, max) => match r {
-                Ok(Some(b)) => b,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!(client = conn.id, error = %e, "dropping client: bad frame");
-                    let r = error(OpError::new(ErrorCode::BadRequest, e.to_string()));
-                    let _ = stream.write_all(&r.encode(0)).await;
-                    break;
-                }
-            },
+        let holds = !conn.handles.read().is_empty() || !gpu.attachments.is_empty();
+        let Some(r) = next_frame(daemon, conn, stream, &mut first, holds).await else {
+            break;
+        };
+        let (body, fds) = match r {
+            Ok(Some(b)) => b,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(client = conn.id, error = %e, "dropping client: bad frame");
+                let r = error(OpError::new(ErrorCode::BadRequest, e.to_string()));
+                let _ = stream.write_all(&r.encode(0)).await;
+                break;
+            }
         };
         let (id, req) = match Request::decode(&body) {
             Ok(x) => x,

@@ -194,3 +194,42 @@ fn read_leases_time_out() {
     c.nop().expect("connection still fine");
     assert!(d.log_contains("timed out"));
 }
+
+/// Connections that never say Hello neither count against `server.max_clients` nor stay
+/// open past `server.handshake_timeout_ms`; real clients keep connecting meanwhile.
+#[test]
+fn silent_connections_do_not_take_client_slots() {
+    let d = Daemon::start(&["server.max_clients=4", "server.handshake_timeout_ms=500"]);
+    let silent: Vec<std::os::unix::net::UnixStream> = (0..40)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(&d.socket).ok())
+        .collect();
+    assert!(silent.len() >= 30, "{} connected", silent.len());
+    for _ in 0..3 {
+        still_serves(&d);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    for mut s in silent {
+        use std::io::Read;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        assert_eq!(s.read(&mut [0u8; 8]).expect("closed by kvd"), 0);
+    }
+    still_serves(&d);
+}
+
+/// kvd deletes nothing at its socket path but a dead daemon's socket.
+#[test]
+fn a_file_at_the_socket_path_is_not_deleted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("kvd.sock");
+    std::fs::write(&path, b"not kvd's").expect("write");
+    let out = std::process::Command::new(kvd_tests::bin("kvd"))
+        .arg("--socket")
+        .arg(&path)
+        .output()
+        .expect("run kvd");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("server.replace_socket"), "{err}");
+    assert_eq!(std::fs::read(&path).expect("still there"), b"not kvd's");
+}

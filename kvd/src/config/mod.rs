@@ -78,8 +78,17 @@ pub struct ServerConfig {
     /// `gids` — the peer's primary gid — and `tenants` patterns: exact, `prefix*` or `*`).
     /// Empty: the empty tenant is shared, any other belongs to the first uid to open it.
     pub tenants: Vec<TenantRule>,
-    /// Most concurrent client connections.
+    /// Most concurrent client connections (a connection counts once it has sent its first
+    /// frame).
     pub max_clients: u32,
+    /// A new connection must send its first frame (Hello) within this, or it is closed.
+    pub handshake_timeout_ms: u32,
+    /// A client holding nothing (no namespace open, no KV buffers attached) that sends
+    /// nothing for this long is disconnected.
+    pub idle_timeout_ms: u32,
+    /// Delete whatever sits at `socket_path` at start; by default only a socket of the
+    /// daemon's own uid (a dead daemon's) is replaced.
+    pub replace_socket: bool,
     /// Largest control frame accepted.
     pub max_frame_bytes: ByteSize,
     /// On SIGTERM, after the last client is closed, DRAM blocks without a disk copy are
@@ -98,6 +107,9 @@ impl Default for ServerConfig {
             admin_uids: Vec::new(),
             tenants: Vec::new(),
             max_clients: 64,
+            handshake_timeout_ms: 5000,
+            idle_timeout_ms: 300_000,
+            replace_socket: false,
             max_frame_bytes: ByteSize(1 << 20),
             shutdown_drain_ms: 20_000,
         }
@@ -1119,6 +1131,15 @@ impl Config {
         }
         if self.server.max_clients == 0 || self.server.max_clients > 4096 {
             return bad("server.max_clients", "must be in 1..=4096".into());
+        }
+        if !(100..=60_000).contains(&self.server.handshake_timeout_ms) {
+            return bad(
+                "server.handshake_timeout_ms",
+                "must be in 100..=60000".into(),
+            );
+        }
+        if self.server.idle_timeout_ms < 1000 {
+            return bad("server.idle_timeout_ms", "must be at least 1000".into());
         }
         let f = self.server.max_frame_bytes.0;
         if !(64 << 10..=kvd_proto::frame::MAX_FRAME_BYTES as u64).contains(&f) {
