@@ -811,29 +811,35 @@ fn route(daemon: &Daemon, metrics: &Metrics, req: &Request<Incoming>) -> Respons
     }
 }
 
-/// Most scrapes served at once.
-const MAX_CONNECTIONS: usize = 16;
+/// Most connections at once in all, and from one address: each is served on its own task,
+/// so a probe never waits behind scrapes, and idle ones go within [`HEADER_TIMEOUT`].
+const CAPS: crate::accept::Caps = crate::accept::Caps {
+    total: 128,
+    per_addr: 16,
+};
+/// A connection must send its request headers within this.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Serves the endpoint until `stop` fires.
 pub async fn serve(daemon: Arc<Daemon>, listener: TcpListener, stop: Arc<tokio::sync::Notify>) {
     let metrics = Arc::new(Metrics::new(&daemon));
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    while let Some((stream, _, permit)) =
-        crate::accept::next("metrics", &listener, &permits, &stop).await
+    let adm = crate::accept::Admission::new(CAPS);
+    while let Some((stream, _, place)) =
+        crate::accept::next("metrics", &listener, &adm, &stop).await
     {
         let (daemon, metrics) = (daemon.clone(), metrics.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let _place = place;
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let r = route(&daemon, &metrics, &req);
                 async move { Ok::<_, Infallible>(r) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .max_buf_size(64 << 10)
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(HEADER_TIMEOUT)
                 .timer(hyper_util::rt::TokioTimer::new())
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-            let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
         });
     }
 }

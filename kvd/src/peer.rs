@@ -7,7 +7,8 @@
 //! block's bytes straight from the DRAM arena under a read lease (a disk-only block is read
 //! into DRAM first, verified, as a local GET would). A block is only ever served from the
 //! namespace asked for. A malformed or oversized request gets the connection closed and one
-//! log line; connections are bounded by `peer.max_connections`.
+//! log line; connections are bounded by `peer.max_connections` in all and
+//! `peer.max_connections_per_peer` from one address, and must open within 5 s.
 //!
 //! Fetching side: a lookup that misses locally ([`lookup`]) asks the cluster index which
 //! nodes hold the rest of the chain, and where they listen (published in their lease), then
@@ -45,6 +46,8 @@ const PIPELINE: usize = 4;
 const HASH_PIECE: usize = 256 << 10;
 /// A served connection with no request for this long is closed.
 const IDLE_SERVE: Duration = Duration::from_secs(120);
+/// A connection's first bytes (the magic) must arrive within this.
+const HANDSHAKE: Duration = Duration::from_secs(5);
 
 /// Why a block could not be fetched.
 #[derive(Debug, thiserror::Error)]
@@ -367,15 +370,16 @@ pub async fn serve(daemon: Arc<Daemon>, listener: TcpListener, stop: Arc<tokio::
     let Some(peer) = daemon.peer.clone() else {
         return;
     };
-    let permits = Arc::new(tokio::sync::Semaphore::new(
-        peer.cfg.max_connections as usize,
-    ));
-    while let Some((stream, addr, permit)) =
-        crate::accept::next("peer data port", &listener, &permits, &stop).await
+    let adm = crate::accept::Admission::new(crate::accept::Caps {
+        total: peer.cfg.max_connections as usize,
+        per_addr: peer.cfg.max_connections_per_peer as usize,
+    });
+    while let Some((stream, addr, place)) =
+        crate::accept::next("peer data port", &listener, &adm, &stop).await
     {
         let daemon = daemon.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _place = place;
             serve_conn(&daemon, stream, addr).await;
         });
     }
@@ -409,7 +413,7 @@ async fn serve_conn(daemon: &Arc<Daemon>, mut s: TcpStream, addr: SocketAddr) {
 
 async fn serve_requests(daemon: &Arc<Daemon>, s: &mut TcpStream) -> Result<(), ServeError> {
     let mut magic = [0u8; 8];
-    match tokio::time::timeout(IDLE_SERVE, s.read_exact(&mut magic)).await {
+    match tokio::time::timeout(HANDSHAKE, s.read_exact(&mut magic)).await {
         Ok(r) => {
             r?;
         }

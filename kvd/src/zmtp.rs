@@ -24,6 +24,8 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::accept::{Admission, Admitted, Caps};
+
 const MORE: u8 = 0x01;
 const LONG: u8 = 0x02;
 const COMMAND: u8 = 0x04;
@@ -57,6 +59,15 @@ impl Default for Limits {
             max_peers_per_addr: 8,
             queue: 1024,
             max_subscriptions: 256,
+        }
+    }
+}
+
+impl Limits {
+    fn caps(&self) -> Caps {
+        Caps {
+            total: self.max_peers,
+            per_addr: self.max_peers_per_addr,
         }
     }
 }
@@ -390,61 +401,6 @@ fn pong(name: &[u8], data: &[u8]) -> Option<Bytes> {
     Some(command_frame(&b))
 }
 
-/// Counts a socket's peers per address, and in all.
-struct Admission {
-    limits: Limits,
-    per_addr: Mutex<hashbrown::HashMap<Option<IpAddr>, usize>>,
-    refused: AtomicU64,
-}
-
-/// Held while a peer is served; gives its place back when dropped.
-struct Admitted {
-    adm: Arc<Admission>,
-    addr: Option<IpAddr>,
-}
-
-impl Admission {
-    fn new(limits: Limits) -> Arc<Admission> {
-        Arc::new(Admission {
-            limits,
-            per_addr: Mutex::new(hashbrown::HashMap::new()),
-            refused: AtomicU64::new(0),
-        })
-    }
-
-    fn admit(self: &Arc<Self>, addr: Option<IpAddr>) -> Option<Admitted> {
-        let mut m = self.per_addr.lock();
-        let total: usize = m.values().sum();
-        let here = m.get(&addr).copied().unwrap_or(0);
-        let per_addr_cap = if addr.is_some() {
-            self.limits.max_peers_per_addr
-        } else {
-            self.limits.max_peers
-        };
-        if total >= self.limits.max_peers || here >= per_addr_cap {
-            self.refused.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        *m.entry(addr).or_insert(0) += 1;
-        Some(Admitted {
-            adm: self.clone(),
-            addr,
-        })
-    }
-}
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        let mut m = self.adm.per_addr.lock();
-        if let Some(n) = m.get_mut(&self.addr) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.addr);
-            }
-        }
-    }
-}
-
 /// Accepts peers until `stop`, admitting each (or closing it at once) and serving it with
 /// `serve` on a task of its own.
 fn accept_loop<F, Fut>(listener: Listener, adm: Arc<Admission>, stop: CancellationToken, serve: F)
@@ -525,7 +481,7 @@ impl PubSocket {
         let listener = Listener::bind(&Endpoint::parse(endpoint)?).await?;
         let port = listener.port();
         let subs = Arc::new(Subscribers::default());
-        let adm = Admission::new(limits);
+        let adm = Admission::new(limits.caps());
         let stop = CancellationToken::new();
         let s = subs.clone();
         accept_loop(
@@ -550,7 +506,7 @@ impl PubSocket {
     pub fn connect(endpoint: &str, limits: Limits) -> Result<PubSocket, ZmtpError> {
         let ep = Endpoint::parse(endpoint)?;
         let subs = Arc::new(Subscribers::default());
-        let adm = Admission::new(limits);
+        let adm = Admission::new(limits.caps());
         let stop = CancellationToken::new();
         let (tx, rx) = watch::channel(false);
         let (s, st, ep_name) = (subs.clone(), stop.clone(), endpoint.to_owned());
@@ -608,7 +564,7 @@ impl PubSocket {
         (
             self.subs.list.lock().len(),
             self.subs.dropped.load(Ordering::Relaxed),
-            self.adm.refused.load(Ordering::Relaxed),
+            self.adm.refused(),
         )
     }
 
@@ -806,7 +762,7 @@ impl RouterSocket {
     ) -> Result<RouterSocket, ZmtpError> {
         let listener = Listener::bind(&Endpoint::parse(endpoint)?).await?;
         let port = listener.port();
-        let adm = Admission::new(limits);
+        let adm = Admission::new(limits.caps());
         let stop = CancellationToken::new();
         let answer = Arc::new(answer);
         accept_loop(
@@ -827,7 +783,7 @@ impl RouterSocket {
 
     /// Peers refused at the caps.
     pub fn refused(&self) -> u64 {
-        self.adm.refused.load(Ordering::Relaxed)
+        self.adm.refused()
     }
 }
 
@@ -966,24 +922,5 @@ mod tests {
         let mut wire = BytesMut::new();
         encode(&many, &mut wire);
         assert!(read_inbound(&mut &wire[..], &limits).await.is_err());
-    }
-
-    #[test]
-    fn admission_caps_per_address_and_in_all() {
-        let adm = Admission::new(Limits {
-            max_peers: 3,
-            max_peers_per_addr: 2,
-            ..Limits::default()
-        });
-        let a = Some(IpAddr::from([127, 0, 0, 1]));
-        let b = Some(IpAddr::from([127, 0, 0, 2]));
-        let x1 = adm.admit(a).unwrap();
-        let _x2 = adm.admit(a).unwrap();
-        assert!(adm.admit(a).is_none());
-        let _y1 = adm.admit(b).unwrap();
-        assert!(adm.admit(b).is_none(), "the total cap");
-        drop(x1);
-        assert!(adm.admit(b).is_some());
-        assert_eq!(adm.refused.load(Ordering::Relaxed), 2);
     }
 }

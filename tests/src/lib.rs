@@ -314,3 +314,43 @@ pub fn start_with(sets: &[String]) -> Daemon {
     let refs: Vec<&str> = sets.iter().map(String::as_str).collect();
     Daemon::start(&refs)
 }
+
+/// A TCP connection to 127.0.0.1:`port` from the source address `src` (any of 127/8).
+pub fn connect_from(src: [u8; 4], port: u16) -> std::io::Result<std::net::TcpStream> {
+    use std::os::fd::FromRawFd;
+    let sockaddr = |ip: [u8; 4], port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket call; the descriptor is owned by the TcpStream made below or
+    // closed on error.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a socket we own and no one else uses; it becomes the TcpStream's.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    let (from, to) = (sockaddr(src, 0), sockaddr([127, 0, 0, 1], port));
+    // SAFETY: `from` is a valid sockaddr_in of `len` bytes living across the call.
+    if unsafe { libc::bind(fd, (&raw const from).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `to` is a valid sockaddr_in of `len` bytes living across the call.
+    if unsafe { libc::connect(fd, (&raw const to).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stream)
+}
+
+/// `n` connections to 127.0.0.1:`port` from 127.0.0.2 that never send a byte (a flood of
+/// idle connections from another address).
+pub fn idle_flood(port: u16, n: usize) -> Vec<std::net::TcpStream> {
+    (0..n)
+        .filter_map(|_| connect_from([127, 0, 0, 2], port).ok())
+        .collect()
+}

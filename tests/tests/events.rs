@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use kvd_tests::Daemon;
+use kvd_tests::{connect_from, Daemon};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -154,38 +154,6 @@ fn an_oversized_frame_closes_that_connection_and_nothing_else() {
     let c = d.admin();
     c.stats().expect("the daemon is alive");
     assert!(!d.log_contains("memory allocation"), "{}", d.log_text());
-}
-
-/// A TCP connection to 127.0.0.1:`port` from the source address `src` (any of 127/8).
-fn connect_from(src: [u8; 4], port: u16) -> std::io::Result<TcpStream> {
-    use std::os::fd::FromRawFd;
-    let sockaddr = |ip: [u8; 4], port: u16| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(ip),
-        },
-        sin_zero: [0; 8],
-    };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: plain socket call; the descriptor is owned by the TcpStream made below or
-    // closed on error.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a socket we own and no one else uses; it becomes the TcpStream's.
-    let stream = unsafe { TcpStream::from_raw_fd(fd) };
-    let (from, to) = (sockaddr(src, 0), sockaddr([127, 0, 0, 1], port));
-    // SAFETY: `from` is a valid sockaddr_in of `len` bytes living across the call.
-    if unsafe { libc::bind(fd, (&raw const from).cast(), len) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `to` is a valid sockaddr_in of `len` bytes living across the call.
-    if unsafe { libc::connect(fd, (&raw const to).cast(), len) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(stream)
 }
 
 #[test]

@@ -324,3 +324,32 @@ fn stalled_scrapes_never_hold_up_the_data_path() {
     });
     assert_eq!(value(&body, "kvd_tier_blocks{tier=\"dram\"}"), Some(200.0));
 }
+
+/// A flood of idle connections (from another address, then from the prober's own) neither
+/// delays a probe nor outlives the header deadline. (40 idle connections used to make
+/// `/healthz` take 19.5 s.)
+#[test]
+fn probes_are_answered_through_a_flood_of_idle_connections() {
+    let port = free_port();
+    let d = Daemon::start(&[&format!("metrics.listen=127.0.0.1:{port}")]);
+    d.expect_log("metrics: /metrics /healthz /readyz");
+    let flood = kvd_tests::idle_flood(port, 200);
+    assert!(flood.len() >= 100, "{} connected", flood.len());
+    let t = std::time::Instant::now();
+    let (code, _) = get(port, "/healthz");
+    assert_eq!(code, 200);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // Idle connections are closed at the 2 s header deadline: the flooding address itself is
+    // served again afterwards.
+    std::thread::sleep(Duration::from_secs(3));
+    let mut s = kvd_tests::connect_from([127, 0, 0, 2], port).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    use std::io::{Read, Write};
+    s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    drop(flood);
+}

@@ -64,7 +64,8 @@ fn a_block_put_on_node_a_is_read_through_node_b_byte_for_byte() {
         tempfile::tempdir().expect("a"),
         tempfile::tempdir().expect("b"),
     );
-    let mut a = start(&sets(&redis, "node-a", da.path(), free_port()));
+    let a_port = free_port();
+    let mut a = start(&sets(&redis, "node-a", da.path(), a_port));
     let b = start(&sets(&redis, "node-b", db.path(), free_port()));
     let (ca, cb) = (a.admin(), b.admin());
     let nsa = ca.open_namespace(&test_namespace("peer")).expect("ns a");
@@ -78,6 +79,11 @@ fn a_block_put_on_node_a_is_read_through_node_b_byte_for_byte() {
     let evicted = ca.evict(Some(nsa.id), &keys(6..8)).expect("evict");
     assert_eq!(evicted, 2);
     published(&cb, &nsb, 8);
+
+    // 100 idle connections to A's data port from another address: closed at A's caps and
+    // handshake deadline, they do not starve B's fetches (70 used to).
+    let flood = kvd_tests::idle_flood(a_port, 100);
+    assert!(flood.len() >= 50, "{} connected", flood.len());
 
     // B's lookup misses locally, fetches all 8 from A, and answers 8 held locally.
     let t = Instant::now();
@@ -94,6 +100,7 @@ fn a_block_put_on_node_a_is_read_through_node_b_byte_for_byte() {
     assert_eq!(pa.served_blocks, 8, "{pa:?}");
     let wanted: u64 = (0..8).map(|i| len_of(i) as u64).sum();
     assert_eq!(pb.fetched_bytes, wanted);
+    drop(flood);
     assert!(b.ctl(&["status"]).contains("fetched 8 blocks"));
 
     // A chain with a hole: fetched up to the hole, no further.

@@ -417,6 +417,9 @@ pub struct PeerConfig {
     pub fetch_concurrency: u32,
     /// Most peer connections served at once; more wait to be accepted.
     pub max_connections: u32,
+    /// Most connections served at once from one address (a node keeps up to 16 idle ones
+    /// for reuse, plus `fetch_concurrency`).
+    pub max_connections_per_peer: u32,
     /// Timeout of a connection attempt, and of each block's transfer.
     pub timeout_ms: u32,
 }
@@ -429,6 +432,7 @@ impl Default for PeerConfig {
             fetch_on_lookup: true,
             fetch_concurrency: 4,
             max_connections: 64,
+            max_connections_per_peer: 24,
             timeout_ms: 5000,
         }
     }
@@ -1110,6 +1114,12 @@ impl Config {
         }
         if !(1..=65_536).contains(&p.max_connections) {
             return bad("peer.max_connections", "must be in 1..=65536".into());
+        }
+        if p.max_connections_per_peer == 0 || p.max_connections_per_peer > p.max_connections {
+            return bad(
+                "peer.max_connections_per_peer",
+                "must be in 1..=peer.max_connections".into(),
+            );
         }
         if !(100..=600_000).contains(&p.timeout_ms) {
             return bad("peer.timeout_ms", "must be in 100..=600000".into());
