@@ -66,6 +66,8 @@ pub struct Namespace {
     pub store: Mutex<NsStore>,
     /// Connections that have it open.
     pub open: AtomicU32,
+    /// The uid that bound it to an arena.
+    pub owner_uid: u32,
 }
 
 /// A reserved DRAM slot that is given back unless committed (a block being fetched from a
@@ -311,6 +313,8 @@ pub struct Daemon {
     stopping: AtomicBool,
     euid: u32,
     tenancy: crate::tenancy::Tenancy,
+    /// Residency changes of namespaces retired before they were published.
+    orphans: Mutex<Vec<crate::residency::Change>>,
 }
 
 impl Daemon {
@@ -364,6 +368,7 @@ impl Daemon {
             stopping: AtomicBool::new(false),
             euid: nix::unistd::geteuid().as_raw(),
             tenancy: crate::tenancy::Tenancy::new(cfg_tenants),
+            orphans: Mutex::new(Vec::new()),
         });
         if let Some(disk) = disk {
             let weak = Arc::downgrade(&d);
@@ -841,6 +846,7 @@ impl Daemon {
             match reg.by_id.get(&id) {
                 Some(ns) => ns.clone(),
                 None => {
+                    self.check_uid_quota(&reg, conn.uid)?;
                     let arena = match reg.pool.pop() {
                         Some(a) => a,
                         None => self.recycle(&mut reg)?,
@@ -875,6 +881,7 @@ impl Daemon {
                         arena,
                         store: Mutex::new(store),
                         open: AtomicU32::new(0),
+                        owner_uid: conn.uid,
                     });
                     reg.by_id.insert(id, ns.clone());
                     ns
@@ -887,7 +894,23 @@ impl Daemon {
         Ok((ns, (handles.len() - 1) as u32))
     }
 
-    /// Retires a namespace nobody uses and that holds nothing, and returns a *fresh* arena in
+    /// Refuses a new namespace to `uid` when it has `server.max_namespaces_per_uid` bound.
+    fn check_uid_quota(&self, reg: &Registry, uid: u32) -> Result<(), OpError> {
+        let cap = self.cfg.server.max_namespaces_per_uid;
+        let held = reg.by_id.values().filter(|n| n.owner_uid == uid).count();
+        if cap > 0 && held >= cap as usize {
+            return Err(OpError::new(
+                ErrorCode::NamespaceLimit,
+                format!(
+                    "uid {uid} has {held} namespaces bound to arenas \
+                     (server.max_namespaces_per_uid = {cap})"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Retires a namespace nobody uses and nothing is held in, and returns a *fresh* arena in
     /// its place. The old memfd is dropped rather than reused: a client that once mapped it
     /// (and may still, after disconnecting) must never see another namespace's blocks.
     fn recycle(&self, reg: &mut Registry) -> Result<Arena, OpError> {
@@ -901,22 +924,27 @@ impl Daemon {
                 ),
             )
         };
+        // A namespace nobody has open and nothing is held in: an empty one first, else the
+        // one with the fewest blocks and no pins (so one-block namespaces left behind cannot
+        // squat every arena). Its DRAM blocks go (lower tiers keep their copies).
         let victim = reg
             .by_id
             .iter()
-            .find_map(|(id, ns)| {
+            .filter_map(|(id, ns)| {
                 let s = ns.store.lock();
                 (ns.open.load(Ordering::SeqCst) == 0
-                    && s.blocks() == 0
                     && s.reserved() == 0
-                    && s.leases() == 0)
-                    .then_some(*id)
+                    && s.leases() == 0
+                    && s.pinned() == 0)
+                    .then_some((s.blocks(), *id))
             })
+            .min()
+            .map(|(_, id)| id)
             .ok_or_else(full)?;
         let ns = reg.by_id.remove(&victim).ok_or_else(full)?;
         match Arc::try_unwrap(ns) {
             Ok(old) => {
-                drop(old);
+                self.retire(old);
                 let mut arena = Arena::create(&self.cfg.dram)
                     .map_err(|e| OpError::new(ErrorCode::Internal, e.to_string()))?;
                 if let Some(disk) = &self.disk {
@@ -942,7 +970,7 @@ impl Daemon {
                         "new arena pinned for GPU DMA"
                     );
                 }
-                tracing::info!(ns = %victim, "retired an empty, unused namespace for a new one");
+                tracing::info!(ns = %victim, "retired an unused namespace for a new one");
                 Ok(arena)
             }
             Err(ns) => {
@@ -950,6 +978,31 @@ impl Daemon {
                 Err(full())
             }
         }
+    }
+
+    /// Forgets a namespace whose arena is being recycled: its DRAM blocks are announced as
+    /// removed (with the changes it had not published yet).
+    fn retire(&self, old: Namespace) {
+        let mut store = old.store.lock();
+        let keys = store.live_keys();
+        if keys.is_empty() {
+            return;
+        }
+        tracing::info!(ns = %old.id, blocks = keys.len(),
+            "dropped the DRAM blocks of an unused namespace to recycle its arena");
+        if self.cfg.publishes_residency() {
+            let mut orphans = self.orphans.lock();
+            orphans.extend(store.take_changes().changes);
+            orphans.extend(
+                keys.into_iter()
+                    .map(|k| crate::residency::Change::removed(old.id, k, Tier::Dram)),
+            );
+        }
+    }
+
+    /// Changes of retired namespaces not yet handed to the publishers.
+    pub fn take_orphan_changes(&self) -> Vec<crate::residency::Change> {
+        std::mem::take(&mut *self.orphans.lock())
     }
 
     /// The namespace `id` as seen by `conn`: open on it, or any namespace for admins.
@@ -1260,5 +1313,63 @@ mod tests {
             .unwrap();
         assert_ne!(inode(&old), inode(ns_b.arena.fd()), "b got a fresh memfd");
         assert_ne!(inode(&old), 0);
+    }
+
+    fn put_one(ns: &Namespace, k: u8) {
+        let mut st = ns.store.lock();
+        let key = BlockKey([k; 32]);
+        let slot = st.reserve(&key, 4096).unwrap();
+        st.commit(&key, slot, 4096, 0);
+    }
+
+    /// One-block namespaces left behind by clients that went away do not hold every arena:
+    /// the one with the fewest blocks is recycled, one with pinned blocks never.
+    #[test]
+    fn namespaces_left_behind_cannot_squat_the_arenas() {
+        let mut cfg = small();
+        cfg.dram.max_namespaces = 2;
+        let d = Daemon::new(cfg).unwrap();
+        let squatter = d.register(1, 1000, 1000).unwrap();
+        for (name, k) in [("s1", 1), ("s2", 2)] {
+            let (ns, _) = d
+                .open_namespace(&squatter, NamespaceDesc::new(name, "bf16", "L", 16))
+                .unwrap();
+            put_one(&ns, k);
+            if name == "s2" {
+                put_one(&ns, 3);
+                ns.store.lock().pin(&[BlockKey([2; 32])]);
+            }
+        }
+        d.unregister(&squatter);
+        let engine = d.register(2, 1001, 1001).unwrap();
+        d.open_namespace(&engine, NamespaceDesc::new("e1", "bf16", "L", 16))
+            .expect("s1's arena recycled");
+        let e = d
+            .open_namespace(&engine, NamespaceDesc::new("e2", "bf16", "L", 16))
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::NamespaceLimit, "s2 holds a pin");
+    }
+
+    #[test]
+    fn one_uid_binds_at_most_its_quota_of_arenas() {
+        let mut cfg = small();
+        cfg.dram.max_namespaces = 3;
+        cfg.server.max_namespaces_per_uid = 1;
+        let d = Daemon::new(cfg).unwrap();
+        let a = d.register(1, 1000, 1000).unwrap();
+        d.open_namespace(&a, NamespaceDesc::new("a1", "bf16", "L", 16))
+            .unwrap();
+        let e = d
+            .open_namespace(&a, NamespaceDesc::new("a2", "bf16", "L", 16))
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::NamespaceLimit);
+        assert!(
+            e.message.contains("server.max_namespaces_per_uid"),
+            "{}",
+            e.message
+        );
+        let b = d.register(2, 1001, 1001).unwrap();
+        d.open_namespace(&b, NamespaceDesc::new("b1", "bf16", "L", 16))
+            .expect("another uid has its own quota");
     }
 }

@@ -153,7 +153,7 @@ pub fn drain(rx: &mut mpsc::Receiver<Batch>) -> (Vec<Change>, bool) {
 
 /// Changes recorded by every tier since the last call, and whether any were lost.
 pub fn take_changes(daemon: &Daemon) -> (Vec<Change>, bool) {
-    let mut all = Vec::new();
+    let mut all = daemon.take_orphan_changes();
     let mut lost = false;
     for ns in daemon.namespaces() {
         let t = ns.store.lock().take_changes();

@@ -81,6 +81,9 @@ pub struct ServerConfig {
     /// Most concurrent client connections (a connection counts once it has sent its first
     /// frame).
     pub max_clients: u32,
+    /// Most namespaces one uid may have bound to arenas at once (0: no cap beyond
+    /// `dram.max_namespaces`), so one client cannot take every arena.
+    pub max_namespaces_per_uid: u32,
     /// A new connection must send its first frame (Hello) within this, or it is closed.
     pub handshake_timeout_ms: u32,
     /// A client holding nothing (no namespace open, no KV buffers attached) that sends
@@ -107,6 +110,7 @@ impl Default for ServerConfig {
             admin_uids: Vec::new(),
             tenants: Vec::new(),
             max_clients: 64,
+            max_namespaces_per_uid: 0,
             handshake_timeout_ms: 5000,
             idle_timeout_ms: 300_000,
             replace_socket: false,
