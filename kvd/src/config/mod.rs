@@ -247,6 +247,11 @@ pub struct DiskConfig {
     pub admission_min_frequency: u8,
     /// Demotion starts when a namespace's arena is fuller than this fraction.
     pub demote_watermark: f64,
+    /// The catalog's write-ahead log is synced with the batch that records written blocks
+    /// at most this often (0: with every batch, the default). Region data is always written
+    /// durably (`O_DSYNC`) before the catalog names it; a power failure within this window
+    /// loses at most the last catalog batches (those blocks become misses, never wrong).
+    pub catalog_sync_ms: u32,
 }
 
 impl Default for DiskConfig {
@@ -263,6 +268,7 @@ impl Default for DiskConfig {
             admission: crate::disk::admission::AdmissionPolicy::Frequency,
             admission_min_frequency: 2,
             demote_watermark: 0.7,
+            catalog_sync_ms: 0,
         }
     }
 }

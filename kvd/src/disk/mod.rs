@@ -355,12 +355,17 @@ fn setup<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Di
     }
 }
 
+/// Opens a region file: writes are durable when they complete (`O_DSYNC`), so the catalog
+/// never names data a power failure could take back; a link at the path is refused
+/// (`O_NOFOLLOW`) rather than followed out of the disk tier's directory.
 fn open_region(path: &Path, direct: bool) -> io::Result<File> {
     let mut o = OpenOptions::new();
     o.read(true).write(true).create(true).truncate(false);
+    let mut flags = libc::O_DSYNC | libc::O_NOFOLLOW;
     if direct {
-        o.custom_flags(libc::O_DIRECT);
+        flags |= libc::O_DIRECT;
     }
+    o.custom_flags(flags);
     o.open(path)
 }
 
@@ -409,7 +414,10 @@ impl DiskTier {
             regions: want,
             flags: 0,
         };
-        let (catalog, meta) = Catalog::open(&root.join("catalog"), fresh)?;
+        let (mut catalog, meta) = Catalog::open(&root.join("catalog"), fresh)?;
+        catalog.set_sync_interval(std::time::Duration::from_millis(u64::from(
+            cfg.catalog_sync_ms,
+        )));
 
         let direct = cfg.direct_io && probe_direct(&regions_dir);
         let mut kind = cfg.engine;
@@ -558,6 +566,16 @@ impl DiskTier {
             catalog.delete_blocks(&drop)?;
         }
         catalog.delete_region_entries(&stray)?;
+        let lost = catalog.lost_at_open();
+        if lost > 0 {
+            tracing::warn!(
+                writes = lost,
+                blocks_about = lost / 2,
+                "the disk catalog came back without its last synced writes (its write-ahead \
+                 log was truncated or damaged): those blocks are misses now; the space they \
+                 used is reclaimed with their regions"
+            );
+        }
 
         for (i, r) in st.regions.iter_mut().enumerate() {
             if !valid[i] {
@@ -1264,6 +1282,7 @@ mod tests {
             admission: admission::AdmissionPolicy::Always,
             admission_min_frequency: 1,
             demote_watermark: 0.0,
+            catalog_sync_ms: 0,
         }
     }
 

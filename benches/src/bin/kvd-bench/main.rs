@@ -672,6 +672,8 @@ fn fio(
             &format!("--iodepth={qd}"),
             "--ioengine=io_uring",
             "--direct=1",
+            // kvd writes its region files with O_DSYNC (durable before cataloged): fio too.
+            "--sync=dsync",
             if huge {
                 "--iomem=shmhuge"
             } else {
