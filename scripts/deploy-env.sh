@@ -2,8 +2,8 @@
 # Creates (once) the Python virtual environment the Kubernetes/Helm checks run in
 # (tests/deploy): Helm's own Go SDK through helm-python-sdk (renders and lints the chart; no helm
 # binary or Go toolchain needed), kubernetes-validate (the Kubernetes OpenAPI schemas of each
-# release, strict mode) and cloudcoil's Prometheus Operator models (PodMonitor/ServiceMonitor,
-# which are CRDs the Kubernetes schemas do not know), plus pytest. All pinned; ~450 MB from
+# release, strict mode) and cloudcoil's Prometheus Operator and cert-manager models
+# (PodMonitor/ServiceMonitor, Certificate: CRDs the Kubernetes schemas do not know), plus pytest. All pinned; ~450 MB from
 # PyPI. Prints the venv's path on the last line of stdout.
 #
 #   KVD_DEPLOY_VENV   where the venv lives (default ~/.cache/kvd/deploy-venv)
@@ -11,7 +11,7 @@
 set -euo pipefail
 
 venv="${KVD_DEPLOY_VENV:-$HOME/.cache/kvd/deploy-venv}"
-stamp="$venv/.kvd-ready-v1"
+stamp="$venv/.kvd-ready-v2"
 if [[ -f "$stamp" ]]; then
     echo "$venv"
     exit 0
@@ -24,7 +24,8 @@ rm -rf "$venv"
 "$py" -m venv "$venv"
 "$venv/bin/pip" install --quiet --disable-pip-version-check \
     "helm-python-sdk==0.2.2" "kubernetes-validate==1.37.0" \
-    "cloudcoil.models.prometheus_operator==0.80.1.0" "PyYAML>=6" "pytest>=8" >&2
+    "cloudcoil.models.prometheus_operator==0.80.1.0" "cloudcoil.models.cert_manager==1.17.1.0" \
+    "PyYAML>=6" "pytest>=8" >&2
 "$venv/bin/python" -c 'import helm_python; print("deploy-env: Helm SDK", helm_python.helm_sdk_version())' >&2
 touch "$stamp"
 echo "$venv"

@@ -93,6 +93,17 @@ for r in rows:
 print(f"kvd-bench gpu smoke (host stand-in backend): {len(rows)} records, every loaded byte checked")
 PY
 
+out=$("$CARGO_TARGET_DIR/debug/kvd-bench" peer --tls --total 8MiB --sizes 1MiB --rounds 1 --json)
+echo "$out"
+python3 - "$out" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in sys.argv[1].splitlines() if l.strip()]
+assert rows and all(r["tier"] == "peer" and r["tls"] for r in rows), rows
+for r in rows:
+    assert r["gbps"] > 0 and r["tls_gbps"] > 0 and r["tcp_gbps"] > 0 and r["ratio"] > 0, r
+print(f"kvd-bench peer --tls smoke: {len(rows)} records, every fetched byte verified over mutual TLS")
+PY
+
 out=$("$CARGO_TARGET_DIR/debug/kvd-bench" s3 --total 8MiB --sizes 64KiB,1MiB --segment-bytes 4MiB --rounds 1 --json)
 echo "$out"
 python3 - "$out" <<'PY'

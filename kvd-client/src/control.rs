@@ -19,13 +19,75 @@ pub struct Control {
     timeout: Option<Duration>,
 }
 
+/// Environment variable naming the uid kvd runs as; a client refuses a socket served by any
+/// other uid.
+pub const SERVER_UID_ENV: &str = "KVD_SERVER_UID";
+
+/// The uid a client insists on for the daemon behind the socket: `explicit`, else
+/// `$KVD_SERVER_UID`, else none (see [`check_server`]).
+pub fn expected_server_uid(explicit: Option<u32>) -> Result<Option<u32>> {
+    if explicit.is_some() {
+        return Ok(explicit);
+    }
+    match std::env::var(SERVER_UID_ENV) {
+        Ok(v) => v.trim().parse().map(Some).map_err(|_| {
+            ClientError::Invalid(format!(
+                "{SERVER_UID_ENV}={v:?} is not a uid; set it to the numeric uid kvd runs as"
+            ))
+        }),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Checks who serves the socket (`SO_PEERCRED`) before anything is sent to it: the daemon must
+/// run as `expected` when given; otherwise as root, as this process's own uid, or as the owner
+/// of the socket's directory — somebody who could replace the socket anyway. Anyone else
+/// serving there has replaced kvd's socket and would see every block.
+fn check_server(stream: &UnixStream, path: &Path, expected: Option<u32>) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let cred = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| ClientError::Io(e.into()))?;
+    let uid = cred.uid();
+    let trusted = match expected {
+        Some(want) => uid == want,
+        None => {
+            let dir_owner = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .and_then(|d| std::fs::metadata(d).ok())
+                .map(|m| m.uid());
+            uid == 0 || uid == nix::unistd::geteuid().as_raw() || dir_owner == Some(uid)
+        }
+    };
+    if trusted {
+        return Ok(());
+    }
+    Err(ClientError::Impostor {
+        path: path.to_owned(),
+        uid,
+        expected: match expected {
+            Some(want) => format!("uid {want} ({SERVER_UID_ENV})"),
+            None => "root, this process's uid or the socket directory's owner".into(),
+        },
+    })
+}
+
 impl Control {
-    /// Connects to the daemon's socket.
+    /// Connects to the daemon's socket, checking who serves it (`$KVD_SERVER_UID` or the
+    /// defaults of [`Control::connect_to`]).
     pub fn connect(path: &Path) -> Result<Self> {
+        Self::connect_to(path, expected_server_uid(None)?)
+    }
+
+    /// Connects to the daemon's socket and refuses it unless the process serving it runs as
+    /// `server_uid` (when `None`: as root, this process's uid, or the owner of the socket's
+    /// directory).
+    pub fn connect_to(path: &Path, server_uid: Option<u32>) -> Result<Self> {
         let stream = UnixStream::connect(path).map_err(|source| ClientError::NotRunning {
             path: path.to_owned(),
             source,
         })?;
+        check_server(&stream, path, server_uid)?;
         Ok(Self {
             stream,
             next_id: 1,
@@ -187,5 +249,29 @@ mod tests {
         assert!(err.is_retryable(), "{err}");
         assert!(err.to_string().contains("did not answer within"), "{err}");
         holder.join().expect("holder");
+    }
+
+    /// A socket served by a uid other than the one the client was told to expect is refused
+    /// before anything is sent; the expected uid (here this process's own) is accepted.
+    #[test]
+    fn a_socket_served_by_another_uid_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kvd.sock");
+        let _listener = UnixListener::bind(&path).expect("bind");
+        let me = nix::unistd::geteuid().as_raw();
+        Control::connect_to(&path, Some(me)).expect("served by the expected uid");
+        Control::connect_to(&path, None).expect("served by this process's uid");
+        let err = Control::connect_to(&path, Some(me.wrapping_add(1))).expect_err("impostor");
+        assert!(
+            matches!(err, ClientError::Impostor { uid, .. } if uid == me),
+            "{err}"
+        );
+        assert!(err.is_permanent(), "{err}");
+        assert!(err.to_string().contains("KVD_SERVER_UID"), "{err}");
+    }
+
+    #[test]
+    fn server_uid_comes_from_the_option_first() {
+        assert_eq!(expected_server_uid(Some(7)).expect("explicit"), Some(7));
     }
 }

@@ -20,6 +20,20 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    /// Somebody other than kvd serves the socket.
+    #[error(
+        "the socket at {path} is served by uid {uid}, not by {expected}: something else has \
+         taken kvd's socket; refusing to send it anything (check the socket directory's owner \
+         and mode, and set KVD_SERVER_UID to the uid kvd runs as)"
+    )]
+    Impostor {
+        /// Socket path.
+        path: PathBuf,
+        /// The uid serving it.
+        uid: u32,
+        /// Who was expected.
+        expected: String,
+    },
     /// Socket IO failed after connecting.
     #[error("control socket: {0}")]
     Io(#[from] std::io::Error),

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use asynch::AsyncClient;
-pub use control::Control;
+pub use control::{Control, SERVER_UID_ENV};
 pub use error::{ClientError, Result};
 pub use gpu::GpuAttachment;
 pub use kvd_proto::frame::{
@@ -54,6 +54,9 @@ pub struct Options {
     pub spin: Duration,
     /// How long to wait for a ring completion or a control reply at all.
     pub timeout: Duration,
+    /// The uid kvd must run as (`None`: `$KVD_SERVER_UID`, else root, this process's uid or
+    /// the owner of the socket's directory); a socket served by anyone else is refused.
+    pub server_uid: Option<u32>,
 }
 
 impl Default for Options {
@@ -63,6 +66,7 @@ impl Default for Options {
             admin: false,
             spin: Duration::from_micros(200),
             timeout: Duration::from_secs(30),
+            server_uid: None,
         }
     }
 }
@@ -211,7 +215,7 @@ impl Client {
     /// Connects, handshakes and maps the ring.
     pub fn connect_with(path: impl AsRef<Path>, opts: Options) -> Result<Client> {
         let path = path.as_ref().to_owned();
-        let mut ctl = Control::connect(&path)?;
+        let mut ctl = Control::connect_to(&path, control::expected_server_uid(opts.server_uid)?)?;
         ctl.set_timeout(Some(opts.timeout))?;
         let (resp, fd) = ctl.call(&Request::Hello {
             protocol_version: PROTOCOL_VERSION,

@@ -304,6 +304,10 @@ pub struct NamespaceStats {
     pub evictions: u64,
     /// Puts refused for lack of space.
     pub full_rejections: u64,
+    /// The uid whose client created it (who holds its arena).
+    pub owner_uid: u32,
+    /// Its blocks on the disk tier.
+    pub disk_blocks: u64,
 }
 
 /// The disk tier's state and counters.
@@ -1067,6 +1071,8 @@ fn put_desc_stats(w: &mut Writer, s: &NamespaceStats) {
     ] {
         w.u64(v);
     }
+    w.u32(s.owner_uid);
+    w.u64(s.disk_blocks);
 }
 
 fn get_desc_stats(r: &mut Reader<'_>) -> Result<NamespaceStats, DecodeError> {
@@ -1083,6 +1089,8 @@ fn get_desc_stats(r: &mut Reader<'_>) -> Result<NamespaceStats, DecodeError> {
         misses: r.u64("misses")?,
         evictions: r.u64("evictions")?,
         full_rejections: r.u64("full_rejections")?,
+        owner_uid: r.u32("owner_uid")?,
+        disk_blocks: r.u64("disk_blocks")?,
     })
 }
 
@@ -1876,7 +1884,9 @@ mod tests {
             bytes_out: v[7],
         });
         let ns_stats =
-            (arb_ns(), arb_desc(), any::<[u64; 10]>()).prop_map(|(ns, desc, v)| NamespaceStats {
+            (arb_ns(), arb_desc(), any::<[u64; 11]>()).prop_map(|(ns, desc, v)| NamespaceStats {
+                owner_uid: v[10] as u32,
+                disk_blocks: v[10] >> 7,
                 ns,
                 desc,
                 arena_bytes: v[0],

@@ -266,6 +266,13 @@ pub enum StartError {
     /// The GPU block pool could not be allocated.
     #[error("cannot allocate the GPU block pool (gpu.pool_bytes)")]
     GpuPool(#[source] kvd_gpu::GpuError),
+    /// The peer data port's TLS identity could not be loaded.
+    #[error(
+        "cannot set up mutual TLS on the peer data port (peer.tls_cert, peer.tls_key, \
+         peer.tls_ca; see docs/security.md; peer.tls = \"off\" only on a network nobody else \
+         can reach)"
+    )]
+    PeerTls(#[from] crate::peer::tls::TlsError),
     /// The S3 tier could not be set up.
     #[error("cannot start the S3 tier")]
     S3(#[from] crate::s3::S3StartError),
@@ -338,7 +345,8 @@ impl Daemon {
         let cfg_tenants = cfg.server.tenants.clone();
         let index = crate::index::IndexReader::new(&cfg.index).map(Arc::new);
         let events = crate::events::Events::new(&cfg.events).map(Arc::new);
-        let peer = crate::peer::Peer::new(&cfg.peer).map(Arc::new);
+        let peer =
+            crate::peer::Peer::new(&cfg.peer, &crate::index::node_id(&cfg.index))?.map(Arc::new);
         let s3 = if cfg.s3.enabled() {
             Some(crate::s3::S3Tier::open(&cfg, disk.clone())?)
         } else {
@@ -730,7 +738,7 @@ impl Daemon {
 
     /// Whether a peer may connect at all.
     pub fn peer_allowed(&self, uid: u32, gid: u32) -> bool {
-        uid == 0
+        (uid == 0 && self.cfg.server.root_is_admin)
             || uid == self.euid
             || self.cfg.server.allowed_uids.contains(&uid)
             || self.cfg.server.allowed_gids.contains(&gid)
@@ -738,7 +746,9 @@ impl Daemon {
 
     /// Whether a peer may use admin operations.
     pub fn peer_is_admin(&self, uid: u32) -> bool {
-        uid == 0 || uid == self.euid || self.cfg.server.admin_uids.contains(&uid)
+        (uid == 0 && self.cfg.server.root_is_admin)
+            || uid == self.euid
+            || self.cfg.server.admin_uids.contains(&uid)
     }
 
     /// Registers a new connection, or refuses it when `server.max_clients` are connected.
@@ -846,7 +856,7 @@ impl Daemon {
             match reg.by_id.get(&id) {
                 Some(ns) => ns.clone(),
                 None => {
-                    self.check_uid_quota(&reg, conn.uid)?;
+                    self.check_quotas(&reg, conn.uid, &desc.tenant)?;
                     let arena = match reg.pool.pop() {
                         Some(a) => a,
                         None => self.recycle(&mut reg)?,
@@ -894,8 +904,9 @@ impl Daemon {
         Ok((ns, (handles.len() - 1) as u32))
     }
 
-    /// Refuses a new namespace to `uid` when it has `server.max_namespaces_per_uid` bound.
-    fn check_uid_quota(&self, reg: &Registry, uid: u32) -> Result<(), OpError> {
+    /// Refuses a new namespace to `uid` when it has `server.max_namespaces_per_uid` bound,
+    /// or to `tenant` (its base) when it has `server.max_namespaces_per_tenant`.
+    fn check_quotas(&self, reg: &Registry, uid: u32, tenant: &str) -> Result<(), OpError> {
         let cap = self.cfg.server.max_namespaces_per_uid;
         let held = reg.by_id.values().filter(|n| n.owner_uid == uid).count();
         if cap > 0 && held >= cap as usize {
@@ -904,6 +915,22 @@ impl Daemon {
                 format!(
                     "uid {uid} has {held} namespaces bound to arenas \
                      (server.max_namespaces_per_uid = {cap})"
+                ),
+            ));
+        }
+        let cap = self.cfg.server.max_namespaces_per_tenant;
+        let base = crate::tenancy::base(tenant);
+        let held = reg
+            .by_id
+            .values()
+            .filter(|n| crate::tenancy::base(&n.desc.tenant) == base)
+            .count();
+        if cap > 0 && held >= cap as usize {
+            return Err(OpError::new(
+                ErrorCode::NamespaceLimit,
+                format!(
+                    "tenant {base:?} has {held} namespaces bound to arenas \
+                     (server.max_namespaces_per_tenant = {cap})"
                 ),
             ));
         }
@@ -1186,6 +1213,8 @@ impl Daemon {
                 misses: s.counters.misses,
                 evictions: s.counters.evictions,
                 full_rejections: s.counters.full_rejections,
+                owner_uid: ns.owner_uid,
+                disk_blocks: self.disk.as_ref().map_or(0, |d| d.ns_blocks(&ns.id)),
             };
             dram.used_bytes += st.used_bytes;
             dram.blocks += st.blocks;
@@ -1292,6 +1321,23 @@ mod tests {
             .unwrap_or(0)
     }
 
+    /// Root in an engine container is uid 0 on the node: it is an ordinary uid unless
+    /// `server.root_is_admin` says otherwise.
+    #[test]
+    fn root_is_neither_allowed_nor_admin_unless_configured() {
+        let mut d = Daemon::new(small()).unwrap();
+        Arc::get_mut(&mut d).unwrap().euid = 10_001;
+        assert!(!d.peer_allowed(0, 0) && !d.peer_is_admin(0));
+        assert!(d.peer_allowed(10_001, 10_001) && d.peer_is_admin(10_001));
+        let mut cfg = small();
+        cfg.server.root_is_admin = true;
+        cfg.server.allowed_uids = vec![1000];
+        let mut d = Daemon::new(cfg).unwrap();
+        Arc::get_mut(&mut d).unwrap().euid = 10_001;
+        assert!(d.peer_allowed(0, 0) && d.peer_is_admin(0));
+        assert!(d.peer_allowed(1000, 1000) && !d.peer_is_admin(1000));
+    }
+
     #[test]
     fn a_retired_namespace_never_hands_its_memory_to_another() {
         let d = Daemon::new(small()).unwrap();
@@ -1371,5 +1417,43 @@ mod tests {
         let b = d.register(2, 1001, 1001).unwrap();
         d.open_namespace(&b, NamespaceDesc::new("b1", "bf16", "L", 16))
             .expect("another uid has its own quota");
+    }
+
+    /// A tenant's quota counts its namespaces whoever opened them, salted or not.
+    #[test]
+    fn one_tenant_binds_at_most_its_quota_of_arenas() {
+        let mut cfg = small();
+        cfg.dram.max_namespaces = 4;
+        cfg.server.max_namespaces_per_tenant = 2;
+        cfg.server.tenants = vec![crate::config::TenantRule {
+            uids: vec![1000, 1001],
+            gids: vec![],
+            tenants: vec!["*".into()],
+        }];
+        let d = Daemon::new(cfg).unwrap();
+        let (a, b) = (
+            d.register(1, 1000, 1000).unwrap(),
+            d.register(2, 1001, 1001).unwrap(),
+        );
+        let desc = |model: &str, tenant: &str| {
+            let mut n = NamespaceDesc::new(model, "bf16", "L", 16);
+            n.tenant = tenant.into();
+            n
+        };
+        d.open_namespace(&a, desc("m1", "team-a")).unwrap();
+        d.open_namespace(&b, desc("m2", "team-a|salt=00ff"))
+            .unwrap();
+        let e = d.open_namespace(&b, desc("m3", "team-a")).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NamespaceLimit);
+        assert!(
+            e.message.contains("server.max_namespaces_per_tenant"),
+            "{}",
+            e.message
+        );
+        assert!(!e.message.contains("salt"), "{}", e.message);
+        d.open_namespace(&b, desc("m3", "team-b"))
+            .expect("another tenant");
+        let s = d.stats_for(&a);
+        assert!(s.namespaces.iter().all(|n| n.owner_uid == 1000), "{s:?}");
     }
 }

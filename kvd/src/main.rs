@@ -117,8 +117,15 @@ async fn start_publishers(
                 serves its blocks to peers but cannot find any to fetch from"
             );
         }
+        if !peer.authenticated() {
+            tracing::warn!(
+                "peer.tls = \"off\": the data port serves every open namespace's blocks to \
+                anyone who reaches it, and blocks are taken from whatever address the cluster \
+                index names; use it only on a network nobody else can reach (docs/security.md)"
+            );
+        }
         tracing::info!(listen = %daemon.cfg.peer.listen, advertise = %peer.advertise(),
-            "peer data port ready");
+            tls = peer.authenticated(), "peer data port ready");
         let stop = Arc::new(tokio::sync::Notify::new());
         let task = tokio::spawn(kvd::peer::serve(daemon.clone(), listener, stop.clone()));
         tasks.push((stop, task));

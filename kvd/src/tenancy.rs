@@ -13,6 +13,9 @@ use parking_lot::Mutex;
 
 use crate::config::TenantRule;
 
+/// Most tenants claimed first-come (without rules); a bound on the claims map.
+const MAX_CLAIMS: usize = 4096;
+
 /// The tenant rules and, without rules, which uid claimed which tenant.
 #[derive(Debug)]
 pub struct Tenancy {
@@ -63,6 +66,12 @@ impl Tenancy {
             return Ok(());
         }
         let mut owners = self.owners.lock();
+        if owners.len() >= MAX_CLAIMS && !owners.contains_key(b) {
+            return Err(format!(
+                "{MAX_CLAIMS} tenants are claimed on this node already; configure \
+                 server.tenants rules instead of first-come claims"
+            ));
+        }
         let owner = *owners.entry(b.to_owned()).or_insert(uid);
         if owner == uid {
             Ok(())
@@ -78,6 +87,18 @@ impl Tenancy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_come_claims_are_bounded() {
+        let t = Tenancy::new(Vec::new());
+        for i in 0..MAX_CLAIMS {
+            t.check(1, 1, &format!("t{i}")).unwrap();
+        }
+        let e = t.check(1, 1, "one-more").unwrap_err();
+        assert!(e.contains("server.tenants"), "{e}");
+        t.check(1, 1, "t7|salt=x").unwrap();
+        t.check(2, 2, "").unwrap();
+    }
 
     fn rule(uids: &[u32], gids: &[u32], tenants: &[&str]) -> TenantRule {
         TenantRule {

@@ -30,6 +30,7 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
+from cloudcoil.models.cert_manager import v1 as cert_manager
 from cloudcoil.models.prometheus_operator import v1 as monitoring
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,6 +45,10 @@ OWNED = {
     ("metrics", "listen"),
     ("peer", "listen"),
     ("peer", "advertise"),
+    ("peer", "tls"),
+    ("peer", "tls_cert"),
+    ("peer", "tls_key"),
+    ("peer", "tls_ca"),
     ("index", "node_id"),
 }
 
@@ -61,7 +66,7 @@ FULL = {
         },
         "disk": {"capacity_bytes": "100 GiB", "region_bytes": "256 MiB", "engine": "psync"},
         "index": {"key_prefix": "prod", "lease_ttl_ms": 15000},
-        "events": {"endpoint": "tcp://kv-indexer.llm-d:5557", "form": "map"},
+        "events": {"endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558", "form": "map"},
         "gpu": {"backend": "host", "pin_threads": 4, "pin_chunk_bytes": "512 MiB"},
         "s3": {"bucket": "kv-cache", "endpoint": "http://127.0.0.1:9", "path_style": True,
                "segment_bytes": "64 MiB", "write_mode": "write-through"},
@@ -69,7 +74,11 @@ FULL = {
     },
     "s3": {"credentialsSecret": {"name": "kvd-s3"}},
     "disk": {"hostPath": "/mnt/nvme0/kvd"},
-    "peer": {"enabled": True, "port": 7470},
+    "peer": {"enabled": True, "port": 7470, "tls": {
+        "secretName": "kvd-peer-tls",
+        "certManager": {"enabled": True, "issuerRef": {"name": "cluster-ca"},
+                        "dnsNames": ["gpu-node-1", "gpu-node-2"]},
+    }},
     "index": {"redisUrlsSecret": {"name": "kvd-redis", "key": "urls"}},
     "metrics": {"port": 9100, "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
     "resources": {
@@ -108,8 +117,10 @@ def validate(obj: dict) -> None:
     """Strict schema validation: the Kubernetes schemas of each supported release, or the
     Prometheus Operator's models (unknown fields show up as a difference after the round
     trip, since the models drop what they do not know)."""
-    if obj["apiVersion"].startswith("monitoring.coreos.com/"):
-        model = getattr(monitoring, obj["kind"])
+    crds = {"monitoring.coreos.com": monitoring, "cert-manager.io": cert_manager}
+    group = obj["apiVersion"].split("/")[0]
+    if group in crds:
+        model = getattr(crds[group], obj["kind"])
         parsed = model.model_validate(obj)
         back = parsed.model_dump(by_alias=True, exclude_unset=True, mode="json")
         assert back == obj, f"{obj['kind']} has fields its CRD does not know: {obj} vs {back}"
@@ -231,10 +242,11 @@ def test_rendered_objects_are_valid_kubernetes(name, values):
     objs = objects(render(values))
     kinds = sorted(o["kind"] for o in objs)
     if name == "defaults":
-        assert kinds == ["ConfigMap", "DaemonSet", "ServiceAccount"], kinds
+        assert kinds == ["ConfigMap", "DaemonSet", "NetworkPolicy", "ServiceAccount"], kinds
     else:
         assert kinds == [
-            "ConfigMap", "DaemonSet", "Deployment", "Service", "ServiceAccount", "ServiceMonitor",
+            "Certificate", "ConfigMap", "DaemonSet", "Deployment", "NetworkPolicy", "Service",
+            "ServiceAccount", "ServiceMonitor",
         ], kinds
     for o in objs:
         validate(o)
@@ -272,6 +284,16 @@ def test_full_render_wires_every_part():
     assert cfg["metrics"]["listen"] == "0.0.0.0:9100"
     assert cfg["peer"]["listen"] == "0.0.0.0:7470"
     assert cfg["server"]["allowed_uids"] == [1000, 1001] and cfg["server"]["socket_mode"] == 438
+    assert cfg["server"]["allowed_gids"] == [65532]
+    assert cfg["peer"]["tls"] == "mutual" and cfg["peer"]["tls_ca"] == "/etc/kvd/tls/ca.crt"
+    tls = {m["name"]: m for m in c["volumeMounts"]}["peer-tls"]
+    assert tls["mountPath"] == "/etc/kvd/tls" and tls["readOnly"]
+    (secret,) = [v["secret"] for v in ds["volumes"] if v["name"] == "peer-tls"]
+    assert secret["secretName"] == "kvd-peer-tls"
+    (cert,) = by_kind(objs, "Certificate")
+    assert cert["spec"]["secretName"] == "kvd-peer-tls"
+    assert {"server auth", "client auth"} <= set(cert["spec"]["usages"])
+    assert cert["spec"]["dnsNames"] == ["gpu-node-1", "gpu-node-2"]
     (sm,) = by_kind(objs, "ServiceMonitor")
     assert sm["metadata"]["labels"]["release"] == "prom"
 
@@ -289,7 +311,10 @@ def test_full_render_wires_every_part():
     assert args[-2:] == ["--max-model-len", "4096"]
     mounts = {m["name"]: m["mountPath"] for m in engine["volumeMounts"]}
     assert mounts["kvd-socket"] == "/run/kvd"
-    assert {e["name"]: e["value"] for e in engine["env"]}["PYTHONPATH"] == mounts["kvd-python"]
+    engine_env = {e["name"]: e["value"] for e in engine["env"]}
+    assert engine_env["PYTHONPATH"] == mounts["kvd-python"]
+    assert engine_env["KVD_SERVER_UID"] == "65532"
+    assert spec["securityContext"]["runAsGroup"] == 65532 and spec["securityContext"]["runAsNonRoot"]
     (init,) = spec["initContainers"]
     assert init["command"][-1] == "/kvd-python/"
     # The engine pods land where kvd runs.
@@ -373,6 +398,109 @@ def test_daemon_from_rendered_config_answers_the_probes(tmp_path):
             proc.wait()
 
 
+# Pod Security Standards, "baseline" level: what each control forbids
+# (https://kubernetes.io/docs/concepts/security/pod-security-standards/), checked on a pod spec.
+BASELINE_CAPS = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
+                 "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
+
+
+def baseline_violations(spec: dict) -> set[str]:
+    """The baseline controls a pod spec breaks, as "control: detail"."""
+    out = set()
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(key):
+            out.add(f"host namespaces: {key}")
+    for v in spec.get("volumes", []):
+        if "hostPath" in v:
+            out.add(f"hostPath volume: {v['name']}")
+    contexts = [("pod", spec.get("securityContext", {}))]
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        sc = c.get("securityContext", {})
+        contexts.append((c["name"], sc))
+        if sc.get("privileged"):
+            out.add(f"privileged: {c['name']}")
+        for cap in set(sc.get("capabilities", {}).get("add", [])) - BASELINE_CAPS:
+            out.add(f"capability {cap}: {c['name']}")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            out.add(f"host ports: {c['name']}")
+        if sc.get("procMount", "Default") != "Default":
+            out.add(f"/proc mount: {c['name']}")
+        if sc.get("windowsOptions", {}).get("hostProcess"):
+            out.add(f"host process: {c['name']}")
+    for who, sc in contexts:
+        if sc.get("seccompProfile", {}).get("type") == "Unconfined":
+            out.add(f"seccomp Unconfined: {who}")
+        if sc.get("appArmorProfile", {}).get("type") == "Unconfined":
+            out.add(f"AppArmor Unconfined: {who}")
+        se = sc.get("seLinuxOptions", {})
+        if se.get("user") or se.get("role") or se.get("type", "container_t") not in (
+                "container_t", "container_init_t", "container_kvm_t", "container_engine_t"):
+            out.add(f"SELinux options: {who}")
+    if spec.get("securityContext", {}).get("sysctls"):
+        out.add("sysctls")
+    return out
+
+
+@pytest.mark.parametrize("ipc_lock", [True, False])
+def test_pods_are_non_root_and_break_baseline_only_for_the_host_socket(ipc_lock):
+    """kvd runs as a non-root user with IPC_LOCK at most; the engine example as a non-root
+    user in kvd's group with the socket directory read-only. Each breaks the Pod Security
+    "baseline" level only where the design needs it (docs/security.md): the hostPath of the
+    node's socket (and NVMe) directory, and IPC_LOCK while ipcLock is on."""
+    values = {**FULL, "ipcLock": ipc_lock}
+    objs = objects(render(values))
+    ds = by_kind(objs, "DaemonSet")[0]["spec"]["template"]["spec"]
+    expected = {"hostPath volume: socket-dir", "hostPath volume: nvme"}
+    if ipc_lock:
+        expected.add("capability IPC_LOCK: kvd")
+    assert baseline_violations(ds) == expected
+    c = kvd_container(objs)
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] and sc["runAsUser"] == 65532 and sc["runAsGroup"] == 65532
+    assert sc["capabilities"] == ({"drop": ["ALL"], "add": ["IPC_LOCK"]} if ipc_lock else {"drop": ["ALL"]})
+    (init,) = ds["initContainers"]
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]}
+    assert "chown 65532:65532 /run/kvd /var/lib/kvd" in init["command"][-1]
+    assert "chmod 0750 /run/kvd" in init["command"][-1]
+
+    (vllm,) = by_kind(objs, "Deployment")
+    spec = vllm["spec"]["template"]["spec"]
+    assert baseline_violations(spec) == {"hostPath volume: kvd-socket"}
+    # "restricted" beyond that: non-root, no escalation, no capabilities, RuntimeDefault.
+    assert spec["securityContext"]["runAsNonRoot"] and spec["securityContext"]["runAsUser"] == 1000
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    for ct in spec["initContainers"] + spec["containers"]:
+        assert ct["securityContext"]["allowPrivilegeEscalation"] is False, ct["name"]
+        assert ct["securityContext"]["capabilities"] == {"drop": ["ALL"]}, ct["name"]
+    socket = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "kvd-socket"]
+    assert socket[0]["readOnly"] is True
+
+
+def test_network_policy_admits_only_whom_each_port_is_for():
+    objs = objects(render(FULL))
+    (np,) = by_kind(objs, "NetworkPolicy")
+    spec = np["spec"]
+    (ds,) = by_kind(objs, "DaemonSet")
+    (vllm,) = by_kind(objs, "Deployment")
+    sel = spec["podSelector"]["matchLabels"]
+    kvd_labels = ds["spec"]["template"]["metadata"]["labels"]
+    assert sel.items() <= kvd_labels.items(), "selects the kvd pods"
+    assert not sel.items() <= vllm["spec"]["template"]["metadata"]["labels"].items(), "not the engines"
+    assert spec["policyTypes"] == ["Ingress"]
+    rules = {tuple(p["port"] for p in r["ports"]): r["from"] for r in spec["ingress"]}
+    assert rules[(9100,)] == [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "monitoring"}}}]
+    assert rules[(7470,)] == [{"podSelector": {"matchLabels": sel}}], "peers: kvd pods only"
+    assert rules[(5557, 5558)][0]["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "llm-d-kv-cache-indexer"}
+    assert len(rules) == 3
+    # Defaults: metrics only (no peer port, no events bound); events kvd dials get no rule.
+    for values in ({}, {"config": {"events": {"endpoint": "tcp://indexer.llm-d:5557"}}}):
+        (np,) = by_kind(objects(render(values)), "NetworkPolicy")
+        assert [[p["port"] for p in r["ports"]] for r in np["spec"]["ingress"]] == [[9464]]
+    assert not by_kind(objects(render({"networkPolicy": {"enabled": False}})), "NetworkPolicy")
+
+
 BAD = [
     ({"config": {"dram": {"arena_bytes": "lots"}}}, ["/config/dram/arena_bytes"]),
     ({"config": {"server": {"socket_path": "/tmp/x.sock"}}}, ["/config/server", "socket_path"]),
@@ -397,7 +525,11 @@ BAD = [
     ({"terminationGracePeriodSeconds": 10}, ["terminationGracePeriodSeconds", "shutdown_drain_ms"]),
     ({"config": {"server": {"shutdown_drain_ms": 60000}}}, ["terminationGracePeriodSeconds (30)", "60000"]),
     ({"metrics": {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True}}}, ["twice"]),
-    ({"peer": {"enabled": True, "port": 9464}}, ["peer.port and metrics.port"]),
+    ({"peer": {"enabled": True, "port": 9464, "tls": {"mode": "off"}}}, ["peer.port and metrics.port"]),
+    ({"peer": {"enabled": True}}, ["peer.tls.secretName", "peer.tls.mode=off"]),
+    ({"peer": {"tls": {"mode": "maybe"}}}, ["/peer/tls/mode"]),
+    ({"peer": {"tls": {"certManager": {"enabled": True}}}}, ["issuerRef.name", "dnsNames"]),
+    ({"runAs": {"user": 0}}, ["/runAs/user"]),
 ]
 
 
@@ -453,7 +585,7 @@ def plain_manifests() -> dict[str, str]:
     values = yaml.safe_load((PLAIN / "values.yaml").read_text())
     rendered = render(values)
     groups = {
-        "kvd.yaml": ["serviceaccount.yaml", "configmap.yaml", "daemonset.yaml"],
+        "kvd.yaml": ["serviceaccount.yaml", "configmap.yaml", "daemonset.yaml", "networkpolicy.yaml"],
         "monitoring.yaml": ["monitoring.yaml"],
         "vllm-example.yaml": ["vllm-example.yaml"],
     }
@@ -486,6 +618,7 @@ def test_plain_manifests_match_the_chart():
     ns = yaml.safe_load((PLAIN / "namespace.yaml").read_text())
     validate(ns)
     assert ns["metadata"]["name"] == NAMESPACE
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/audit"] == "baseline"
     for o in objs:
         validate(o)
     check_references(objs)

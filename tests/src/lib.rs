@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use kvd_client::{Client, Options};
 
 pub mod engine;
+pub mod pki;
 pub mod redis;
 pub mod s3;
 

@@ -169,6 +169,7 @@ fn the_grafana_dashboard_only_queries_series_kvd_exports() {
         format!("metrics.listen=127.0.0.1:{port}"),
         format!("index.redis_urls={}", redis.url()),
         format!("peer.listen=127.0.0.1:{}", free_port()),
+        "peer.tls=off".into(),
         format!(
             "events.endpoint=ipc://{}",
             dir.path().join("ev.ipc").display()

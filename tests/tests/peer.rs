@@ -1,16 +1,21 @@
 //! Peer fetch end to end: two real daemons on one machine (own sockets, data dirs and data
-//! ports on 127.0.0.1) sharing a real `redis-server` as the cluster index. A block put on
-//! node A is read through node B byte for byte (from A's DRAM and from A's disk); a peer
-//! sending wrong bytes is never believed; garbage on the data port is refused; lookups keep
-//! answering locally while Redis or the peer is gone.
+//! ports on 127.0.0.1) sharing a real `redis-server` as the cluster index, speaking mutual
+//! TLS with certificates made for the test. A block put on node A is read through node B
+//! byte for byte (from A's DRAM and from A's disk); a client without a certificate, with
+//! another CA's, an expired one, and a node answering under another node's name get and give
+//! nothing; renewed certificate files are used without a restart; a peer sending wrong
+//! bytes is never believed; garbage on the data port is refused; lookups keep answering
+//! locally while Redis or the peer is gone.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvd_client::{BlockKey, Client, Namespace};
 use kvd_proto::peer as wire;
+use kvd_tests::pki::{Ca, NodeFiles, Validity};
 use kvd_tests::redis::{free_port, Redis};
 use kvd_tests::{pattern, start_with as start, test_namespace, wait_for, Daemon};
 
@@ -25,7 +30,9 @@ fn len_of(i: u64) -> usize {
     20_000 + (i as usize % 5) * 7_777
 }
 
-fn sets(redis: &Redis, node: &str, disk: &Path, port: u16) -> Vec<String> {
+/// A node's settings: `tls` is its certificate's files, or `None` for `peer.tls = "off"`.
+fn sets(redis: &Redis, node: &str, disk: &Path, port: u16, tls: Option<&NodeFiles>) -> Vec<String> {
+    let tls = tls.map_or_else(|| vec!["peer.tls=off".to_string()], NodeFiles::sets);
     vec![
         format!("index.redis_urls={}", redis.url()),
         format!("index.node_id={node}"),
@@ -36,6 +43,7 @@ fn sets(redis: &Redis, node: &str, disk: &Path, port: u16) -> Vec<String> {
     ]
     .into_iter()
     .chain(kvd_tests::disk_sets(disk, "64MiB", "1.0"))
+    .chain(tls)
     .collect()
 }
 
@@ -64,9 +72,17 @@ fn a_block_put_on_node_a_is_read_through_node_b_byte_for_byte() {
         tempfile::tempdir().expect("a"),
         tempfile::tempdir().expect("b"),
     );
+    let (pki, ca) = (
+        tempfile::tempdir().expect("pki"),
+        Ca::new("kvd test cluster"),
+    );
+    let (ta, tb) = (
+        ca.node(pki.path(), "a", "node-a", Validity::Current),
+        ca.node(pki.path(), "b", "node-b", Validity::Current),
+    );
     let a_port = free_port();
-    let mut a = start(&sets(&redis, "node-a", da.path(), a_port));
-    let b = start(&sets(&redis, "node-b", db.path(), free_port()));
+    let mut a = start(&sets(&redis, "node-a", da.path(), a_port, Some(&ta)));
+    let b = start(&sets(&redis, "node-b", db.path(), free_port(), Some(&tb)));
     let (ca, cb) = (a.admin(), b.admin());
     let nsa = ca.open_namespace(&test_namespace("peer")).expect("ns a");
     let nsb = cb.open_namespace(&test_namespace("peer")).expect("ns b");
@@ -170,7 +186,8 @@ fn exchange(port: u16, bytes: &[u8]) -> Vec<u8> {
 fn garbage_and_oversized_requests_are_refused_and_another_namespace_gets_nothing() {
     let port = free_port();
     let listen = format!("peer.listen=127.0.0.1:{port}");
-    let d = Daemon::start(&[&listen]);
+    let d = Daemon::start(&[&listen, "peer.tls=off"]);
+    d.expect_log("peer.tls = \"off\": the data port serves");
     let c = d.admin();
     let ns = c.open_namespace(&test_namespace("peer-bad")).expect("ns");
     let other = c
@@ -232,7 +249,7 @@ fn a_peer_sending_wrong_bytes_is_never_believed() {
         return;
     };
     let db = tempfile::tempdir().expect("b");
-    let b = start(&sets(&redis, "node-b", db.path(), free_port()));
+    let b = start(&sets(&redis, "node-b", db.path(), free_port(), None));
     let cb = b.admin();
     let ns = cb.open_namespace(&test_namespace("liar")).expect("ns");
     let liar = std::net::TcpListener::bind("127.0.0.1:0").expect("bind liar");
@@ -271,6 +288,7 @@ fn a_peer_that_stops_reading_loses_its_lease_after_the_timeout() {
     let listen = format!("peer.listen=127.0.0.1:{port}");
     let d = Daemon::start(&[
         &listen,
+        "peer.tls=off",
         "peer.timeout_ms=500",
         "dram.max_block_bytes=32MiB",
         "dram.arena_bytes=256MiB",
@@ -301,4 +319,243 @@ fn a_peer_that_stops_reading_loses_its_lease_after_the_timeout() {
     });
     assert_eq!(c.evict(Some(ns.id), &[key(1)]).expect("evict"), 1);
     drop(s);
+}
+
+/// A client of the data port speaking TLS with rustls: asks `port` (expected to be node
+/// `server`, under `ca`) for `key` of `ns`, presenting `cert` or no certificate. The block's
+/// bytes, or why not.
+fn tls_fetch(
+    port: u16,
+    ca: &Path,
+    cert: Option<&NodeFiles>,
+    server: &str,
+    ns: &kvd_client::NamespaceId,
+    key: &BlockKey,
+) -> Result<Vec<u8>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let pem = |p: &Path| -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_file_iter(p)
+            .expect("pem")
+            .map(|c| c.expect("certificate"))
+            .collect()
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in pem(ca) {
+        roots.add(c).expect("CA");
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let b = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots);
+    let mut cfg = match cert {
+        Some(f) => b
+            .with_client_auth_cert(
+                pem(&f.cert),
+                PrivateKeyDer::from_pem_file(&f.key).expect("key"),
+            )
+            .expect("client certificate"),
+        None => b.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"kvd-peer/1".to_vec()];
+    let name = ServerName::try_from(server.to_owned()).expect("name");
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), name).map_err(|e| e.to_string())?;
+    let tcp = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let mut req = wire::PEER_MAGIC.to_vec();
+    req.extend_from_slice(&wire::encode_fetch(ns, key));
+    s.write_all(&req).map_err(|e| e.to_string())?;
+    s.flush().map_err(|e| e.to_string())?;
+    let mut h = [0u8; wire::REPLY_HEADER];
+    s.read_exact(&mut h).map_err(|e| e.to_string())?;
+    let (status, len, _) = wire::decode_reply(&h);
+    if status != Some(wire::Status::Found) {
+        return Err(format!("{status:?}"));
+    }
+    let mut body = vec![0u8; len as usize];
+    s.read_exact(&mut body).map_err(|e| e.to_string())?;
+    Ok(body)
+}
+
+/// Writes `from`'s files over `to`'s paths the way a Secret update does: each file renamed
+/// into place whole.
+fn replace_files(from: &NodeFiles, to: &NodeFiles) {
+    for (f, t) in [
+        (&from.key, &to.key),
+        (&from.ca, &to.ca),
+        (&from.cert, &to.cert),
+    ] {
+        let tmp = t.with_extension("new");
+        std::fs::copy(f, &tmp).expect("copy");
+        std::fs::rename(&tmp, t).expect("rename");
+    }
+}
+
+/// The data port with mutual TLS serves a node of the cluster's CA and nobody else: not a
+/// plaintext client, not one without a certificate, with another CA's or with an expired
+/// one. Renewed files (another CA, here) are used by new connections without a restart.
+#[test]
+fn mutual_tls_serves_only_certified_nodes_and_picks_up_renewed_files() {
+    let pki = tempfile::tempdir().expect("pki");
+    let (ca, stranger_ca) = (Ca::new("kvd test cluster"), Ca::new("somebody else"));
+    let ta = ca.node(pki.path(), "a", "node-a", Validity::Current);
+    let good = ca.node(pki.path(), "b", "node-b", Validity::Current);
+    let foreign = stranger_ca.node(pki.path(), "f", "node-b", Validity::Current);
+    let expired = ca.node(pki.path(), "x", "node-b", Validity::Expired);
+    let port = free_port();
+    let mut sets = vec![
+        format!("peer.listen=127.0.0.1:{port}"),
+        "index.node_id=node-a".to_string(),
+    ];
+    sets.extend(ta.sets());
+    let d = start(&sets);
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("peer-tls")).expect("ns");
+    c.put(&ns, &key(1), &pattern(4, 1, 30_000)).expect("put");
+
+    let fetch = |cert: Option<&NodeFiles>, trust: &Path| {
+        tls_fetch(port, trust, cert, "node-a", &ns.id, &key(1))
+    };
+    assert_eq!(
+        fetch(Some(&good), &ta.ca).expect("a node of the cluster"),
+        pattern(4, 1, 30_000)
+    );
+    for (who, cert) in [
+        ("no certificate", None),
+        ("another CA's certificate", Some(&foreign)),
+        ("an expired certificate", Some(&expired)),
+    ] {
+        let r = fetch(cert, &ta.ca);
+        assert!(r.is_err(), "{who} was served");
+    }
+    let mut plain = wire::PEER_MAGIC.to_vec();
+    plain.extend_from_slice(&wire::encode_fetch(&ns.id, &key(1)));
+    // At most a TLS alert record (content type 21) comes back, never a reply.
+    let back = exchange(port, &plain);
+    assert!(
+        back.is_empty() || (back[0] == 21 && back.len() < 64),
+        "plaintext was served: {back:?}"
+    );
+    let p = c.stats().expect("stats").peer.expect("peer");
+    assert_eq!(p.served_blocks, 1, "{p:?}");
+    assert!(p.bad_requests >= 4, "{p:?}");
+    d.expect_log("TLS handshake refused");
+
+    // The Secret is renewed under a new CA: new connections use the new files.
+    let (pki2, ca2) = (
+        tempfile::tempdir().expect("pki2"),
+        Ca::new("renewed cluster"),
+    );
+    let renewed = ca2.node(pki2.path(), "a", "node-a", Validity::Current);
+    let good2 = ca2.node(pki2.path(), "b", "node-b", Validity::Current);
+    replace_files(&renewed, &ta);
+    wait_for(
+        "the renewed certificate in use",
+        Duration::from_secs(10),
+        || fetch(Some(&good2), &good2.ca).ok(),
+    );
+    d.expect_log("peer TLS files changed");
+    assert!(
+        fetch(Some(&good), &good.ca).is_err(),
+        "the old CA still accepted"
+    );
+}
+
+/// Registers a fake node `name` at `addr` in the cluster index, holding `k` of `ns` in DRAM.
+fn register_fake_node(redis: &Redis, name: &str, addr: &str, ns: &Namespace, k: &BlockKey) {
+    let epoch = "7";
+    redis.cli(&["ZADD", "kvd:nodes", &format!("{}", u64::MAX / 2), name]);
+    let node = format!("kvd:node:{name}");
+    redis.cli(&["HSET", &node, "epoch", epoch, "peer", addr]);
+    redis.cli(&["PEXPIRE", &node, "60000"]);
+    let h = format!("kvd:res:{name}:{epoch}:{}", ns.id.to_hex());
+    redis.cli(&["HSET", &h, &format!("{}|dram", k.to_hex()), "1"]);
+}
+
+/// With mutual TLS, a node takes blocks only from the node the cluster index names at that
+/// address: a real node's address registered under another name, and a node whose
+/// certificate is another CA's, are refused before anything is asked of them.
+#[test]
+fn a_fetch_believes_only_the_node_the_index_names() {
+    let Some(redis) = Redis::start(None) else {
+        return;
+    };
+    let pki = tempfile::tempdir().expect("pki");
+    let (ca, stranger_ca) = (Ca::new("kvd test cluster"), Ca::new("somebody else"));
+    let (da, db, dc) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+        tempfile::tempdir().expect("c"),
+    );
+    let ta = ca.node(pki.path(), "a", "node-a", Validity::Current);
+    let tb = ca.node(pki.path(), "b", "node-b", Validity::Current);
+    let tc = stranger_ca.node(pki.path(), "c", "node-c", Validity::Current);
+    let a_port = free_port();
+    let a = start(&sets(&redis, "node-a", da.path(), a_port, Some(&ta)));
+    let b = start(&sets(&redis, "node-b", db.path(), free_port(), Some(&tb)));
+    let c = start(&sets(&redis, "node-c", dc.path(), free_port(), Some(&tc)));
+    let (ca_, cb, cc) = (a.admin(), b.admin(), c.admin());
+    let desc = test_namespace("peer-names");
+    let (nsa, nsb, nsc) = (
+        ca_.open_namespace(&desc).expect("ns a"),
+        cb.open_namespace(&desc).expect("ns b"),
+        cc.open_namespace(&desc).expect("ns c"),
+    );
+    // Node C, another CA's, holds block 1 and publishes it like any node; node A's real
+    // address is registered as "impostor", claiming block 2 (which A does not hold).
+    cc.put(&nsc, &key(1), &pattern(6, 1, 9_000)).expect("put c");
+    register_fake_node(
+        &redis,
+        "impostor",
+        &format!("127.0.0.1:{a_port}"),
+        &nsb,
+        &key(2),
+    );
+    ca_.put(&nsa, &key(0), &pattern(6, 0, 9_000))
+        .expect("put a");
+    published(&cb, &nsb, 1);
+    for k in [key(1), key(2)] {
+        wait_for("the claim in the index", Duration::from_secs(10), || {
+            let r = cb.cluster_lookup(&nsb.id, &[k]).ok()?;
+            (r.prefix_len == 1).then_some(())
+        });
+    }
+
+    // Block 0 from node-a, which proves its name.
+    assert_eq!(
+        cb.lookup(&nsb.id, &keys(0..1))
+            .expect("lookup 0")
+            .prefix_len,
+        1
+    );
+    // Block 1 only from node C: refused, nothing asked, nothing stored, no checksum needed.
+    assert_eq!(
+        cb.lookup(&nsb.id, &[key(1)]).expect("lookup 1").prefix_len,
+        0
+    );
+    assert!(cb.get(&nsb, &key(1)).expect("get").is_none());
+    let p = cb.stats().expect("stats").peer.expect("peer");
+    assert_eq!((p.fetched_blocks, p.checksum_failures), (1, 0), "{p:?}");
+    assert!(
+        p.last_error.contains("failed mutual TLS authentication"),
+        "{p:?}"
+    );
+    b.expect_log("peer fetch refused");
+    // Block 2 only from the "impostor": node A's certificate is the cluster's, but not
+    // issued to that name.
+    assert_eq!(
+        cb.lookup(&nsb.id, &[key(2)]).expect("lookup 2").prefix_len,
+        0
+    );
+    let p = cb.stats().expect("stats").peer.expect("peer");
+    assert!(
+        p.last_error.contains("impostor") && p.last_error.contains("failed mutual TLS"),
+        "{p:?}"
+    );
+    assert_eq!((p.fetched_blocks, p.checksum_failures), (1, 0), "{p:?}");
+    let pa = ca_.stats().expect("stats a").peer.expect("peer a");
+    assert_eq!(pa.served_blocks, 1, "{pa:?}");
 }

@@ -86,9 +86,19 @@ fn another_uid_neither_sees_nor_opens_a_tenants_namespace() {
     assert!(own.ends_with("opened\n"), "{own}");
     // The shared empty tenant stays open to both (today's single-tenant setups).
     assert!(probe(&d, OTHER, "").ends_with("opened\n"));
-    // An admin sees everything.
+    // An admin sees everything, and who holds what (the tenant's base, never its salt).
     let s = d.admin().stats().expect("stats");
-    assert!(s.namespaces.iter().any(|n| n.desc.tenant == TENANT));
+    assert!(s
+        .namespaces
+        .iter()
+        .any(|n| n.desc.tenant == TENANT && n.owner_uid == VICTIM));
+    let status = d.ctl(&["status"]);
+    let row = status
+        .lines()
+        .find(|l| l.contains("team-a"))
+        .unwrap_or_else(|| panic!("no team-a row: {status}"));
+    assert!(row.contains(&VICTIM.to_string()), "{row}");
+    assert!(!status.contains("salt="), "{status}");
     assert!(
         !d.log_text().contains("salt="),
         "tenants are not logged at info"
@@ -116,4 +126,45 @@ fn configured_rules_decide_who_opens_which_tenant() {
     assert!(e.contains("server.tenants"), "{e}");
     let _ = v.kill();
     let _ = v.wait();
+}
+
+/// Whoever takes the socket path first must not be trusted by clients: a socket served by
+/// another uid, in a directory that uid does not own, is refused before anything is sent.
+#[test]
+fn clients_refuse_a_socket_served_by_another_uid() {
+    if !is_root() {
+        eprintln!("skipped: serving a socket as another uid needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let sock = dir.path().join("kvd.sock");
+    let serve = "import socket,sys,time\n\
+        s=socket.socket(socket.AF_UNIX)\ns.bind(sys.argv[1])\ns.listen(4)\n\
+        print('ready',flush=True)\ntime.sleep(30)";
+    let mut impostor = Command::new("python3")
+        .args(["-c", serve])
+        .arg(&sock)
+        .uid(VICTIM)
+        .gid(VICTIM)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    BufReader::new(impostor.stdout.as_mut().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    assert_eq!(line.trim(), "ready");
+    let out = Command::new(bin("kvd-ctl"))
+        .arg("--socket")
+        .arg(&sock)
+        .arg("status")
+        .env_remove("KVD_SERVER_UID")
+        .output()
+        .expect("kvd-ctl");
+    let _ = impostor.kill();
+    let _ = impostor.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(&format!("served by uid {VICTIM}")), "{err}");
 }

@@ -68,12 +68,17 @@ pub struct ServerConfig {
     pub socket_path: PathBuf,
     /// Permission bits of the socket file.
     pub socket_mode: u32,
-    /// Peer uids allowed to connect (besides the daemon's own uid and root).
+    /// Peer uids allowed to connect (besides the daemon's own uid, and root when
+    /// `root_is_admin`).
     pub allowed_uids: Vec<u32>,
     /// Peer gids allowed to connect.
     pub allowed_gids: Vec<u32>,
-    /// Peer uids allowed admin operations (besides the daemon's own uid and root).
+    /// Peer uids allowed admin operations (besides the daemon's own uid, and root when
+    /// `root_is_admin`).
     pub admin_uids: Vec<u32>,
+    /// Whether uid 0 may connect and use admin operations without being listed. Off by
+    /// default: root inside an engine container is uid 0 on the node too.
+    pub root_is_admin: bool,
     /// Which peers may open which tenants' namespaces (`[[server.tenants]]` with `uids`,
     /// `gids` — the peer's primary gid — and `tenants` patterns: exact, `prefix*` or `*`).
     /// Empty: the empty tenant is shared, any other belongs to the first uid to open it.
@@ -84,6 +89,9 @@ pub struct ServerConfig {
     /// Most namespaces one uid may have bound to arenas at once (0: no cap beyond
     /// `dram.max_namespaces`), so one client cannot take every arena.
     pub max_namespaces_per_uid: u32,
+    /// Most namespaces one tenant (the part of its name before any `|`) may have bound to
+    /// arenas at once, whichever uids opened them (0: no cap).
+    pub max_namespaces_per_tenant: u32,
     /// A new connection must send its first frame (Hello) within this, or it is closed.
     pub handshake_timeout_ms: u32,
     /// A client holding nothing (no namespace open, no KV buffers attached) that sends
@@ -108,9 +116,11 @@ impl Default for ServerConfig {
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
             admin_uids: Vec::new(),
+            root_is_admin: false,
             tenants: Vec::new(),
             max_clients: 64,
             max_namespaces_per_uid: 0,
+            max_namespaces_per_tenant: 0,
             handshake_timeout_ms: 5000,
             idle_timeout_ms: 300_000,
             replace_socket: false,
@@ -432,6 +442,27 @@ pub struct PeerConfig {
     pub max_connections_per_peer: u32,
     /// Timeout of a connection attempt, and of each block's transfer.
     pub timeout_ms: u32,
+    /// `"mutual"`: every data connection is TLS with a certificate of `tls_ca` on both
+    /// ends, and a dialed node must prove the name the cluster index gives it. `"off"`:
+    /// plaintext, for a network nobody else can reach (kvd warns at start).
+    pub tls: PeerTlsMode,
+    /// This node's certificate chain (PEM), issued to `index.node_id` for server and client
+    /// auth; re-read when it changes.
+    pub tls_cert: PathBuf,
+    /// Its private key (PEM).
+    pub tls_key: PathBuf,
+    /// The cluster's CA certificate(s) (PEM).
+    pub tls_ca: PathBuf,
+}
+
+/// Whether the peer data port is authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerTlsMode {
+    /// Mutual TLS.
+    Mutual,
+    /// Plaintext, unauthenticated.
+    Off,
 }
 
 impl Default for PeerConfig {
@@ -444,6 +475,10 @@ impl Default for PeerConfig {
             max_connections: 64,
             max_connections_per_peer: 24,
             timeout_ms: 5000,
+            tls: PeerTlsMode::Mutual,
+            tls_cert: PathBuf::from("/etc/kvd/tls/tls.crt"),
+            tls_key: PathBuf::from("/etc/kvd/tls/tls.key"),
+            tls_ca: PathBuf::from("/etc/kvd/tls/ca.crt"),
         }
     }
 }

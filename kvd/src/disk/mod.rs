@@ -1105,6 +1105,11 @@ impl DiskTier {
         Ok(self.catalog.block_keys(after, limit)?)
     }
 
+    /// Blocks of `ns` on disk.
+    pub fn ns_blocks(&self, ns: &NamespaceId) -> u64 {
+        self.state.lock().per_ns.get(ns).copied().unwrap_or(0)
+    }
+
     /// Namespaces with blocks on disk.
     pub fn namespaces(&self) -> Vec<NamespaceId> {
         let mut v: Vec<_> = self.state.lock().per_ns.keys().copied().collect();

@@ -37,7 +37,7 @@
 mod gpu;
 mod s3;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -97,6 +97,11 @@ struct PeerArgs {
     /// redis-server binary started on a free 127.0.0.1 port for the run.
     #[arg(long, default_value = "redis-server")]
     redis_server: PathBuf,
+    /// Mutual TLS on the data port (peer.tls = "mutual", certificates made for the run). The
+    /// reference is then the same bytes over rustls connection pairs doing mutual TLS with
+    /// the same certificates; the plain TCP copy is reported beside it (TLS's own cost).
+    #[arg(long)]
+    tls: bool,
     /// Print one JSON object per line.
     #[arg(long)]
     json: bool,
@@ -1292,39 +1297,94 @@ fn index(a: IndexArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Socket buffer kvd's data connections ask for (kvd/src/peer.rs), given to the reference.
+/// Socket buffer kvd's data connections ask for (kvd/src/peer/mod.rs), given to the reference.
 const PEER_SOCKET_BUFFER: u32 = 4 << 20;
+
+/// The references of one round: the best plain TCP copy (the kernel's autotuned socket
+/// buffers and kvd's) and, with `tls`, the copy over mutual TLS pairs (same two buffer
+/// settings, the better counts). Every copied byte is checked.
+fn peer_references(
+    src: &[u8],
+    dst: &mut [u8],
+    size: usize,
+    conc: usize,
+    tls: Option<&kvd_benches::tcp::Transport>,
+) -> anyhow::Result<(f64, Option<f64>)> {
+    let mut best = |t: &kvd_benches::tcp::Transport| -> anyhow::Result<f64> {
+        let mut g = 0f64;
+        for buffers in [None, Some(PEER_SOCKET_BUFFER)] {
+            dst.fill(0);
+            let took = kvd_benches::tcp::copy(src, dst, size, conc, buffers, t)?;
+            if dst != src {
+                bail!("the reference copied wrong bytes");
+            }
+            g = g.max(gbps(src.len(), took));
+        }
+        Ok(g)
+    };
+    let tcp = best(&kvd_benches::tcp::Transport::Tcp)?;
+    let tls = tls.map(&mut best).transpose()?;
+    Ok((tcp, tls))
+}
+
+/// Certificates for two bench nodes under one CA made for the run: each node's `--set`
+/// arguments, and the reference's transport (A receives, B sends, as in a fetch).
+fn peer_tls(dir: &Path) -> anyhow::Result<([Vec<String>; 2], kvd_benches::tcp::Transport)> {
+    use kvd_tests::pki::{Ca, Validity};
+    let ca = Ca::new("kvd-bench");
+    let a = ca.node(dir, "a", "bench-a", Validity::Current);
+    let b = ca.node(dir, "b", "bench-b", Validity::Current);
+    let t = kvd_benches::tcp::Transport::mutual_tls(
+        &a.ca,
+        (&a.cert, &a.key),
+        (&b.cert, &b.key),
+        "bench-a",
+    )?;
+    Ok(([a.sets(), b.sets()], t))
+}
 
 /// `kvd-bench peer`: node A holds `--total` bytes of blocks; each round node B's DRAM is
 /// emptied and one lookup of the whole chain on B fetches them all from A (index query, data
 /// port, checksum verification, commit into B's arena). The reference copies the same bytes
 /// between two buffers over the same number of loopback TCP connections, in the same run,
-/// with the kernel's autotuned socket buffers and with kvd's, and the faster counts.
+/// with the kernel's autotuned socket buffers and with kvd's, and the faster counts; with
+/// `--tls`, over rustls pairs doing mutual TLS with the same certificates.
 fn peer(a: PeerArgs) -> anyhow::Result<()> {
     let (sizes, total, max) = parse_sizes(&a.sizes, &a.total)?;
     let conc = a.concurrency.clamp(1, 256);
     let port = free_port()?;
     let _redis = RedisServer::start(&a.redis_server, port)?;
     let arena = total + 2 * max + (64 << 20);
-    let node = |name: &str, peer_port: u16| {
-        vec![
+    let pki = tempfile_dir::Dir::with_suffix("pki").context("a directory for certificates")?;
+    let (tls_sets, transport) = if a.tls {
+        let (sets, t) = peer_tls(pki.path())?;
+        (sets, Some(t))
+    } else {
+        let off = vec!["peer.tls=off".to_string()];
+        ([off.clone(), off], None)
+    };
+    let node = |name: &str, peer_port: u16, tls: &[String]| {
+        let mut v = vec![
             format!("index.redis_urls=redis://127.0.0.1:{port}"),
             format!("index.node_id={name}"),
             "index.timeout_ms=1000".to_string(),
             format!("peer.listen=127.0.0.1:{peer_port}"),
             format!("peer.fetch_concurrency={conc}"),
             "peer.timeout_ms=30000".to_string(),
-        ]
+        ];
+        v.extend_from_slice(tls);
+        v
     };
-    let (_a, sock_a) = spawn_daemon_with(arena, max, &node("bench-a", free_port()?))?;
-    let (_b, sock_b) = spawn_daemon_with(arena, max, &node("bench-b", free_port()?))?;
+    let (_a, sock_a) = spawn_daemon_with(arena, max, &node("bench-a", free_port()?, &tls_sets[0]))?;
+    let (_b, sock_b) = spawn_daemon_with(arena, max, &node("bench-b", free_port()?, &tls_sets[1]))?;
     let (ca, cb) = (admin_client(&sock_a)?, admin_client(&sock_b)?);
     let desc = NamespaceDesc::new("kvd-bench-peer", "bytes", "opaque", 16);
     let (nsa, nsb) = (ca.open_namespace(&desc)?, cb.open_namespace(&desc)?);
     if !a.json {
         println!(
-            "kvd-bench peer: {} per size and round, {conc} at a time, Redis on 127.0.0.1:{port}",
-            a.total
+            "kvd-bench peer: {} per size and round, {conc} at a time, Redis on 127.0.0.1:{port}, {}",
+            a.total,
+            if a.tls { "mutual TLS" } else { "plaintext (peer.tls = off)" }
         );
     }
     for &size in &sizes {
@@ -1350,7 +1410,7 @@ fn peer(a: PeerArgs) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(10));
         }
         let mut dst = vec![1u8; src.len()];
-        let (mut kvd_g, mut ref_g, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut kvd_g, mut tcp_g, mut tls_g, mut ratios) = (vec![], vec![], vec![], vec![]);
         for round in 0..=a.rounds {
             cb.evict(Some(nsb.id), &[])?;
             cb.flush()?;
@@ -1368,33 +1428,32 @@ fn peer(a: PeerArgs) -> anyhow::Result<()> {
                     }
                 }
             }
-            // The better of the kernel's autotuned buffers and kvd's fixed ones.
-            let mut reference = 0f64;
-            for buffers in [None, Some(PEER_SOCKET_BUFFER)] {
-                dst.fill(0);
-                let t = kvd_benches::tcp::copy(&src, &mut dst, size, conc as usize, buffers)?;
-                if dst != src {
-                    bail!("the TCP reference copied wrong bytes");
-                }
-                reference = reference.max(gbps(src.len(), t));
-            }
+            let (tcp, tls) =
+                peer_references(&src, &mut dst, size, conc as usize, transport.as_ref())?;
             if round > 0 {
                 kvd_g.push(kvd);
-                ref_g.push(reference);
-                ratios.push(kvd / reference);
+                tcp_g.push(tcp);
+                tls_g.extend(tls);
+                ratios.push(kvd / tls.unwrap_or(tcp));
             }
         }
-        let (kvd, reference, ratio) = (median(kvd_g), median(ref_g), median(ratios));
+        let (kvd, tcp, ratio) = (median(kvd_g), median(tcp_g), median(ratios));
+        let tls = (!tls_g.is_empty()).then(|| median(tls_g));
         if a.json {
             println!(
                 "{}",
                 serde_json::json!({"tier": "peer", "op": "fetch", "size_bytes": size,
-                    "blocks": n, "concurrency": conc, "gbps": kvd, "tcp_gbps": reference,
-                    "ratio": ratio, "rounds": a.rounds})
+                    "blocks": n, "concurrency": conc, "tls": a.tls, "gbps": kvd,
+                    "tcp_gbps": tcp, "tls_gbps": tls, "ratio": ratio, "rounds": a.rounds})
+            );
+        } else if let Some(tls) = tls {
+            println!(
+                "peer  fetch  {:>8} KiB  x{n:<5} kvd/mTLS {kvd:>6.2} GB/s  rustls mTLS {tls:>6.2} GB/s  ratio {ratio:>5.2}  (plain TCP {tcp:>6.2} GB/s)",
+                size / 1024
             );
         } else {
             println!(
-                "peer  fetch  {:>8} KiB  x{n:<5} kvd {kvd:>6.2} GB/s  plain TCP {reference:>6.2} GB/s  ratio {ratio:>5.2}",
+                "peer  fetch  {:>8} KiB  x{n:<5} kvd {kvd:>6.2} GB/s  plain TCP {tcp:>6.2} GB/s  ratio {ratio:>5.2}",
                 size / 1024
             );
         }

@@ -23,6 +23,12 @@ app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* The kvd pods alone (the example engine pods share the selector labels). */}}
+{{- define "kvd.daemonLabels" -}}
+{{ include "kvd.selectorLabels" . }}
+app.kubernetes.io/component: daemon
+{{- end -}}
+
 {{- define "kvd.labels" -}}
 {{ include "kvd.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
@@ -58,15 +64,22 @@ fraction, lists as arrays. */}}
 
 {{/* kvd.toml: the user's config sections plus the keys the chart owns. */}}
 {{- define "kvd.configToml" -}}
+{{- $gids := concat (dig "server" "allowed_gids" (list) .Values.config) (list (int .Values.runAs.group)) | uniq -}}
 {{- $owned := dict
-  "server" (dict "socket_path" (printf "%s/kvd.sock" .Values.socketDir))
+  "server" (dict "socket_path" (printf "%s/kvd.sock" .Values.socketDir) "allowed_gids" $gids)
   "metrics" (dict "listen" (printf "0.0.0.0:%d" (int .Values.metrics.port)))
 -}}
 {{- if .Values.disk.hostPath -}}
 {{- $_ := set $owned "disk" (dict "path" "/var/lib/kvd") -}}
 {{- end -}}
 {{- if .Values.peer.enabled -}}
-{{- $_ := set $owned "peer" (dict "listen" (printf "0.0.0.0:%d" (int .Values.peer.port))) -}}
+{{- $peer := dict "listen" (printf "0.0.0.0:%d" (int .Values.peer.port)) "tls" .Values.peer.tls.mode -}}
+{{- if eq .Values.peer.tls.mode "mutual" -}}
+{{- $_ := set $peer "tls_cert" "/etc/kvd/tls/tls.crt" -}}
+{{- $_ := set $peer "tls_key" "/etc/kvd/tls/tls.key" -}}
+{{- $_ := set $peer "tls_ca" "/etc/kvd/tls/ca.crt" -}}
+{{- end -}}
+{{- $_ := set $owned "peer" $peer -}}
 {{- end -}}
 {{- $merged := mustMergeOverwrite (dict) (deepCopy .Values.config) $owned -}}
 {{- range $section := list "server" "ring" "dram" "disk" "index" "events" "peer" "metrics" "gpu" "s3" "log" }}
@@ -155,6 +168,12 @@ fraction, lists as arrays. */}}
 {{- end -}}
 {{- if and .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled -}}
 {{- fail "metrics.podMonitor and metrics.serviceMonitor are both enabled: Prometheus would scrape every kvd twice; enable one" -}}
+{{- end -}}
+{{- if and .Values.peer.enabled (eq .Values.peer.tls.mode "mutual") (not .Values.peer.tls.secretName) -}}
+{{- fail "peer.tls.secretName is empty: the data port speaks mutual TLS (peer.tls.mode) and needs a TLS Secret with tls.crt, tls.key and ca.crt (peer.tls.certManager makes one), or peer.tls.mode=off on a network nobody else can reach" -}}
+{{- end -}}
+{{- if and .Values.peer.tls.certManager.enabled (or (not .Values.peer.tls.certManager.issuerRef.name) (not .Values.peer.tls.certManager.dnsNames)) -}}
+{{- fail "peer.tls.certManager needs issuerRef.name (an Issuer of the cluster's CA) and dnsNames (the GPU nodes' names)" -}}
 {{- end -}}
 {{- if eq (int .Values.peer.port) (int .Values.metrics.port) -}}
 {{- if .Values.peer.enabled -}}

@@ -355,17 +355,36 @@ fn print_status(s: &StatsReport) {
     }
     println!();
     println!(
-        "{:<32} {:<20} {:>8} {:>10} {:>7} {:>6} {:>6} {:>9}",
-        "NAMESPACE", "MODEL", "TP", "USED", "BLOCKS", "PINNED", "LEASES", "HIT RATE"
+        "{:<32} {:<20} {:<16} {:>7} {:>8} {:>10} {:>7} {:>7} {:>6} {:>6} {:>9}",
+        "NAMESPACE",
+        "MODEL",
+        "TENANT",
+        "OWNER",
+        "TP",
+        "USED",
+        "BLOCKS",
+        "ON DISK",
+        "PINNED",
+        "LEASES",
+        "HIT RATE"
     );
     for n in &s.namespaces {
+        // The tenant's base only: a salt digest stays off terminals and logs.
+        let tenant = n.desc.tenant.split('|').next().unwrap_or("");
         println!(
-            "{:<32} {:<20} {:>8} {:>10} {:>7} {:>6} {:>6} {:>9}",
+            "{:<32} {:<20} {:<16} {:>7} {:>8} {:>10} {:>7} {:>7} {:>6} {:>6} {:>9}",
             n.ns.to_hex(),
             n.desc.model.chars().take(20).collect::<String>(),
+            if tenant.is_empty() {
+                "-".to_string()
+            } else {
+                tenant.chars().take(16).collect()
+            },
+            n.owner_uid,
             format!("{}/{}", n.desc.tp_rank, n.desc.tp_size),
             human_bytes(n.used_bytes),
             n.blocks,
+            n.disk_blocks,
             n.pinned,
             n.leases,
             rate(n.hits, n.misses)

@@ -3,12 +3,17 @@
 //! the prefill → decode path of disaggregated serving (a prefill node stores, a decode node
 //! loads).
 //!
+//! Every data connection is mutual TLS ([`tls`]) unless `peer.tls = "off"`: a node serves
+//! only nodes with a certificate of the cluster's CA, and takes blocks only from a node that
+//! proves the name the cluster index gives the address it dials.
+//!
 //! Serving side: a data port ([`serve`]) answers [`kvd_proto::peer`] requests with the
 //! block's bytes straight from the DRAM arena under a read lease (a disk-only block is read
 //! into DRAM first, verified, as a local GET would). A block is only ever served from the
 //! namespace asked for. A malformed or oversized request gets the connection closed and one
 //! log line; connections are bounded by `peer.max_connections` in all and
-//! `peer.max_connections_per_peer` from one address, and must open within 5 s.
+//! `peer.max_connections_per_peer` from one address, and must open (TLS handshake, then
+//! magic) within 5 s each.
 //!
 //! Fetching side: a lookup that misses locally ([`lookup`]) asks the cluster index which
 //! nodes hold the rest of the chain, and where they listen (published in their lease), then
@@ -16,6 +21,8 @@
 //! reserved DRAM slot; the checksum the peer sent is verified over the received bytes before
 //! the block is committed, so a wrong byte is never stored. The first block that cannot be
 //! fetched ends the walk, and the lookup answers with what is now held locally.
+
+pub mod tls;
 
 use std::collections::HashMap;
 use std::io;
@@ -28,11 +35,11 @@ use kvd_proto::frame::{PeerReport, TierCounts};
 use kvd_proto::peer::{self as wire, Status, PEER_MAGIC, REPLY_HEADER};
 use kvd_proto::{BlockKey, NamespaceId, Tier};
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use twox_hash::XxHash3_64;
 
-use crate::config::PeerConfig;
+use crate::config::{PeerConfig, PeerTlsMode};
 use crate::daemon::{Daemon, Namespace, Reservation};
 use crate::store::ReserveError;
 
@@ -49,6 +56,13 @@ const IDLE_SERVE: Duration = Duration::from_secs(120);
 /// A connection's first bytes (the magic) must arrive within this.
 const HANDSHAKE: Duration = Duration::from_secs(5);
 
+/// A data connection: plaintext TCP, or TLS over it.
+trait PeerIo: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug> PeerIo for T {}
+
+/// A dialed connection, kept idle for reuse with the node it was authenticated as.
+type Conn = Box<dyn PeerIo>;
+
 /// Why a block could not be fetched.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -58,6 +72,18 @@ pub enum FetchError {
         /// Peer.
         addr: String,
         /// OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The node at that address did not prove the name the index gives it (no or another
+    /// node's certificate, another CA's, expired), or refused this node's.
+    #[error("peer {node} at {addr} failed mutual TLS authentication: {source}")]
+    Auth {
+        /// The node the index names.
+        node: String,
+        /// Its address.
+        addr: String,
+        /// rustls' reason.
         #[source]
         source: io::Error,
     },
@@ -104,13 +130,29 @@ pub struct Peer {
     advertise: String,
     counters: Counters,
     last_error: Mutex<String>,
-    idle: Mutex<HashMap<String, Vec<TcpStream>>>,
+    idle: Mutex<HashMap<String, Vec<Conn>>>,
+    tls: Option<tls::PeerTls>,
 }
 
 impl Peer {
-    /// Present when `peer.listen` is set.
-    pub fn new(cfg: &PeerConfig) -> Option<Peer> {
-        cfg.enabled().then(|| Peer {
+    /// Present when `peer.listen` is set; with `peer.tls = "mutual"` this node's certificate
+    /// (for `node`) must load and verify.
+    pub fn new(cfg: &PeerConfig, node: &str) -> Result<Option<Peer>, tls::TlsError> {
+        if !cfg.enabled() {
+            return Ok(None);
+        }
+        let tls = match cfg.tls {
+            PeerTlsMode::Mutual => Some(tls::PeerTls::new(
+                tls::TlsFiles {
+                    cert: cfg.tls_cert.clone(),
+                    key: cfg.tls_key.clone(),
+                    ca: cfg.tls_ca.clone(),
+                },
+                node,
+            )?),
+            PeerTlsMode::Off => None,
+        };
+        Ok(Some(Peer {
             advertise: if cfg.advertise.is_empty() {
                 cfg.listen.clone()
             } else {
@@ -120,7 +162,13 @@ impl Peer {
             counters: Counters::default(),
             last_error: Mutex::new(String::new()),
             idle: Mutex::new(HashMap::new()),
-        })
+            tls,
+        }))
+    }
+
+    /// Whether data connections are mutual TLS.
+    pub fn authenticated(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// The address published for other nodes.
@@ -153,8 +201,11 @@ impl Peer {
         Duration::from_millis(u64::from(self.cfg.timeout_ms))
     }
 
-    async fn connect(&self, addr: &str) -> Result<TcpStream, FetchError> {
-        if let Some(s) = self.idle.lock().get_mut(addr).and_then(Vec::pop) {
+    /// A connection to `node` at `addr`: an idle one, or a new one that (with TLS) has
+    /// proven to be `node` before anything is asked of it.
+    async fn connect(&self, node: &str, addr: &str) -> Result<Conn, FetchError> {
+        let pool_key = format!("{node}@{addr}");
+        if let Some(s) = self.idle.lock().get_mut(&pool_key).and_then(Vec::pop) {
             return Ok(s);
         }
         let io = |source| FetchError::Io {
@@ -173,20 +224,38 @@ impl Peer {
             };
             // Room for a few blocks in flight: fewer wake-ups per block on both sides.
             sock.set_recv_buffer_size(SOCKET_BUFFER)?;
-            sock.connect(sa).await
+            let s = sock.connect(sa).await?;
+            s.set_nodelay(true)?;
+            Ok::<_, io::Error>(s)
         };
-        let mut s = tokio::time::timeout(self.timeout(), dial)
+        let tcp = tokio::time::timeout(self.timeout(), dial)
             .await
             .map_err(|_| FetchError::Timeout(addr.to_owned()))?
             .map_err(io)?;
-        s.set_nodelay(true).map_err(io)?;
+        let mut s: Conn = match &self.tls {
+            None => Box::new(tcp),
+            Some(t) => {
+                let auth = |source| FetchError::Auth {
+                    node: node.to_owned(),
+                    addr: addr.to_owned(),
+                    source,
+                };
+                let name = tls::server_name(node).map_err(auth)?;
+                let hs = t.connector().connect(name, tcp);
+                let s = tokio::time::timeout(self.timeout(), hs)
+                    .await
+                    .map_err(|_| FetchError::Timeout(addr.to_owned()))?
+                    .map_err(auth)?;
+                Box::new(s)
+            }
+        };
         s.write_all(&PEER_MAGIC).await.map_err(io)?;
         Ok(s)
     }
 
-    fn give_back(&self, addr: &str, s: TcpStream) {
+    fn give_back(&self, node: &str, addr: &str, s: Conn) {
         let mut idle = self.idle.lock();
-        let v = idle.entry(addr.to_owned()).or_default();
+        let v = idle.entry(format!("{node}@{addr}")).or_default();
         if v.len() < IDLE_PER_PEER {
             v.push(s);
         }
@@ -209,6 +278,8 @@ impl Peer {
                         .checksum_failures
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, key = %key, "peer fetch");
+                } else if matches!(e, FetchError::Auth { .. }) {
+                    tracing::warn!(error = %e, "peer fetch refused: nothing was asked of it");
                 } else {
                     tracing::debug!(error = %e, key = %key, "peer fetch failed");
                 }
@@ -217,17 +288,17 @@ impl Peer {
         }
     }
 
-    /// Fetches `keys` from `addr` in order over one connection, with up to [`PIPELINE`]
-    /// requests outstanding so the peer never waits for the next one; stops at the first
-    /// failure. Returns how many were fetched (or found already held).
+    /// Fetches `keys` from `node` at `addr` in order over one connection, with up to
+    /// [`PIPELINE`] requests outstanding so the peer never waits for the next one; stops at
+    /// the first failure. Returns how many were fetched (or found already held).
     async fn fetch_run(
         &self,
         now_ms: u64,
         ns: &Arc<Namespace>,
-        addr: &str,
+        (node, addr): (&str, &str),
         keys: &[BlockKey],
     ) -> usize {
-        let mut s = match self.connect(addr).await {
+        let mut s = match self.connect(node, addr).await {
             Ok(s) => s,
             Err(e) => {
                 if let Some(k) = keys.first() {
@@ -239,7 +310,11 @@ impl Peer {
         let (mut sent, mut done) = (0, 0);
         while done < keys.len() {
             while sent < keys.len() && sent - done < PIPELINE {
-                let r = s.write_all(&wire::encode_fetch(&ns.id, &keys[sent])).await;
+                let frame = wire::encode_fetch(&ns.id, &keys[sent]);
+                let r = match s.write_all(&frame).await {
+                    Ok(()) => s.flush().await,
+                    Err(e) => Err(e),
+                };
                 if let Err(source) = r {
                     self.count(
                         &keys[done],
@@ -264,13 +339,13 @@ impl Peer {
                 // The connection is still in step (the reply was read whole) when the peer
                 // said it lacks the block; not after anything else.
                 Err(FetchError::Missing(_) | FetchError::Unavailable(_)) if sent == done + 1 => {
-                    self.give_back(addr, s);
+                    self.give_back(node, addr, s);
                     return done;
                 }
                 Err(_) => return done,
             }
         }
-        self.give_back(addr, s);
+        self.give_back(node, addr, s);
         done
     }
 
@@ -278,7 +353,7 @@ impl Peer {
     /// hold the block meanwhile; its bytes are read and dropped).
     async fn receive(
         &self,
-        s: &mut TcpStream,
+        s: &mut Conn,
         now_ms: u64,
         ns: &Arc<Namespace>,
         addr: &str,
@@ -390,15 +465,29 @@ pub async fn serve(daemon: Arc<Daemon>, listener: TcpListener, stop: Arc<tokio::
 enum ServeError {
     #[error("{0}")]
     Frame(#[from] wire::PeerFrameError),
+    #[error("TLS handshake refused: {0}")]
+    Auth(io::Error),
     #[error("{0}")]
     Io(#[from] io::Error),
 }
 
-async fn serve_conn(daemon: &Arc<Daemon>, mut s: TcpStream, addr: SocketAddr) {
+async fn serve_conn(daemon: &Arc<Daemon>, s: TcpStream, addr: SocketAddr) {
     let _ = s.set_nodelay(true);
-    match serve_requests(daemon, &mut s).await {
+    let tls = daemon.peer.as_ref().and_then(|p| p.tls.as_ref());
+    let r = match tls {
+        None => {
+            let mut s = s;
+            serve_requests(daemon, &mut s).await
+        }
+        Some(t) => match tokio::time::timeout(HANDSHAKE, t.acceptor().accept(s)).await {
+            Err(_) => Ok(()),
+            Ok(Err(e)) => Err(ServeError::Auth(e)),
+            Ok(Ok(mut s)) => serve_requests(daemon, &mut s).await,
+        },
+    };
+    match r {
         Ok(()) => {}
-        Err(ServeError::Frame(e)) => {
+        Err(e @ (ServeError::Frame(_) | ServeError::Auth(_))) => {
             if let Some(p) = &daemon.peer {
                 p.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
                 *p.last_error.lock() = format!("{addr}: {e}");
@@ -411,7 +500,10 @@ async fn serve_conn(daemon: &Arc<Daemon>, mut s: TcpStream, addr: SocketAddr) {
     }
 }
 
-async fn serve_requests(daemon: &Arc<Daemon>, s: &mut TcpStream) -> Result<(), ServeError> {
+async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
+    daemon: &Arc<Daemon>,
+    s: &mut S,
+) -> Result<(), ServeError> {
     let mut magic = [0u8; 8];
     match tokio::time::timeout(HANDSHAKE, s.read_exact(&mut magic)).await {
         Ok(r) => {
@@ -459,9 +551,21 @@ impl Drop for Lease {
     }
 }
 
-async fn serve_block(
+/// Answers one fetch: the reply header and the block, flushed (a TLS stream may hold the
+/// last record until then).
+async fn serve_block<S: AsyncWrite + Unpin>(
     daemon: &Arc<Daemon>,
-    s: &mut TcpStream,
+    s: &mut S,
+    ns_id: NamespaceId,
+    key: BlockKey,
+) -> io::Result<()> {
+    send_block(daemon, s, ns_id, key).await?;
+    s.flush().await
+}
+
+async fn send_block<S: AsyncWrite + Unpin>(
+    daemon: &Arc<Daemon>,
+    s: &mut S,
     ns_id: NamespaceId,
     key: BlockKey,
 ) -> io::Result<()> {
@@ -548,7 +652,7 @@ pub async fn lookup(
     let (me, addrs) = (index.node(), &holders.peers);
     // Each block from a peer that holds it, in DRAM if one does, the previous block's
     // source when it can (its connection is warm).
-    let mut plan: Vec<(BlockKey, String)> = Vec::new();
+    let mut plan: Vec<(BlockKey, (String, String))> = Vec::new();
     let mut last: Option<String> = None;
     for (key, hs) in rest.iter().zip(&holders.per_key) {
         let mut cands: Vec<&(String, Tier)> = hs
@@ -560,7 +664,7 @@ pub async fn lookup(
             break;
         };
         last = Some(node.clone());
-        plan.push((*key, addrs[node].clone()));
+        plan.push((*key, (node.clone(), addrs[node].clone())));
     }
     if plan.is_empty() {
         return (prefix, tiers);
@@ -571,19 +675,20 @@ pub async fn lookup(
     let now = daemon.now_ms();
     let conc = (peer.cfg.fetch_concurrency as usize).min(plan.len()).max(1);
     let lanes = (0..conc).map(|lane| {
-        let mine: Vec<(BlockKey, String)> = plan.iter().skip(lane).step_by(conc).cloned().collect();
+        let mine: Vec<(BlockKey, (String, String))> =
+            plan.iter().skip(lane).step_by(conc).cloned().collect();
         let (peer, ns) = (peer.clone(), ns.clone());
         async move {
             let mut i = 0;
             while i < mine.len() {
-                let addr = mine[i].1.clone();
+                let (node, addr) = mine[i].1.clone();
                 let run: Vec<BlockKey> = mine[i..]
                     .iter()
-                    .take_while(|(_, a)| *a == addr)
+                    .take_while(|(_, (n, a))| *n == node && *a == addr)
                     .map(|(k, _)| *k)
                     .collect();
                 let n = run.len();
-                if peer.fetch_run(now, &ns, &addr, &run).await < n {
+                if peer.fetch_run(now, &ns, (&node, &addr), &run).await < n {
                     break;
                 }
                 i += n;
