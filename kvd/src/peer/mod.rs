@@ -53,12 +53,23 @@ const PIPELINE: usize = 4;
 const HASH_PIECE: usize = 256 << 10;
 /// A served connection with no request for this long is closed.
 const IDLE_SERVE: Duration = Duration::from_secs(120);
-/// A connection's first bytes (the magic) must arrive within this.
+/// A connection's TLS handshake, and then its first bytes (the magic), must each complete
+/// within this.
 const HANDSHAKE: Duration = Duration::from_secs(5);
 
 /// A data connection: plaintext TCP, or TLS over it.
 trait PeerIo: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug> PeerIo for T {}
+
+/// Bytes of ciphertext read per system call under TLS: rustls alone reads 4 KiB at a time
+/// (four calls per 16 KiB record); a buffer between it and the socket lets one call carry
+/// many records. (Writes need none: rustls hands the socket all pending records at once.)
+const TLS_READ_BUFFER: usize = 256 << 10;
+
+/// The socket under a TLS session, its reads buffered.
+fn buffered(s: TcpStream) -> tokio::io::BufReader<TcpStream> {
+    tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, s)
+}
 
 /// A dialed connection, kept idle for reuse with the node it was authenticated as.
 type Conn = Box<dyn PeerIo>;
@@ -241,7 +252,7 @@ impl Peer {
                     source,
                 };
                 let name = tls::server_name(node).map_err(auth)?;
-                let hs = t.connector().connect(name, tcp);
+                let hs = t.connector().connect(name, buffered(tcp));
                 let s = tokio::time::timeout(self.timeout(), hs)
                     .await
                     .map_err(|_| FetchError::Timeout(addr.to_owned()))?
@@ -479,7 +490,7 @@ async fn serve_conn(daemon: &Arc<Daemon>, s: TcpStream, addr: SocketAddr) {
             let mut s = s;
             serve_requests(daemon, &mut s).await
         }
-        Some(t) => match tokio::time::timeout(HANDSHAKE, t.acceptor().accept(s)).await {
+        Some(t) => match tokio::time::timeout(HANDSHAKE, t.acceptor().accept(buffered(s))).await {
             Err(_) => Ok(()),
             Ok(Err(e)) => Err(ServeError::Auth(e)),
             Ok(Ok(mut s)) => serve_requests(daemon, &mut s).await,
