@@ -452,6 +452,10 @@ impl Daemon {
                 .sum();
             disk.drain_pending().store(d, Ordering::Relaxed);
             self.drains.lock().add(only);
+            // The demoter starts at once instead of at its next pass.
+            if let Some(t) = self.demoter.lock().as_ref() {
+                t.thread().unpark();
+            }
             n += d;
         }
         if let Some(s3) = &self.s3 {

@@ -1,9 +1,9 @@
 //! Background demotion: copies DRAM blocks to the disk tier, off the request path.
 //!
-//! One thread (`kvd-demote`) looks at every namespace about every 10 ms. When an arena is
-//! fuller than `disk.demote_watermark`, the coldest blocks holding the bytes above it get a
-//! disk copy (if the admission filter lets them), so that by the time LRU eviction reaches
-//! them they are already safe on disk. A drain (`kvd-ctl drain`) makes it copy every block of
+//! One thread (`kvd-demote`) looks at every namespace about every 10 ms, and at once when a
+//! drain is asked for. When an arena is fuller than `disk.demote_watermark`, the coldest
+//! blocks holding the bytes above it get a disk copy (if the admission filter lets them), so
+//! that by the time LRU eviction reaches them they are already safe on disk. A drain (`kvd-ctl drain`) makes it copy every block of
 //! the chosen namespaces regardless of watermark and admission. A block whose disk copy was
 //! reclaimed for newer blocks is not written again until it is read again (the store's
 //! `DISPLACED`), so a DRAM larger than the disk is not rewritten in a circle. Blocks are
@@ -137,7 +137,8 @@ pub fn run(daemon: Weak<Daemon>, disk: Arc<DiskTier>, drains: Arc<Mutex<DrainSet
         }
         drop(d);
         if !worked {
-            std::thread::sleep(PASS_INTERVAL);
+            // A drain request unparks the thread early.
+            std::thread::park_timeout(PASS_INTERVAL);
         }
     }
 }
