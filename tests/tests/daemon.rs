@@ -356,7 +356,14 @@ fn kvd_ctl_top_runs_live_in_a_terminal_and_once_as_text() {
         .expect("open");
     c.put(&ns, &key(1), &[7u8; 10_000]).expect("put");
     let once = d.ctl(&["top", "--once", "--interval-ms", "200"]);
-    for want in ["kvd top", "dram", "top-model", "HIT RATE", "kvd-ctl"] {
+    for want in [
+        "kvd top",
+        "dram",
+        "top-model",
+        "OWNER",
+        "HIT RATE",
+        "kvd-ctl",
+    ] {
         assert!(once.contains(want), "{want} missing:\n{once}");
     }
     // Live, in a real terminal: tmux runs it, its screen is read back, q quits.

@@ -199,9 +199,17 @@ pub fn draw(f: &mut Frame, v: &View) {
         .namespaces
         .iter()
         .map(|n| {
+            // The tenant's base only: a salt digest stays off the screen.
+            let tenant = n.desc.tenant.split('|').next().unwrap_or("");
             Row::new(vec![
                 n.ns.short(),
                 n.desc.model.clone(),
+                if tenant.is_empty() {
+                    "-".to_string()
+                } else {
+                    tenant.to_string()
+                },
+                n.owner_uid.to_string(),
                 human_bytes(n.used_bytes),
                 n.blocks.to_string(),
                 n.pinned.to_string(),
@@ -215,6 +223,8 @@ pub fn draw(f: &mut Frame, v: &View) {
         [
             Constraint::Length(10),
             Constraint::Min(16),
+            Constraint::Length(12),
+            Constraint::Length(7),
             Constraint::Length(10),
             Constraint::Length(9),
             Constraint::Length(7),
@@ -226,6 +236,8 @@ pub fn draw(f: &mut Frame, v: &View) {
         Row::new([
             "NAMESPACE",
             "MODEL",
+            "TENANT",
+            "OWNER",
             "USED",
             "BLOCKS",
             "PINNED",
