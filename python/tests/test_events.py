@@ -193,8 +193,18 @@ def test_map_events_to_a_binding_subscriber_decode_with_vllms_own_decoder(tmp_so
         assert removed[0].block_hashes == [h(keys[2])] and removed[0].medium == "CPU"
         assert sorted(removed[1].block_hashes) == sorted([h(keys[0]), h(keys[1]), h(stray)])
         disk = [e for e in vev if isinstance(e, BlockStored) and e.medium == "DISK"]
-        assert [x for e in disk for x in e.block_hashes] == [h(keys[0]), h(keys[1])]
-        assert [t for e in disk for t in e.token_ids] == tokens[: 2 * BLOCK]
+        # Disk writes complete in any order: each announced block carries its own tokens and
+        # its chain parent, whichever event it comes in.
+        on_disk = {}
+        for e in disk:
+            parent = e.parent_block_hash
+            for i, x in enumerate(e.block_hashes):
+                on_disk[x] = (parent, e.token_ids[i * BLOCK : (i + 1) * BLOCK])
+                parent = x
+        assert on_disk == {
+            h(keys[0]): (None, tokens[:BLOCK]),
+            h(keys[1]): (h(keys[0]), tokens[BLOCK : 2 * BLOCK]),
+        }, on_disk
 
         # The plain decoder sees exactly vLLM's field names, nothing else.
         raw = msgpack.unpackb(sub.got[0][2], raw=False)
