@@ -45,16 +45,21 @@ fn client(d: &Daemon, uid: u32, mode: &str, tenant: &str) -> Command {
     c
 }
 
+/// Waits for `child` to print its first line, "ready".
+fn wait_ready(child: &mut Child, who: &str) {
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    assert_eq!(line.trim(), "ready", "{who}: {line}");
+}
+
 /// The victim: holds `TENANT`'s namespace open with one block in it.
 fn victim(d: &Daemon) -> Child {
     let mut v = client(d, VICTIM, "tenant-hold", TENANT)
         .spawn()
         .expect("spawn");
-    let mut line = String::new();
-    BufReader::new(v.stdout.as_mut().expect("stdout"))
-        .read_line(&mut line)
-        .expect("read");
-    assert_eq!(line.trim(), "ready", "victim: {line}");
+    wait_ready(&mut v, "victim");
     v
 }
 
@@ -150,11 +155,7 @@ fn clients_refuse_a_socket_served_by_another_uid() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("python3");
-    let mut line = String::new();
-    BufReader::new(impostor.stdout.as_mut().expect("stdout"))
-        .read_line(&mut line)
-        .expect("read");
-    assert_eq!(line.trim(), "ready");
+    wait_ready(&mut impostor, "impostor");
     let out = Command::new(bin("kvd-ctl"))
         .arg("--socket")
         .arg(&sock)

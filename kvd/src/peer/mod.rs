@@ -74,6 +74,12 @@ fn buffered(s: TcpStream) -> tokio::io::BufReader<TcpStream> {
 /// A dialed connection, kept idle for reuse with the node it was authenticated as.
 type Conn = Box<dyn PeerIo>;
 
+/// Where idle connections are kept: by node and address, so a connection authenticated as
+/// one node is never handed out for another that came to use the same address.
+fn pool_key(node: &str, addr: &str) -> String {
+    format!("{node}@{addr}")
+}
+
 /// Why a block could not be fetched.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -215,8 +221,12 @@ impl Peer {
     /// A connection to `node` at `addr`: an idle one, or a new one that (with TLS) has
     /// proven to be `node` before anything is asked of it.
     async fn connect(&self, node: &str, addr: &str) -> Result<Conn, FetchError> {
-        let pool_key = format!("{node}@{addr}");
-        if let Some(s) = self.idle.lock().get_mut(&pool_key).and_then(Vec::pop) {
+        if let Some(s) = self
+            .idle
+            .lock()
+            .get_mut(&pool_key(node, addr))
+            .and_then(Vec::pop)
+        {
             return Ok(s);
         }
         let io = |source| FetchError::Io {
@@ -266,7 +276,7 @@ impl Peer {
 
     fn give_back(&self, node: &str, addr: &str, s: Conn) {
         let mut idle = self.idle.lock();
-        let v = idle.entry(format!("{node}@{addr}")).or_default();
+        let v = idle.entry(pool_key(node, addr)).or_default();
         if v.len() < IDLE_PER_PEER {
             v.push(s);
         }
@@ -322,10 +332,11 @@ impl Peer {
         while done < keys.len() {
             while sent < keys.len() && sent - done < PIPELINE {
                 let frame = wire::encode_fetch(&ns.id, &keys[sent]);
-                let r = match s.write_all(&frame).await {
-                    Ok(()) => s.flush().await,
-                    Err(e) => Err(e),
-                };
+                let r = async {
+                    s.write_all(&frame).await?;
+                    s.flush().await
+                }
+                .await;
                 if let Err(source) = r {
                     self.count(
                         &keys[done],

@@ -122,23 +122,34 @@ fn stamp(files: &TlsFiles) -> Vec<Option<(SystemTime, u64, u64)>> {
         .collect()
 }
 
+/// A PEM file that could not be read (`Read`) or parsed (`Content`, saying what it should
+/// have held).
+fn pem_error(
+    key: &'static str,
+    path: &Path,
+    e: rustls::pki_types::pem::Error,
+    want: &str,
+) -> TlsError {
+    match e {
+        rustls::pki_types::pem::Error::Io(source) => TlsError::Read {
+            key,
+            path: path.to_owned(),
+            source,
+        },
+        other => TlsError::Content {
+            key,
+            path: path.to_owned(),
+            why: format!("no usable {want} ({other})"),
+        },
+    }
+}
+
 fn certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let read = |e: rustls::pki_types::pem::Error| TlsError::Read {
-        key,
-        path: path.to_owned(),
-        source: io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
-    };
+    let bad = |e| pem_error(key, path, e, "PEM certificates");
     let v = CertificateDer::pem_file_iter(path)
-        .map_err(|e| match e {
-            rustls::pki_types::pem::Error::Io(source) => TlsError::Read {
-                key,
-                path: path.to_owned(),
-                source,
-            },
-            other => read(other),
-        })?
+        .map_err(bad)?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(read)?;
+        .map_err(bad)?;
     if v.is_empty() {
         return Err(TlsError::Content {
             key,
@@ -150,18 +161,8 @@ fn certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>,
 }
 
 fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| match e {
-        rustls::pki_types::pem::Error::Io(source) => TlsError::Read {
-            key: "peer.tls_key",
-            path: path.to_owned(),
-            source,
-        },
-        other => TlsError::Content {
-            key: "peer.tls_key",
-            path: path.to_owned(),
-            why: format!("no usable private key ({other})"),
-        },
-    })
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| pem_error("peer.tls_key", path, e, "private key"))
 }
 
 /// Reads the files and builds both sides' configurations, checking that this node's
@@ -185,9 +186,7 @@ fn load(files: &TlsFiles, node: &str) -> Result<Loaded, TlsError> {
         node: node.to_owned(),
         why,
     };
-    let name = ServerName::try_from(node.to_owned()).map_err(|_| {
-        not_for_us("the node name is not a DNS name a certificate can carry".into())
-    })?;
+    let name = server_name(node).map_err(|e| not_for_us(e.to_string()))?;
     let server_check = WebPkiServerVerifier::builder_with_provider(roots.clone(), p.clone())
         .build()
         .map_err(|e| not_for_us(e.to_string()))?;
@@ -233,7 +232,8 @@ impl PeerTls {
             return g.0.clone();
         }
         g.1 = Instant::now();
-        if stamp(&self.files) != g.0.stamp {
+        let now = stamp(&self.files);
+        if now != g.0.stamp {
             match load(&self.files, &self.node) {
                 Ok(l) => {
                     tracing::info!(cert = %self.files.cert.display(),
@@ -245,7 +245,7 @@ impl PeerTls {
                         "peer TLS files changed but cannot be used; keeping the previous ones");
                     // Tried again only when the files change again.
                     let kept = Loaded {
-                        stamp: stamp(&self.files),
+                        stamp: now,
                         acceptor: g.0.acceptor.clone(),
                         connector: g.0.connector.clone(),
                     };
