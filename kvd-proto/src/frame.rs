@@ -308,6 +308,8 @@ pub struct NamespaceStats {
     pub owner_uid: u32,
     /// Its blocks on the disk tier.
     pub disk_blocks: u64,
+    /// Space its blocks take on the disk tier (4 KiB-aligned).
+    pub disk_bytes: u64,
 }
 
 /// The disk tier's state and counters.
@@ -349,6 +351,8 @@ pub struct DiskReport {
     pub reclaims: u64,
     /// Blocks dropped by reclaims.
     pub reclaimed_blocks: u64,
+    /// Blocks dropped to keep a tenant within `disk.max_bytes_per_tenant`.
+    pub quota_evictions: u64,
     /// Reads whose checksum did not match (served as misses).
     pub checksum_failures: u64,
     /// Failed reads and writes.
@@ -1073,6 +1077,7 @@ fn put_desc_stats(w: &mut Writer, s: &NamespaceStats) {
     }
     w.u32(s.owner_uid);
     w.u64(s.disk_blocks);
+    w.u64(s.disk_bytes);
 }
 
 fn get_desc_stats(r: &mut Reader<'_>) -> Result<NamespaceStats, DecodeError> {
@@ -1091,6 +1096,7 @@ fn get_desc_stats(r: &mut Reader<'_>) -> Result<NamespaceStats, DecodeError> {
         full_rejections: r.u64("full_rejections")?,
         owner_uid: r.u32("owner_uid")?,
         disk_blocks: r.u64("disk_blocks")?,
+        disk_bytes: r.u64("disk_bytes")?,
     })
 }
 
@@ -1239,6 +1245,7 @@ fn put_disk(w: &mut Writer, d: &DiskReport) {
     w.u64(d.drain_pending);
     w.u64(d.warm_pending);
     w.u64(d.warmed);
+    w.u64(d.quota_evictions);
     w.str(&d.degraded);
 }
 
@@ -1283,6 +1290,7 @@ fn get_disk(r: &mut Reader<'_>) -> Result<DiskReport, DecodeError> {
         drain_pending: r.u64("drain_pending")?,
         warm_pending: r.u64("warm_pending")?,
         warmed: r.u64("warmed")?,
+        quota_evictions: r.u64("quota_evictions")?,
         degraded: r.str("degraded", MAX_TEXT)?,
     })
 }
@@ -1869,6 +1877,7 @@ mod tests {
                     drain_pending: n[2],
                     warm_pending: n[3],
                     warmed: n[4],
+                    quota_evictions: n[5],
                     degraded,
                 },
             );
@@ -1887,6 +1896,7 @@ mod tests {
             (arb_ns(), arb_desc(), any::<[u64; 11]>()).prop_map(|(ns, desc, v)| NamespaceStats {
                 owner_uid: v[10] as u32,
                 disk_blocks: v[10] >> 7,
+                disk_bytes: v[9] >> 3,
                 ns,
                 desc,
                 arena_bytes: v[0],

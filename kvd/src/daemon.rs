@@ -1203,6 +1203,8 @@ impl Daemon {
         };
         let mut namespaces = Vec::new();
         for ns in self.namespaces() {
+            let (disk_blocks, disk_bytes) =
+                self.disk.as_ref().map_or((0, 0), |d| d.ns_usage(&ns.id));
             let s = ns.store.lock();
             let st = NamespaceStats {
                 ns: ns.id,
@@ -1218,7 +1220,8 @@ impl Daemon {
                 evictions: s.counters.evictions,
                 full_rejections: s.counters.full_rejections,
                 owner_uid: ns.owner_uid,
-                disk_blocks: self.disk.as_ref().map_or(0, |d| d.ns_blocks(&ns.id)),
+                disk_blocks,
+                disk_bytes,
             };
             dram.used_bytes += st.used_bytes;
             dram.blocks += st.blocks;

@@ -170,6 +170,7 @@ fn demote(
     let (tx, rx) = channel::<Done>();
     let mut tickets: Vec<Option<(Demotion, crate::disk::WriteTicket)>> = Vec::new();
     let mut reclaimed: Vec<(NamespaceId, BlockKey)> = Vec::new();
+    let tenant = crate::tenancy::base(&ns.desc.tenant);
     let mut in_flight = 0usize;
     let mut handled = 0usize;
     let mut exhausted = false;
@@ -191,10 +192,14 @@ fn demote(
                     outcomes.push((c.entry, DemotionOutcome::Rejected));
                     continue;
                 }
-                let t = match disk.begin_write(&ns.id, &c.key, c.len, &mut reclaimed) {
+                let t = match disk.begin_write(&ns.id, tenant, &c.key, c.len, &mut reclaimed) {
                     Ok(t) => t,
                     Err(WriteSkip::Stored) => {
                         outcomes.push((c.entry, DemotionOutcome::Written));
+                        continue;
+                    }
+                    Err(WriteSkip::Quota) => {
+                        outcomes.push((c.entry, DemotionOutcome::Rejected));
                         continue;
                     }
                     Err(WriteSkip::Degraded | WriteSkip::Busy) => {

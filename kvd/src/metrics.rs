@@ -366,6 +366,14 @@ fn encode_stats(s: &StatsReport, encoder: &mut DescriptorEncoder) -> Result<(), 
         )?;
         family(
             encoder,
+            "kvd_disk_quota_evictions",
+            "Blocks dropped to keep a tenant within disk.max_bytes_per_tenant.",
+            None,
+            Counter,
+            &one(d.quota_evictions),
+        )?;
+        family(
+            encoder,
             "kvd_checksum_failures",
             "Blocks read from a lower tier that failed their checksum (served as misses).",
             None,

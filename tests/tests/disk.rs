@@ -368,6 +368,76 @@ fn kvd_ctl_drains_with_progress_and_shows_the_disk_tier() {
     );
 }
 
+/// A tenant whose blocks outgrow `disk.max_bytes_per_tenant` loses its own least recently
+/// used blocks, across all its salted namespaces; another tenant's stay on disk, and every
+/// block is still served right (from DRAM) or not at all. `kvd-ctl status` shows who holds
+/// what.
+#[test]
+fn a_tenant_beyond_its_disk_quota_evicts_only_its_own_blocks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sets = disk_sets(dir.path());
+    sets.push("disk.max_bytes_per_tenant=8MiB".into());
+    sets.push("dram.max_namespaces=3".into());
+    let port = kvd_tests::redis::free_port();
+    sets.push(format!("metrics.listen=127.0.0.1:{port}"));
+    let d = start(&sets);
+    let c = d.admin();
+    let open = |model: &str, tenant: &str| {
+        let mut desc = test_namespace(model);
+        desc.tenant = tenant.into();
+        c.open_namespace(&desc).expect("open")
+    };
+    let drain = || {
+        c.drain(None).expect("drain");
+        wait_for("drain", Duration::from_secs(30), || {
+            (c.stats().ok()?.disk?.drain_pending == 0).then_some(())
+        });
+    };
+    let beta = open("quota-b", "beta");
+    put_range(&c, &beta, 0..20);
+    drain();
+    // About 12 MiB of acme's blocks, in two salted namespaces.
+    let acme = [
+        open("quota-a", "acme|salt=1"),
+        open("quota-a", "acme|salt=2"),
+    ];
+    put_range(&c, &acme[0], 100..160);
+    put_range(&c, &acme[1], 200..260);
+    drain();
+    let s = c.stats().expect("stats");
+    let of = |id| s.namespaces.iter().find(|n| n.ns == id).expect("namespace");
+    assert_eq!(
+        of(beta.id).disk_blocks,
+        20,
+        "another tenant keeps its blocks"
+    );
+    let acme_disk: u64 = acme.iter().map(|n| of(n.id).disk_bytes).sum();
+    assert!(
+        (4 << 20..=8 << 20).contains(&acme_disk),
+        "acme holds {acme_disk} bytes on disk"
+    );
+    let disk = s.disk.expect("disk");
+    assert!(disk.quota_evictions > 0, "{disk:?}");
+    assert_eq!(disk.drain_pending, 0);
+    for (ns, range) in [(&acme[0], 100..160), (&acme[1], 200..260)] {
+        for i in range {
+            check(&c, ns, i);
+        }
+    }
+    let text = d.ctl(&["status"]);
+    assert!(text.contains("tenant quota evictions"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("beta") && l.contains("MiB")),
+        "{text}"
+    );
+    let (_, metrics) = kvd_tests::http_get(port, "/metrics");
+    assert!(
+        metrics.contains("kvd_disk_quota_evictions_total"),
+        "{metrics}"
+    );
+}
+
 /// A tmpfs of `size` (or another in-memory filesystem) mounted on a fresh directory,
 /// unmounted on drop; `None` (with a note) where this machine does not let the test mount (no
 /// privileges).

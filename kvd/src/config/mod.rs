@@ -262,6 +262,10 @@ pub struct DiskConfig {
     /// durably (`O_DSYNC`) before the catalog names it; a power failure within this window
     /// loses at most the last catalog batches (those blocks become misses, never wrong).
     pub catalog_sync_ms: u32,
+    /// Most space one tenant's blocks (the base of its name: all its salts together) may
+    /// take on this node's disk tier (0: no cap beyond `capacity_bytes`). A tenant at its cap
+    /// loses its own least recently used blocks to its new ones, never another tenant's.
+    pub max_bytes_per_tenant: ByteSize,
 }
 
 impl Default for DiskConfig {
@@ -279,6 +283,7 @@ impl Default for DiskConfig {
             admission_min_frequency: 2,
             demote_watermark: 0.7,
             catalog_sync_ms: 0,
+            max_bytes_per_tenant: ByteSize(0),
         }
     }
 }
@@ -623,6 +628,10 @@ pub struct S3Config {
     pub max_age_secs: u64,
     /// Total bytes of the segments this node wrote; the oldest go beyond it (0: no budget).
     pub capacity_bytes: ByteSize,
+    /// Most bytes of the segments this node wrote for one tenant (the base of its name);
+    /// the tenant's oldest go beyond it, checked with each reclaim pass (about once a second;
+    /// 0: no cap). Counts the namespaces uploaded since this daemon started.
+    pub max_bytes_per_tenant: ByteSize,
     /// How often the bucket is listed for segments other nodes wrote (0: at start and on
     /// `kvd-ctl warm` only).
     pub rescan_interval_ms: u32,
@@ -657,6 +666,7 @@ impl Default for S3Config {
             lookup_timeout_ms: 2000,
             max_age_secs: 0,
             capacity_bytes: ByteSize(0),
+            max_bytes_per_tenant: ByteSize(0),
             rescan_interval_ms: 60_000,
         }
     }
@@ -1013,6 +1023,12 @@ impl Config {
                 "must be 0 (no budget) or at least s3.segment_bytes".into(),
             );
         }
+        if s.max_bytes_per_tenant.0 > 0 && s.max_bytes_per_tenant.0 < s.segment_bytes.0 {
+            return bad(
+                "s3.max_bytes_per_tenant",
+                "must be 0 (no cap) or at least s3.segment_bytes".into(),
+            );
+        }
         if s.rescan_interval_ms > 0 && s.rescan_interval_ms < 1000 {
             return bad("s3.rescan_interval_ms", "must be 0 or at least 1000".into());
         }
@@ -1274,6 +1290,16 @@ impl Config {
                 );
             }
         }
+        let t = k.max_bytes_per_tenant.0;
+        if t > 0 && t < d.max_block_bytes.0 {
+            return bad(
+                "disk.max_bytes_per_tenant",
+                format!(
+                    "must be 0 (no cap) or at least dram.max_block_bytes ({})",
+                    d.max_block_bytes.0
+                ),
+            );
+        }
         if k.io_depth == 0 || k.io_depth > 4096 {
             return bad("disk.io_depth", "must be in 1..=4096".into());
         }
@@ -1451,6 +1477,10 @@ mod tests {
             ("disk.io_depth=0", "disk.io_depth"),
             ("disk.capacity_bytes=1MiB", "disk.region_bytes"),
             ("disk.admission=sometimes", "sometimes"),
+            (
+                "disk.max_bytes_per_tenant=1MiB",
+                "disk.max_bytes_per_tenant",
+            ),
             ("events.endpoint=http://x:1", "events.endpoint"),
             (
                 "events.replay_endpoint=tcp://127.0.0.1:9",
@@ -1470,6 +1500,13 @@ mod tests {
             let e = load("", &[], &[set]).unwrap_err().to_string();
             assert!(e.contains(key), "{set}: {e}");
         }
+        let s3 = [
+            "s3.bucket=kvd-test",
+            "s3.endpoint=http://127.0.0.1:9000",
+            "s3.max_bytes_per_tenant=1MiB",
+        ];
+        let e = load("", &[], &s3).unwrap_err().to_string();
+        assert!(e.contains("s3.max_bytes_per_tenant"), "{e}");
     }
 
     #[test]

@@ -81,6 +81,14 @@ fn io(op: &'static str) -> impl Fn(rocksdb::Error) -> CatalogError {
     }
 }
 
+/// Catalog key of a namespace's owner record: `o:` ‖ namespace id.
+fn owner_key(ns: &NamespaceId) -> [u8; 18] {
+    let mut k = [0u8; 18];
+    k[..2].copy_from_slice(b"o:");
+    k[2..].copy_from_slice(&ns.0);
+    k
+}
+
 /// Catalog key of an S3 segment record: `s:` ‖ object key.
 fn segment_key(name: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + name.len());
@@ -294,6 +302,41 @@ impl Catalog {
             b.delete(segment_key(n));
         }
         self.db.write(b).map_err(io("delete of segment records"))
+    }
+
+    /// Records which tenant (its base) a namespace's blocks count against. Not synced on its
+    /// own: the synced batch of the namespace's first blocks, which follows, carries it.
+    pub fn put_owner(&self, ns: &NamespaceId, tenant: &str) -> Result<(), CatalogError> {
+        self.db
+            .put(owner_key(ns), tenant.as_bytes())
+            .map_err(io("write of a namespace owner"))
+    }
+
+    /// Forgets namespaces' owner records (one batch).
+    pub fn delete_owners(&self, namespaces: &[NamespaceId]) -> Result<(), CatalogError> {
+        let mut b = WriteBatch::default();
+        for ns in namespaces {
+            b.delete(owner_key(ns));
+        }
+        self.db.write(b).map_err(io("delete of namespace owners"))
+    }
+
+    /// Every namespace owner record; records that are not a namespace id and UTF-8 are skipped.
+    pub fn owners(&self) -> Result<Vec<(NamespaceId, String)>, CatalogError> {
+        let mut v = Vec::new();
+        for item in self
+            .db
+            .iterator(IteratorMode::From(b"o:", Direction::Forward))
+        {
+            let (k, t) = item.map_err(io("scan of namespace owners"))?;
+            let Some(id) = k.strip_prefix(b"o:") else {
+                break;
+            };
+            if let (Ok(id), Ok(t)) = (<[u8; 16]>::try_from(id), std::str::from_utf8(&t)) {
+                v.push((NamespaceId(id), t.to_owned()));
+            }
+        }
+        Ok(v)
     }
 
     /// Every S3 segment record: name, object size, trailer-and-index bytes. Records too short

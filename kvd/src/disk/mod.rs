@@ -148,6 +148,7 @@ struct Counters {
     admission_rejections: AtomicU64,
     reclaims: AtomicU64,
     reclaimed_blocks: AtomicU64,
+    quota_evictions: AtomicU64,
     checksum_failures: AtomicU64,
     io_errors: AtomicU64,
     dropped_at_start: AtomicU64,
@@ -165,9 +166,23 @@ struct Rates {
     write_bps: u64,
 }
 
+/// What one namespace holds on disk.
+#[derive(Debug, Default, Clone, Copy)]
+struct NsUse {
+    blocks: u64,
+    /// Aligned bytes (the space its blocks take).
+    bytes: u64,
+}
+
 struct State {
     index: HashMap<(NamespaceId, BlockKey), Loc, foldhash::fast::RandomState>,
-    per_ns: HashMap<NamespaceId, u64, foldhash::fast::RandomState>,
+    per_ns: HashMap<NamespaceId, NsUse, foldhash::fast::RandomState>,
+    /// The tenant (base) each namespace with blocks here counts against.
+    owners: HashMap<NamespaceId, Arc<str>, foldhash::fast::RandomState>,
+    /// Aligned bytes each tenant holds here (`disk.max_bytes_per_tenant`).
+    tenant_bytes: HashMap<Arc<str>, u64, foldhash::fast::RandomState>,
+    /// Aligned bytes of each tenant's writes granted and not yet ended.
+    tenant_pending: HashMap<Arc<str>, u64, foldhash::fast::RandomState>,
     regions: Vec<Region>,
     active: Option<u32>,
     next_seq: u64,
@@ -223,30 +238,119 @@ impl State {
         }
     }
 
-    /// Adds a block to the index and the region, namespace and byte counts.
+    /// Adds a block to the index and the region, namespace, tenant and byte counts.
     fn insert(&mut self, ns: NamespaceId, key: BlockKey, loc: Loc) {
+        let a = align_up(loc.len);
         self.regions[loc.region as usize].live_blocks += 1;
-        self.used_bytes += align_up(loc.len);
-        *self.per_ns.entry(ns).or_default() += 1;
+        self.used_bytes += a;
+        let u = self.per_ns.entry(ns).or_default();
+        u.blocks += 1;
+        u.bytes += a;
+        if let Some(o) = self.owners.get(&ns) {
+            *self.tenant_bytes.entry(o.clone()).or_default() += a;
+        }
         if self.index.insert((ns, key), loc).is_none() {
             self.journal.record(ns, key, Tier::Disk, true);
         }
     }
 
-    /// Removes a block from the index and the counts; its former place.
+    /// Removes a block from the index and the counts; its former place. A namespace left
+    /// without blocks is forgotten with its owner.
     fn remove(&mut self, k: &(NamespaceId, BlockKey)) -> Option<Loc> {
         let l = self.index.remove(k)?;
+        let a = align_up(l.len);
         self.journal.record(k.0, k.1, Tier::Disk, false);
         let r = &mut self.regions[l.region as usize];
         r.live_blocks = r.live_blocks.saturating_sub(1);
-        self.used_bytes = self.used_bytes.saturating_sub(align_up(l.len));
-        if let Some(n) = self.per_ns.get_mut(&k.0) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
+        self.used_bytes = self.used_bytes.saturating_sub(a);
+        if let Some(o) = self.owners.get(&k.0) {
+            self.add_tenant_bytes(&o.clone(), a, false);
+        }
+        if let Some(u) = self.per_ns.get_mut(&k.0) {
+            u.blocks = u.blocks.saturating_sub(1);
+            u.bytes = u.bytes.saturating_sub(a);
+            if u.blocks == 0 {
                 self.per_ns.remove(&k.0);
+                self.owners.remove(&k.0);
             }
         }
         Some(l)
+    }
+
+    /// Adds (or takes away) `bytes` to a tenant's count; a tenant at zero is forgotten.
+    fn add_tenant_bytes(&mut self, tenant: &Arc<str>, bytes: u64, add: bool) {
+        count(&mut self.tenant_bytes, tenant, bytes, add);
+    }
+
+    /// Records that `ns` counts against `tenant` (from its first block on, or again after
+    /// the namespace's blocks were all gone); whether it is new.
+    fn adopt(&mut self, ns: NamespaceId, tenant: &str) -> bool {
+        if self.owners.contains_key(&ns) {
+            return false;
+        }
+        let t: Arc<str> = self
+            .tenant_bytes
+            .get_key_value(tenant)
+            .map_or_else(|| Arc::from(tenant), |(k, _)| k.clone());
+        let held = self.per_ns.get(&ns).map_or(0, |u| u.bytes);
+        if held > 0 {
+            self.add_tenant_bytes(&t, held, true);
+        }
+        self.owners.insert(ns, t);
+        true
+    }
+
+    /// The least recently used blocks of `tenant` whose removal brings it to `target`
+    /// bytes or below.
+    fn tenant_victims(&self, tenant: &str, target: u64) -> Vec<(NamespaceId, BlockKey)> {
+        let mut held = self.tenant_bytes.get(tenant).copied().unwrap_or(0);
+        let mine: Vec<NamespaceId> = self
+            .owners
+            .iter()
+            .filter(|(_, o)| o.as_ref() == tenant)
+            .map(|(n, _)| *n)
+            .collect();
+        // Least recently read first; among equals, in the order they were written.
+        let age = |l: &Loc| {
+            (
+                l.last_unix_ms,
+                self.regions[l.region as usize].seq,
+                l.offset,
+            )
+        };
+        let mut blocks: Vec<(&(NamespaceId, BlockKey), &Loc)> = self
+            .index
+            .iter()
+            .filter(|((n, _), _)| mine.contains(n))
+            .collect();
+        blocks.sort_unstable_by_key(|(_, l)| age(l));
+        let mut out = Vec::new();
+        for (k, l) in blocks {
+            if held <= target {
+                break;
+            }
+            held = held.saturating_sub(align_up(l.len));
+            out.push(*k);
+        }
+        out
+    }
+}
+
+/// Adds (or takes away) `bytes` to a tenant's entry of `counts`; one at zero is removed.
+fn count(
+    counts: &mut HashMap<Arc<str>, u64, foldhash::fast::RandomState>,
+    tenant: &Arc<str>,
+    bytes: u64,
+    add: bool,
+) {
+    let t = counts.entry(tenant.clone()).or_default();
+    *t = if add {
+        *t + bytes
+    } else {
+        t.saturating_sub(bytes)
+    };
+    if *t == 0 {
+        counts.remove(tenant);
     }
 }
 
@@ -294,6 +398,9 @@ pub struct WriteTicket {
     pub offset: u64,
     /// Delete generation of the block when the write was granted.
     gen: u32,
+    /// The tenant the write counts against until it ends, and its aligned bytes.
+    tenant: Arc<str>,
+    reserved: u64,
 }
 
 /// A finished block write, handed to [`DiskTier::end_writes`].
@@ -322,6 +429,8 @@ pub enum WriteSkip {
     Degraded,
     /// No region can take it now (all busy).
     Busy,
+    /// The block is larger than `disk.max_bytes_per_tenant`.
+    Quota,
 }
 
 /// The disk tier.
@@ -516,6 +625,9 @@ impl DiskTier {
         let mut st = State {
             index: HashMap::default(),
             per_ns: HashMap::default(),
+            owners: HashMap::default(),
+            tenant_bytes: HashMap::default(),
+            tenant_pending: HashMap::default(),
             regions,
             active: None,
             next_seq: max_seq + 1,
@@ -528,6 +640,10 @@ impl DiskTier {
             in_flight: HashMap::default(),
             journal: Journal::off(),
         };
+        let owners = catalog.owners()?;
+        for (ns, tenant) in &owners {
+            st.adopt(*ns, tenant);
+        }
         let mut drop = Vec::new();
         catalog.scan_blocks(|ns, key, rec| {
             let ok = rec.as_ref().ok().filter(|r| {
@@ -566,6 +682,15 @@ impl DiskTier {
             catalog.delete_blocks(&drop)?;
         }
         catalog.delete_region_entries(&stray)?;
+        let ownerless: Vec<NamespaceId> = owners
+            .iter()
+            .map(|(ns, _)| *ns)
+            .filter(|ns| !st.per_ns.contains_key(ns))
+            .collect();
+        for ns in &ownerless {
+            st.owners.remove(ns);
+        }
+        catalog.delete_owners(&ownerless)?;
         let lost = catalog.lost_at_open();
         if lost > 0 {
             tracing::warn!(
@@ -769,11 +894,15 @@ impl DiskTier {
         self.remove_locked(&mut s, ns, keys)
     }
 
-    /// Grants space for a block of `len` bytes. Blocks of regions reclaimed to make room are
-    /// appended to `reclaimed` (their other copies no longer have a disk copy).
+    /// Grants space for a block of `len` bytes of namespace `ns`, which counts against
+    /// `tenant` (the base of the namespace's tenant). Blocks of regions reclaimed to make room,
+    /// and the tenant's own least recently used blocks when it is at
+    /// `disk.max_bytes_per_tenant`, are appended to `reclaimed` (their other copies no longer
+    /// have a disk copy).
     pub fn begin_write(
         &self,
         ns: &NamespaceId,
+        tenant: &str,
         key: &BlockKey,
         len: u64,
         reclaimed: &mut Vec<(NamespaceId, BlockKey)>,
@@ -789,6 +918,8 @@ impl DiskTier {
             s.retry_at = None;
         }
         let need = align_up(len);
+        self.own(&mut s, ns, tenant);
+        self.keep_tenant_under_quota(&mut s, tenant, need, reclaimed)?;
         let region_bytes = self.cfg.region_bytes.0;
         let data_end = header_offset(region_bytes);
         loop {
@@ -800,12 +931,16 @@ impl DiskTier {
                     r.writes += 1;
                     let half_full = r.head > data_end / 2;
                     let (file, seq) = (r.file.clone(), r.seq);
+                    let tenant = s.owners.get(ns).cloned().unwrap_or_else(|| tenant.into());
+                    count(&mut s.tenant_pending, &tenant, need, true);
                     let t = WriteTicket {
                         file,
                         region: a,
                         seq,
                         offset,
                         gen: s.start_io((*ns, *key)),
+                        tenant,
+                        reserved: need,
                     };
                     // Past half of the active region, start the next one (its header write
                     // then has half a region's time to finish).
@@ -826,6 +961,70 @@ impl DiskTier {
             };
             self.activate(&mut s, p)?;
         }
+    }
+
+    /// Notes (and records in the catalog) which tenant `ns` counts against.
+    fn own(&self, s: &mut State, ns: &NamespaceId, tenant: &str) {
+        if s.adopt(*ns, tenant) {
+            if let Err(e) = self.catalog.put_owner(ns, tenant) {
+                tracing::warn!(error = %e, "cannot record a namespace's tenant in the disk catalog");
+            }
+        }
+    }
+
+    /// Makes room for `need` more bytes of `tenant` within `disk.max_bytes_per_tenant`: its
+    /// own least recently used blocks go (down to a sixteenth of the quota, or one block,
+    /// below it, so the next writes need no scan), never another tenant's; its writes in
+    /// flight count. A block larger than the quota is refused; one that only the writes in
+    /// flight leave no room for waits for them (`Busy`).
+    fn keep_tenant_under_quota(
+        &self,
+        s: &mut State,
+        tenant: &str,
+        need: u64,
+        reclaimed: &mut Vec<(NamespaceId, BlockKey)>,
+    ) -> Result<(), WriteSkip> {
+        let cap = self.cfg.max_bytes_per_tenant.0;
+        if cap == 0 {
+            return Ok(());
+        }
+        if need > cap {
+            return Err(WriteSkip::Quota);
+        }
+        let held = s.tenant_bytes.get(tenant).copied().unwrap_or(0);
+        let pending = s.tenant_pending.get(tenant).copied().unwrap_or(0);
+        if held + pending + need <= cap {
+            return Ok(());
+        }
+        // Room for this write and the ones in flight, and some slack so that the next
+        // writes need no scan.
+        let slack = (cap / 16).max(need).min(cap - need);
+        let target = (cap - need - slack).saturating_sub(pending);
+        let victims = s.tenant_victims(tenant, target);
+        let mut gone = Vec::with_capacity(victims.len());
+        for k in victims {
+            s.void_ios(&k);
+            if let Some(l) = s.remove(&k) {
+                gone.push((k.0, k.1, l.region, l.offset));
+                reclaimed.push(k);
+            }
+        }
+        if let Err(e) = self.catalog.delete_blocks(&gone) {
+            tracing::warn!(error = %e, "cannot delete blocks from the disk catalog");
+        }
+        self.counters
+            .quota_evictions
+            .fetch_add(gone.len() as u64, Ordering::Relaxed);
+        tracing::debug!(
+            blocks = gone.len(),
+            "tenant at its disk quota: its oldest blocks went"
+        );
+        let held = s.tenant_bytes.get(tenant).copied().unwrap_or(0);
+        if held + pending + need > cap {
+            // Its writes in flight fill the rest: this one waits for them.
+            return Err(WriteSkip::Busy);
+        }
+        Ok(())
     }
 
     /// A region to write next: a free one, or a reclaimed victim; `None` when every region is
@@ -1023,6 +1222,7 @@ impl DiskTier {
             if let Some(reg) = s.regions.get_mut(t.region as usize) {
                 reg.writes = reg.writes.saturating_sub(1);
             }
+            count(&mut s.tenant_pending, &t.tenant, t.reserved, false);
             // Deleted while the write was in flight: its space is dead, the block not stored.
             let valid = s.end_io(&(*ns, *key), t.gen);
             match r {
@@ -1105,9 +1305,23 @@ impl DiskTier {
         Ok(self.catalog.block_keys(after, limit)?)
     }
 
-    /// Blocks of `ns` on disk.
-    pub fn ns_blocks(&self, ns: &NamespaceId) -> u64 {
-        self.state.lock().per_ns.get(ns).copied().unwrap_or(0)
+    /// Blocks of `ns` on disk, and the space they take.
+    pub fn ns_usage(&self, ns: &NamespaceId) -> (u64, u64) {
+        self.state
+            .lock()
+            .per_ns
+            .get(ns)
+            .map_or((0, 0), |u| (u.blocks, u.bytes))
+    }
+
+    /// Space the blocks counting against `tenant` (a base) take.
+    pub fn tenant_bytes(&self, tenant: &str) -> u64 {
+        self.state
+            .lock()
+            .tenant_bytes
+            .get(tenant)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Namespaces with blocks on disk.
@@ -1230,6 +1444,7 @@ impl DiskTier {
             admission_rejections: l(&c.admission_rejections),
             reclaims: l(&c.reclaims),
             reclaimed_blocks: l(&c.reclaimed_blocks),
+            quota_evictions: l(&c.quota_evictions),
             checksum_failures: l(&c.checksum_failures),
             io_errors: l(&c.io_errors),
             dropped_at_start: l(&c.dropped_at_start),
@@ -1288,6 +1503,7 @@ mod tests {
             admission_min_frequency: 1,
             demote_watermark: 0.0,
             catalog_sync_ms: 0,
+            max_bytes_per_tenant: ByteSize(0),
         }
     }
 
@@ -1299,6 +1515,17 @@ mod tests {
 
     /// Writes `len` bytes of value `i` where `ticket` says; the result for end_writes.
     fn write_data(t: &DiskTier, ticket: WriteTicket, i: u8, len: u64) -> WriteDone {
+        write_data_of(t, NS, ticket, i, len)
+    }
+
+    /// [`write_data`] for a block of `ns`.
+    fn write_data_of(
+        t: &DiskTier,
+        ns: NamespaceId,
+        ticket: WriteTicket,
+        i: u8,
+        len: u64,
+    ) -> WriteDone {
         let mut buf = IoBuf::aligned(align_up(len) as usize);
         buf.as_mut_slice()[..len as usize].fill(i);
         let sum = XxHash3_64::oneshot(&buf.as_slice()[..len as usize]);
@@ -1311,7 +1538,7 @@ mod tests {
         )
         .map(|_| ());
         WriteDone {
-            ns: NS,
+            ns,
             key: key(i),
             len,
             checksum: sum,
@@ -1322,9 +1549,22 @@ mod tests {
 
     /// Writes one block of `len` bytes of value `i` through the tier's own API.
     fn write(t: &DiskTier, i: u8, len: u64) -> Vec<(NamespaceId, BlockKey)> {
+        write_as(t, NS, "", i, len)
+    }
+
+    /// [`write`] for a block of `ns`, counting against `tenant`.
+    fn write_as(
+        t: &DiskTier,
+        ns: NamespaceId,
+        tenant: &str,
+        i: u8,
+        len: u64,
+    ) -> Vec<(NamespaceId, BlockKey)> {
         let mut reclaimed = Vec::new();
-        let ticket = t.begin_write(&NS, &key(i), len, &mut reclaimed).unwrap();
-        let done = write_data(t, ticket, i, len);
+        let ticket = t
+            .begin_write(&ns, tenant, &key(i), len, &mut reclaimed)
+            .unwrap();
+        let done = write_data_of(t, ns, ticket, i, len);
         assert_eq!(t.end_writes(&[done]), vec![true]);
         reclaimed
     }
@@ -1391,6 +1631,79 @@ mod tests {
         }
     }
 
+    /// A tenant at `disk.max_bytes_per_tenant` loses its own least recently read blocks to
+    /// its new ones, never another tenant's; the counts survive a restart.
+    #[test]
+    fn a_tenant_at_its_quota_evicts_only_its_own_oldest_blocks() {
+        const A: NamespaceId = NamespaceId([1; 16]);
+        const A2: NamespaceId = NamespaceId([2; 16]);
+        const B: NamespaceId = NamespaceId([3; 16]);
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path(), 8, DiskEngine::Psync);
+        let block = align_up(20_000);
+        c.max_bytes_per_tenant = ByteSize(4 * block);
+        {
+            let t = DiskTier::open(&c).unwrap();
+            for i in 0..2 {
+                assert!(write_as(&t, A, "a", i, 20_000).is_empty());
+                assert!(write_as(&t, A2, "a", 10 + i, 20_000).is_empty());
+            }
+            for i in 0..3 {
+                assert!(write_as(&t, B, "b", 20 + i, 20_000).is_empty());
+            }
+            assert_eq!(t.tenant_bytes("a"), 4 * block);
+            std::thread::sleep(Duration::from_millis(5));
+            let tk = t.begin_read(&A, &key(0)).unwrap();
+            t.end_read(&A, &key(0), &tk, ReadOutcome::Verified);
+            // Block 0 was read since: blocks 10 and 1 (A2's, then A's) are the oldest; two go
+            // so the next writes find room without another scan.
+            let mut gone = write_as(&t, A, "a", 5, 20_000);
+            gone.sort();
+            assert_eq!(gone, vec![(A, key(1)), (A2, key(10))]);
+            assert_eq!(t.tenant_bytes("a"), 3 * block);
+            assert_eq!(
+                t.tenant_bytes("b"),
+                3 * block,
+                "another tenant keeps everything"
+            );
+            assert_eq!(t.ns_usage(&A), (2, 2 * block));
+            assert_eq!(t.report().quota_evictions, 2);
+            let mut reclaimed = Vec::new();
+            assert_eq!(
+                t.begin_write(&B, "b", &key(30), 5 * block, &mut reclaimed)
+                    .unwrap_err(),
+                WriteSkip::Quota,
+                "a block larger than the quota is refused"
+            );
+            // Writes in flight count: a fifth block waits for the four granted.
+            const C: NamespaceId = NamespaceId([6; 16]);
+            let granted: Vec<_> = (40..44)
+                .map(|i| {
+                    t.begin_write(&C, "c", &key(i), 20_000, &mut reclaimed)
+                        .unwrap()
+                })
+                .collect();
+            assert_eq!(
+                t.begin_write(&C, "c", &key(44), 20_000, &mut reclaimed)
+                    .unwrap_err(),
+                WriteSkip::Busy
+            );
+            let done: Vec<_> = granted
+                .into_iter()
+                .zip(40..)
+                .map(|(g, i)| write_data_of(&t, C, g, i, 20_000))
+                .collect();
+            assert_eq!(t.end_writes(&done), vec![true; 4]);
+            assert!(reclaimed.is_empty());
+            assert_eq!(write_as(&t, C, "c", 44, 20_000).len(), 2);
+            assert_eq!(t.tenant_bytes("c"), 3 * block);
+        }
+        let t = DiskTier::open(&c).unwrap();
+        assert_eq!(t.tenant_bytes("a"), 3 * block, "owners are in the catalog");
+        assert_eq!(t.tenant_bytes("b"), 3 * block);
+        assert_eq!(t.ns_usage(&A2), (1, block));
+    }
+
     #[test]
     fn a_corrupted_block_is_a_miss_and_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
@@ -1432,9 +1745,14 @@ mod tests {
     /// landing while the first write is in flight; what end_writes says of each.
     fn write_racing_a_delete(t: &DiskTier, i: u8, rewrite: bool) -> Vec<bool> {
         let mut reclaimed = Vec::new();
-        let first = t.begin_write(&NS, &key(i), 5000, &mut reclaimed).unwrap();
+        let first = t
+            .begin_write(&NS, "", &key(i), 5000, &mut reclaimed)
+            .unwrap();
         assert_eq!(t.delete(&NS, &[key(i)]), vec![false], "not stored yet");
-        let second = rewrite.then(|| t.begin_write(&NS, &key(i), 5000, &mut reclaimed).unwrap());
+        let second = rewrite.then(|| {
+            t.begin_write(&NS, "", &key(i), 5000, &mut reclaimed)
+                .unwrap()
+        });
         let done: Vec<_> = std::iter::once(first)
             .chain(second)
             .map(|ticket| write_data(t, ticket, i, 5000))

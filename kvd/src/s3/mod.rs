@@ -21,8 +21,9 @@
 //! S3 failing never blocks the hot path: every request goes through [`client::Bucket`]'s retry
 //! policy and circuit breaker; with the breaker open lookups skip S3 at once and uploads wait,
 //! their blocks staying queued in DRAM. A node deletes only segments it wrote (the node name
-//! is part of the object key), by age (`s3.max_age_secs`) or over its budget
-//! (`s3.capacity_bytes`), and never one with a read in flight: the segment leaves the index
+//! is part of the object key), by age (`s3.max_age_secs`), over its budget
+//! (`s3.capacity_bytes`) or over a tenant's share of it (`s3.max_bytes_per_tenant`, the
+//! tenant's oldest segments), and never one with a read in flight: the segment leaves the index
 //! first, the object goes when its last reader is done.
 
 pub mod breaker;
@@ -56,6 +57,8 @@ const TAIL_READ: u64 = 256 << 10;
 const LISTING_SLACK_MS: u64 = 60_000;
 /// How often a drain recounts the blocks it still has to upload.
 const DRAIN_COUNT_EVERY: Duration = Duration::from_millis(20);
+/// Namespaces whose tenant the tier remembers before it forgets those without segments.
+const MAX_OWNERS: usize = 1 << 16;
 /// Sealed segments kept ready beyond those uploading.
 const SEALED_AHEAD: usize = 2;
 /// Blocks taken from a namespace's upload queue at once.
@@ -110,6 +113,8 @@ pub struct S3Counters {
 #[derive(Debug)]
 struct Seg {
     name: Arc<str>,
+    /// Namespace of its blocks.
+    ns: NamespaceId,
     size: u64,
     created_ms: u64,
     /// Index entries pointing here.
@@ -138,6 +143,9 @@ struct State {
     next: u32,
     /// Bytes of live segments this node wrote.
     ours_bytes: u64,
+    /// The tenant (base) each namespace this node uploads counts against
+    /// (`s3.max_bytes_per_tenant`); learnt from uploads since start.
+    owners: HashMap<NamespaceId, Arc<str>>,
 }
 
 /// One block to read from S3; its segment counts it as a reader until it is dropped.
@@ -329,6 +337,7 @@ impl S3Tier {
             id,
             Seg {
                 name,
+                ns: tr.ns,
                 size,
                 created_ms: tr.created_ms,
                 live,
@@ -337,6 +346,36 @@ impl S3Tier {
                 doomed: false,
             },
         );
+    }
+
+    /// Of `kept` (this node's segments, oldest first: id, size, namespace), the oldest of
+    /// each tenant beyond `cap` bytes (0: no cap). Past [`MAX_OWNERS`] namespaces, forgets
+    /// the owners of those without a segment here.
+    fn over_tenant_quota(st: &mut State, kept: &[(u32, u64, NamespaceId)], cap: u64) -> Vec<u32> {
+        if st.owners.len() > MAX_OWNERS {
+            let with_segments: hashbrown::HashSet<NamespaceId> =
+                kept.iter().map(|(_, _, n)| *n).collect();
+            st.owners.retain(|ns, _| with_segments.contains(ns));
+        }
+        if cap == 0 {
+            return Vec::new();
+        }
+        let mut held: HashMap<Arc<str>, u64> = HashMap::new();
+        for (_, size, ns) in kept {
+            if let Some(t) = st.owners.get(ns) {
+                *held.entry(t.clone()).or_default() += size;
+            }
+        }
+        let mut out = Vec::new();
+        for (id, size, ns) in kept {
+            let Some(t) = st.owners.get(ns) else { continue };
+            let Some(h) = held.get_mut(t).filter(|h| **h > cap) else {
+                continue;
+            };
+            *h -= size;
+            out.push(*id);
+        }
+        out
     }
 
     /// Takes segments out of the index (their blocks stop being found), in one pass over it.
@@ -809,6 +848,7 @@ impl S3Tier {
                         // the slice is read; `ns` keeps the arena mapped.
                         let bytes = unsafe { ns.arena.block(c.offset, c.len) };
                         let b = open.entry(ns.id).or_insert_with(|| {
+                            self.own(ns.id, crate::tenancy::base(&ns.desc.tenant));
                             Builder::with_buffer(ns.id, self.buffer(), crate::disk::unix_ms())
                         });
                         let ok =
@@ -973,33 +1013,50 @@ impl S3Tier {
         Ok(learnt)
     }
 
+    /// Notes which tenant (a base) `ns` counts against.
+    fn own(&self, ns: NamespaceId, tenant: &str) {
+        let mut st = self.state.lock();
+        if !st.owners.contains_key(&ns) {
+            st.owners.insert(ns, Arc::from(tenant));
+        }
+    }
+
     /// Takes out of the index the segments this node wrote that are past
-    /// `s3.max_age_secs`, beyond `s3.capacity_bytes` (oldest first), or without a live block,
-    /// and deletes those no read is using (the others go with their last reader). Returns how
-    /// many objects it deleted now.
+    /// `s3.max_age_secs`, beyond `s3.capacity_bytes` (oldest first), beyond their tenant's
+    /// `s3.max_bytes_per_tenant` (its oldest first), or without a live block, and deletes
+    /// those no read is using (the others go with their last reader). Returns how many
+    /// objects it deleted now.
     pub async fn reclaim(self: &Arc<Self>) -> u64 {
         let now = crate::disk::unix_ms();
         let max_age_ms = self.cfg.max_age_secs.saturating_mul(1000);
         let budget = self.cfg.capacity_bytes.0;
         let deletable: Vec<Arc<str>> = {
             let mut st = self.state.lock();
-            let mut ours: Vec<(u64, u32, u64, u32)> = st
+            let mut ours: Vec<(u64, u32, u64, u32, NamespaceId)> = st
                 .segs
                 .iter()
                 .filter(|(_, s)| s.ours && !s.doomed)
-                .map(|(id, s)| (s.created_ms, *id, s.size, s.live))
+                .map(|(id, s)| (s.created_ms, *id, s.size, s.live, s.ns))
                 .collect();
             ours.sort();
             let mut total = st.ours_bytes;
             let mut victims = Vec::new();
-            for (created, id, size, live) in ours {
+            let mut kept = Vec::new();
+            for (created, id, size, live, ns) in ours {
                 let old = max_age_ms > 0 && now.saturating_sub(created) > max_age_ms;
                 let over = budget > 0 && total > budget;
                 if old || over || live == 0 {
                     victims.push(id);
                     total = total.saturating_sub(size);
+                } else {
+                    kept.push((id, size, ns));
                 }
             }
+            victims.extend(Self::over_tenant_quota(
+                &mut st,
+                &kept,
+                self.cfg.max_bytes_per_tenant.0,
+            ));
             Self::doom(&mut st, &victims)
                 .into_iter()
                 .filter_map(|(name, now)| now.then_some(name))
@@ -1287,6 +1344,11 @@ mod tests {
     }
 
     fn tier(rt: &tokio::runtime::Runtime) -> Arc<S3Tier> {
+        tier_with(rt, |_| {})
+    }
+
+    /// [`tier`], its configuration changed by `f` first.
+    fn tier_with(rt: &tokio::runtime::Runtime, f: impl FnOnce(&mut Config)) -> Arc<S3Tier> {
         let mut cfg = Config::default();
         cfg.s3.bucket = "unit".into();
         // Nothing listens there: requests fail at once (none is needed by these tests).
@@ -1296,12 +1358,17 @@ mod tests {
         cfg.s3.max_age_secs = 1;
         cfg.s3.capacity_bytes = ByteSize(0);
         cfg.index.node_id = "me".into();
+        f(&mut cfg);
         rt.block_on(async { S3Tier::open(&cfg, None) })
             .expect("open")
     }
 
     fn add(t: &S3Tier, node: &str, created_ms: u64, keys: &[u8]) -> String {
-        let ns = NamespaceId([3; 16]);
+        add_to(t, NamespaceId([3; 16]), node, created_ms, keys)
+    }
+
+    /// [`add`] for a segment of `ns`.
+    fn add_to(t: &S3Tier, ns: NamespaceId, node: &str, created_ms: u64, keys: &[u8]) -> String {
         let name = format!(
             "{}{created_ms:013}-{node}-{:016x}.kseg",
             t.ns_prefix(&ns),
@@ -1358,6 +1425,54 @@ mod tests {
             !t.state.lock().by_name.contains_key(old.as_str()),
             "the last reader gone, the segment goes"
         );
+    }
+
+    /// A tenant beyond `s3.max_bytes_per_tenant` loses its oldest segments; another tenant
+    /// and namespaces of unknown tenant keep theirs.
+    #[test]
+    fn a_tenant_over_its_share_loses_its_oldest_segments_only() {
+        let rt = runtime();
+        // Every segment below holds one 100-byte block: room for two per tenant.
+        let one = Trailer {
+            count: 1,
+            ns: NamespaceId([0; 16]),
+            index_offset: 100,
+            created_ms: 0,
+            index_checksum: 0,
+        }
+        .object_len();
+        let t = tier_with(&rt, |c| c.s3.max_bytes_per_tenant = ByteSize(2 * one));
+        let (a, a2, b, c) = (
+            NamespaceId([1; 16]),
+            NamespaceId([2; 16]),
+            NamespaceId([4; 16]),
+            NamespaceId([5; 16]),
+        );
+        let now = crate::disk::unix_ms();
+        let seg = add_to(&t, a, "me", now, &[1]);
+        t.own(a, "acme");
+        t.own(a2, "acme");
+        t.own(b, "beta");
+        add_to(&t, a2, "me", now + 1, &[2]);
+        add_to(&t, a, "me", now + 2, &[3]);
+        for i in 0..3 {
+            add_to(&t, b, "me", now + i, &[10 + i as u8]);
+            add_to(&t, c, "me", now + i, &[20 + i as u8]);
+        }
+        add_to(&t, a, "other-node", now, &[30]);
+        assert_eq!(rt.block_on(t.reclaim()), 2, "acme's oldest, beta's oldest");
+        assert!(!t.state.lock().by_name.contains_key(seg.as_str()));
+        for (ns, k, kept) in [
+            (a, 1, false),
+            (a2, 2, true),
+            (a, 3, true),
+            (b, 10, false),
+            (b, 11, true),
+            (c, 20, true),
+            (a, 30, true),
+        ] {
+            assert_eq!(t.contains(&ns, &BlockKey([k; 32])), kept, "block {k}");
+        }
     }
 
     #[test]

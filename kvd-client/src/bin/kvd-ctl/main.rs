@@ -242,8 +242,14 @@ fn print_status(s: &StatsReport) {
             human_bytes(d.write_bytes)
         );
         println!(
-            "      admission rejections {}  reclaims {} ({} blocks)  checksum failures {}  IO errors {}",
-            d.admission_rejections, d.reclaims, d.reclaimed_blocks, d.checksum_failures, d.io_errors
+            "      admission rejections {}  reclaims {} ({} blocks)  tenant quota evictions {}  \
+             checksum failures {}  IO errors {}",
+            d.admission_rejections,
+            d.reclaims,
+            d.reclaimed_blocks,
+            d.quota_evictions,
+            d.checksum_failures,
+            d.io_errors
         );
         if d.drain_pending > 0 {
             println!("      drain: {} blocks still to write", d.drain_pending);
@@ -355,7 +361,7 @@ fn print_status(s: &StatsReport) {
     }
     println!();
     println!(
-        "{:<32} {:<20} {:<16} {:>7} {:>8} {:>10} {:>7} {:>7} {:>6} {:>6} {:>9}",
+        "{:<32} {:<20} {:<16} {:>7} {:>8} {:>10} {:>7} {:>10} {:>6} {:>6} {:>9}",
         "NAMESPACE",
         "MODEL",
         "TENANT",
@@ -372,7 +378,7 @@ fn print_status(s: &StatsReport) {
         // The tenant's base only: a salt digest stays off terminals and logs.
         let tenant = n.desc.tenant.split('|').next().unwrap_or("");
         println!(
-            "{:<32} {:<20} {:<16} {:>7} {:>8} {:>10} {:>7} {:>7} {:>6} {:>6} {:>9}",
+            "{:<32} {:<20} {:<16} {:>7} {:>8} {:>10} {:>7} {:>10} {:>6} {:>6} {:>9}",
             n.ns.to_hex(),
             n.desc.model.chars().take(20).collect::<String>(),
             if tenant.is_empty() {
@@ -384,7 +390,7 @@ fn print_status(s: &StatsReport) {
             format!("{}/{}", n.desc.tp_rank, n.desc.tp_size),
             human_bytes(n.used_bytes),
             n.blocks,
-            n.disk_blocks,
+            human_bytes(n.disk_bytes),
             n.pinned,
             n.leases,
             rate(n.hits, n.misses)
