@@ -23,7 +23,7 @@ command -v cargo >/dev/null || {
 }
 
 scripts/system-deps.sh
-echo "==> building kvd (release; the first build takes ~15 minutes on 2 cores, RocksDB most of it)"
+echo "==> building kvd (release; the first build takes ~40 minutes on 2 cores, RocksDB most of it)"
 cargo build --release --workspace --bins
 bin="$CARGO_TARGET_DIR/release"
 

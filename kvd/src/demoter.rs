@@ -158,7 +158,8 @@ const BLOCKS_PER_PASS: usize = 4096;
 
 /// Writes blocks of `ns` to disk, keeping `depth` writes in flight: candidates come from
 /// `more` as room frees up, completions are recorded (catalog batch, then the DRAM entries'
-/// disk flags) as they arrive. Returns how many blocks were handled.
+/// disk flags) as they arrive. The queue is refilled before each catalog batch is written,
+/// so the device stays busy while the catalog syncs. Returns how many blocks were handled.
 fn demote(
     d: &Daemon,
     disk: &DiskTier,
@@ -168,123 +169,48 @@ fn demote(
     mut more: impl FnMut(&mut crate::store::NsStore, usize) -> Vec<Demotion>,
 ) -> usize {
     let (tx, rx) = channel::<Done>();
-    let mut tickets: Vec<Option<(Demotion, crate::disk::WriteTicket)>> = Vec::new();
-    let mut reclaimed: Vec<(NamespaceId, BlockKey)> = Vec::new();
-    let tenant = crate::tenancy::base(&ns.desc.tenant);
-    let mut in_flight = 0usize;
-    let mut handled = 0usize;
-    let mut exhausted = false;
+    let mut p = Pass {
+        disk,
+        ns,
+        drain,
+        depth,
+        tenant: crate::tenancy::base(&ns.desc.tenant),
+        tx,
+        tickets: Vec::new(),
+        reclaimed: Vec::new(),
+        outcomes: Vec::new(),
+        in_flight: 0,
+        taken: 0,
+        handled: 0,
+        exhausted: false,
+    };
     loop {
-        let mut outcomes: Vec<(u32, DemotionOutcome)> = Vec::new();
-        let mut ops = Vec::new();
         if d.is_stopping() {
             // Finish what is in flight, start nothing new.
-            exhausted = true;
+            p.exhausted = true;
         }
-        if !exhausted && in_flight < depth && handled + in_flight < BLOCKS_PER_PASS {
-            let want = (depth - in_flight).min(BLOCKS_PER_PASS - handled - in_flight);
-            let cands = more(&mut ns.store.lock(), want);
-            if cands.len() < want {
-                exhausted = true;
-            }
-            for c in cands {
-                if !drain && !disk.admit(&ns.id, &c.key) {
-                    outcomes.push((c.entry, DemotionOutcome::Rejected));
-                    continue;
-                }
-                let t = match disk.begin_write(&ns.id, tenant, &c.key, c.len, &mut reclaimed) {
-                    Ok(t) => t,
-                    Err(WriteSkip::Stored) => {
-                        outcomes.push((c.entry, DemotionOutcome::Written));
-                        continue;
-                    }
-                    Err(WriteSkip::Quota) => {
-                        outcomes.push((c.entry, DemotionOutcome::Rejected));
-                        continue;
-                    }
-                    Err(WriteSkip::Degraded | WriteSkip::Busy) => {
-                        outcomes.push((c.entry, DemotionOutcome::Failed));
-                        exhausted = true;
-                        continue;
-                    }
-                };
-                let keep: Arc<dyn Send + Sync> = ns.clone();
-                // SAFETY: `keep` keeps the namespace, hence its arena, alive; the block is
-                // committed (no client writes it) and held by the demotion (not freed or
-                // reused) until finish_demotion, after the write completed.
-                let Some(buf) = (unsafe { ns.arena.io_buf(keep, c.offset, align_up(c.len)) })
-                else {
-                    // Cannot happen for slots from our allocator (classes are 4 KiB multiples).
-                    disk.end_writes(&[WriteDone {
-                        ns: ns.id,
-                        key: c.key,
-                        len: c.len,
-                        checksum: c.checksum,
-                        ticket: t,
-                        result: Err(std::io::Error::other("slot outside the arena")),
-                    }]);
-                    outcomes.push((c.entry, DemotionOutcome::Failed));
-                    continue;
-                };
-                let i = tickets.len();
-                let tx = tx.clone();
-                ops.push(IoOp {
-                    kind: IoKind::Write,
-                    file: t.file.clone(),
-                    offset: t.offset,
-                    buf,
-                    done: Box::new(move |b, r| {
-                        let _ = tx.send((i, b, r));
-                    }),
-                });
-                tickets.push(Some((c, t)));
-                in_flight += 1;
-            }
-            // On failure every callback reports the error, and the writes count as failed.
-            let _ = disk.engine().submit_many(ops);
-        }
-        if in_flight > 0 {
+        p.refill(&mut more);
+        if p.in_flight > 0 {
             let mut done = Vec::new();
             if let Ok(first) = rx.recv() {
                 done.push(first);
                 done.extend(rx.try_iter());
             }
-            in_flight -= done.len();
-            let mut entries = Vec::new();
-            let mut batch = Vec::new();
-            for (i, _buf, r) in done {
-                if let Some((c, t)) = tickets.get_mut(i).and_then(Option::take) {
-                    entries.push(c.entry);
-                    batch.push(WriteDone {
-                        ns: ns.id,
-                        key: c.key,
-                        len: c.len,
-                        checksum: c.checksum,
-                        ticket: t,
-                        result: r,
-                    });
-                }
+            p.in_flight -= done.len();
+            if d.is_stopping() {
+                p.exhausted = true;
             }
-            for (e, ok) in entries.into_iter().zip(disk.end_writes(&batch)) {
-                let o = if ok {
-                    DemotionOutcome::Written
-                } else {
-                    DemotionOutcome::Failed
-                };
-                outcomes.push((e, o));
-            }
+            p.refill(&mut more);
+            p.complete(done);
         }
-        handled += outcomes.len();
-        if !outcomes.is_empty() {
-            let mut st = ns.store.lock();
-            for (e, o) in outcomes {
-                st.finish_demotion(e, o);
-            }
-        }
-        if in_flight == 0 && (exhausted || handled >= BLOCKS_PER_PASS) {
+        p.finish();
+        if p.in_flight == 0 && (p.exhausted || p.taken >= BLOCKS_PER_PASS) {
             break;
         }
     }
+    let Pass {
+        handled, reclaimed, ..
+    } = p;
     if !reclaimed.is_empty() {
         for other in d.namespaces() {
             let mut st = other.store.lock();
@@ -294,4 +220,142 @@ fn demote(
         }
     }
     handled
+}
+
+/// One namespace's demotion pass: the writes in flight and what became of the others.
+struct Pass<'a> {
+    disk: &'a DiskTier,
+    ns: &'a Arc<Namespace>,
+    drain: bool,
+    depth: usize,
+    tenant: &'a str,
+    tx: std::sync::mpsc::Sender<Done>,
+    tickets: Vec<Option<(Demotion, crate::disk::WriteTicket)>>,
+    reclaimed: Vec<(NamespaceId, BlockKey)>,
+    /// Outcomes not yet handed to the store.
+    outcomes: Vec<(u32, DemotionOutcome)>,
+    in_flight: usize,
+    /// Candidates taken from the store this pass.
+    taken: usize,
+    handled: usize,
+    exhausted: bool,
+}
+
+impl Pass<'_> {
+    /// Starts writes for new candidates until `depth` are in flight.
+    fn refill(
+        &mut self,
+        more: &mut impl FnMut(&mut crate::store::NsStore, usize) -> Vec<Demotion>,
+    ) {
+        if self.exhausted || self.in_flight >= self.depth || self.taken >= BLOCKS_PER_PASS {
+            return;
+        }
+        let want = (self.depth - self.in_flight).min(BLOCKS_PER_PASS - self.taken);
+        let cands = more(&mut self.ns.store.lock(), want);
+        if cands.len() < want {
+            self.exhausted = true;
+        }
+        self.taken += cands.len();
+        let mut ops = Vec::new();
+        for c in cands {
+            if let Some(op) = self.start(c) {
+                ops.push(op);
+            }
+        }
+        // On failure every callback reports the error, and the writes count as failed.
+        let _ = self.disk.engine().submit_many(ops);
+    }
+
+    /// The write of one candidate, or its outcome when it needs none.
+    fn start(&mut self, c: Demotion) -> Option<IoOp> {
+        let (disk, ns) = (self.disk, self.ns);
+        if !self.drain && !disk.admit(&ns.id, &c.key) {
+            self.outcomes.push((c.entry, DemotionOutcome::Rejected));
+            return None;
+        }
+        let t = match disk.begin_write(&ns.id, self.tenant, &c.key, c.len, &mut self.reclaimed) {
+            Ok(t) => t,
+            Err(skip) => {
+                let o = match skip {
+                    WriteSkip::Stored => DemotionOutcome::Written,
+                    WriteSkip::Quota => DemotionOutcome::Rejected,
+                    WriteSkip::Degraded | WriteSkip::Busy => {
+                        self.exhausted = true;
+                        DemotionOutcome::Failed
+                    }
+                };
+                self.outcomes.push((c.entry, o));
+                return None;
+            }
+        };
+        let keep: Arc<dyn Send + Sync> = ns.clone();
+        // SAFETY: `keep` keeps the namespace, hence its arena, alive; the block is committed
+        // (no client writes it) and held by the demotion (not freed or reused) until
+        // finish_demotion, after the write completed.
+        let Some(buf) = (unsafe { ns.arena.io_buf(keep, c.offset, align_up(c.len)) }) else {
+            // Cannot happen for slots from our allocator (classes are 4 KiB multiples).
+            disk.end_writes(&[WriteDone {
+                ns: ns.id,
+                key: c.key,
+                len: c.len,
+                checksum: c.checksum,
+                ticket: t,
+                result: Err(std::io::Error::other("slot outside the arena")),
+            }]);
+            self.outcomes.push((c.entry, DemotionOutcome::Failed));
+            return None;
+        };
+        let (i, tx) = (self.tickets.len(), self.tx.clone());
+        let op = IoOp {
+            kind: IoKind::Write,
+            file: t.file.clone(),
+            offset: t.offset,
+            buf,
+            done: Box::new(move |b, r| {
+                let _ = tx.send((i, b, r));
+            }),
+        };
+        self.tickets.push(Some((c, t)));
+        self.in_flight += 1;
+        Some(op)
+    }
+
+    /// Records completed writes: one catalog batch, then their outcomes.
+    fn complete(&mut self, done: Vec<Done>) {
+        let mut entries = Vec::new();
+        let mut batch = Vec::new();
+        for (i, _buf, r) in done {
+            if let Some((c, t)) = self.tickets.get_mut(i).and_then(Option::take) {
+                entries.push(c.entry);
+                batch.push(WriteDone {
+                    ns: self.ns.id,
+                    key: c.key,
+                    len: c.len,
+                    checksum: c.checksum,
+                    ticket: t,
+                    result: r,
+                });
+            }
+        }
+        for (e, ok) in entries.into_iter().zip(self.disk.end_writes(&batch)) {
+            let o = if ok {
+                DemotionOutcome::Written
+            } else {
+                DemotionOutcome::Failed
+            };
+            self.outcomes.push((e, o));
+        }
+    }
+
+    /// Hands the outcomes so far to the store.
+    fn finish(&mut self) {
+        if self.outcomes.is_empty() {
+            return;
+        }
+        self.handled += self.outcomes.len();
+        let mut st = self.ns.store.lock();
+        for (e, o) in self.outcomes.drain(..) {
+            st.finish_demotion(e, o);
+        }
+    }
 }

@@ -457,6 +457,28 @@ def test_two_argument_constructor_of_older_vllm(daemon):
     assert sched2.get_num_new_matched_tokens(request("o2", tokens), 0) == (96, False)
 
 
+def wait_stopped(pid):
+    """Waits (at most 5 s) until every thread of ``pid`` is stopped: SIGSTOP takes effect
+    asynchronously, and a thread inside a system call runs on until it returns (a lookup
+    sent right after the signal was still answered on a 6.18 kernel)."""
+    import glob
+    import time
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        states = []
+        for t in glob.glob(f"/proc/{pid}/task/*/stat"):
+            try:
+                with open(t) as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except OSError:
+                pass  # a thread that just ended
+        if states and all(s in "Tt" for s in states):
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"kvd (pid {pid}) did not stop within 5 s: {states}")
+
+
 def test_stopped_daemon_does_not_hang_the_scheduler(daemon, caplog):
     import signal
     import time
@@ -467,6 +489,7 @@ def test_stopped_daemon_does_not_hang_the_scheduler(daemon, caplog):
     assert sched.get_num_new_matched_tokens(request("t", tokens), 0) == (96, False)
     daemon.proc.send_signal(signal.SIGSTOP)
     try:
+        wait_stopped(daemon.proc.pid)
         start = time.monotonic()
         with caplog.at_level(logging.WARNING):
             assert sched.get_num_new_matched_tokens(request("t2", tokens), 0) == (0, False)

@@ -4,8 +4,9 @@
 //! byte for byte (from A's DRAM and from A's disk); a client without a certificate, with
 //! another CA's, an expired one, and a node answering under another node's name get and give
 //! nothing; renewed certificate files are used without a restart; a peer sending wrong
-//! bytes is never believed; garbage on the data port is refused; lookups keep answering
-//! locally while Redis or the peer is gone.
+//! bytes is never believed; garbage on the data port is refused; a flood of idle connections
+//! does not starve real fetches; lookups keep answering locally while Redis or the peer is
+//! gone.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -112,7 +113,7 @@ fn a_block_put_on_node_a_is_read_through_node_b_byte_for_byte() {
     }
     let pb = cb.stats().expect("stats b").peer.expect("peer report b");
     assert_eq!((pb.fetched_blocks, pb.fetch_failures), (8, 0), "{pb:?}");
-    let pa = ca.stats().expect("stats a").peer.expect("peer report a");
+    let pa = served(&ca, 8);
     assert_eq!(pa.served_blocks, 8, "{pa:?}");
     let wanted: u64 = (0..8).map(|i| len_of(i) as u64).sum();
     assert_eq!(pb.fetched_bytes, wanted);
@@ -168,6 +169,15 @@ fn a_block_put_on_node_a_is_read_through_node_b_byte_for_byte() {
         "{pb:?}"
     );
     drop(redis);
+}
+
+/// The serving node's peer report once it has counted `n` blocks served: it counts a block
+/// when its last bytes are written, which can be just after the reader has them.
+fn served(c: &Client, n: u64) -> kvd_proto::frame::PeerReport {
+    wait_for("the served blocks counted", Duration::from_secs(5), || {
+        let p = c.stats().expect("stats").peer.expect("peer report");
+        (p.served_blocks >= n).then_some(p)
+    })
 }
 
 /// Sends raw bytes to a data port; returns what came back before the peer closed (or
@@ -231,7 +241,7 @@ fn garbage_and_oversized_requests_are_refused_and_another_namespace_gets_nothing
     assert_eq!(body, pattern(9, 1, 12_345));
     drop(s);
 
-    let p = c.stats().expect("stats").peer.expect("peer");
+    let p = served(&c, 1);
     assert_eq!((p.bad_requests, p.served_blocks), (3, 1), "{p:?}");
     assert_eq!(
         d.log_text().matches("bad request; disconnecting").count(),
@@ -464,6 +474,60 @@ fn mutual_tls_serves_only_certified_nodes_and_picks_up_renewed_files() {
     );
 }
 
+/// 200 connections from another address that never say a word (70 used to starve real
+/// fetches) leave a certified node's fetch and the daemon's own clients unhurt: those over
+/// `peer.max_connections_per_peer` are closed at once, the admitted ones at the handshake
+/// deadline (5 s).
+#[test]
+fn an_idle_flood_on_the_data_port_does_not_starve_real_fetches() {
+    let pki = tempfile::tempdir().expect("pki");
+    let ca = Ca::new("kvd test cluster");
+    let ta = ca.node(pki.path(), "a", "node-a", Validity::Current);
+    let tb = ca.node(pki.path(), "b", "node-b", Validity::Current);
+    let port = free_port();
+    let mut sets = vec![
+        format!("peer.listen=127.0.0.1:{port}"),
+        "index.node_id=node-a".to_string(),
+        "peer.max_connections_per_peer=8".to_string(),
+    ];
+    sets.extend(ta.sets());
+    let d = start(&sets);
+    let c = d.admin();
+    let ns = c.open_namespace(&test_namespace("peer-flood")).expect("ns");
+    c.put(&ns, &key(1), &pattern(6, 1, 40_000)).expect("put");
+
+    let flood = kvd_tests::idle_flood(port, 200);
+    assert!(flood.len() >= 100, "{} connected", flood.len());
+    let t = Instant::now();
+    let got = tls_fetch(port, &ta.ca, Some(&tb), "node-a", &ns.id, &key(1));
+    let took = t.elapsed();
+    assert_eq!(got.expect("fetch through the flood"), pattern(6, 1, 40_000));
+    assert!(took < Duration::from_secs(3), "the fetch took {took:?}");
+    assert!(c.get(&ns, &key(1)).expect("get").is_some());
+
+    // Every flood connection ends: over the cap at once, the rest at the deadline.
+    let open = |v: &[TcpStream]| {
+        v.iter()
+            .filter(|s| {
+                s.set_nonblocking(true).expect("nonblocking");
+                let r = (&**s).read(&mut [0u8; 64]);
+                matches!(r, Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            })
+            .count()
+    };
+    let held = open(&flood);
+    assert!(held <= 8, "{held} of the flood held");
+    wait_for(
+        "the flood dropped at the handshake deadline",
+        Duration::from_secs(10),
+        || (open(&flood) == 0).then_some(()),
+    );
+    assert_eq!(
+        tls_fetch(port, &ta.ca, Some(&tb), "node-a", &ns.id, &key(1)).expect("fetch after"),
+        pattern(6, 1, 40_000)
+    );
+}
+
 /// Registers a fake node `name` at `addr` in the cluster index, holding `k` of `ns` in DRAM.
 fn register_fake_node(redis: &Redis, name: &str, addr: &str, ns: &Namespace, k: &BlockKey) {
     let epoch = "7";
@@ -556,6 +620,6 @@ fn a_fetch_believes_only_the_node_the_index_names() {
         "{p:?}"
     );
     assert_eq!((p.fetched_blocks, p.checksum_failures), (1, 0), "{p:?}");
-    let pa = ca_.stats().expect("stats a").peer.expect("peer a");
+    let pa = served(&ca_, 1);
     assert_eq!(pa.served_blocks, 1, "{pa:?}");
 }

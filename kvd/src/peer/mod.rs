@@ -692,15 +692,18 @@ pub async fn lookup(
         return (prefix, tiers);
     }
     // Block i goes to lane i % conc; each lane fetches its blocks in order over pipelined
-    // connections (one per run of blocks from the same peer), all lanes at once. Blocks past
-    // a failure may still arrive (they are valid blocks); the answer is the local prefix.
+    // connections (one per run of blocks from the same peer), all lanes at once, each its own
+    // task so that decryption and checksums spread over the runtime's threads (and stop with
+    // the lookup: the set aborts them when dropped). Blocks past a failure may still arrive
+    // (they are valid blocks); the answer is the local prefix.
     let now = daemon.now_ms();
     let conc = (peer.cfg.fetch_concurrency as usize).min(plan.len()).max(1);
-    let lanes = (0..conc).map(|lane| {
+    let mut lanes = tokio::task::JoinSet::new();
+    for lane in 0..conc {
         let mine: Vec<(BlockKey, (String, String))> =
             plan.iter().skip(lane).step_by(conc).cloned().collect();
         let (peer, ns) = (peer.clone(), ns.clone());
-        async move {
+        lanes.spawn(async move {
             let mut i = 0;
             while i < mine.len() {
                 let (node, addr) = mine[i].1.clone();
@@ -715,8 +718,8 @@ pub async fn lookup(
                 }
                 i += n;
             }
-        }
-    });
-    futures_util::future::join_all(lanes).await;
+        });
+    }
+    while lanes.join_next().await.is_some() {}
     daemon.lookup(ns, keys)
 }

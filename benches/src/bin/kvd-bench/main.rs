@@ -651,6 +651,36 @@ fn read_all(
     })
 }
 
+/// Writes the data area of every region file in `dir` once (all but each file's last 4 KiB,
+/// its header, which the daemon writes when it starts the region). `fallocate` leaves
+/// unwritten extents, and the first durable write into one also commits the extent's
+/// conversion to the filesystem journal; a disk tier in steady state, like fio's file after
+/// its first round, overwrites written space. The daemon has written nothing yet. Returns the
+/// MiB written.
+fn lay_out_regions(dir: &Path, region: usize) -> anyhow::Result<u64> {
+    use std::io::Write;
+    let chunk = vec![0u8; 4 << 20];
+    let mut written = 0u64;
+    for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = e?.path();
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let mut left = region.saturating_sub(4096);
+        while left > 0 {
+            let n = left.min(chunk.len());
+            f.write_all(&chunk[..n])
+                .with_context(|| format!("writing {}", path.display()))?;
+            left -= n;
+            written += n as u64;
+        }
+        f.sync_all()
+            .with_context(|| format!("syncing {}", path.display()))?;
+    }
+    Ok(written >> 20)
+}
+
 /// Lets the disk finish earlier writes (sync, then a pause) before a measured phase, so that
 /// no phase pays for the previous one's write-back — for kvd and fio alike.
 fn settle() {
@@ -735,10 +765,11 @@ fn disk(a: DiskArgs) -> anyhow::Result<()> {
     let work = a.dir.join(format!("kvd-bench-disk-{}", std::process::id()));
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let _cleanup = Cleanup(work.clone());
-    // Room for one round plus two regions: after the warm-up round every region has been
-    // written once, and later rounds reuse regions (reclaim), as a disk tier does in steady
-    // state. fio likewise overwrites a file it laid out first. Regions have the default size
-    // (disk.region_bytes): smaller ones mean more files, which costs ext4 ~20% on its own.
+    // Room for one round plus two regions; rounds reuse regions (reclaim), as a disk tier
+    // does in steady state, and every region file is written once before measuring (see
+    // lay_out_regions), as fio overwrites, after its warm-up round, the file it wrote.
+    // Regions have the default size (disk.region_bytes): smaller ones mean more files, which
+    // costs ext4 ~20% on its own.
     let region = (256usize << 20).max(4 * max);
     // A region's last 4 KiB is its header, so it holds one block fewer than region / size.
     let regions_needed = sizes
@@ -788,6 +819,7 @@ fn disk(a: DiskArgs) -> anyhow::Result<()> {
         .stats()?
         .disk
         .context("the spawned kvd has no disk tier")?;
+    let laid = lay_out_regions(&work.join("kvd").join("regions"), region)?;
     if !a.json {
         println!(
             "kvd-bench disk: {} per size and round, QD {}, {} rounds after a warm-up round, kvd engine {} ({}), in {}",
@@ -813,6 +845,10 @@ fn disk(a: DiskArgs) -> anyhow::Result<()> {
                 }
             );
         }
+        println!(
+            "  region files laid out ({laid} MiB written once before measuring, as fio's file is \
+             by its warm-up round: a first write into preallocated space also converts its extents)"
+        );
     }
     let fio_file = work.join("fio.dat");
     // Reads come from several connections, each with batches of GETs, so that while one
