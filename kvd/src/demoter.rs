@@ -170,6 +170,7 @@ fn demote(
 ) -> usize {
     let (tx, rx) = channel::<Done>();
     let mut p = Pass {
+        d,
         disk,
         ns,
         drain,
@@ -185,10 +186,6 @@ fn demote(
         exhausted: false,
     };
     loop {
-        if d.is_stopping() {
-            // Finish what is in flight, start nothing new.
-            p.exhausted = true;
-        }
         p.refill(&mut more);
         if p.in_flight > 0 {
             let mut done = Vec::new();
@@ -197,9 +194,6 @@ fn demote(
                 done.extend(rx.try_iter());
             }
             p.in_flight -= done.len();
-            if d.is_stopping() {
-                p.exhausted = true;
-            }
             p.refill(&mut more);
             p.complete(done);
         }
@@ -224,6 +218,7 @@ fn demote(
 
 /// One namespace's demotion pass: the writes in flight and what became of the others.
 struct Pass<'a> {
+    d: &'a Daemon,
     disk: &'a DiskTier,
     ns: &'a Arc<Namespace>,
     drain: bool,
@@ -242,11 +237,15 @@ struct Pass<'a> {
 }
 
 impl Pass<'_> {
-    /// Starts writes for new candidates until `depth` are in flight.
+    /// Starts writes for new candidates until `depth` are in flight; once the daemon is
+    /// stopping, none: what is in flight finishes.
     fn refill(
         &mut self,
         more: &mut impl FnMut(&mut crate::store::NsStore, usize) -> Vec<Demotion>,
     ) {
+        if self.d.is_stopping() {
+            self.exhausted = true;
+        }
         if self.exhausted || self.in_flight >= self.depth || self.taken >= BLOCKS_PER_PASS {
             return;
         }

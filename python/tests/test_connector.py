@@ -465,6 +465,7 @@ def wait_stopped(pid):
     import time
 
     deadline = time.monotonic() + 5
+    states = []
     while time.monotonic() < deadline:
         states = []
         for t in glob.glob(f"/proc/{pid}/task/*/stat"):

@@ -390,6 +390,20 @@ fn tls_fetch(
     Ok(body)
 }
 
+/// Node A alone (no index), serving its data port with mutual TLS under `ca`, its files in
+/// `pki`, with `extra` settings: its files, its data port and the daemon.
+fn certified_node_a(ca: &Ca, pki: &Path, extra: &[&str]) -> (NodeFiles, u16, Daemon) {
+    let files = ca.node(pki, "a", "node-a", Validity::Current);
+    let port = free_port();
+    let mut sets = vec![
+        format!("peer.listen=127.0.0.1:{port}"),
+        "index.node_id=node-a".to_string(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    sets.extend(files.sets());
+    (files, port, start(&sets))
+}
+
 /// Writes `from`'s files over `to`'s paths the way a Secret update does: each file renamed
 /// into place whole.
 fn replace_files(from: &NodeFiles, to: &NodeFiles) {
@@ -411,17 +425,10 @@ fn replace_files(from: &NodeFiles, to: &NodeFiles) {
 fn mutual_tls_serves_only_certified_nodes_and_picks_up_renewed_files() {
     let pki = tempfile::tempdir().expect("pki");
     let (ca, stranger_ca) = (Ca::new("kvd test cluster"), Ca::new("somebody else"));
-    let ta = ca.node(pki.path(), "a", "node-a", Validity::Current);
+    let (ta, port, d) = certified_node_a(&ca, pki.path(), &[]);
     let good = ca.node(pki.path(), "b", "node-b", Validity::Current);
     let foreign = stranger_ca.node(pki.path(), "f", "node-b", Validity::Current);
     let expired = ca.node(pki.path(), "x", "node-b", Validity::Expired);
-    let port = free_port();
-    let mut sets = vec![
-        format!("peer.listen=127.0.0.1:{port}"),
-        "index.node_id=node-a".to_string(),
-    ];
-    sets.extend(ta.sets());
-    let d = start(&sets);
     let c = d.admin();
     let ns = c.open_namespace(&test_namespace("peer-tls")).expect("ns");
     c.put(&ns, &key(1), &pattern(4, 1, 30_000)).expect("put");
@@ -482,16 +489,8 @@ fn mutual_tls_serves_only_certified_nodes_and_picks_up_renewed_files() {
 fn an_idle_flood_on_the_data_port_does_not_starve_real_fetches() {
     let pki = tempfile::tempdir().expect("pki");
     let ca = Ca::new("kvd test cluster");
-    let ta = ca.node(pki.path(), "a", "node-a", Validity::Current);
+    let (ta, port, d) = certified_node_a(&ca, pki.path(), &["peer.max_connections_per_peer=8"]);
     let tb = ca.node(pki.path(), "b", "node-b", Validity::Current);
-    let port = free_port();
-    let mut sets = vec![
-        format!("peer.listen=127.0.0.1:{port}"),
-        "index.node_id=node-a".to_string(),
-        "peer.max_connections_per_peer=8".to_string(),
-    ];
-    sets.extend(ta.sets());
-    let d = start(&sets);
     let c = d.admin();
     let ns = c.open_namespace(&test_namespace("peer-flood")).expect("ns");
     c.put(&ns, &key(1), &pattern(6, 1, 40_000)).expect("put");
